@@ -1,0 +1,147 @@
+"""The ``ecg-distill`` command (also ``python -m distill``).
+
+Every subcommand has ``--help``. Errors the user can act on (a recipe key, a data file, a
+record) print one line, ``error: ...``, and exit with status 2; nothing already written is
+overwritten without ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from distill import __version__
+from distill.errors import ECGDistillError
+
+RECIPE_HELP = "a recipe YAML file (see recipes/)"
+OVERRIDES_HELP = "recipe overrides as key.path=value, e.g. train.epochs=3 data.sampling_rate=500"
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help=RECIPE_HELP)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from distill.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(recipe.to_yaml(), end="")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from distill.pipeline import run_pipeline
+    from distill.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_pipeline(recipe, force=args.force, dry_run=args.dry_run, progress=not args.quiet)
+    return 0
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from distill.pipeline import write_synthetic
+
+    summary = write_synthetic(args.out, records=args.records, seed=args.seed,
+                              sampling_rates=tuple(args.rates), force=args.force,
+                              progress=not args.quiet)
+    print(f"wrote {summary['records']} records to {args.out} in {summary['seconds']:.1f} s "
+          f"({summary['records_per_s']:.0f} records/s)")
+    return 0
+
+
+def _cmd_data_info(args: argparse.Namespace) -> int:
+    from distill.pipeline import describe_data, load_data
+    from distill.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    data = load_data(recipe, progress=not args.quiet)
+    print(describe_data(data))
+    return 0
+
+
+def _cmd_data_render(args: argparse.Namespace) -> int:
+    from distill.pipeline import render_record_png
+
+    out = render_record_png(args.record, args.out, height=args.height, width=args.width,
+                            grid=not args.no_grid)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ecg-distill",
+        description="Distil large ECG models (vision-language teachers reading rendered 12-lead "
+                    "images) into compact signal students; evaluate, quantize and export them.",
+    )
+    parser.add_argument("--version", action="version", version=f"ecg-distill {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("validate", help="print the resolved recipe, or the first error in it",
+                       description="Resolve a recipe (defaults, overrides) and print it as YAML "
+                                   "without doing any work.")
+    _add_recipe_args(p)
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("run", help="run a recipe's stages in order (resumable)",
+                       description="Run a recipe: each stage writes under the run folder and is "
+                                   "skipped on rerun when complete.")
+    _add_recipe_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print the plan and do nothing")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="redo this stage even if complete (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_run)
+
+    data = sub.add_parser("data", help="synthesise, inspect and render ECG data",
+                          description="Data tools: the synthetic PTB-XL-layout generator, "
+                                      "a data summary for a recipe, one record as an image.")
+    dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+
+    p = dsub.add_parser("synth", help="write a synthetic data set in the PTB-XL layout",
+                        description="Write ptbxl_database.csv, scp_statements.csv and WFDB "
+                                    "records (records100/, records500/) of synthetic 12-lead ECGs.")
+    p.add_argument("out", help="output folder (must be empty or absent unless --force)")
+    p.add_argument("--records", type=int, default=2000, help="number of records (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--rates", type=int, nargs="+", default=[100, 500], choices=[100, 500],
+                   help="sampling rates to write (default: 100 500)")
+    p.add_argument("--force", action="store_true", help="replace an existing data set in OUT")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_data_synth)
+
+    p = dsub.add_parser("info", help="load a recipe's data and print splits and label counts",
+                        description="Load (and cache) the recipe's data set and summarise it.")
+    _add_recipe_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_data_info)
+
+    p = dsub.add_parser("render", help="render one WFDB record as a 12-lead ECG image (PNG)",
+                        description="Render a WFDB record (path without extension) in the "
+                                    "3x4 + lead II rhythm-strip layout.")
+    p.add_argument("record", help="WFDB record path without extension, e.g. records100/00000/00001_lr")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--height", type=int, default=448, help="pixels (default 448)")
+    p.add_argument("--width", type=int, default=448, help="pixels (default 448)")
+    p.add_argument("--no-grid", action="store_true", help="no ECG-paper grid")
+    p.set_defaults(func=_cmd_data_render)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ECGDistillError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
