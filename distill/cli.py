@@ -41,7 +41,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
-    from distill.pipeline import write_synthetic
+    from distill.data.tools import write_synthetic
 
     summary = write_synthetic(args.out, records=args.records, seed=args.seed,
                               sampling_rates=tuple(args.rates), force=args.force,
@@ -52,21 +52,29 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_info(args: argparse.Namespace) -> int:
-    from distill.pipeline import describe_data, load_data
+    from distill.data.tools import describe_data
+    from distill.pipeline import data_folder, load_data
     from distill.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     data = load_data(recipe, progress=not args.quiet)
-    print(describe_data(data))
+    print(describe_data(data, data_folder(recipe, progress=False)))
     return 0
 
 
 def _cmd_data_render(args: argparse.Namespace) -> int:
-    from distill.pipeline import render_record_png
+    from distill.data.tools import render_record_png
 
     out = render_record_png(args.record, args.out, height=args.height, width=args.width,
                             grid=not args.no_grid)
     print(f"wrote {out}")
+    return 0
+
+
+def _cmd_data_gallery(args: argparse.Namespace) -> int:
+    from distill.data.tools import gallery
+
+    print(f"wrote {gallery(args.folder, args.out, task=args.task, size=args.size)}")
     return 0
 
 
@@ -127,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=448, help="pixels (default 448)")
     p.add_argument("--no-grid", action="store_true", help="no ECG-paper grid")
     p.set_defaults(func=_cmd_data_render)
+
+    p = dsub.add_parser("gallery", help="one record per class of a task, rendered into one PNG",
+                        description="Render, for each class of the task, a record of a PTB-XL-"
+                                    "layout folder whose only label is that class.")
+    p.add_argument("folder", help="a PTB-XL-layout folder")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--task", default="superdiagnostic", help="label task (default superdiagnostic)")
+    p.add_argument("--size", type=int, default=448, help="pixels per image (default 448)")
+    p.set_defaults(func=_cmd_data_gallery)
     return parser
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
+from distill.progress import progress_bar
 
 from distill.data import cinc, ptbxl
 from distill.data.cache import ArrayCache, fingerprint
@@ -240,7 +240,7 @@ def _decode_store(paths: Sequence[Path], names: Sequence[str], signal_ext: str, 
 
     def fill(out: np.ndarray) -> None:
         problems: dict[str, str] = {}
-        bar = tqdm(range(len(paths)), desc=f"decoding {len(paths)} records", disable=not progress)
+        bar = progress_bar(range(len(paths)), desc=f"decoding {len(paths)} records", enabled=progress)
         for i in bar:
             try:
                 rec = read_record(paths[i], fs=sampling_rate, source=names[i])

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import numpy as np
-from tqdm.auto import tqdm
+from distill.progress import progress_bar
 
 from distill.data.cache import ArrayCache, fingerprint
 from distill.data.leads import NUM_LEADS, STANDARD_LEADS, lead_index
@@ -612,7 +612,7 @@ def cached_images(
     shape = (n, 3, config.height, config.width)
 
     def fill(out: np.ndarray) -> None:
-        with tqdm(total=n, desc=f"rendering {config.height}x{config.width}", unit="ecg", disable=not progress) as bar:
+        with progress_bar(total=n, desc=f"rendering {config.height}x{config.width}", unit="ecg", enabled=progress) as bar:
             for s in range(0, n, batch_size):
                 e = min(s + batch_size, n)
                 out[s:e] = draw(np.asarray(arr[s:e]), fs, config)

@@ -1,0 +1,133 @@
+"""Data commands: write the synthetic set, summarise a loaded set, render records to PNG."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distill.errors import DataError
+
+
+def _folder_has_content(folder: Path) -> bool:
+    return folder.exists() and any(folder.iterdir())
+
+
+def write_synthetic(out: str | os.PathLike, *, records: int, seed: int,
+                    sampling_rates: Sequence[int] = (100, 500), force: bool = False,
+                    progress: bool = True) -> dict[str, Any]:
+    """Generate the synthetic PTB-XL-layout set into ``out``.
+
+    The set is written to a temporary sibling folder and renamed into place, so ``out``
+    never holds half a data set; an existing non-empty ``out`` is replaced only with
+    ``force`` (and only after the new set is complete).
+    """
+    from distill.data.synth import generate_ptbxl
+
+    target = Path(out)
+    if target.exists() and not target.is_dir():
+        raise DataError(f"{target}: exists and is not a folder")
+    if _folder_has_content(target) and not force:
+        raise DataError(f"{target}: folder is not empty; pass --force to replace it")
+    if records < 1:
+        raise DataError(f"--records must be at least 1, got {records}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        summary = generate_ptbxl(tmp, records, seed=seed, sampling_rates=tuple(sampling_rates),
+                                 progress=progress)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def describe_data(data, folder: str | os.PathLike = "") -> str:
+    """A short table: records per split and positives per class."""
+    splits = tuple(data.splits)
+    rows = [f"data: {folder}  ({len(data)} records, {data.sampling_rate} Hz, "
+            f"{data.store.shape[-1]} samples, task {data.task})"]
+    header = f"{'class':<12}" + "".join(f"{s:>8}" for s in splits)
+    rows.append(header)
+    per_split = {s: data.labels[data.splits[s]] for s in splits}
+    rows.append(f"{'records':<12}" + "".join(f"{len(per_split[s]):>8}" for s in splits))
+    for c, name in enumerate(data.classes):
+        rows.append(f"{name:<12}" + "".join(f"{int(per_split[s][:, c].sum()):>8}" for s in splits))
+    return "\n".join(rows)
+
+
+def render_record_png(record: str | os.PathLike, out: str | os.PathLike, *, height: int = 448,
+                      width: int = 448, grid: bool = True) -> Path:
+    """Render one WFDB record (any rate, any lead-name case) to a PNG file."""
+    import matplotlib.image
+
+    from distill.data.records import read_record
+    from distill.data.render import RenderConfig, render_12lead
+
+    rec = read_record(record)
+    image = render_12lead(rec.signal, rec.fs, RenderConfig(height=height, width=width, grid=grid))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    matplotlib.image.imsave(out, image.transpose(1, 2, 0))
+    return out
+
+
+
+
+def gallery(folder: str | os.PathLike, out: str | os.PathLike, *, task: str = "superdiagnostic",
+            size: int = 448, sampling_rate: int = 500) -> Path:
+    """One record per class of ``task`` from a PTB-XL-layout folder, rendered into one PNG.
+
+    For each class it takes the first record (test fold first) whose only label for the task
+    is that class, so each picture shows one finding rather than a mixture.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from distill.data.ptbxl import aggregate_labels, read_database, read_statements, record_folder
+    from distill.data.records import read_record
+    from distill.data.render import RenderConfig, render_12lead
+
+    root = Path(folder)
+    db, statements = read_database(root), read_statements(root)
+    labels, classes, keep = aggregate_labels(db, statements, task)
+    kept = db[keep]
+    _folder, column, _rate = record_folder(root, sampling_rate)
+    order = np.argsort(kept["strat_fold"].to_numpy() != 10, kind="stable")  # test fold first
+    picks = []
+    for c, name in enumerate(classes):
+        alone = np.flatnonzero((labels[order, c] == 1) & (labels[order].sum(axis=1) == 1))
+        if len(alone):
+            picks.append((name, kept.iloc[order[alone[0]]]))
+    if not picks:
+        raise DataError(f"{root}: no record carries a single {task} class")
+    config = RenderConfig(height=size, width=size)
+    cols = min(3, len(picks))
+    rows = -(-len(picks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.5 * rows), dpi=120, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, row) in zip(axes.flat, picks):
+        rec = read_record(root / row[column], source=f"ecg_id {row.name}")
+        ax.imshow(render_12lead(rec.signal, rec.fs, config).transpose(1, 2, 0))
+        codes = ", ".join(row["scp_codes"])
+        ax.set_title(f"{name}  (ecg_id {row.name}: {codes})", fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,169 @@
+"""The run pipeline (stages, resume, --force, --dry-run) and the data commands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import wfdb
+
+import distill.data.synth as synth
+import distill.pipeline as pipeline
+from distill.cli import main
+from distill.errors import DataError, RecipeError
+from distill.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_PTBXL = REPO / "tests" / "data" / "real-ecg" / "ptbxl-100hz" / "00001_lr"
+
+
+@pytest.fixture
+def recipe(tmp_path: Path):
+    """The quickstart recipe shrunk to 60 synthetic records, everything under tmp_path."""
+    return load_recipe(REPO / "recipes" / "quickstart.yaml", [
+        "data.synthetic.records=60", f"data.cache_dir={tmp_path / 'cache'}",
+        f"output_dir={tmp_path / 'runs'}/{{name}}", "data.image.height=112",
+        "data.image.width=112"])
+
+
+def test_run_generates_loads_renders_and_resumes(recipe, tmp_path, monkeypatch, capsys) -> None:
+    plan = pipeline.run_pipeline(recipe, progress=False)
+    assert plan == {"data": "run"}
+    run_dir = tmp_path / "runs" / "quickstart"
+    marker = json.loads((run_dir / "stages" / "data.json").read_text())
+    summary = marker["summary"]
+    assert summary["records"] == 60 and summary["classes"] == ["CD", "HYP", "MI", "NORM", "STTC"]
+    assert sum(summary["splits"].values()) == 60
+    assert summary["images"]["shape"] == [60, 3, 112, 112]
+    assert load_recipe(run_dir / "recipe.yaml") == recipe
+    # the synthetic set was generated once, in the cache, in the PTB-XL layout
+    folder = pipeline.synthetic_folder(recipe)
+    assert (folder / "ptbxl_database.csv").exists() and (folder / "records100").is_dir()
+
+    # a complete stage is skipped: nothing is generated or loaded again
+    def boom(*_a, **_k):
+        raise AssertionError("stage should have been skipped")
+
+    monkeypatch.setattr(pipeline, "load_data", boom)
+    assert pipeline.run_pipeline(recipe, progress=False) == {"data": "skip"}
+    assert "[data] complete, skipped" in capsys.readouterr().out
+    # --force redoes it
+    with pytest.raises(AssertionError, match="should have been skipped"):
+        pipeline.run_pipeline(recipe, force=["data"], progress=False)
+
+
+def test_changed_section_makes_stage_stale_and_keeps_old_recipe(recipe, tmp_path) -> None:
+    pipeline.run_pipeline(recipe, progress=False)
+    changed = load_recipe(REPO / "recipes" / "quickstart.yaml", [
+        "data.synthetic.records=60", f"data.cache_dir={tmp_path / 'cache'}",
+        f"output_dir={tmp_path / 'runs'}/{{name}}", "data.image.height=112",
+        "data.image.width=112", "data.task=rhythm"])
+    assert pipeline.stage_status(pipeline.STAGES[0], changed, changed.run_dir) == "stale"
+    assert pipeline.run_pipeline(changed, dry_run=True, progress=False) == {"data": "run"}
+    pipeline.run_pipeline(changed, progress=False)
+    marker = json.loads((changed.run_dir / "stages" / "data.json").read_text())
+    assert marker["summary"]["task"] == "rhythm"
+    assert "SR" in marker["summary"]["classes"]
+    # the earlier resolved recipe was kept, not overwritten
+    assert load_recipe(changed.run_dir / "recipe.1.yaml") == recipe
+    assert load_recipe(changed.run_dir / "recipe.yaml") == changed
+
+
+def test_dry_run_does_nothing(recipe, tmp_path, capsys) -> None:
+    plan = pipeline.run_pipeline(recipe, dry_run=True, progress=False)
+    assert plan == {"data": "run"}
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+    assert "data     run   (todo)" in capsys.readouterr().out
+
+
+def test_unknown_forced_stage_is_refused(recipe) -> None:
+    with pytest.raises(RecipeError, match=r"--force: unknown stage 'dat'; did you mean 'data'\?"):
+        pipeline.run_pipeline(recipe, force=["dat"], progress=False)
+
+
+def test_missing_data_path_is_one_line(recipe, tmp_path) -> None:
+    recipe.data.path = str(tmp_path / "nowhere")
+    with pytest.raises(DataError, match=r"data.path: folder .*nowhere does not exist"):
+        pipeline.run_pipeline(recipe, progress=False)
+
+
+def test_synth_command_refuses_to_overwrite_and_replaces_atomically(tmp_path, monkeypatch,
+                                                                     capsys) -> None:
+    out = tmp_path / "syn"
+    assert main(["data", "synth", str(out), "--records", "25", "--rates", "100", "--quiet"]) == 0
+    assert "wrote 25 records" in capsys.readouterr().out
+    before = (out / "ptbxl_database.csv").read_bytes()
+    # without --force: one-line error, nothing touched
+    assert main(["data", "synth", str(out), "--records", "30", "--quiet"]) == 2
+    assert capsys.readouterr().err == f"error: {out}: folder is not empty; pass --force to replace it\n"
+    # a generation that fails half-way leaves the old set intact
+    real = synth.generate_ptbxl
+
+    def failing(path, *args, **kwargs):
+        real(path, 5, seed=3, sampling_rates=(100,), progress=False)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synth, "generate_ptbxl", failing)
+    assert main(["data", "synth", str(out), "--records", "30", "--force", "--quiet"]) == 130
+    assert (out / "ptbxl_database.csv").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["syn"]  # no temporary folder left
+    monkeypatch.setattr(synth, "generate_ptbxl", real)
+    assert main(["data", "synth", str(out), "--records", "30", "--rates", "100", "--force",
+                 "--quiet"]) == 0
+    assert (out / "ptbxl_database.csv").read_bytes() != before
+
+
+def test_synthetic_set_loads_for_superdiagnostic_with_exact_limb_leads(tmp_path) -> None:
+    """The done-when of the data layer, small: synth, then load for superdiagnostic."""
+    from distill.data.dataset import SignalView, load_ptbxl
+
+    synth.generate_ptbxl(tmp_path / "s", 120, seed=5, progress=False)
+    for rate in (100, 500):
+        data = load_ptbxl(tmp_path / "s", task="superdiagnostic", sampling_rate=rate,
+                          cache_dir=tmp_path / "c", progress=False)
+        assert data.classes == ["CD", "HYP", "MI", "NORM", "STTC"]
+        assert data.store.shape[1:] == (12, 10 * rate)
+        sig = data.signal(0).astype(np.float64)  # I, II, III, aVR, aVL, aVF, ...
+        np.testing.assert_allclose(sig[2], sig[1] - sig[0], atol=1e-6)
+        np.testing.assert_allclose(sig[3], -(sig[0] + sig[1]) / 2, atol=1e-6)
+    item = data.split("train", {"teacher": SignalView(), "student": SignalView(("I",), 50)})[0]
+    assert item["teacher"].shape == (12, 5000) and item["student"].shape == (1, 500)
+
+
+def test_render_command_reads_real_record(tmp_path, capsys) -> None:
+    out = tmp_path / "ecg.png"
+    assert main(["data", "render", str(REAL_PTBXL), "--out", str(out), "--height", "224",
+                 "--width", "224"]) == 0
+    import matplotlib.image
+
+    img = matplotlib.image.imread(out)
+    assert img.shape[:2] == (224, 224)
+    assert main(["data", "render", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_gallery_has_one_single_class_record_per_class(tmp_path) -> None:
+    from distill.data.tools import gallery
+
+    synth.generate_ptbxl(tmp_path / "s", 150, seed=2, sampling_rates=(500,), progress=False)
+    out = gallery(tmp_path / "s", tmp_path / "g.png", size=112)
+    assert out.stat().st_size > 10_000
+
+
+def test_data_info_prints_split_table(recipe, tmp_path) -> None:
+    args = ["data", "info", str(REPO / "recipes" / "quickstart.yaml"), "data.synthetic.records=60",
+            f"data.cache_dir={tmp_path / 'cache'}", "--quiet"]
+    proc = subprocess.run([sys.executable, "-m", "distill", *args], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[1].split() == ["class", "train", "val", "test"]
+    records = [int(x) for x in lines[2].split()[1:]]
+    assert sum(records) == 60 and all(r > 0 for r in records)
+    header = wfdb.rdheader(str(pipeline.synthetic_folder(load_recipe(
+        REPO / "recipes" / "quickstart.yaml", args[3:5])) / "records100" / "00000" / "00001_lr"))
+    assert header.fs == 100 and header.sig_name[3] == "AVR"
