@@ -78,6 +78,21 @@ def _cmd_data_gallery(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    from distill.profile import format_count, preset_rows
+
+    rows = preset_rows(sampling_rate=args.sampling_rate, leads=args.leads,
+                       num_labels=args.num_labels)
+    leads = ", ".join(args.leads) if args.leads else "12 leads"
+    print(f"students ({leads} at {args.sampling_rate} Hz, 10-second record, "
+          f"{args.num_labels} labels)")
+    print(f"{'family':<12}{'size':<7}{'parameters':>12}{'MACs/record':>14}{'Linear share':>14}")
+    for r in rows:
+        print(f"{r['family']:<12}{r['size']:<7}{format_count(r['parameters']):>12}"
+              f"{format_count(r['macs']):>14}{r['linear_share']:>14.0%}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ecg-distill",
@@ -102,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="redo this stage even if complete (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("models", help="list every student preset with its size and cost",
+                       description="Every student family and size preset: parameters, "
+                                   "multiply-accumulates per 10-second record, and the share of "
+                                   "parameters in Linear layers (what 8/4-bit quantization shrinks).")
+    p.add_argument("--sampling-rate", type=int, default=100, help="Hz (default 100)")
+    p.add_argument("--leads", nargs="+", default=None, help="lead subset (default all 12)")
+    p.add_argument("--num-labels", type=int, default=5, help="labels (default 5, superdiagnostic)")
+    p.set_defaults(func=_cmd_models)
 
     data = sub.add_parser("data", help="synthesise, inspect and render ECG data",
                           description="Data tools: the synthetic PTB-XL-layout generator, "

@@ -45,6 +45,16 @@ def _join(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
+def unknown_key(path: str, key: str, valid: list[str]) -> RecipeError:
+    """``unknown key 'data.samplng_rate'; did you mean 'data.sampling_rate'?`` (or the list)."""
+    full = _join(path, key)
+    hint = closest(str(key), valid)
+    if hint:
+        return RecipeError(f"unknown key '{full}'; did you mean '{_join(path, hint)}'?")
+    where = f" under '{path}'" if path else ""
+    return RecipeError(f"unknown key '{full}'; valid keys{where}: {', '.join(valid)}")
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -163,14 +173,7 @@ def build(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            hint = closest(str(key), list(fields))
-            full = _join(path, key)
-            if hint:
-                raise RecipeError(f"unknown key '{full}'; did you mean '{_join(path, hint)}'?")
-            raise RecipeError(
-                f"unknown key '{full}'; valid keys{' under ' + repr(path) if path else ''}: "
-                f"{', '.join(fields)}"
-            )
+            raise unknown_key(path, str(key), list(fields))
     kwargs = {}
     for name, f in fields.items():
         fpath = _join(path, name)

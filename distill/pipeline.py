@@ -26,6 +26,7 @@ from distill.config_schema import closest, to_dict
 from distill.data.cache import default_cache_dir
 from distill.data.tools import describe_data, write_synthetic
 from distill.errors import DataError, RecipeError
+from distill.io import atomic_write_text
 from distill.recipe import Recipe, write_resolved
 
 # Bump when the generator's output changes, so a cached synthetic set is regenerated.
@@ -56,18 +57,42 @@ def data_folder(recipe: Recipe, progress: bool = True) -> Path:
     return folder
 
 
-def load_data(recipe: Recipe, progress: bool = True):
-    """Load (decoding and caching on first use) the recipe's data set as ``ECGData``."""
+def load_data(recipe: Recipe, progress: bool = True, folder: Path | None = None):
+    """Load (decoding and caching on first use) the recipe's data set as ``ECGData``.
+
+    ``data.format: cinc`` labels records by their SNOMED codes (``data.task`` applies to
+    the PTB-XL layout only).
+    """
     from distill.data.dataset import load_cinc, load_ptbxl
 
     d = recipe.data
-    folder = data_folder(recipe, progress=progress)
+    folder = folder if folder is not None else data_folder(recipe, progress=progress)
     folds = {"train": tuple(d.folds.train), "val": tuple(d.folds.val), "test": tuple(d.folds.test)}
     common = dict(sampling_rate=d.sampling_rate, scaler=d.scaler, on_bad_record=d.on_bad_record,
-                  cache_dir=d.cache_dir, progress=progress)
+                  cache_dir=d.cache_dir, progress=progress, min_samples=d.min_samples,
+                  folds=folds)
     if d.format == "cinc":
-        return load_cinc(folder, folds=folds, min_samples=d.min_samples, **common)
-    return load_ptbxl(folder, task=d.task, folds=folds, min_samples=d.min_samples, **common)
+        return load_cinc(folder, **common)
+    return load_ptbxl(folder, task=d.task, **common)
+
+
+def consumer_views(recipe: Recipe) -> dict[str, Any]:
+    """What each consumer sees of a record: ``teacher`` and ``student:<family>/<size>``.
+
+    A view's unset leads fall back to ``data.leads`` (itself all 12 when unset), its unset
+    rate to ``data.sampling_rate``.
+    """
+    from distill.data.dataset import SignalView
+
+    def view(v) -> SignalView:
+        leads = v.leads if v.leads is not None else recipe.data.leads
+        rate = v.sampling_rate if v.sampling_rate is not None else recipe.data.sampling_rate
+        return SignalView(leads=tuple(leads) if leads is not None else None, sampling_rate=rate)
+
+    views = {"teacher": view(recipe.teacher.view)}
+    for s in recipe.students:
+        views[f"student:{s.family}/{s.size}"] = view(s.view)
+    return views
 
 
 # ---------------------------------------------------------------- stages
@@ -93,29 +118,32 @@ class Stage:
 def _stage_data(ctx: RunContext) -> dict[str, Any]:
     from distill.data.render import RenderConfig, cached_images
 
+    from distill.data.cache import ArrayCache
+
     recipe = ctx.recipe
-    data = load_data(recipe, progress=ctx.progress)
     folder = data_folder(recipe, progress=ctx.progress)
+    data = load_data(recipe, progress=ctx.progress, folder=folder)
     print(describe_data(data, folder))
+    # Serve one record through every consumer's view now, so a bad view fails here.
+    views = consumer_views(recipe)
+    item = data.split("train", views)[0]
+    for name in views:
+        print(f"view {name}: {list(item[name].shape)} (leads x samples)")
     summary: dict[str, Any] = {
         "folder": str(folder), "task": data.task, "classes": list(data.classes),
         "records": int(len(data.ecg_ids)), "sampling_rate": data.sampling_rate,
         "splits": {s: int(len(ix)) for s, ix in data.splits.items()},
         "fingerprint": data.fingerprint,
+        "views": {name: list(item[name].shape) for name in views},
     }
     if recipe.teacher.kind == "vlm":
         img = recipe.data.image
         config = RenderConfig(height=img.height, width=img.width, grid=img.grid)
-        images = cached_images(data.signals, data.sampling_rate, config,
-                               _image_cache(recipe), data.fingerprint, progress=ctx.progress)
+        cache = ArrayCache(recipe.data.cache_dir or default_cache_dir())
+        images = cached_images(data.signals, data.sampling_rate, config, cache,
+                               data.fingerprint, progress=ctx.progress)
         summary["images"] = {"shape": list(images.shape), "patch_size": img.patch_size}
     return summary
-
-
-def _image_cache(recipe: Recipe):
-    from distill.data.cache import ArrayCache
-
-    return ArrayCache(recipe.data.cache_dir or default_cache_dir())
 
 
 STAGES: tuple[Stage, ...] = (
@@ -187,12 +215,9 @@ def run_pipeline(recipe: Recipe, *, force: Sequence[str] = (), dry_run: bool = F
         start = time.perf_counter()
         summary = stage.run(ctx)
         seconds = time.perf_counter() - start
-        marker = _marker(run_dir, stage)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"stage": stage.name, "recipe_hash": stage_hash(stage, recipe),
-                                   "seconds": round(seconds, 2), "summary": summary}, indent=1))
-        os.replace(tmp, marker)
+        atomic_write_text(_marker(run_dir, stage), json.dumps(
+            {"stage": stage.name, "recipe_hash": stage_hash(stage, recipe),
+             "seconds": round(seconds, 2), "summary": summary}, indent=1))
         print(f"[{stage.name}] done in {seconds:.1f} s")
     return plan
 

@@ -22,9 +22,10 @@ from typing import Any, Literal
 
 import yaml
 
-from distill.config_schema import build, closest, field_names, spec, to_dict
+from distill.config_schema import build, field_names, spec, to_dict, unknown_key
 from distill.data.leads import lead_indices
 from distill.errors import DataError, RecipeError
+from distill.io import atomic_write_text
 
 Task = Literal["all", "diagnostic", "subdiagnostic", "superdiagnostic", "form", "rhythm"]
 
@@ -210,6 +211,13 @@ class Recipe:
     quantize: QuantizeConfig = spec(default_factory=QuantizeConfig)
     export: ExportConfig = spec(default_factory=ExportConfig)
 
+    def validate(self, path: str) -> None:
+        try:
+            self.output_dir.format(name=self.name)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise RecipeError(f"output_dir: {self.output_dir!r} may only use the placeholder "
+                              f"{{name}} ({type(exc).__name__}: {exc})") from None
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir.format(name=self.name))
@@ -260,12 +268,7 @@ def _schema_at(cls: Any, parts: list[str], full: str) -> None:
         elif dataclasses.is_dataclass(tp):
             names = field_names(tp)
             if part not in names:
-                hint = closest(part, names)
-                here = ".".join(walked + [part])
-                if hint:
-                    raise RecipeError(
-                        f"unknown key '{here}'; did you mean '{'.'.join(walked + [hint])}'?")
-                raise RecipeError(f"unknown key '{here}'; valid keys: {', '.join(names)}")
+                raise unknown_key(".".join(walked), part, names)
             tp = typing.get_type_hints(tp)[part]
             args = [a for a in typing.get_args(tp) if a is not type(None)]
             if typing.get_origin(tp) is not list and len(args) == 1 and dataclasses.is_dataclass(args[0]):
@@ -354,9 +357,4 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recip
 def write_resolved(recipe: Recipe, run_dir: str | os.PathLike | None = None) -> Path:
     """Write the resolved recipe (every default filled in) as ``recipe.yaml`` in the run folder."""
     folder = Path(run_dir) if run_dir is not None else recipe.run_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / "recipe.yaml"
-    tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(recipe.to_yaml())
-    os.replace(tmp, out)
-    return out
+    return atomic_write_text(folder / "recipe.yaml", recipe.to_yaml())

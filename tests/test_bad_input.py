@@ -198,3 +198,30 @@ def test_empty_filename_for_rate(ptbxl_root, cache_dir):
     db.to_csv(csv, index=False)
     with pytest.raises(DataError, match=r"ecg_id 1: empty filename_hr \(10 record\(s\)\)"):
         load(ptbxl_root, cache_dir, sampling_rate=500)
+
+
+def test_header_rate_that_contradicts_its_folder_is_refused(ptbxl_root, cache_dir):
+    """A records100 header that claims 250 Hz is not silently resampled and zero-padded."""
+    path = lr(ptbxl_root, 3)
+    write_record(path.parent, path.name, true_signal(3, 100), 250)
+    with pytest.raises(DataError) as err:
+        load(ptbxl_root, cache_dir)
+    assert one_line(err).endswith("00003_lr): header says 250 Hz, but its folder holds 100 Hz "
+                                  "records")
+
+
+def test_short_ptbxl_record_is_refused_not_padded(ptbxl_root, cache_dir):
+    rewrite(ptbxl_root, 4, true_signal(4, 100, seconds=6.0))
+    with pytest.raises(DataError) as err:
+        load(ptbxl_root, cache_dir)
+    assert one_line(err).endswith("00004_lr): 6.00 s long, expected 10.00 s")
+    with pytest.warns(UserWarning, match=r"skipped 1 bad record\(s\) of 10"):
+        data = load(ptbxl_root, cache_dir, on_bad_record="skip")
+    assert 4 not in data.ecg_ids
+
+
+def test_unusable_cache_folder_is_one_line(ptbxl_root, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DataError, match=r"cache folder .*file/sub: cannot create it"):
+        load_ptbxl(ptbxl_root, cache_dir=blocker / "sub", progress=False)

@@ -147,11 +147,47 @@ def test_render_command_reads_real_record(tmp_path, capsys) -> None:
 
 
 def test_gallery_has_one_single_class_record_per_class(tmp_path) -> None:
-    from distill.data.tools import gallery
+    from distill.data.ptbxl import read_statements, record_labels
+    from distill.data.tools import gallery, gallery_picks
 
-    synth.generate_ptbxl(tmp_path / "s", 150, seed=2, sampling_rates=(500,), progress=False)
+    synth.generate_ptbxl(tmp_path / "s", 150, seed=2, sampling_rates=(100,), progress=False)
+    picks = gallery_picks(tmp_path / "s")
+    assert [name for name, _row in picks] == ["CD", "HYP", "MI", "NORM", "STTC"]
+    statements = read_statements(tmp_path / "s")
+    for name, row in picks:
+        assert record_labels(row["scp_codes"], statements, "superdiagnostic") == {name}
+    assert len({row.name for _name, row in picks}) == len(picks)
+    # only 100 Hz records here: the gallery reads those
     out = gallery(tmp_path / "s", tmp_path / "g.png", size=112)
-    assert out.stat().st_size > 10_000
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out).shape[0] > 300
+
+
+def test_cinc_folder_runs_through_the_pipeline(tmp_path) -> None:
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [
+        "data.format=cinc", f"data.path={REPO / 'tests/data/real-ecg/cinc2021-ptbxl-500hz'}",
+        f"data.cache_dir={tmp_path / 'cache'}", "data.scaler=none", "data.min_samples=1"])
+    data = pipeline.load_data(recipe, progress=False)
+    assert data.task == "snomed" and data.store.shape[1:] == (12, 1000)
+    # min_samples=1 keeps only the SNOMED codes that more than one record carries
+    assert (data.labels.sum(axis=0) > 1).all()
+    assert set(data.classes) < {c for dx in (data.info["dx"]) for c in dx}
+
+
+def test_views_follow_the_recipe(recipe) -> None:
+    recipe.data.leads = ["I", "II"]
+    recipe.students[0].view.leads = ["I"]
+    recipe.students[0].view.sampling_rate = 50
+    views = pipeline.consumer_views(recipe)
+    assert views["teacher"].leads == ("I", "II") and views["teacher"].sampling_rate == 100
+    assert views["student:xresnet1d/tiny"].leads == ("I",)
+    assert views["student:xresnet1d/tiny"].sampling_rate == 50
+    assert views["student:xresnet1d/small"].leads == ("I", "II")
+    pipeline.run_pipeline(recipe, progress=False)
+    summary = json.loads((recipe.run_dir / "stages" / "data.json").read_text())["summary"]
+    assert summary["views"]["student:xresnet1d/tiny"] == [1, 500]
+    assert summary["views"]["teacher"] == [2, 1000]
 
 
 def test_data_info_prints_split_table(recipe, tmp_path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import wfdb
@@ -215,3 +216,42 @@ def test_touching_a_record_changes_fingerprint_and_rebuilds(ptbxl_root, cache_di
     assert second.fingerprint != first.fingerprint
     assert len(calls) == len(RECORDS)  # rebuilt: every record decoded again
     np.testing.assert_array_equal(second.signals, first.signals)
+
+
+def _statements(rows: dict) -> pd.DataFrame:
+    st = pd.DataFrame.from_dict(rows, orient="index", columns=[
+        "diagnostic", "form", "rhythm", "diagnostic_class", "diagnostic_subclass"])
+    st.index.name = None
+    return st
+
+
+def test_all_task_takes_every_listed_code_and_unclassed_codes_count_nowhere():
+    """The benchmark: 'all' = the keys of scp_codes (listed in scp_statements or not); a
+    diagnostic code without a (sub)class contributes nothing to (sub)diagnostic tasks."""
+    st = _statements({"NORM": (1.0, None, None, "NORM", "NORM"),
+                      "XDIAG": (1.0, None, None, None, None),  # diagnostic, no class
+                      "SR": (None, None, 1.0, None, None)})
+    db = pd.DataFrame({"scp_codes": [{"NORM": 100.0, "SR": 0.0}, {"XDIAG": 50.0},
+                                     {"NEWCODE": 0.0, "SR": 0.0}]}, index=[1, 2, 3])
+    y, classes, keep = aggregate_labels(db, st, "all")
+    assert classes == ["NEWCODE", "NORM", "SR", "XDIAG"]
+    assert keep.tolist() == [True, True, True]
+    np.testing.assert_array_equal(y, [[0, 1, 1, 0], [0, 0, 0, 1], [1, 0, 1, 0]])
+    y, classes, keep = aggregate_labels(db, st, "superdiagnostic")
+    assert classes == ["NORM"] and keep.tolist() == [True, False, False]
+    y, classes, keep = aggregate_labels(db, st, "diagnostic")
+    assert classes == ["NORM", "XDIAG"] and keep.tolist() == [True, True, False]
+
+
+def test_fingerprint_follows_labels_even_when_counts_do_not_change(ptbxl_root, cache_dir):
+    """Swapping two records' labels keeps every count but must change the key that image
+    and teacher-output caches are keyed on."""
+    before = load_ptbxl(ptbxl_root, cache_dir=cache_dir, progress=False)
+    db_path = ptbxl_root / "ptbxl_database.csv"
+    db = pd.read_csv(db_path)
+    a, b = db.index[db.ecg_id == 2][0], db.index[db.ecg_id == 5][0]
+    db.loc[[a, b], "scp_codes"] = db.loc[[b, a], "scp_codes"].to_numpy()
+    db.to_csv(db_path, index=False)
+    after = load_ptbxl(ptbxl_root, cache_dir=cache_dir, progress=False)
+    assert after.labels.sum(axis=0).tolist() == before.labels.sum(axis=0).tolist()
+    assert after.fingerprint != before.fingerprint

@@ -18,6 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from distill.errors import DataError
+from distill.io import atomic_write_text
+
 CACHE_ENV = "ECG_DISTILL_CACHE"
 
 
@@ -82,7 +85,11 @@ class ArrayCache:
         cached = self.load(name, key)
         if cached is not None and cached.shape == tuple(shape) and cached.dtype == np.dtype(dtype):
             return cached
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataError(f"cache folder {self.root}: cannot create it ({exc.strerror}); "
+                            f"set ${CACHE_ENV} or data.cache_dir to a writable folder") from None
         final = self.path(name, key)
         tmp = final.with_name(f".{final.stem}.{os.getpid()}.tmp.npy")
         try:
@@ -95,7 +102,7 @@ class ArrayCache:
             if tmp.exists():
                 tmp.unlink()
         if meta is not None:
-            final.with_suffix(".json").write_text(json.dumps(dict(meta), indent=1, default=str))
+            atomic_write_text(final.with_suffix(".json"), json.dumps(dict(meta), indent=1, default=str))
         result = self.load(name, key)
         assert result is not None
         return result

@@ -106,6 +106,27 @@ class Scaler:
         return ((x - self.mean[idx, None]) / self.std[idx, None]).astype(np.float32)
 
 
+class KeptRows:
+    """Rows ``rows`` of a store [N_store, 12, T], indexed lazily: ``view[a:b]`` reads only
+    those records from the memmap, so a pass in batches never holds the whole set."""
+
+    def __init__(self, store: np.ndarray, rows: np.ndarray):
+        self.store, self.rows = store, rows
+        self.shape = (len(rows), *store.shape[1:])
+        self.dtype = store.dtype
+        self.ndim = store.ndim
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: int | slice | np.ndarray) -> np.ndarray:
+        return np.asarray(self.store[self.rows[key]])
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        out = np.asarray(self.store[self.rows])
+        return out if dtype is None else out.astype(dtype)
+
+
 @dataclass
 class ECGData:
     """A loaded data set: N kept records over a decoded store.
@@ -150,13 +171,14 @@ class ECGData:
         return self.store[self.rows[i]]
 
     @property
-    def signals(self) -> np.ndarray:
+    def signals(self) -> np.ndarray | KeptRows:
         """All kept records, [N, 12, T] mV: the memmap itself when every store row is
-        kept in order, otherwise a copy in memory (large for a full data set)."""
+        kept in order, otherwise a lazy view that reads only the rows it is indexed with
+        (``np.asarray`` on it copies everything into memory)."""
         identity = np.arange(len(self.store))
         if len(self.rows) == len(self.store) and np.array_equal(self.rows, identity):
             return self.store
-        return np.asarray(self.store[self.rows])
+        return KeptRows(self.store, self.rows)
 
     def split(self, name: str, views: Mapping[str, SignalView] | None = None) -> ECGSplit:
         """A torch Dataset over split ``name`` (``"all"`` = every record, unless a split
@@ -217,8 +239,13 @@ class ECGSplit(Dataset):
 def _decode_store(paths: Sequence[Path], names: Sequence[str], signal_ext: str, *,
                   sampling_rate: int, n_samples: int, kind: str, on_bad_record: str,
                   cache_dir: str | Path | None, progress: bool,
+                  source_fs: float | None = None, strict_length: bool = False,
                   ) -> tuple[np.ndarray, np.ndarray, str]:
     """Decode (or load from cache) every record into [N, 12, n_samples].
+
+    ``source_fs`` is the rate the folder promises (a header stating another is refused);
+    with ``strict_length`` a record shorter than ``n_samples`` (beyond 1%) is refused
+    instead of zero-padded (PTB-XL records are all 10 s; CinC records vary, so are padded).
 
     Returns:
         ``(store, bad, key)``: the memmap, bool [N] marking records that failed (only in
@@ -243,7 +270,12 @@ def _decode_store(paths: Sequence[Path], names: Sequence[str], signal_ext: str, 
         bar = progress_bar(range(len(paths)), desc=f"decoding {len(paths)} records", enabled=progress)
         for i in bar:
             try:
-                rec = read_record(paths[i], fs=sampling_rate, source=names[i])
+                rec = read_record(paths[i], fs=sampling_rate, source=names[i],
+                                  expect_fs=source_fs)
+                length = rec.signal.shape[-1]
+                if strict_length and length < 0.99 * n_samples:
+                    raise DataError(f"{names[i]}: {length / sampling_rate:.2f} s long, "
+                                    f"expected {n_samples / sampling_rate:.2f} s")
                 out[i] = fit_length(rec.signal, n_samples)
             except DataError as e:
                 if on_bad_record == "error":
@@ -266,7 +298,10 @@ def _decode_store(paths: Sequence[Path], names: Sequence[str], signal_ext: str, 
                              cache_dir=cache_dir, progress=progress)
     if bad.any():
         meta = cache.path(f"{kind}-bad", key).with_suffix(".json")
-        problems = json.loads(meta.read_text())["problems"] if meta.is_file() else {}
+        try:
+            problems = json.loads(meta.read_text())["problems"]
+        except (OSError, ValueError, KeyError):  # metadata lost or damaged: the flags suffice
+            problems = {}
         first = next(iter(problems.values()), f"record {names[int(np.argmax(bad))]} is bad")
         if on_bad_record == "error":
             raise DataError(first)
@@ -302,9 +337,14 @@ def _finish(store: np.ndarray, rows: np.ndarray, labels: np.ndarray, classes: li
         raise DataError("the folds need a 'train' split to fit the scaler (or use scaler='none')")
     fitted = _cached_scaler(store, rows[splits["train"]] if scaler != "none" else rows[:0],
                             scaler, store_key, cache_dir)
+    # Rows, ids and labels enter the key too: an edited database that keeps the same
+    # counts but other records or labels must not reuse images or teacher outputs.
+    content = hashlib.sha256()
+    for array in (rows, ecg_ids, labels):
+        content.update(np.ascontiguousarray(array).tobytes())
     key = fingerprint((), {"store": store_key, "task": task, "scaler": scaler, "classes": classes,
                            "folds": {k: list(map(int, v)) for k, v in splits.items()},
-                           **settings})
+                           "content": content.hexdigest(), **settings})
     return ECGData(store=store, rows=rows, labels=labels, classes=classes, ecg_ids=ecg_ids,
                    record_names=names, strat_fold=strat_fold, splits=splits,
                    sampling_rate=sampling_rate, scaler=fitted, fingerprint=key, task=task,
@@ -339,7 +379,7 @@ def load_ptbxl(root: str | Path, *, task: str = "superdiagnostic", sampling_rate
     """
     root = Path(root)
     db, statements = ptbxl.read_database(root), ptbxl.read_statements(root)
-    _, column, _ = ptbxl.record_folder(root, sampling_rate)
+    _, column, source_rate = ptbxl.record_folder(root, sampling_rate)
     ptbxl.require_columns(db, [column], root / ptbxl.DATABASE_FILE)
     empty = db.index[db[column].isna() | (db[column].astype(str).str.strip() == "")]
     if len(empty):
@@ -351,7 +391,7 @@ def load_ptbxl(root: str | Path, *, task: str = "superdiagnostic", sampling_rate
     store, bad, store_key = _decode_store(
         paths, names, ".dat", sampling_rate=sampling_rate, n_samples=n_samples,
         kind=f"ptbxl{sampling_rate}", on_bad_record=on_bad_record, cache_dir=cache_dir,
-        progress=progress)
+        progress=progress, source_fs=source_rate, strict_length=True)
     good = db[~bad]
     labels, cls, keep = ptbxl.aggregate_labels(good, statements, task, min_samples, classes)
     rows = np.flatnonzero(~bad)[keep].astype(np.int64)
@@ -364,7 +404,7 @@ def load_ptbxl(root: str | Path, *, task: str = "superdiagnostic", sampling_rate
 
 
 def load_cinc(folder: str | Path, *, sampling_rate: int = 100, duration: float = 10.0,
-              classes: Sequence[str] | None = None,
+              classes: Sequence[str] | None = None, min_samples: int = 0,
               folds: Mapping[str, Sequence[int]] | None = None, n_folds: int = 10,
               scaler: str = "global", on_bad_record: str = "error",
               cache_dir: str | Path | None = None, progress: bool = True) -> ECGData:
@@ -372,7 +412,8 @@ def load_cinc(folder: str | Path, *, sampling_rate: int = 100, duration: float =
 
     Folds are assigned by :func:`cinc.hash_folds` (deterministic from the record name);
     ``folds`` maps split names onto them as for PTB-XL. Records without any label in
-    ``classes`` (default: the sorted codes present) are dropped. ``ecg_ids`` are the
+    ``classes`` (default: the sorted codes present, less those carried by ``min_samples``
+    records or fewer) are dropped. ``ecg_ids`` are the
     records' positions in the sorted scan. Other arguments as :func:`load_ptbxl`.
     """
     folder = Path(folder)
@@ -385,13 +426,17 @@ def load_cinc(folder: str | Path, *, sampling_rate: int = 100, duration: float =
         on_bad_record=on_bad_record, cache_dir=cache_dir, progress=progress)
     good = np.flatnonzero(~bad)
     labels, cls = cinc.label_matrix([table.at[i, "dx"] for i in good], classes)
+    if classes is None and min_samples > 0:
+        frequent = labels.sum(axis=0) > min_samples
+        labels, cls = labels[:, frequent], [c for c, f in zip(cls, frequent) if f]
     keep = labels.sum(axis=1) > 0
     rows = good[keep].astype(np.int64)
     kept = table.iloc[rows]
     return _finish(store, rows, labels[keep], cls, rows.copy(), list(kept["path"]),
                    cinc.hash_folds(list(kept["path"]), n_folds), kept, folds=folds,
                    scaler=scaler, sampling_rate=sampling_rate, store_key=store_key,
-                   task="snomed", settings={"n_folds": n_folds}, cache_dir=cache_dir)
+                   task="snomed", settings={"n_folds": n_folds, "min_samples": min_samples},
+                   cache_dir=cache_dir)
 
 
 __all__ = ["SignalView", "Scaler", "ECGData", "ECGSplit", "load_ptbxl", "load_cinc",

@@ -166,7 +166,8 @@ def _to_mv(p_signal: np.ndarray, units: list[str] | None, source: str) -> np.nda
 
 
 def read_record(path: str | os.PathLike, *, fs: float | None = None,
-                source: str | None = None, check: bool = True) -> Record:
+                source: str | None = None, check: bool = True,
+                expect_fs: float | None = None) -> Record:
     """Read one WFDB record (``.hea`` + ``.dat`` or ``.mat``) as [12, T] mV, standard order.
 
     Args:
@@ -175,6 +176,8 @@ def read_record(path: str | os.PathLike, *, fs: float | None = None,
         source: how to name the record in errors (default: the path); loaders pass
             ``"ecg_id 17 (path)"``.
         check: refuse NaN/inf samples and flat leads (:func:`check_signal`).
+        expect_fs: the rate the record's folder promises (PTB-XL's records100 / records500);
+            a header that states another rate is refused rather than silently resampled.
 
     Returns:
         A :class:`Record` with ``signal`` float32 [12, T'] in mV.
@@ -208,6 +211,9 @@ def read_record(path: str | os.PathLike, *, fs: float | None = None,
     if check:
         check_signal(signal, source)
     rate = float(rec.fs)
+    if expect_fs is not None and rate != float(expect_fs):
+        raise DataError(f"{source}: header says {rate:g} Hz, but its folder holds "
+                        f"{float(expect_fs):g} Hz records")
     if fs is not None and fs != rate:
         signal, rate = resample(signal, rate, fs), float(fs)
     return Record(signal=signal, fs=rate, comments=list(rec.comments or []), path=str(path))

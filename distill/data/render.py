@@ -588,7 +588,8 @@ def cached_images(
     """Render every record once into a memory-mapped cache entry, or read it back.
 
     Args:
-        signals: float [N, 12, T] in mV (may itself be a memmap; read batch by batch).
+        signals: float [N, 12, T] in mV: an array, a memmap or any object with ``shape``
+            and slicing (``ECGData.signals``); read batch by batch, never copied whole.
         fs: sampling rate in Hz.
         config: the render configuration.
         cache: where the images live.
@@ -604,8 +605,9 @@ def cached_images(
     Raises:
         DataError: as :func:`render_batch`, or when ``signals`` is not [N, 12, T].
     """
-    arr = signals if isinstance(signals, np.ndarray) else np.asarray(signals)
-    if arr.ndim != 3 or arr.shape[1] != NUM_LEADS:
+    arr = signals if hasattr(signals, "shape") and hasattr(signals, "__getitem__") \
+        else np.asarray(signals)
+    if len(arr.shape) != 3 or arr.shape[1] != NUM_LEADS:
         raise DataError(f"cached_images: expected signals of shape [N, 12, T], got shape {tuple(arr.shape)}")
     draw = renderer or render_batch
     n, _, t = arr.shape

@@ -83,37 +83,44 @@ def render_record_png(record: str | os.PathLike, out: str | os.PathLike, *, heig
     return out
 
 
+def gallery_picks(folder: str | os.PathLike, task: str = "superdiagnostic") -> list[tuple[str, Any]]:
+    """For each class of ``task``, the first record (test fold first) whose ONLY label for
+    the task is that class: ``[(class, database row), ...]`` (classes without one are left out)."""
+    from distill.data.ptbxl import aggregate_labels, read_database, read_statements
+
+    root = Path(folder)
+    db = read_database(root)
+    labels, classes, keep = aggregate_labels(db, read_statements(root), task)
+    kept = db[keep]
+    order = np.argsort(kept["strat_fold"].to_numpy() != 10, kind="stable")  # test fold first
+    single = labels[order].sum(axis=1) == 1
+    picks = []
+    for c, name in enumerate(classes):
+        alone = np.flatnonzero(single & (labels[order, c] == 1))
+        if len(alone):
+            picks.append((name, kept.iloc[order[alone[0]]]))
+    if not picks:
+        raise DataError(f"{root}: no record carries a single {task} class")
+    return picks
 
 
 def gallery(folder: str | os.PathLike, out: str | os.PathLike, *, task: str = "superdiagnostic",
-            size: int = 448, sampling_rate: int = 500) -> Path:
-    """One record per class of ``task`` from a PTB-XL-layout folder, rendered into one PNG.
-
-    For each class it takes the first record (test fold first) whose only label for the task
-    is that class, so each picture shows one finding rather than a mixture.
-    """
+            size: int = 448) -> Path:
+    """One record per class of ``task`` from a PTB-XL-layout folder, rendered into one PNG
+    (the 500 Hz records when the folder has them, else the 100 Hz ones)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from distill.data.ptbxl import aggregate_labels, read_database, read_statements, record_folder
+    from distill.data.ptbxl import record_folder
     from distill.data.records import read_record
     from distill.data.render import RenderConfig, render_12lead
 
     root = Path(folder)
-    db, statements = read_database(root), read_statements(root)
-    labels, classes, keep = aggregate_labels(db, statements, task)
-    kept = db[keep]
-    _folder, column, _rate = record_folder(root, sampling_rate)
-    order = np.argsort(kept["strat_fold"].to_numpy() != 10, kind="stable")  # test fold first
-    picks = []
-    for c, name in enumerate(classes):
-        alone = np.flatnonzero((labels[order, c] == 1) & (labels[order].sum(axis=1) == 1))
-        if len(alone):
-            picks.append((name, kept.iloc[order[alone[0]]]))
-    if not picks:
-        raise DataError(f"{root}: no record carries a single {task} class")
+    rate = 500 if (root / "records500").is_dir() else 100
+    _folder, column, _rate = record_folder(root, rate)
+    picks = gallery_picks(root, task)
     config = RenderConfig(height=size, width=size)
     cols = min(3, len(picks))
     rows = -(-len(picks) // cols)
