@@ -215,7 +215,7 @@ class Recipe:
         try:
             self.output_dir.format(name=self.name)
         except (KeyError, IndexError, ValueError) as exc:
-            raise RecipeError(f"output_dir: {self.output_dir!r} may only use the placeholder "
+            raise RecipeError(f"output_dir: {self.output_dir!r} may only use "
                               f"{{name}} ({type(exc).__name__}: {exc})") from None
 
     @property

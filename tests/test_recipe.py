@@ -84,7 +84,7 @@ BAD = [
     ({}, ["train.epochs"], "override 'train.epochs': expected key.path=value"),
     ({}, ["train.epochs.max=3"], "override 'train.epochs.max': 'train.epochs' has no sub-keys"),
     ({}, ["output_dir=runs/{foo}"],
-     "output_dir: 'runs/{foo}' may only use the placeholder {name} (KeyError: 'foo')"),
+     "output_dir: 'runs/{foo}' may only use {name} (KeyError: 'foo')"),
     ({}, ["data.foo=1"], "unknown key 'data.foo'; valid keys under 'data': path, format, "
      "synthetic, task, sampling_rate, leads, folds, min_samples, scaler, on_bad_record, "
      "cache_dir, image"),
