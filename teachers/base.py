@@ -1,0 +1,337 @@
+"""What every teacher adapter shares: backbone + head, training modes, quantized loading, saving.
+
+A teacher adapter wraps a Hugging Face backbone loaded with ``from_pretrained`` and adds a
+classification head ``nn.Linear(hidden, num_labels)`` (fp32, also when the backbone is
+quantized). Subclasses say how inputs become backbone inputs and which backbone outputs
+are the tokens and the pooled embedding (``forward_features``); the head, the loss, the
+training modes and the folder format live here, once.
+
+Training modes (one method, :meth:`TeacherAdapter.apply_train_mode`):
+
+- ``full``: every backbone parameter the adapter's forward uses trains, plus the head.
+- ``lora``: the backbone is wrapped with peft LoRA on subclass-chosen modules; only the
+  adapters and the head train.
+- ``head``: only the head trains.
+- ``frozen``: nothing trains (a teacher whose outputs are cached).
+
+Folder format written by :meth:`TeacherAdapter.save_pretrained`::
+
+    teacher.json        kind, num_labels, id2label, train_mode, load_in, settings, source
+    head.safetensors    head weights
+    backbone/           full mode: the whole backbone (save_pretrained, + processor)
+                        lora mode: the LoRA adapters only (peft save_pretrained)
+                        head / frozen: absent; the unchanged backbone is reloaded from
+                        ``source`` (its hub id or folder)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from distill.modeling import ECGModelOutput
+
+TRAIN_MODES = ("full", "lora", "head", "frozen")
+LOAD_IN = ("none", "8bit", "4bit")
+META_FILE = "teacher.json"
+HEAD_FILE = "head.safetensors"
+BACKBONE_DIR = "backbone"
+
+TEACHERS: dict[str, type[TeacherAdapter]] = {}
+
+
+def register_teacher(kind: str):
+    """Class decorator: make a teacher adapter known under ``kind`` (duplicates refused)."""
+
+    def wrap(cls: type[TeacherAdapter]) -> type[TeacherAdapter]:
+        if kind in TEACHERS:
+            raise ValueError(f"teacher kind {kind!r} is already registered by {TEACHERS[kind]}")
+        cls.kind = kind
+        TEACHERS[kind] = cls
+        return cls
+
+    return wrap
+
+
+def teacher_class(kind: str) -> type[TeacherAdapter]:
+    """The adapter class registered under ``kind``; ValueError naming the known kinds."""
+    if kind not in TEACHERS:
+        raise ValueError(f"unknown teacher kind {kind!r}; known: {', '.join(sorted(TEACHERS))}")
+    return TEACHERS[kind]
+
+
+@dataclass
+class LoraSettings:
+    """peft LoRA settings.
+
+    Args:
+        r: adapter rank.
+        alpha: scaling numerator (the update is scaled by alpha / r).
+        dropout: dropout on the adapter input.
+        target_modules: a regex (full match on module names) or list of module-name
+            suffixes; None = the adapter class's default (its attention/MLP projections).
+        init_lora_weights: peft's init; True makes B = 0 so training starts from the
+            backbone exactly; False (random A and B) is for tests that need gradients on A.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: str | list[str] | None = None
+    init_lora_weights: bool | str = True
+
+
+def quantization_config(load_in: str, *, skip_modules: list[str] | None = None):
+    """The ``BitsAndBytesConfig`` for ``load_in`` ("8bit", "4bit" = nf4), or None for "none".
+
+    Compute dtype is float32, which CPU bitsandbytes (>= 0.49) needs; on a GPU it is also
+    the safe choice for a teacher whose outputs are compared against fp32 students.
+
+    Args:
+        load_in: one of :data:`LOAD_IN`.
+        skip_modules: module-name patterns kept in full precision (transformers 5 matches
+            them as a prefix, regex or suffix of the full module name).
+    """
+    if load_in not in LOAD_IN:
+        raise ValueError(f"unknown load_in {load_in!r}; expected one of {', '.join(LOAD_IN)}")
+    if load_in == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if load_in == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=torch.float32,
+                              bnb_4bit_use_double_quant=False,
+                              llm_int8_skip_modules=skip_modules)
+
+
+def load_backbone(auto_class: Any, source: str | os.PathLike, *, load_in: str,
+                  trust_remote_code: bool, skip_modules: list[str] | None = None,
+                  dtype: torch.dtype = torch.float32) -> nn.Module:
+    """``auto_class.from_pretrained(source, ...)`` with the quantization and remote-code settings."""
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": dtype}
+    qconfig = quantization_config(load_in, skip_modules=skip_modules)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    return auto_class.from_pretrained(str(source), **kwargs)
+
+
+class TeacherAdapter(nn.Module):
+    """Base of every teacher adapter: an HF backbone, a linear head, one output contract.
+
+    Subclasses set ``input_names``, ``lora_targets`` (regex of the modules LoRA wraps by
+    default), ``quant_skip_modules``, and implement ``forward_features`` and the
+    constructor (which loads the backbone and calls ``super().__init__``).
+
+    Args:
+        backbone: the loaded Hugging Face model.
+        hidden_size: width of the pooled embedding the head reads.
+        num_labels: C.
+        id2label: label names (default ``{i: "LABEL_i"}``).
+        train_mode: one of :data:`TRAIN_MODES`.
+        load_in: how the backbone was loaded ("none", "8bit", "4bit").
+        source: the hub id or folder the backbone came from (saved for reloading).
+        trust_remote_code: whether remote code was allowed (saved, so a reload asks the same).
+        lora: LoRA settings (dict or :class:`LoraSettings`) for ``train_mode="lora"``.
+        settings: the subclass's own constructor arguments, saved to ``teacher.json``.
+    """
+
+    kind: ClassVar[str] = ""
+    input_names: ClassVar[tuple[str, ...]] = ()
+    lora_targets: ClassVar[str] = ""
+    quant_skip_modules: ClassVar[list[str] | None] = None
+
+    def __init__(self, *, backbone: nn.Module, hidden_size: int, num_labels: int,
+                 id2label: dict[int, str] | None, train_mode: str, load_in: str,
+                 source: str, trust_remote_code: bool, lora: LoraSettings | dict | None,
+                 settings: dict[str, Any]):
+        super().__init__()
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be at least 1, got {num_labels}")
+        self.backbone = backbone
+        self.num_labels = num_labels
+        self.id2label = {int(k): str(v) for k, v in (id2label or {}).items()} or {
+            i: f"LABEL_{i}" for i in range(num_labels)}
+        if len(self.id2label) != num_labels:
+            raise ValueError(f"id2label has {len(self.id2label)} entries, num_labels is {num_labels}")
+        self.load_in = load_in
+        self.source = str(source)
+        self.trust_remote_code = trust_remote_code
+        self.lora = lora if isinstance(lora, LoraSettings) else LoraSettings(**(lora or {}))
+        self.settings = settings
+        self.head = nn.Linear(hidden_size, num_labels)  # fp32 whatever the backbone's dtype
+        self.train_mode = ""
+        self.apply_train_mode(train_mode)
+
+    # ------------------------------------------------------------------ model access
+    @property
+    def quantized(self) -> bool:
+        return self.load_in != "none"
+
+    @property
+    def is_lora(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.backbone, PeftModel)
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The transformers model itself (under the peft wrapper when LoRA is on); LoRA
+        layers are injected in place, so calling its submodules runs the adapters too."""
+        return self.backbone.get_base_model() if self.is_lora else self.backbone
+
+    def unused_parameter_names(self) -> set[str]:
+        """Backbone parameters (names within ``hf_model``) the adapter's forward never uses
+        (e.g. a language-model vocabulary head); kept frozen in every mode."""
+        return set()
+
+    # ------------------------------------------------------------------ training modes
+    def apply_train_mode(self, mode: str) -> None:
+        """Set which parameters train: ``full``, ``lora``, ``head`` or ``frozen``.
+
+        ``lora`` wraps the backbone with peft (once); a LoRA-wrapped teacher can then be
+        switched to ``head`` or ``frozen`` but not back to ``full``. A quantized backbone
+        cannot train in ``full`` mode (its weights are integer codes).
+        """
+        if mode not in TRAIN_MODES:
+            raise ValueError(f"unknown train_mode {mode!r}; expected one of {', '.join(TRAIN_MODES)}")
+        if mode == "full" and self.quantized:
+            raise ValueError(f"train_mode 'full' needs a full-precision backbone, but it was loaded "
+                             f"in {self.load_in}; use 'lora' or 'head'")
+        if mode == "full" and self.is_lora:
+            raise ValueError("this teacher carries LoRA adapters; train it with 'lora' or 'head'")
+        if mode == "lora" and not self.is_lora:
+            self._wrap_lora()
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        if mode == "full":
+            unused = self.unused_parameter_names()
+            for name, p in self.hf_model.named_parameters():
+                p.requires_grad_(name not in unused)
+        elif mode == "lora":
+            for name, p in self.backbone.named_parameters():
+                p.requires_grad_("lora_" in name)
+        for p in self.head.parameters():
+            p.requires_grad_(mode != "frozen")
+        self.train_mode = mode
+
+    def _wrap_lora(self) -> None:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        s = self.lora
+        targets = s.target_modules if s.target_modules is not None else self.lora_targets
+        config = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout,
+                            target_modules=targets, init_lora_weights=s.init_lora_weights,
+                            bias="none")
+        if self.quantized:
+            self.backbone = prepare_model_for_kbit_training(self.backbone,
+                                                            use_gradient_checkpointing=False)
+        self.backbone = get_peft_model(self.backbone, config)
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # ------------------------------------------------------------------ forward
+    def forward_features(self, **inputs: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs -> (tokens [B, N, D], token_leads [N] int64, pooled [B, D]). Subclasses."""
+        raise NotImplementedError  # abstract
+
+    def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled [B, D] -> logits [B, C] (fp32)."""
+        return self.head(pooled.float())
+
+    def forward(self, labels: torch.Tensor | None = None, **inputs: torch.Tensor) -> ECGModelOutput:
+        tokens, token_leads, pooled = self.forward_features(**inputs)
+        pooled = pooled.float()
+        logits = self.forward_head(pooled)  # (B, C)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+        return ECGModelOutput(loss=loss, logits=logits, tokens=tokens.float(),
+                              token_leads=token_leads, pooled=pooled)
+
+    # ------------------------------------------------------------------ save / load
+    def _save_backbone_extras(self, folder: Path) -> None:
+        """Subclass hook: what else a saved full backbone needs (e.g. the processor)."""
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write the teacher to ``folder`` (see the module docstring for the layout)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        backbone_dir = folder / BACKBONE_DIR
+        saved_backbone = None
+        if self.is_lora:
+            self.backbone.save_pretrained(backbone_dir)
+            saved_backbone = "lora"
+        elif self.train_mode == "full":
+            self.backbone.save_pretrained(backbone_dir)
+            self._save_backbone_extras(backbone_dir)
+            saved_backbone = "full"
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
+                  str(folder / HEAD_FILE))
+        meta = {
+            "kind": self.kind,
+            "num_labels": self.num_labels,
+            "id2label": {str(k): v for k, v in self.id2label.items()},
+            "train_mode": self.train_mode,
+            "load_in": self.load_in,
+            "source": self.source,
+            "saved_backbone": saved_backbone,
+            "trust_remote_code": self.trust_remote_code,
+            "lora": asdict(self.lora),
+            "settings": self.settings,
+        }
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        return folder
+
+    @staticmethod
+    def from_pretrained(folder: str | os.PathLike, **overrides: Any) -> TeacherAdapter:
+        """Rebuild a teacher written by :meth:`save_pretrained` (any registered kind).
+
+        Args:
+            folder: the saved folder.
+            overrides: constructor arguments to change (e.g. ``load_in="4bit"``,
+                ``train_mode="frozen"``).
+        """
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        meta = json.loads((folder / META_FILE).read_text())
+        cls = teacher_class(meta["kind"])
+        saved = meta.get("saved_backbone")
+        source = folder / BACKBONE_DIR if saved == "full" else meta["source"]
+        train_mode = overrides.pop("train_mode", meta["train_mode"])
+        kwargs = dict(meta["settings"])
+        kwargs.update(num_labels=meta["num_labels"],
+                      id2label={int(k): v for k, v in meta["id2label"].items()},
+                      load_in=meta["load_in"], trust_remote_code=meta["trust_remote_code"],
+                      lora=meta["lora"])
+        kwargs.update(overrides)
+        first_mode = "frozen" if saved == "lora" else train_mode
+        teacher = cls(str(source), train_mode=first_mode, **kwargs)
+        if saved == "lora":
+            from peft import PeftModel
+
+            teacher.backbone = PeftModel.from_pretrained(teacher.backbone, folder / BACKBONE_DIR,
+                                                         is_trainable=train_mode == "lora")
+        teacher.source = meta["source"]
+        teacher.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
+        teacher.apply_train_mode(train_mode)
+        return teacher
+
+
+def layer_index(name: str, container: str) -> int | None:
+    """The index in ``<container>.layers.<i>.`` within a parameter name, or None."""
+    m = re.search(rf"{re.escape(container)}\S*?\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None

@@ -1,0 +1,176 @@
+"""The ``tiny`` teacher presets: small random-initialised models of the real classes.
+
+Each builder writes a folder that the same ``from_pretrained`` path as a real hub
+checkpoint loads (``AutoModelForImageTextToText`` + ``AutoProcessor`` for the VLM,
+``AutoModel`` for the signal encoder), so tests and the quickstart run offline on CPU
+through the code a real teacher takes. Weights come from a fixed seed, so two builds give
+the same model.
+
+``name_or_path="tiny"`` resolves to a folder built once under
+``default_cache_dir()/teachers/`` (:func:`tiny_folder`); the build goes to a temporary
+folder that is renamed into place, so a killed build never leaves a half-made preset.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from distill.data.cache import default_cache_dir
+
+# Bumped whenever a preset's configuration changes, so an old cached build is not reused.
+TINY_VLM_NAME = "tiny-vlm-v1"
+TINY_SIGNAL_NAME = "tiny-hubert-v1"
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN)
+# Enough words for the default prompts; anything else maps to <unk>.
+ECG_WORDS = ["user", "assistant", "system", "what", "which", "are", "is", "the", "a", "an", "of", "this", "these", "in", "on", "and", "or", "with", "diagnoses", "diagnosis", "findings", "rhythm", "ecg", "electrocardiogram", "12", "lead", "leads", "image", "describe", "list", "normal", "abnormal", "sinus", "atrial", "fibrillation", "flutter", "infarction", "myocardial", "ischemia", "hypertrophy", "bundle", "branch", "block", "left", "right", "st", "t", "wave", "elevation", "depression", "qrs", "pr", "qt", "interval", "axis", "rate", "bradycardia", "tachycardia", "conduction", "answer", "please", "shown"]
+PUNCTUATION = (":", "?", ".", ",", "-", "(", ")", "/", "'")
+
+
+def build_tiny_tokenizer():
+    """A small word-level ``PreTrainedTokenizerFast`` over an ECG vocabulary.
+
+    Lower-cases, splits on whitespace and punctuation, prepends ``<s>``; ``<image>`` is a
+    special token so the processor's expanded placeholders stay one id each.
+    """
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + tuple(ECG_WORDS) + PUNCTUATION)}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN},
+        model_max_length=1024)
+
+
+def build_tiny_vlm(folder: str | os.PathLike) -> Path:
+    """Write a tiny random LLaVA (CLIP 224/16 vision tower + Llama text model) with its processor.
+
+    Vision: CLIP, image 224, patch 16 (196 patches), hidden 64, 2 layers. Text: Llama,
+    hidden 64, 2 layers. The projector maps 64 -> 64. ``vision_feature_layer=-1`` so every
+    vision layer feeds the visual tokens ("default" strategy: the CLS token is dropped).
+
+    Args:
+        folder: where to write (created).
+
+    Returns:
+        The folder, loadable by ``AutoModelForImageTextToText.from_pretrained`` and
+        ``AutoProcessor.from_pretrained``.
+    """
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    folder = Path(folder)
+    tokenizer = build_tiny_tokenizer()
+    image_size, patch_size = 224, 16
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=64,
+                              intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, projection_dim=64)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       tie_word_embeddings=False)
+    n_image_tokens = (image_size // patch_size) ** 2
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                         image_seq_length=n_image_tokens, vision_feature_layer=-1,
+                         vision_feature_select_strategy="default")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               patch_size=patch_size, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, image_token=IMAGE_TOKEN)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_hubert(folder: str | os.PathLike) -> Path:
+    """Write a tiny random ``HubertModel`` (3 conv layers, stride 20, 2 transformer layers).
+
+    The conv feature extractor has kernels (10, 3, 3) and strides (5, 2, 2): one frame
+    every 20 input samples, receptive field 40 samples, so a 5 s x 12-lead record at
+    100 Hz (6000 samples) gives 299 frames, 25 per lead. The conv layers use per-frame
+    layer norm ("layer"; "group" normalises each channel over the whole sequence, so
+    every frame would feel every lead). Layer drop and SpecAugment masking are off, so
+    every parameter takes part in every training step.
+
+    Args:
+        folder: where to write (created).
+
+    Returns:
+        The folder, loadable by ``AutoModel.from_pretrained``.
+    """
+    from transformers import HubertConfig, HubertModel
+
+    folder = Path(folder)
+    config = HubertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=128, conv_dim=(64, 64, 64), conv_stride=(5, 2, 2),
+                          conv_kernel=(10, 3, 3), feat_extract_norm="layer",
+                          num_conv_pos_embeddings=16,
+                          num_conv_pos_embedding_groups=4, layerdrop=0.0,
+                          mask_time_prob=0.0, mask_feature_prob=0.0, apply_spec_augment=False,
+                          vocab_size=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = HubertModel(config)
+    model.save_pretrained(folder)
+    return folder
+
+
+TINY_BUILDERS: dict[str, tuple[str, Callable[[Path], Path]]] = {
+    "vlm": (TINY_VLM_NAME, build_tiny_vlm),
+    "signal": (TINY_SIGNAL_NAME, build_tiny_hubert),
+}
+
+
+def tiny_folder(kind: str) -> Path:
+    """The cached folder of a kind's tiny preset, built on first use (atomically).
+
+    Args:
+        kind: "vlm" or "signal".
+
+    Returns:
+        ``default_cache_dir()/teachers/<preset name>``.
+    """
+    name, build = TINY_BUILDERS[kind]
+    root = default_cache_dir() / "teachers"
+    target = root / name
+    if (target / "config.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first: keep its build
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
