@@ -25,6 +25,7 @@ from typing import Any
 from distill.config_schema import closest, to_dict
 from distill.data.cache import default_cache_dir
 from distill.data.tools import describe_data, write_synthetic
+from distill.factory import consumer_views
 from distill.errors import DataError, RecipeError
 from distill.io import atomic_write_text
 from distill.recipe import Recipe, write_resolved
@@ -74,25 +75,6 @@ def load_data(recipe: Recipe, progress: bool = True, folder: Path | None = None)
     if d.format == "cinc":
         return load_cinc(folder, **common)
     return load_ptbxl(folder, task=d.task, **common)
-
-
-def consumer_views(recipe: Recipe) -> dict[str, Any]:
-    """What each consumer sees of a record: ``teacher`` and ``student:<family>/<size>``.
-
-    A view's unset leads fall back to ``data.leads`` (itself all 12 when unset), its unset
-    rate to ``data.sampling_rate``.
-    """
-    from distill.data.dataset import SignalView
-
-    def view(v) -> SignalView:
-        leads = v.leads if v.leads is not None else recipe.data.leads
-        rate = v.sampling_rate if v.sampling_rate is not None else recipe.data.sampling_rate
-        return SignalView(leads=tuple(leads) if leads is not None else None, sampling_rate=rate)
-
-    views = {"teacher": view(recipe.teacher.view)}
-    for s in recipe.students:
-        views[f"student:{s.family}/{s.size}"] = view(s.view)
-    return views
 
 
 # ---------------------------------------------------------------- stages

@@ -37,9 +37,12 @@ def linear_share(model: nn.Module) -> float:
     return linear / max(1, count_parameters(model))
 
 
-@torch.no_grad()
 def count_macs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> int:
-    """Multiply-accumulates of one forward pass on ``batch``, divided by its batch size."""
+    """Multiply-accumulates of one forward pass on ``batch``, divided by its batch size.
+
+    Runs with autograd on: FlopCounterMode's module tracker trips over tensors made from
+    parameters under ``torch.no_grad`` (``Expected gradient function to be set``).
+    """
     inputs = model_inputs(model, batch)
     batch_size = next(iter(inputs.values())).shape[0]
     was_training = model.training

@@ -129,8 +129,11 @@ class TeacherConfig:
     prompt: str = spec("Classify this 12-lead ECG.", help="text given with the image")
     view: ViewConfig = spec(default_factory=ViewConfig)
     trust_remote_code: bool = spec(False, help="run code shipped with a hub model (off by default)")
-    lora_rank: int = spec(16, ge=1, le=1024)
-    lora_alpha: float = spec(32.0, gt=0)
+    lora_rank: int = spec(16, help="LoRA adapter rank", ge=1, le=1024)
+    lora_alpha: int = spec(32, help="LoRA scaling numerator (update scaled by alpha / rank)", ge=1)
+    lora_dropout: float = spec(0.05, ge=0, lt=1)
+    seconds: float = spec(5.0, help="signal teacher: seconds of each record it reads "
+                                    "(HuBERT-ECG was trained on 5 s)", gt=0, le=60)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import distill.data.synth as synth
 import distill.pipeline as pipeline
 from distill.cli import main
 from distill.errors import DataError, RecipeError
+from distill.factory import consumer_views
 from distill.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +180,7 @@ def test_views_follow_the_recipe(recipe) -> None:
     recipe.data.leads = ["I", "II"]
     recipe.students[0].view.leads = ["I"]
     recipe.students[0].view.sampling_rate = 50
-    views = pipeline.consumer_views(recipe)
+    views = consumer_views(recipe)
     assert views["teacher"].leads == ("I", "II") and views["teacher"].sampling_rate == 100
     assert views["student:xresnet1d/tiny"].leads == ("I",)
     assert views["student:xresnet1d/tiny"].sampling_rate == 50
@@ -203,3 +204,13 @@ def test_data_info_prints_split_table(recipe, tmp_path) -> None:
     header = wfdb.rdheader(str(pipeline.synthetic_folder(load_recipe(
         REPO / "recipes" / "quickstart.yaml", args[3:5])) / "records100" / "00000" / "00001_lr"))
     assert header.fs == 100 and header.sig_name[3] == "AVR"
+
+
+@pytest.mark.parametrize("recipe_path", sorted((REPO / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_recipe_dry_runs(recipe_path: Path, tmp_path: Path, capsys) -> None:
+    recipe = load_recipe(recipe_path, [f"output_dir={tmp_path}/{{name}}"])
+    plan = pipeline.run_pipeline(recipe, dry_run=True, progress=False)
+    assert set(plan) == {s.name for s in pipeline.STAGES}
+    assert f"run folder: {tmp_path}/{recipe.name}" in capsys.readouterr().out
+    assert not (tmp_path / recipe.name).exists()  # a dry run writes nothing

@@ -1,8 +1,9 @@
 """The data layer: PTB-XL-layout and CinC folders, cached signals, views, synthesis, rendering.
 
 Signals everywhere are float32 [12, T] millivolts in the standard lead order
-(``STANDARD_LEADS``). The synthetic generator and the renderer are imported on first use,
-so the loaders work without them (and without their dependencies).
+(``STANDARD_LEADS``). Every name below is imported on first use (PEP 562), so light users
+such as the recipe validator (which only needs the lead names) never pay for torch or
+pandas.
 """
 
 from __future__ import annotations
@@ -10,35 +11,22 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from distill.data.cache import ArrayCache, default_cache_dir, fingerprint
-from distill.data.cinc import hash_folds, label_matrix, parse_comments, scan_folder
-from distill.data.dataset import (
-    BAD_RECORD_MODES,
-    SCALERS,
-    ECGData,
-    ECGSplit,
-    Scaler,
-    SignalView,
-    load_cinc,
-    load_ptbxl,
-)
-from distill.data.leads import NUM_LEADS, STANDARD_LEADS, lead_index, lead_indices, standard_order
-from distill.data.ptbxl import (
-    DEFAULT_FOLDS,
-    TASKS,
-    aggregate_labels,
-    fold_indices,
-    read_database,
-    read_statements,
-)
-from distill.data.records import Record, check_signal, read_record, resample
-
-# name -> module of the helpers imported lazily (PEP 562 module __getattr__).
+# name -> module that defines it
 _LAZY = {
+    **dict.fromkeys(["ArrayCache", "default_cache_dir", "fingerprint"], "distill.data.cache"),
+    **dict.fromkeys(["hash_folds", "label_matrix", "parse_comments", "scan_folder"],
+                    "distill.data.cinc"),
+    **dict.fromkeys(["BAD_RECORD_MODES", "SCALERS", "ECGData", "ECGSplit", "KeptRows", "Scaler",
+                     "SignalView", "load_cinc", "load_ptbxl"], "distill.data.dataset"),
+    **dict.fromkeys(["NUM_LEADS", "STANDARD_LEADS", "lead_index", "lead_indices",
+                     "standard_order"], "distill.data.leads"),
+    **dict.fromkeys(["DEFAULT_FOLDS", "TASKS", "aggregate_labels", "fold_indices",
+                     "read_database", "read_statements"], "distill.data.ptbxl"),
+    **dict.fromkeys(["Record", "check_signal", "read_record", "resample"],
+                    "distill.data.records"),
     "generate_ptbxl": "distill.data.synth",
-    "RenderConfig": "distill.data.render",
-    "render_12lead": "distill.data.render",
-    "patch_lead_map": "distill.data.render",
+    **dict.fromkeys(["RenderConfig", "render_12lead", "render_batch", "patch_lead_map",
+                     "cached_images"], "distill.data.render"),
 }
 
 
@@ -50,14 +38,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "ArrayCache", "default_cache_dir", "fingerprint",
-    "hash_folds", "label_matrix", "parse_comments", "scan_folder",
-    "BAD_RECORD_MODES", "SCALERS", "ECGData", "ECGSplit", "Scaler", "SignalView",
-    "load_cinc", "load_ptbxl",
-    "NUM_LEADS", "STANDARD_LEADS", "lead_index", "lead_indices", "standard_order",
-    "DEFAULT_FOLDS", "TASKS", "aggregate_labels", "fold_indices", "read_database",
-    "read_statements",
-    "Record", "check_signal", "read_record", "resample",
-    *_LAZY,
-]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = list(_LAZY)

@@ -1,0 +1,75 @@
+"""Recipe sections -> models: the one place that maps a recipe onto the model registries.
+
+The engine stays model-agnostic: it calls ``teachers.create`` / ``students.create`` with
+what the recipe says, and each consumer reads the view of the data the recipe gives it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from distill.errors import RecipeError
+from distill.recipe import Recipe, StudentConfig, ViewConfig
+
+
+def _view(recipe: Recipe, view: ViewConfig):
+    from distill.data.dataset import SignalView
+
+    leads = view.leads if view.leads is not None else recipe.data.leads
+    rate = view.sampling_rate if view.sampling_rate is not None else recipe.data.sampling_rate
+    return SignalView(leads=tuple(leads) if leads is not None else None, sampling_rate=rate)
+
+
+def student_name(spec: StudentConfig) -> str:
+    return f"{spec.family}/{spec.size}"
+
+
+def consumer_views(recipe: Recipe) -> dict[str, Any]:
+    """What each consumer sees of a record: ``teacher`` and ``student:<family>/<size>``.
+
+    A view's unset leads fall back to ``data.leads`` (itself all 12 when unset), its unset
+    rate to ``data.sampling_rate``.
+    """
+    views = {"teacher": _view(recipe, recipe.teacher.view)}
+    for s in recipe.students:
+        views[f"student:{student_name(s)}"] = _view(recipe, s.view)
+    return views
+
+
+def build_teacher(recipe: Recipe, classes: Sequence[str]):
+    """The recipe's teacher adapter for these label classes."""
+    import teachers
+
+    t = recipe.teacher
+    kwargs: dict[str, Any] = dict(
+        num_labels=len(classes), id2label=dict(enumerate(classes)), train_mode=t.train_mode,
+        load_in=t.load_in, trust_remote_code=t.trust_remote_code,
+        lora=teachers.LoraSettings(r=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout))
+    if t.kind == "vlm":
+        img = recipe.data.image
+        if img.height != img.width:
+            raise RecipeError(f"data.image: the vlm teacher reads square images, got "
+                              f"{img.height}x{img.width}")
+        kwargs.update(tokens=t.tokens, prompt=t.prompt, image_size=img.height)
+    else:
+        kwargs.update(sampling_rate=_view(recipe, t.view).sampling_rate, seconds=t.seconds)
+    try:
+        model = teachers.create(t.kind, t.name_or_path, **kwargs)
+    except ValueError as exc:  # a render size or setting the model cannot take
+        raise RecipeError(f"teacher: {exc}") from None
+    patch = getattr(model, "patch_size", None)
+    if t.kind == "vlm" and patch is not None and patch != recipe.data.image.patch_size:
+        raise RecipeError(f"data.image.patch_size: {recipe.data.image.patch_size}, but the "
+                          f"teacher's vision tower uses {patch}-pixel patches")
+    return model
+
+
+def build_student(recipe: Recipe, spec: StudentConfig, classes: Sequence[str]):
+    """One student of the recipe, reading its own view of the data."""
+    import students
+
+    view = _view(recipe, spec.view)
+    return students.create(spec.family, spec.size, num_labels=len(classes),
+                           id2label=dict(enumerate(classes)), leads=view.leads,
+                           sampling_rate=view.sampling_rate)

@@ -1,0 +1,82 @@
+"""Compact ECG students: size presets of two families behind one registry.
+
+``create("xresnet1d", "small", num_labels=5)`` builds a model; after ``import students``,
+``transformers.AutoModel.from_pretrained(folder)`` reloads any saved student.
+
+Families:
+    xresnet1d   the 1-D residual CNN that leads the PTB-XL benchmark (students/xresnet1d.py)
+    leadformer  a lead-token transformer with LAMAE latent attention across leads
+                (students/leadformer.py), Linear-heavy for 8/4-bit quantization
+
+Every student is a ``PreTrainedModel`` with ``input_names = ("signal",)`` whose forward
+returns ``distill.modeling.ECGModelOutput``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+
+from students._common import ECGStudentConfig, ECGStudentModel, check_signal, describe_input
+from students._registry import SIZES, check_options, families, get_preset, preset_names
+from students.leadformer import LeadFormerConfig, LeadFormerModel, linear_share
+from students.xresnet1d import XResNet1dConfig, XResNet1dModel
+
+FAMILIES: tuple[str, ...] = families()
+
+for _config, _model in ((XResNet1dConfig, XResNet1dModel), (LeadFormerConfig, LeadFormerModel)):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _model, exist_ok=True)
+
+
+def presets() -> list[tuple[str, str]]:
+    """Every ``(family, size)`` preset, e.g. ``("leadformer", "tiny")``."""
+    return preset_names()
+
+
+def create(family: str, size: str = "tiny", *, num_labels: int,
+           id2label: Mapping[int, str] | None = None, leads: Sequence[str] | None = None,
+           sampling_rate: int = 100, input_seconds: float = 10.0,
+           **overrides: Any) -> PreTrainedModel:
+    """Build a student preset with random weights.
+
+    Args:
+        family: one of ``FAMILIES``.
+        size: one of ``SIZES`` (tiny, small, base).
+        num_labels: C, the number of logits.
+        id2label: optional names of the labels (index -> name); label2id follows.
+        leads: the lead names the model reads, in the order of the signal's rows
+            (default: the 12 standard leads); any subset and order.
+        sampling_rate: Hz of the input signal.
+        input_seconds: seconds per record; ``input_samples = round(rate * seconds)``.
+        **overrides: preset dials (``width``, ``depth`` ...) or any config field.
+
+    Returns:
+        The model (``PreTrainedModel``), in training mode.
+
+    Raises:
+        ValueError: an unknown family, size or override (naming the known ones), or a
+            bad value.
+    """
+    build = get_preset(family, size)
+    check_options(family, overrides)
+    fields: dict[str, Any] = {"num_labels": num_labels, "sampling_rate": int(sampling_rate),
+                              "input_samples": round(sampling_rate * input_seconds)}
+    if id2label is not None:
+        id2label = {int(i): str(name) for i, name in id2label.items()}
+        if len(id2label) != num_labels:
+            raise ValueError(f"id2label names {len(id2label)} labels but num_labels is "
+                             f"{num_labels}")
+        fields.update(id2label=id2label, label2id={n: i for i, n in id2label.items()})
+    if leads is not None:
+        fields["leads"] = list(leads)
+    return build(**{**fields, **overrides})
+
+
+__all__ = [
+    "FAMILIES", "SIZES", "ECGStudentConfig", "ECGStudentModel", "LeadFormerConfig",
+    "LeadFormerModel", "XResNet1dConfig", "XResNet1dModel", "check_signal", "create",
+    "describe_input", "linear_share", "presets",
+]

@@ -1,0 +1,72 @@
+"""The preset registry: ``(family, size) -> builder``, filled by each family's module.
+
+Kept apart from ``students/__init__`` so family modules can register themselves on import
+without a circular import (the peft/timm pattern: one decorator, duplicates refused).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+
+from transformers import PreTrainedConfig, PreTrainedModel
+
+SIZES: tuple[str, ...] = ("tiny", "small", "base")
+
+PresetFn = Callable[..., PreTrainedModel]
+_PRESETS: dict[tuple[str, str], PresetFn] = {}
+_OPTIONS: dict[str, frozenset[str]] = {}  # family -> the keywords its presets accept
+
+
+def register_family(family: str, config_class: type, dials: tuple[str, ...]) -> None:
+    """Declare what a family's presets accept: its builder ``dials`` and its own config
+    fields (those of the ECG configs, not transformers' generic ones)."""
+    generic = {f.name for f in dataclasses.fields(PreTrainedConfig)}
+    fields = {f.name for f in dataclasses.fields(config_class)} - generic
+    _OPTIONS[family] = frozenset(fields | set(dials))
+
+
+def check_options(family: str, options: Iterable[str]) -> None:
+    """ValueError naming the first option that is neither a dial nor a config field."""
+    for name in options:
+        if name not in _OPTIONS[family]:
+            raise ValueError(f"unknown {family} option {name!r}; known: "
+                             f"{', '.join(sorted(_OPTIONS[family]))}")
+
+
+def register_preset(family: str, size: str) -> Callable[[PresetFn], PresetFn]:
+    """Decorator: register ``fn(**config_fields) -> model`` as the ``family``/``size`` preset.
+
+    Raises:
+        ValueError: for a size outside ``SIZES`` or a preset registered twice.
+    """
+
+    def wrap(fn: PresetFn) -> PresetFn:
+        if size not in SIZES:
+            raise ValueError(f"preset {family}/{size}: size must be one of {', '.join(SIZES)}")
+        if (family, size) in _PRESETS:
+            raise ValueError(f"student preset {family}/{size} is registered twice")
+        _PRESETS[(family, size)] = fn
+        return fn
+
+    return wrap
+
+
+def families() -> tuple[str, ...]:
+    """Registered family names, sorted."""
+    return tuple(sorted({family for family, _ in _PRESETS}))
+
+
+def get_preset(family: str, size: str) -> PresetFn:
+    """The builder of one preset; ValueError naming the known families or sizes otherwise."""
+    known = families()
+    if family not in known:
+        raise ValueError(f"unknown student family {family!r}; known: {', '.join(known)}")
+    if size not in SIZES:
+        raise ValueError(f"unknown student size {size!r}; known: {', '.join(SIZES)}")
+    return _PRESETS[(family, size)]
+
+
+def preset_names() -> list[tuple[str, str]]:
+    """Every registered ``(family, size)``, families sorted, sizes tiny -> base."""
+    return [(f, s) for f in families() for s in SIZES if (f, s) in _PRESETS]

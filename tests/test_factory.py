@@ -1,0 +1,68 @@
+"""Recipes -> models: the quickstart's teacher and students, views, size mismatches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distill.data.render import RenderConfig, render_batch
+from distill.errors import RecipeError
+from distill.factory import build_student, build_teacher, consumer_views
+from distill.modeling import check_output, model_inputs
+from distill.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["CD", "HYP", "MI", "NORM", "STTC"]
+
+
+def quickstart(*overrides: str):
+    return load_recipe(REPO / "recipes" / "quickstart.yaml", list(overrides))
+
+
+def test_quickstart_teacher_reads_the_rendered_images() -> None:
+    recipe = quickstart()
+    teacher = build_teacher(recipe, CLASSES).eval()
+    assert teacher.patch_size == recipe.data.image.patch_size
+    signals = np.random.default_rng(0).normal(0, 0.3, (2, 12, 1000)).astype(np.float32)
+    images = render_batch(signals, 100, RenderConfig(height=224, width=224))
+    with torch.no_grad():
+        out = teacher(**model_inputs(teacher, {"image": torch.from_numpy(images)}))
+    check_output(out, batch_size=2, num_labels=5, where="teacher")
+    assert teacher.id2label == dict(enumerate(CLASSES))
+
+
+def test_students_read_their_own_view() -> None:
+    recipe = quickstart("students=[{family: leadformer, size: tiny, view: {leads: [I], "
+                        "sampling_rate: 50}}, {family: xresnet1d, size: tiny}]")
+    views = consumer_views(recipe)
+    wearable = build_student(recipe, recipe.students[0], CLASSES).eval()
+    full = build_student(recipe, recipe.students[1], CLASSES).eval()
+    assert views["student:leadformer/tiny"].leads == ("I",)
+    with torch.no_grad():
+        out = wearable(signal=torch.randn(2, 1, 500))
+        check_output(out, batch_size=2, num_labels=5)
+        assert (out.token_leads == 0).all()
+        check_output(full(signal=torch.randn(2, 12, 1000)), batch_size=2, num_labels=5)
+    assert wearable.config.id2label[0] == "CD"
+
+
+def test_render_size_the_teacher_cannot_read_is_a_recipe_error() -> None:
+    recipe = quickstart("data.image.height=336", "data.image.width=336")
+    with pytest.raises(RecipeError, match=r"^teacher: .*render at height=224, width=224"):
+        build_teacher(recipe, CLASSES)
+    recipe = quickstart("data.image.patch_size=32")
+    with pytest.raises(RecipeError, match="data.image.patch_size: 32, but the teacher's vision "
+                                          "tower uses 16-pixel patches"):
+        build_teacher(recipe, CLASSES)
+
+
+def test_signal_teacher_from_recipe() -> None:
+    recipe = quickstart("teacher.kind=signal", "teacher.seconds=5")
+    teacher = build_teacher(recipe, CLASSES).eval()
+    with torch.no_grad():
+        out = teacher(**model_inputs(teacher, {"signal": torch.randn(2, 12, 1000)}))
+    check_output(out, batch_size=2, num_labels=5)
+    assert set(out.token_leads.tolist()) <= set(range(-1, 12))
