@@ -89,11 +89,11 @@ class ECGStudentModel(PreTrainedModel):
 
     def forward_features(self, signal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """signal [B, L, T] -> (tokens [B, N, D], token_leads [N] int64); per family."""
-        raise NotImplementedError(f"{type(self).__name__} must define forward_features")
+        raise NotImplementedError  # abstract: each family defines it
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """tokens [B, N, D] -> pooled [B, D'] (``pre_logits``) or logits [B, C]; per family."""
-        raise NotImplementedError(f"{type(self).__name__} must define forward_head")
+        raise NotImplementedError  # abstract: each family defines it
 
     def forward(self, signal: torch.Tensor, labels: torch.Tensor | None = None,
                 **kwargs: Any) -> ECGModelOutput:

@@ -38,7 +38,7 @@ def build_tiny_tokenizer():
     """A small word-level ``PreTrainedTokenizerFast`` over an ECG vocabulary.
 
     Lower-cases, splits on whitespace and punctuation, prepends ``<s>``; ``<image>`` is a
-    special token so the processor's expanded placeholders stay one id each.
+    special token so the processor's expanded image markers stay one id each.
     """
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel

@@ -2,7 +2,7 @@
 
 The rendered image (uint8 [B, 3, H, W] from ``distill.data.render``) and a fixed prompt go
 in. The prompt is tokenised once, at construction, by the model's own processor (which
-expands the ``<image>`` placeholder into one token per visual feature), so each forward
+expands the ``<image>`` marker into one token per visual feature), so each forward
 only repeats ``input_ids`` for the batch; the image is rescaled and normalised in torch
 with the processor's own constants (no PIL round trip, no resize: the renderer must draw at
 the vision tower's input size, and a wrong size is refused with the size to use).
@@ -114,7 +114,7 @@ class VLMTeacher(TeacherAdapter):
         self.name_or_path = str(name_or_path)
         self._dtype = _DTYPES[dtype]
 
-        # The prompt, tokenised once by the processor (which expands the image placeholder).
+        # The prompt, tokenised once by the processor (which expands the image marker).
         image_token = getattr(processor, "image_token", "<image>")
         text = prompt if image_token in prompt else f"{image_token}\n{prompt}"
         blank = np.zeros((self.tower_size, self.tower_size, 3), dtype=np.uint8)
