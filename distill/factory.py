@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from distill.config_schema import to_dict
 from distill.errors import RecipeError
 from distill.recipe import Recipe, StudentConfig, ViewConfig
 
@@ -73,3 +74,18 @@ def build_student(recipe: Recipe, spec: StudentConfig, classes: Sequence[str]):
     return students.create(spec.family, spec.size, num_labels=len(classes),
                            id2label=dict(enumerate(classes)), leads=view.leads,
                            sampling_rate=view.sampling_rate)
+
+
+def build_objective(recipe: Recipe, student_dim: int, teacher_dim: int):
+    """The recipe's distillation objective for a student/teacher pair of token widths:
+    L = (1 - alpha) * BCE + alpha * sum of lambda_i * L_i over the terms with lambda_i > 0."""
+    from distill.losses.objective import build_objective as _build
+
+    d = recipe.distill
+    return _build(
+        d.alpha, to_dict(d.weights), student_dim, teacher_dim,
+        kd={"temperature": d.temperature},
+        mhca={"dim": d.align_dim, "heads": d.mhca_heads},
+        ot={"dim": d.align_dim, "reg": d.ot_reg, "iters": d.ot_iters, "lead_prior": d.lead_prior},
+        relation={"criterion": d.relation_criterion, "batch_rkd": d.batch_rkd},
+    )

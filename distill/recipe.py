@@ -165,8 +165,15 @@ class DistillConfig:
     ot_reg: float = spec(0.05, help="entropic regularisation of the OT loss", gt=0)
     ot_iters: int = spec(50, help="Sinkhorn iterations", ge=1)
     lead_prior: float = spec(0.0, help="OT cost added where token leads differ", ge=0)
-    mhca_heads: int = spec(4, ge=1)
-    align_dim: int = spec(128, help="common width of the projected features", ge=1)
+    mhca_heads: int = spec(4, help="heads of the cross-attention alignment", ge=1)
+    align_dim: int = spec(128, help="common width of the projected features (mhca, ot)", ge=1)
+    relation_criterion: Literal["smooth_l1", "mse"] = spec("smooth_l1")
+    batch_rkd: bool = spec(False, help="also match batch-level RKD distances/angles of pooled")
+
+    def validate(self, path: str) -> None:
+        if self.align_dim % self.mhca_heads:
+            raise RecipeError(f"{path}.align_dim: {self.align_dim} is not a multiple of "
+                              f"{path}.mhca_heads={self.mhca_heads}")
 
 
 @dataclass

@@ -66,3 +66,39 @@ def test_signal_teacher_from_recipe() -> None:
         out = teacher(**model_inputs(teacher, {"signal": torch.randn(2, 12, 1000)}))
     check_output(out, batch_size=2, num_labels=5)
     assert set(out.token_leads.tolist()) <= set(range(-1, 12))
+
+
+def test_objective_from_the_recipe_trains_student_and_alignment() -> None:
+    """The quickstart's objective on the tiny VLM teacher and a tiny student: every term
+    the recipe weights is computed, gradients reach the student and the learnable losses."""
+    from distill.factory import build_objective
+
+    recipe = quickstart("distill.weights.ot=0", "distill.align_dim=32", "distill.mhca_heads=2")
+    teacher = build_teacher(recipe, CLASSES).eval()
+    student = build_student(recipe, recipe.students[0], CLASSES).train()
+    rng = np.random.default_rng(1)
+    signals = rng.normal(0, 0.3, (3, 12, 1000)).astype(np.float32)
+    batch = {"signal": torch.from_numpy(signals),
+             "image": torch.from_numpy(render_batch(signals, 100, RenderConfig(224, 224))),
+             "labels": torch.tensor([[1, 0, 0, 1, 0], [0, 1, 0, 0, 0], [0, 0, 1, 0, 1.0]])}
+    with torch.no_grad():
+        t_out = teacher(**model_inputs(teacher, batch))
+    s_out = student(**model_inputs(student, batch))
+    objective = build_objective(recipe, s_out.tokens.shape[-1], t_out.tokens.shape[-1])
+    out = objective(s_out, t_out, batch)
+    assert set(out.terms) == {"task", "kd", "mhca", "relation"}  # ot has weight 0
+    d = recipe.distill
+    expected = (1 - d.alpha) * out.terms["task"] + d.alpha * (
+        d.weights.kd * out.terms["kd"] + d.weights.mhca * out.terms["mhca"]
+        + d.weights.relation * out.terms["relation"])
+    torch.testing.assert_close(out.total.detach(), expected)
+    out.total.backward()
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+    learnable = [p for p in objective.parameters() if p.requires_grad]
+    assert learnable and all(p.grad is not None for p in learnable)
+
+
+def test_align_dim_must_split_into_heads() -> None:
+    with pytest.raises(RecipeError, match="distill.align_dim: 30 is not a multiple of "
+                                          "distill.mhca_heads=4"):
+        quickstart("distill.align_dim=30")

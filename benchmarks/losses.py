@@ -1,0 +1,256 @@
+"""Distillation losses: forward+backward time of the batched OT loss against POT, and the
+cost of every registered loss relative to one student forward+backward.
+
+OT (EVL-ECG lead matching) at B records of N_s x N_t tokens of width D, fixed Sinkhorn
+iterations, timed side by side in one run (interleaved repeats, medians) against
+
+  (a) a per-record Python loop of POT's ``ot.sinkhorn2`` on torch tensors
+      (``method="sinkhorn_log"``, same iterations, ``stopThr=0``), forward+backward by
+      autograd through POT's iterations;
+  (b) POT's batch solver ``ot.batch.solve_batch(method="log_sinkhorn", tol=0)``, forward +
+      backward of ``value_linear`` with ``grad="envelope"`` (POT's default: the plan held
+      fixed, as in ``ot``); its forward alone with ``grad="detach"`` is printed too.
+
+All three get the same cost matrices (the loss's projections, L2 normalisation, squared
+distances), so the timings compare the solvers plus the backward through the cost.
+
+Run: ``python benchmarks/losses.py [--threads 2] [--repeats 5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ot
+import ot.batch
+import torch
+import torch.nn.functional as F
+
+import students
+from distill.losses import LOSSES
+from distill.losses.transport import OTLeadMatching, sinkhorn_log_batched, squared_distances
+from distill.modeling import ECGModelOutput
+from distill.profile import signal_batch
+
+FAMILIES = ("kd", "alignment", "transport", "relation")
+
+
+def ot_cost(loss: OTLeadMatching, xs: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+    """The OT loss's cost matrix [B, N_s, N_t] (projection, normalisation, squared distance)."""
+    ps, pt = F.normalize(loss.student_proj(xs), dim=-1), F.normalize(loss.teacher_proj(xt), dim=-1)
+    return squared_distances(ps, pt)
+
+
+def side_by_side(cases: dict[str, Callable[[], torch.Tensor | None]], repeats: int,
+                 only_once: tuple[str, ...] = ()) -> dict[str, float]:
+    """Median seconds of each case, repeats interleaved so that load hits all alike.
+
+    Cases named in ``only_once`` (the slow reference loop) run ``max(2, repeats // 2)`` times.
+    """
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for fn in cases.values():  # warm-up
+        fn()
+    for rep in range(repeats):
+        for name, fn in cases.items():
+            if name in only_once and rep >= max(2, repeats // 2):
+                continue
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def ot_cases(loss: OTLeadMatching, args: argparse.Namespace, leaves: list[torch.Tensor],
+             cost_fn: Callable[[], torch.Tensor],
+             ours_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+             values: dict[str, torch.Tensor]) -> dict[str, Callable[[], None]]:
+    """ours, (a) POT loop, (b) POT batch (fwd+bwd) and (b) forward only, on one cost source."""
+    n_s, n_t = args.ns, args.nt
+    a, w = torch.full((n_s,), 1.0 / n_s), torch.full((n_t,), 1.0 / n_t)
+    kw = {"method": "sinkhorn_log", "numItermax": args.iters, "stopThr": 0.0, "warn": False}
+
+    def zero() -> None:
+        for t in (*leaves, *loss.parameters()):
+            t.grad = None
+
+    def ours() -> None:
+        zero()
+        value, per = ours_fn()  # scalar, (B,)
+        value.backward()
+        values["ot"] = per
+
+    def pot_loop() -> None:
+        zero()
+        cost = cost_fn()
+        per = torch.stack([ot.sinkhorn2(a, w, cost[r], args.reg, **kw)
+                           for r in range(cost.shape[0])])  # (B,)
+        per.mean().backward()
+        values["pot loop"] = per.detach()
+
+    def pot_batch() -> None:
+        zero()
+        res = ot.batch.solve_batch(cost_fn(), args.reg, max_iter=args.iters, tol=0.0,
+                                   method="log_sinkhorn", grad="envelope")
+        res.value_linear.mean().backward()
+        values["pot batch"] = res.value_linear.detach()
+
+    def pot_batch_forward() -> None:
+        with torch.no_grad():
+            ot.batch.solve_batch(cost_fn(), args.reg, max_iter=args.iters, tol=0.0,
+                                 method="log_sinkhorn", grad="detach")
+
+    return {"ot": ours, "pot loop": pot_loop, "pot batch": pot_batch,
+            "pot batch fwd": pot_batch_forward}
+
+
+def report_ot(title: str, t: dict[str, float], values: dict[str, torch.Tensor]) -> None:
+    print(title)
+    print(f"  ot (batched, envelope)          {t['ot'] * 1e3:9.1f} ms")
+    print(f"  (a) POT sinkhorn2 loop, fwd+bwd {t['pot loop'] * 1e3:9.1f} ms   "
+          f"(a)/ot {t['pot loop'] / t['ot']:6.2f}x")
+    print(f"  (b) POT solve_batch, fwd+bwd    {t['pot batch'] * 1e3:9.1f} ms   "
+          f"(b)/ot {t['pot batch'] / t['ot']:6.2f}x")
+    print(f"      POT solve_batch, fwd only   {t['pot batch fwd'] * 1e3:9.1f} ms   "
+          f"/ot {t['pot batch fwd'] / t['ot']:6.2f}x")
+    for ref in ("pot loop", "pot batch"):
+        rel = ((values["ot"] - values[ref]).abs() / values[ref].abs()).max().item()
+        print(f"  largest relative difference of the values, ot vs {ref}: {rel:.2e}")
+
+
+def ot_benchmark(args: argparse.Namespace) -> None:
+    g = torch.Generator().manual_seed(0)
+    b, n_s, n_t, d = args.batch, args.ns, args.nt, args.dim
+    xs = torch.randn(b, n_s, d, generator=g).requires_grad_()  # (B, N_s, D)
+    xt = torch.randn(b, n_t, d, generator=g).requires_grad_()  # (B, N_t, D)
+    loss = OTLeadMatching(d, d, dim=d, reg=args.reg, iters=args.iters)
+    student = ECGModelOutput(tokens=xs, token_leads=torch.arange(n_s) % 12)
+    teacher = ECGModelOutput(tokens=xt, token_leads=torch.arange(n_t) % 12)
+    shape = f"B={b} N_s={n_s} N_t={n_t}, reg={args.reg}, {args.iters} iterations, float32"
+
+    def ours_loss() -> tuple[torch.Tensor, torch.Tensor]:
+        out = loss(student, teacher, {})
+        return out.value, out.aux["per_record"]
+
+    values: dict[str, torch.Tensor] = {}
+    cases = ot_cases(loss, args, [xs, xt], lambda: ot_cost(loss, xs, xt), ours_loss, values)
+    t = side_by_side(cases, args.repeats, only_once=("pot loop",))
+    report_ot(f"OT loss forward+backward, {shape}; features D={d} -> projections d={d} -> "
+              "cost -> solver (the projections and cost are in all three)", t, values)
+
+    # 2. the solver alone: a given cost matrix (a leaf that requires grad) -> <P, C> -> backward
+    with torch.no_grad():
+        leaf = ot_cost(loss, xs, xt).requires_grad_()  # (B, N_s, N_t)
+    log_a = torch.full((b, n_s), 1.0 / n_s).log()
+    log_b = torch.full((b, n_t), 1.0 / n_t).log()
+
+    def ours_solver() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():  # envelope: the plan is a constant of the backward
+            plan, _, _ = sinkhorn_log_batched(leaf, args.reg, args.iters, log_a, log_b)
+        per = (plan * leaf).sum((1, 2))  # (B,)
+        return per.mean(), per.detach()
+
+    values = {}
+    cases = ot_cases(loss, args, [leaf], lambda: leaf, ours_solver, values)
+    t = side_by_side(cases, args.repeats, only_once=("pot loop",))
+    report_ot(f"\nOT solver alone forward+backward, {shape}; from a given cost matrix", t, values)
+
+
+def student_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        out = model(signal=batch["signal"])
+        (out.logits.sum() + out.tokens.float().mean()).backward()
+
+    return step
+
+
+def loss_step(name: str, args: argparse.Namespace) -> Callable[[], None]:
+    """Forward+backward of registered loss ``name`` on random B x N_s / N_t x D outputs."""
+    g = torch.Generator().manual_seed(1)
+    b, n_s, n_t, d = args.batch, args.ns, args.nt, args.dim
+
+    def out(n: int) -> ECGModelOutput:
+        return ECGModelOutput(logits=torch.randn(b, 5, generator=g).requires_grad_(),
+                              tokens=torch.randn(b, n, d, generator=g).requires_grad_(),
+                              token_leads=torch.arange(n) % 12,
+                              pooled=torch.randn(b, d, generator=g).requires_grad_())
+
+    s, t = out(n_s), out(n_t)
+    cls = LOSSES[name]
+    params = inspect.signature(cls.__init__).parameters
+    dims = {k: d for k in ("student_dim", "teacher_dim") if k in params}
+    loss = cls(**dims)
+    context = {"ot.barycentric": torch.randn(b, n_s, d, generator=g),
+               "ot.plan": torch.full((b, n_s, n_t), 1.0 / (n_s * n_t))}
+    batch = {"labels": (torch.rand(b, 5, generator=g) > 0.7).float()}
+
+    def step() -> None:
+        for x in (*s.values(), *t.values(), *loss.parameters()):
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                x.grad = None
+        value = loss(s, t, batch, dict(context)).value
+        if value.requires_grad:
+            value.backward()
+
+    return step
+
+
+def relative_costs(args: argparse.Namespace) -> None:
+    skipped = []
+    for family in FAMILIES:
+        try:
+            importlib.import_module(f"distill.losses.{family}")
+        except ImportError as exc:  # a family written in parallel may not exist yet
+            skipped.append(f"{family} ({type(exc).__name__}: {exc})")
+    cases: dict[str, Callable[[], None]] = {}
+    batch = signal_batch(args.batch)
+    for family, size in (("leadformer", "tiny"), ("xresnet1d", "small")):
+        model = students.create(family, size, num_labels=5)
+        cases[f"student {family}/{size}"] = student_step(model, batch)
+    for name in sorted(LOSSES):
+        try:
+            cases[f"loss {name}"] = loss_step(name, args)
+            cases[f"loss {name}"]()
+        except (TypeError, ValueError, KeyError, RuntimeError) as exc:  # unknown signature
+            cases.pop(f"loss {name}", None)
+            skipped.append(f"{name} ({type(exc).__name__}: {exc})")
+    t = side_by_side(cases, args.repeats)
+    students_t = {k: v for k, v in t.items() if k.startswith("student")}
+    header = "".join(f"{'/ ' + k.split()[1]:>22}" for k in students_t)
+    print(f"\nForward+backward at B={args.batch} (losses on N_s={args.ns}, N_t={args.nt}, "
+          f"D={args.dim}; students on 10 s x 12 leads at 100 Hz)")
+    print(f"{'':<22}{'ms':>9}{header}")
+    for name, sec in t.items():
+        ratios = "".join(f"{sec / ref:>22.3f}" for ref in students_t.values())
+        print(f"{name:<22}{sec * 1e3:>9.1f}{ratios}")
+    print("skipped: " + ("; ".join(skipped) if skipped else "none"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--ns", type=int, default=96)
+    parser.add_argument("--nt", type=int, default=196)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--reg", type=float, default=0.05)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, POT {ot.__version__}")
+    ot_benchmark(args)
+    relative_costs(args)
+
+
+if __name__ == "__main__":
+    main()
