@@ -6,6 +6,7 @@ what the recipe says, and each consumer reads the view of the data the recipe gi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,7 +53,9 @@ def build_teacher(recipe: Recipe, classes: Sequence[str]):
         if img.height != img.width:
             raise RecipeError(f"data.image: the vlm teacher reads square images, got "
                               f"{img.height}x{img.width}")
-        kwargs.update(tokens=t.tokens, prompt=t.prompt, image_size=img.height)
+        render = {k: v for k, v in dataclasses.asdict(render_config(recipe)).items()
+                  if k not in ("height", "width")}
+        kwargs.update(tokens=t.tokens, prompt=t.prompt, image_size=img.height, render=render)
     else:
         kwargs.update(sampling_rate=_view(recipe, t.view).sampling_rate, seconds=t.seconds)
     try:
@@ -89,3 +92,12 @@ def build_objective(recipe: Recipe, student_dim: int, teacher_dim: int):
         ot={"dim": d.align_dim, "reg": d.ot_reg, "iters": d.ot_iters, "lead_prior": d.lead_prior},
         relation={"criterion": d.relation_criterion, "batch_rkd": d.batch_rkd},
     )
+
+
+def render_config(recipe: Recipe):
+    """The one render configuration of a recipe: what the data stage draws and what the
+    image teacher's patch-to-lead map describes (they must never disagree)."""
+    from distill.data.render import RenderConfig
+
+    img = recipe.data.image
+    return RenderConfig(height=img.height, width=img.width, grid=img.grid)

@@ -25,7 +25,7 @@ from typing import Any
 from distill.config_schema import closest, to_dict
 from distill.data.cache import default_cache_dir
 from distill.data.tools import describe_data, write_synthetic
-from distill.factory import consumer_views
+from distill.factory import consumer_views, render_config
 from distill.errors import DataError, RecipeError
 from distill.io import atomic_write_text
 from distill.recipe import Recipe, write_resolved
@@ -98,7 +98,7 @@ class Stage:
 
 
 def _stage_data(ctx: RunContext) -> dict[str, Any]:
-    from distill.data.render import RenderConfig, cached_images
+    from distill.data.render import cached_images
 
     from distill.data.cache import ArrayCache
 
@@ -119,12 +119,11 @@ def _stage_data(ctx: RunContext) -> dict[str, Any]:
         "views": {name: list(item[name].shape) for name in views},
     }
     if recipe.teacher.kind == "vlm":
-        img = recipe.data.image
-        config = RenderConfig(height=img.height, width=img.width, grid=img.grid)
         cache = ArrayCache(recipe.data.cache_dir or default_cache_dir())
-        images = cached_images(data.signals, data.sampling_rate, config, cache,
+        images = cached_images(data.signals, data.sampling_rate, render_config(recipe), cache,
                                data.fingerprint, progress=ctx.progress)
-        summary["images"] = {"shape": list(images.shape), "patch_size": img.patch_size}
+        summary["images"] = {"shape": list(images.shape),
+                             "patch_size": recipe.data.image.patch_size}
     return summary
 
 

@@ -171,6 +171,11 @@ class DistillConfig:
     batch_rkd: bool = spec(False, help="also match batch-level RKD distances/angles of pooled")
 
     def validate(self, path: str) -> None:
+        w = self.weights
+        if w.relation > 0 and w.mhca == 0 and w.ot == 0:
+            raise RecipeError(f"{path}.weights.relation: relation matching compares the student "
+                              f"with the teacher tokens aligned to it; give {path}.weights.mhca "
+                              f"or {path}.weights.ot a weight > 0, or set it to 0")
         if self.align_dim % self.mhca_heads:
             raise RecipeError(f"{path}.align_dim: {self.align_dim} is not a multiple of "
                               f"{path}.mhca_heads={self.mhca_heads}")

@@ -21,7 +21,8 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from students._common import ECGStudentConfig, ECGStudentModel, check_signal, describe_input
 from students._registry import SIZES, check_options, families, get_preset, preset_names
-from students.leadformer import LeadFormerConfig, LeadFormerModel, linear_share
+from distill.profile import linear_share
+from students.leadformer import LeadFormerConfig, LeadFormerModel
 from students.xresnet1d import XResNet1dConfig, XResNet1dModel
 
 FAMILIES: tuple[str, ...] = families()

@@ -226,14 +226,6 @@ class LeadFormerModel(ECGStudentModel):
         return pooled if pre_logits else self.classifier(pooled)
 
 
-def linear_share(model: nn.Module) -> float:
-    """Fraction of the parameters held by ``nn.Linear`` layers (what 8/4-bit reaches)."""
-    total = sum(p.numel() for p in model.parameters())
-    linear = sum(p.numel() for m in model.modules() if isinstance(m, nn.Linear)
-                 for p in m.parameters(recurse=False))
-    return linear / total
-
-
 def _create_leadformer(*, width: int, depth: int, num_latents: int,
                        patch_seconds: float = 0.25, **kwargs: Any) -> LeadFormerModel:
     """Build a LeadFormer ``width`` wide and ``depth`` blocks deep (heads of width 32).

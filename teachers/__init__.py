@@ -29,9 +29,6 @@ __all__ = ["DEFAULT_PROMPT", "KINDS", "LOAD_IN", "TRAIN_MODES", "LoraSettings", 
            "TeacherAdapter", "VLMTeacher", "build_tiny_hubert", "build_tiny_vlm", "create",
            "load", "quantization_config", "tiny_folder"]
 
-_VLM_ONLY = ("tokens", "prompt", "image_size")
-
-
 def create(kind: str, name_or_path: str | os.PathLike = "tiny", *, num_labels: int,
            id2label: dict[int, str] | None = None, train_mode: str = "full",
            load_in: str = "none", tokens: str | None = None, prompt: str | None = None,

@@ -37,7 +37,7 @@ def _resample(x: torch.Tensor, n_out: int) -> torch.Tensor:
         return x
     spec = torch.fft.rfft(x.double(), dim=-1)
     keep = min(spec.shape[-1], n_out // 2 + 1)
-    out = torch.zeros(*spec.shape[:-1], n_out // 2 + 1, dtype=spec.dtype)
+    out = torch.zeros(*spec.shape[:-1], n_out // 2 + 1, dtype=spec.dtype, device=x.device)
     out[..., :keep] = spec[..., :keep]
     if n_out < n_in and n_out % 2 == 0:
         out[..., n_out // 2] *= 2  # fold the Nyquist bin (real signal, even length)
@@ -47,7 +47,7 @@ def _resample(x: torch.Tensor, n_out: int) -> torch.Tensor:
 def _bandpass(x: torch.Tensor, fs: float, low: float, high: float) -> torch.Tensor:
     """Zero-phase FFT band-pass along the last axis (bins outside [low, high] Hz zeroed)."""
     n = x.shape[-1]
-    freqs = torch.fft.rfftfreq(n, d=1.0 / fs)
+    freqs = torch.fft.rfftfreq(n, d=1.0 / fs, device=x.device)
     spec = torch.fft.rfft(x.double(), dim=-1)
     spec = spec * ((freqs >= low) & (freqs <= high)).to(spec.dtype)
     return torch.fft.irfft(spec, n=n, dim=-1).to(x.dtype)
@@ -147,7 +147,7 @@ class SignalTeacher(TeacherAdapter):
                     "scale": scale, "dtype": dtype}
         super().__init__(backbone=backbone, hidden_size=int(config.hidden_size),
                          num_labels=num_labels, id2label=id2label, train_mode=train_mode,
-                         load_in=load_in, source=str(source),
+                         load_in=load_in, source=str(name_or_path),
                          trust_remote_code=trust_remote_code, lora=lora, settings=settings)
         self.sampling_rate = float(sampling_rate)
         self.model_rate = float(model_rate)

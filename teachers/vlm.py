@@ -107,7 +107,7 @@ class VLMTeacher(TeacherAdapter):
                     "dtype": dtype}
         super().__init__(backbone=backbone, hidden_size=int(config.text_config.hidden_size),
                          num_labels=num_labels, id2label=id2label, train_mode=train_mode,
-                         load_in=load_in, source=str(source),
+                         load_in=load_in, source=str(name_or_path),
                          trust_remote_code=trust_remote_code, lora=lora, settings=settings)
         self.processor = processor
         self.tokens_from = tokens

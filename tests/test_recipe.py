@@ -164,3 +164,10 @@ def test_console_script_and_module_agree() -> None:
     a = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
     b = _cli("--help")
     assert a.stdout.replace("ecg-distill", "X") == b.stdout.replace("ecg-distill", "X")
+
+
+def test_relation_without_aligned_tokens_is_refused_before_any_work() -> None:
+    with pytest.raises(RecipeError, match=r"^distill\.weights\.relation: relation matching "
+                                          r"compares the student with the teacher tokens"):
+        recipe_from_dict({}, ["distill.weights.mhca=0", "distill.weights.ot=0"])
+    recipe_from_dict({}, ["distill.weights.mhca=0"])  # ot still aligns

@@ -19,7 +19,8 @@ from transformers import AutoConfig, AutoModel
 import students
 from distill.data.leads import STANDARD_LEADS
 from distill.modeling import check_output
-from students.leadformer import LeadFormerConfig, LeadFormerModel, linear_share
+from distill.profile import linear_share
+from students.leadformer import LeadFormerConfig, LeadFormerModel
 from students.xresnet1d import XResNet1dConfig, XResNet1dModel
 
 NUM_LABELS = 5

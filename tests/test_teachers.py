@@ -83,7 +83,7 @@ CASES = [
               trainable=lora_names),
     ModelCase("vlm-lora-language", vlm("lora", "language"), image_batch, NUM_LABELS,
               trainable=lora_names),
-    ModelCase("vlm-head-vision", vlm("head", "vision"), image_batch, NUM_LABELS,
+    ModelCase("vlm-head-vision", vlm("head", "vision"), image_batch, NUM_LABELS, save, RELOAD,
               trainable=head_names),
     ModelCase("vlm-head-language", vlm("head", "language"), image_batch, NUM_LABELS,
               trainable=head_names),
@@ -93,7 +93,7 @@ CASES = [
     ModelCase("signal-hubert-lora",
               lambda tmp: teachers.create("signal", num_labels=NUM_LABELS, sampling_rate=FS,
                                           train_mode="lora", lora=LORA_TEST),
-              signal_batch, NUM_LABELS, trainable=lora_names),
+              signal_batch, NUM_LABELS, save, RELOAD, trainable=lora_names),
 ]
 
 
@@ -330,3 +330,13 @@ def test_head_mode_saves_only_the_head_and_reloads(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(image=batch["image"]).logits,
                                    model.eval()(image=batch["image"]).logits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_signal_teacher_preprocessing_stays_on_the_input_device() -> None:
+    from teachers.signal import hubert_ecg_input
+
+    x = torch.randn(2, 12, 1000, device="cuda")
+    out = hubert_ecg_input(x, 100.0)
+    assert out.device == x.device and torch.isfinite(out).all()
+    torch.testing.assert_close(out.cpu(), hubert_ecg_input(x.cpu(), 100.0), rtol=1e-4, atol=1e-4)

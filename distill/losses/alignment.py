@@ -188,4 +188,23 @@ class MHCAAlignment(nn.Module):
                 f"heads={c.heads}, dropout={c.dropout}")
 
 
-__all__ = ["MHCAAlignment", "MHCAConfig", "semi_orthogonal"]
+class FixedTeacherProjection(nn.Module):
+    """Teacher tokens [..., D_t] -> [..., dim]: layer-normalised (no affine), then a fixed
+    random semi-orthogonal map kept as a buffer.
+
+    The teacher side of an alignment loss must not be learnable: if both sides had trainable
+    projections (with biases), both could map every token to one point and the loss would
+    reach zero with nothing learnt. Normalising also makes the teacher's scale irrelevant.
+    """
+
+    def __init__(self, teacher_dim: int, dim: int) -> None:
+        super().__init__()
+        self.teacher_dim = teacher_dim
+        self.register_buffer("weight", semi_orthogonal(dim, teacher_dim))  # (dim, D_t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x, (self.teacher_dim,))  # (..., D_t)
+        return x @ self.weight.to(x.dtype).T  # (..., dim)
+
+
+__all__ = ["FixedTeacherProjection", "MHCAAlignment", "MHCAConfig", "semi_orthogonal"]

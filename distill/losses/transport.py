@@ -73,6 +73,7 @@ from ot.backend import TorchBackend
 from torch import nn
 
 from distill.losses import LossOutput, register_loss
+from distill.losses.alignment import FixedTeacherProjection
 
 _NX = TorchBackend()
 
@@ -269,8 +270,10 @@ class OTLeadMatching(nn.Module):
         self.config = OTConfig(**config)
         c = self.config
         if c.project:
-            self.student_proj: nn.Module = nn.Linear(student_dim, c.dim)
-            self.teacher_proj: nn.Module = nn.Linear(teacher_dim, c.dim)
+            # Learnable on the student side only (and without a bias): a learnable teacher
+            # side, or biases, let both sides collapse onto one point, cost -> 0.
+            self.student_proj: nn.Module = nn.Linear(student_dim, c.dim, bias=False)
+            self.teacher_proj: nn.Module = FixedTeacherProjection(teacher_dim, c.dim)
         else:
             if student_dim != teacher_dim:
                 raise ValueError(f"ot: project=False needs equal token widths, got "
@@ -313,7 +316,8 @@ class OTLeadMatching(nn.Module):
         dtype = self._work_dtype(student_tokens, teacher_tokens)
         with torch.autocast(device_type=student_tokens.device.type, enabled=False):
             xs = _project(self.student_proj, student_tokens, dtype)  # (B, N_s, d)
-            xt = _project(self.teacher_proj, teacher_tokens, dtype)  # (B, N_t, d)
+            # the teacher is a fixed target, as in every other term
+            xt = _project(self.teacher_proj, teacher_tokens.detach(), dtype)  # (B, N_t, d)
             if c.normalize:
                 xs, xt = F.normalize(xs, dim=-1), F.normalize(xt, dim=-1)
             cost = squared_distances(xs, xt)  # (B, N_s, N_t)
