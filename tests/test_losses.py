@@ -461,5 +461,8 @@ def test_relation_after_ot_when_mhca_is_off() -> None:
     t = make_out(3, tokens=9, dim=12, seed=44)
     out = objective(s, t, {"labels": torch.ones(3, 5)})
     assert {"ot", "relation"} <= set(out.terms) and torch.isfinite(out.total)
+    # relation compared the student with exactly the OT barycentric projection
+    direct = objective.losses["relation"](s, t, {}, {"ot.barycentric": out.aux["ot.barycentric"]})
+    torch.testing.assert_close(out.terms["relation"], direct.value.detach())
     out.total.backward()
     assert s.tokens.grad.abs().sum() > 0
