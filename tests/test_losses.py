@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import itertools
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -13,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import LOSSES, LossOutput, build_loss, register_loss
+from distill.losses import LossOutput, build_loss, register_loss
 from distill.losses.alignment import MHCAAlignment
 from distill.losses.kd import KDConfig, MultiLabelKD
 from distill.losses.objective import (
@@ -49,19 +46,6 @@ def random_rotation(dim: int, seed: int, dtype: torch.dtype = torch.float64) -> 
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=dtype))
     return q
-
-
-@pytest.fixture
-def full_registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every family importable: the real ``transport`` when present, else a stand-in ``ot``."""
-    try:
-        importlib.import_module("distill.losses.transport")
-    except ModuleNotFoundError as exc:
-        if exc.name != "distill.losses.transport":
-            raise
-        monkeypatch.setitem(sys.modules, "distill.losses.transport",
-                            types.ModuleType("distill.losses.transport"))
-        monkeypatch.setitem(LOSSES, "ot", type("StandInOT", (nn.Module,), {}))
 
 
 # ----------------------------------------------------------------------------- kd
@@ -420,7 +404,7 @@ def test_objective_with_alpha_zero_is_plain_bce_and_calls_nothing() -> None:
     assert list(build_objective(0.0, LossWeights(), 8, 8).parameters()) == []
 
 
-def test_objective_and_registry_errors(full_registry: None) -> None:
+def test_objective_and_registry_errors() -> None:
     with pytest.raises(ValueError) as info:
         build_objective(0.5, {"kd": 1.0, "otl": 1.0}, 8, 8)
     assert str(info.value) == "unknown loss 'otl'; known: kd, mhca, ot, relation"
@@ -454,7 +438,6 @@ def test_build_objective_passes_widths_and_configs() -> None:
 
 
 def test_relation_after_ot_when_mhca_is_off() -> None:
-    pytest.importorskip("distill.losses.transport")
     torch.manual_seed(6)
     objective = build_objective(0.5, {"kd": 0.0, "mhca": 0.0, "ot": 1.0, "relation": 1.0}, 8, 12)
     s = make_out(3, tokens=5, dim=8, seed=43, requires_grad=True)

@@ -20,10 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import LOSSES, loss_class
-from distill.losses import alignment as _alignment  # noqa: F401  (registers "mhca")
-from distill.losses import kd as _kd  # noqa: F401  (registers "kd")
-from distill.losses import relation as _relation  # noqa: F401  (registers "relation")
+from distill.losses import loss_class
 
 TERM_ORDER = ("kd", "mhca", "ot", "relation")  # relation last: it reads the others' context
 
@@ -137,12 +134,6 @@ class DistillationObjective(nn.Module):
         return f"alpha={self.alpha}, weights={self.weights}"
 
 
-def resolve_loss(name: str) -> type[nn.Module]:
-    """The registered class of ``name``; kd, mhca and relation resolve without importing the
-    other families, so a missing optional family does not break them."""
-    return LOSSES[name] if name in LOSSES else loss_class(name)
-
-
 def build_objective(alpha: float, weights: Mapping[str, float] | Any, student_dim: int,
                     teacher_dim: int, **loss_configs: Mapping[str, Any]) -> DistillationObjective:
     """Build the objective and the registered losses it needs.
@@ -166,12 +157,11 @@ def build_objective(alpha: float, weights: Mapping[str, float] | Any, student_di
     """
     weights = _as_dict(weights)
     for name in [*weights, *loss_configs]:
-        if name not in TERM_ORDER:  # the four families resolve when built (weight > 0)
-            resolve_loss(name)  # unknown names fail here, configured or weighted
+        loss_class(name)  # an unknown name fails here, whether weighted or configured
     active = [k for k, v in weights.items() if v > 0] if alpha > 0 else []
     losses: dict[str, nn.Module] = {}
     for name in term_order(active):
-        cls = resolve_loss(name)
+        cls = loss_class(name)
         config = dict(loss_configs.get(name, {}))
         params = inspect.signature(cls.__init__).parameters
         if "student_dim" in params:
@@ -187,6 +177,5 @@ __all__ = [
     "DistillationObjective",
     "ObjectiveOutput",
     "build_objective",
-    "resolve_loss",
     "term_order",
 ]
