@@ -31,13 +31,36 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+# training commands: the stages each one runs (the ones before are skipped when complete)
+TRAIN_COMMANDS = {
+    "teacher": (("data", "teacher"),
+                "fine-tune or adapt the teacher on the labels (train_mode full, lora or head)"),
+    "baseline": (("data", "baseline"), "train every student of the recipe on the labels alone"),
+    "distill": (("data", "teacher", "teacher_cache", "distill"),
+                "train every student with the distillation objective against the teacher"),
+}
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from distill.pipeline import run_pipeline
     from distill.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run_pipeline(recipe, force=args.force, dry_run=args.dry_run, progress=not args.quiet)
+    stages = TRAIN_COMMANDS[args.command][0] if args.command in TRAIN_COMMANDS else None
+    run_pipeline(recipe, force=args.force, dry_run=args.dry_run, progress=not args.quiet,
+                 resume=args.resume, stages=stages)
     return 0
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    _add_recipe_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print the plan and do nothing")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="delete this stage's results and redo it (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue interrupted training from its newest complete checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_run)
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
@@ -111,12 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a recipe's stages in order (resumable)",
                        description="Run a recipe: each stage writes under the run folder and is "
                                    "skipped on rerun when complete.")
-    _add_recipe_args(p)
-    p.add_argument("--dry-run", action="store_true", help="print the plan and do nothing")
-    p.add_argument("--force", action="append", default=[], metavar="STAGE",
-                   help="redo this stage even if complete (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_run)
+    _add_run_args(p)
+    for name, (stages, text) in TRAIN_COMMANDS.items():
+        p = sub.add_parser(name, help=text,
+                           description=f"{text[0].upper()}{text[1:]}. Runs the stages "
+                                       f"{', '.join(stages)} (complete ones are skipped); "
+                                       f"works the same under `accelerate launch`.")
+        _add_run_args(p)
 
     p = sub.add_parser("models", help="list every student preset with its size and cost",
                        description="Every student family and size preset: parameters, "
@@ -171,9 +195,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """transformers' own bars (loading weights, writing shards) and advisory warnings
+    would drown the run's progress; errors still show. bitsandbytes' CPU back end warns on
+    import that the optional hub-downloaded ``kernels`` package is absent (it falls back to
+    its built-in 4-bit kernels, and hub downloads are off in offline sites anyway)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command not in ("validate", "models"):
+        _quiet_libraries()
     try:
         return args.func(args)
     except ECGDistillError as exc:

@@ -40,10 +40,21 @@ def consumer_views(recipe: Recipe) -> dict[str, Any]:
 
 
 def build_teacher(recipe: Recipe, classes: Sequence[str]):
-    """The recipe's teacher adapter for these label classes."""
+    """The recipe's teacher adapter for these label classes. ``teacher.name_or_path`` may
+    also be a folder written by a teacher's ``save_pretrained`` (e.g. an earlier run's
+    ``teacher/best``): it is reloaded with the recipe's train mode."""
+    from pathlib import Path
+
     import teachers
 
     t = recipe.teacher
+    saved = Path(t.name_or_path).expanduser()
+    if (saved / "teacher.json").is_file():
+        model = teachers.load(saved, train_mode=t.train_mode)
+        if list(model.id2label.values()) != list(classes):
+            raise RecipeError(f"teacher.name_or_path: {saved} predicts "
+                              f"{list(model.id2label.values())}, the data has {list(classes)}")
+        return model
     kwargs: dict[str, Any] = dict(
         num_labels=len(classes), id2label=dict(enumerate(classes)), train_mode=t.train_mode,
         load_in=t.load_in, trust_remote_code=t.trust_remote_code,

@@ -6,9 +6,20 @@ on. On a rerun a stage whose marker exists with the same hash is skipped; a chan
 section (or ``--force NAME``) runs it again. A stage killed half-way leaves no marker, so
 the next run redoes it.
 
-Stages so far: ``data`` (generate the synthetic default if needed, decode and cache the
-signals, render and cache the teacher's images). The model, training, evaluation,
-quantization and export stages join this list as they are built.
+Stages so far:
+
+- ``data``: generate the synthetic default if needed, decode and cache the signals, render
+  and cache the teacher's images;
+- ``teacher``: fine-tune / adapt the teacher (``teacher/``; nothing with ``frozen``);
+- ``teacher_cache``: the frozen teacher's outputs on every record, computed once
+  (:mod:`distill.teacher_cache`; skipped when augmentation makes the teacher run live);
+- ``baseline``: every student trained on the labels alone (``baseline/<family>-<size>/``);
+- ``distill``: every student trained with the objective (``distill/<family>-<size>/``).
+
+Training stages continue an interrupted job with ``resume=True`` (``--resume``); without
+it a job folder holding checkpoints is refused, so nothing is overwritten by accident.
+``--force STAGE`` deletes the stage's folders and redoes it. Evaluation, quantization and
+export join this list as they are built.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from typing import Any
 from distill.config_schema import closest, to_dict
 from distill.data.cache import default_cache_dir
 from distill.data.tools import describe_data, write_synthetic
-from distill.factory import consumer_views, render_config
+from distill.factory import consumer_views, render_config, student_name
 from distill.errors import DataError, RecipeError
 from distill.io import atomic_write_text
 from distill.recipe import Recipe, write_resolved
@@ -85,6 +96,17 @@ class RunContext:
     recipe: Recipe
     run_dir: Path
     progress: bool = True
+    resume: bool = False
+    force: tuple[str, ...] = ()
+    _job_data: Any = None
+
+    def job_data(self):
+        """The loaded data and images, shared by the stages of one process."""
+        if self._job_data is None:
+            from distill.jobs import load_job_data
+
+            self._job_data = load_job_data(self.recipe, progress=self.progress)
+        return self._job_data
 
 
 @dataclass(frozen=True)
@@ -95,6 +117,7 @@ class Stage:
     description: str
     depends_on: tuple[str, ...]  # recipe sections whose change makes the stage stale
     run: Callable[[RunContext], dict[str, Any]]
+    folders: tuple[str, ...] = ()  # run-folder entries ``--force`` deletes first
 
 
 def _stage_data(ctx: RunContext) -> dict[str, Any]:
@@ -127,10 +150,94 @@ def _stage_data(ctx: RunContext) -> dict[str, Any]:
     return summary
 
 
+def _fit(ctx: RunContext, job, folder: Path, **kwargs: Any) -> dict[str, Any]:
+    """Train one job under ``folder``, or skip it when a complete run of it is there."""
+    from distill.train import fit
+
+    metrics_path = folder / "metrics.json"
+    if metrics_path.exists():
+        try:
+            done = json.loads(metrics_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            done = {}
+        if done.get("complete") and done.get("fingerprint") == job.fingerprint:
+            print(f"{job.name}: complete in {folder}, skipped")
+            return _fit_summary(done, folder)
+    result = fit(job, ctx.recipe.train, folder, seed=ctx.recipe.seed, resume=ctx.resume,
+                 progress=ctx.progress, **kwargs)
+    return _fit_summary(result.metrics, folder)
+
+
+def _fit_summary(metrics: dict[str, Any], folder: Path) -> dict[str, Any]:
+    return {"folder": str(folder), "best_epoch": metrics.get("best_epoch"),
+            "best_val_macro_auc": metrics.get("best_val_macro_auc"),
+            "epochs_run": metrics.get("epochs_run"), "stopped_early": metrics.get("stopped_early")}
+
+
+def _stage_teacher(ctx: RunContext) -> dict[str, Any]:
+    from distill.jobs import TEACHER_DIR, teacher_job
+
+    t = ctx.recipe.teacher
+    if t.train_mode == "frozen":
+        print(f"teacher.train_mode is frozen: {t.name_or_path} is used as it is")
+        return {"frozen": True}
+    job = teacher_job(ctx.job_data())
+    return _fit(ctx, job, ctx.run_dir / TEACHER_DIR, epochs=t.epochs, lr=t.lr)
+
+
+def _stage_teacher_cache(ctx: RunContext) -> dict[str, Any]:
+    from distill.jobs import augmentation, build_teacher_cache, load_frozen_teacher
+
+    if augmentation(ctx.recipe).active:
+        print("train.augment is on: the teacher's input changes every epoch, so distillation "
+              "runs it live instead of reading a cache")
+        return {"live": True}
+    jd = ctx.job_data()
+    cache = build_teacher_cache(jd, load_frozen_teacher(jd, ctx.run_dir), progress=ctx.progress,
+                                rebuild="teacher_cache" in ctx.force)
+    print(f"teacher outputs: {cache.folder} (tokens {list(cache.tokens.shape)}, "
+          f"{cache.tokens.dtype})")
+    return {"folder": str(cache.folder), "key": cache.key, "tokens": list(cache.tokens.shape),
+            "storage": str(cache.tokens.dtype)}
+
+
+def _stage_baseline(ctx: RunContext) -> dict[str, Any]:
+    from distill.jobs import baseline_job, student_folder
+
+    jd = ctx.job_data()
+    return {student_name(s): _fit(ctx, baseline_job(jd, s),
+                                  ctx.run_dir / "baseline" / student_folder(s))
+            for s in ctx.recipe.students}
+
+
+def _stage_distill(ctx: RunContext) -> dict[str, Any]:
+    from distill.jobs import (augmentation, build_teacher_cache, distill_job,
+                              load_frozen_teacher, student_folder)
+
+    jd = ctx.job_data()
+    teacher = load_frozen_teacher(jd, ctx.run_dir)
+    cache = None
+    if not augmentation(ctx.recipe).active:
+        cache = build_teacher_cache(jd, teacher, progress=ctx.progress)
+    return {student_name(s): _fit(ctx, distill_job(jd, s, teacher, cache),
+                                  ctx.run_dir / "distill" / student_folder(s))
+            for s in ctx.recipe.students}
+
+
+_TRAIN = ("seed", "data", "train")
 STAGES: tuple[Stage, ...] = (
     Stage("data", "decode and cache the signals (generating the synthetic default if needed) "
                   "and render the teacher's images", ("data", "teacher.kind"), _stage_data),
+    Stage("teacher", "fine-tune the teacher on the labels (full, lora or head)",
+          (*_TRAIN, "teacher"), _stage_teacher, ("teacher",)),
+    Stage("teacher_cache", "compute the frozen teacher's outputs on every record once",
+          (*_TRAIN, "teacher"), _stage_teacher_cache),
+    Stage("baseline", "train every student on the labels alone", (*_TRAIN, "students"),
+          _stage_baseline, ("baseline",)),
+    Stage("distill", "train every student with the distillation objective",
+          (*_TRAIN, "teacher", "students", "distill"), _stage_distill, ("distill",)),
 )
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
 
 def _section(recipe_dict: dict[str, Any], dotted: str) -> Any:
@@ -172,26 +279,32 @@ def _check_force(force: Sequence[str]) -> None:
 
 
 def run_pipeline(recipe: Recipe, *, force: Sequence[str] = (), dry_run: bool = False,
-                 progress: bool = True) -> dict[str, str]:
-    """Run every stage in order, skipping complete ones; returns each stage's outcome."""
+                 progress: bool = True, resume: bool = False,
+                 stages: Sequence[str] | None = None) -> dict[str, str]:
+    """Run the stages in order (``stages``: a subset, default all), skipping complete ones;
+    returns each stage's outcome ("run" or "skip")."""
     _check_force(force)
     run_dir = recipe.run_dir
+    selected = [s for s in STAGES if stages is None or s.name in stages]
     plan = {}
-    for stage in STAGES:
+    for stage in selected:
         status = stage_status(stage, recipe, run_dir)
         plan[stage.name] = "run" if stage.name in force or status != "done" else "skip"
     if dry_run:
         print(f"run folder: {run_dir}")
-        for stage in STAGES:
+        for stage in selected:
             status = stage_status(stage, recipe, run_dir)
             print(f"  {stage.name:<8} {plan[stage.name]:<5} ({status}) {stage.description}")
         return plan
     _write_recipe(recipe, run_dir)
-    ctx = RunContext(recipe=recipe, run_dir=run_dir, progress=progress)
-    for stage in STAGES:
+    ctx = RunContext(recipe=recipe, run_dir=run_dir, progress=progress, resume=resume,
+                     force=tuple(force))
+    for stage in selected:
         if plan[stage.name] == "skip":
             print(f"[{stage.name}] complete, skipped (--force {stage.name} redoes it)")
             continue
+        if stage.name in force:
+            _clear(stage, run_dir)
         print(f"[{stage.name}] {stage.description}")
         start = time.perf_counter()
         summary = stage.run(ctx)
@@ -201,6 +314,15 @@ def run_pipeline(recipe: Recipe, *, force: Sequence[str] = (), dry_run: bool = F
              "seconds": round(seconds, 2), "summary": summary}, indent=1))
         print(f"[{stage.name}] done in {seconds:.1f} s")
     return plan
+
+
+def _clear(stage: Stage, run_dir: Path) -> None:
+    """Delete what ``--force`` redoes: the stage's marker and its folders."""
+    import shutil
+
+    _marker(run_dir, stage).unlink(missing_ok=True)
+    for name in stage.folders:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
 def _write_recipe(recipe: Recipe, run_dir: Path) -> None:

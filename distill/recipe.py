@@ -134,6 +134,8 @@ class TeacherConfig:
     lora_dropout: float = spec(0.05, ge=0, lt=1)
     seconds: float = spec(5.0, help="signal teacher: seconds of each record it reads "
                                     "(HuBERT-ECG was trained on 5 s)", gt=0, le=60)
+    epochs: int | None = spec(None, help="teacher fine-tuning epochs (null = train.epochs)", ge=1)
+    lr: float | None = spec(None, help="teacher learning rate (null = train.lr)", gt=0, lt=1)
 
 
 @dataclass
@@ -182,6 +184,16 @@ class DistillConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Signal augmentation before every view is cut (all 0 = off; when on, distillation
+    runs the teacher live, since its input changes every epoch)."""
+
+    noise: float = spec(0.0, help="std of added Gaussian noise, mV", ge=0)
+    amplitude: float = spec(0.0, help="amplitude jitter: scale drawn from [1-a, 1+a]", ge=0, lt=1)
+    shift: float = spec(0.0, help="largest circular time shift, seconds", ge=0)
+
+
+@dataclass
 class TrainConfig:
     """The shared Accelerate loop (teacher fine-tuning, baselines, distillation)."""
 
@@ -195,7 +207,9 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = spec("no")
     early_stopping: int | None = spec(None, help="epochs without improvement before stopping", ge=1)
     num_workers: int = spec(0, ge=0)
-    checkpoint_every: int | None = spec(None, help="also save every N steps", ge=1)
+    checkpoint_every: int | None = spec(None, help="also save every N optimiser steps", ge=1)
+    keep_checkpoints: int = spec(2, help="newest checkpoints kept (older ones deleted)", ge=1)
+    augment: AugmentConfig = spec(default_factory=AugmentConfig)
 
 
 @dataclass

@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -180,16 +181,20 @@ class ECGData:
             return self.store
         return KeptRows(self.store, self.rows)
 
-    def split(self, name: str, views: Mapping[str, SignalView] | None = None) -> ECGSplit:
+    def split(self, name: str, views: Mapping[str, SignalView] | None = None, *,
+              extras: Mapping[str, Any] | None = None, transform: Any = None,
+              render: Any = None, seed: int = 0) -> ECGSplit:
         """A torch Dataset over split ``name`` (``"all"`` = every record, unless a split
-        of that name exists). ``views`` default: ``{"signal": SignalView()}``."""
+        of that name exists). ``views`` default: ``{"signal": SignalView()}``; ``extras``,
+        ``transform``, ``render`` and ``seed``: see :class:`ECGSplit`."""
         if name in self.splits:
             indices = self.splits[name]
         elif name == "all":
             indices = np.arange(len(self), dtype=np.int64)
         else:
             raise DataError(f"unknown split {name!r}; have {', '.join(self.splits)} (and 'all')")
-        return ECGSplit(self, indices, views)
+        return ECGSplit(self, indices, views, extras=extras, transform=transform, render=render,
+                        seed=seed)
 
 
 class ECGSplit(Dataset):
@@ -198,23 +203,50 @@ class ECGSplit(Dataset):
     - one float32 tensor [len(view leads), T'] per view name, scaled, then resampled to the
       view's rate (T' = ceil(T * rate / data rate));
     - ``labels`` float32 [C]; ``index`` int (the record's position in the ECGData, the same
-      for every view); ``ecg_id`` int.
+      for every view); ``ecg_id`` int;
+    - one tensor per ``extras`` entry: ``extras[name][index]`` (per-record arrays such as
+      the cached images or a teacher's cached outputs, indexed by record position);
+    - ``image`` uint8 [3, H, W] when ``render`` (a RenderConfig) is given: the record drawn
+      live, after ``transform`` (for augmentation; otherwise read cached images as an extra).
+
+    ``transform(signal, fs, rng)`` changes the unscaled [12, T] record before the views are
+    cut (augmentation); ``rng`` is a numpy Generator seeded by (``seed``, epoch, index),
+    so an item is the same whenever it is drawn in the same epoch (resumable, and the same
+    in every data-loader worker). :meth:`set_epoch` selects the epoch.
     """
 
     def __init__(self, data: ECGData, indices: np.ndarray,
-                 views: Mapping[str, SignalView] | None = None):
+                 views: Mapping[str, SignalView] | None = None, *,
+                 extras: Mapping[str, Any] | None = None, transform: Any = None,
+                 render: Any = None, seed: int = 0):
         self.data = data
         self.indices = np.asarray(indices, dtype=np.int64)
         self.views = dict(views) if views is not None else {"signal": SignalView()}
+        self.extras = dict(extras or {})
+        self.transform = transform
+        self.render = render
+        self.seed = seed
+        self.epoch = 0
         if not self.views:
             raise DataError("a split needs at least one view")
         self._leads = {}
+        taken = set(_RESERVED) | ({"image"} if render is not None else set())
+        for name in self.extras:
+            if name in taken or name in self.views:
+                raise DataError(f"extra {name!r} clashes with a view or a reserved name")
+            if len(self.extras[name]) != len(data):
+                raise DataError(f"extra {name!r} has {len(self.extras[name])} rows for "
+                                f"{len(data)} records")
         for name, view in self.views.items():
-            if name in _RESERVED:
-                raise DataError(f"view name {name!r} is reserved ({', '.join(_RESERVED)})")
+            if name in taken:
+                raise DataError(f"view name {name!r} is reserved ({', '.join(sorted(taken))})")
             if view.sampling_rate is not None and view.sampling_rate <= 0:
                 raise DataError(f"view {name!r}: sampling_rate must be positive")
             self._leads[name] = view.lead_index()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentation draws the items use."""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -222,14 +254,24 @@ class ECGSplit(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
         k = int(self.indices[i])
         x = np.asarray(self.data.signal(k))
+        fs = self.data.sampling_rate
+        if self.transform is not None:
+            rng = np.random.default_rng((self.seed, self.epoch, k))
+            x = np.asarray(self.transform(x, fs, rng), dtype=np.float32)
         item: dict[str, torch.Tensor | int] = {}
         for name, view in self.views.items():
             idx = self._leads[name]
             v = self.data.scaler.apply(x[list(idx)], idx)
-            rate = view.sampling_rate or self.data.sampling_rate
-            if rate != self.data.sampling_rate:
-                v = resample(v, self.data.sampling_rate, rate)
+            rate = view.sampling_rate or fs
+            if rate != fs:
+                v = resample(v, fs, rate)
             item[name] = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+        if self.render is not None:
+            from distill.data.render import render_12lead
+
+            item["image"] = torch.from_numpy(render_12lead(x, fs, self.render))
+        for name, arr in self.extras.items():
+            item[name] = torch.from_numpy(np.array(arr[k]))
         item["labels"] = torch.from_numpy(self.data.labels[k].copy())
         item["index"] = k
         item["ecg_id"] = int(self.data.ecg_ids[k])

@@ -1,0 +1,328 @@
+"""Recipe -> training jobs: the teacher's fine-tuning, label-only baselines, distillation.
+
+Each builder returns a :class:`distill.train.TrainJob` for :func:`distill.train.fit`. The
+data set is loaded once (:func:`load_job_data`) and every job reads its own views of it:
+the teacher the cached rendered images (or its signal view), each student its view (leads,
+rate), and distillation both, of the same record at the same index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from distill.config_schema import to_dict
+from distill.data.augment import SignalAugment
+from distill.errors import RecipeError
+from distill.factory import (build_objective, build_student, build_teacher, consumer_views,
+                             render_config, student_name)
+from distill.modeling import ECGModelOutput
+from distill.recipe import Recipe, StudentConfig
+from distill.train import TrainJob
+
+TEACHER_DIR = "teacher"
+
+
+@dataclass
+class JobData:
+    """The loaded data set and what every job reads of it."""
+
+    recipe: Recipe
+    data: Any  # ECGData
+    views: dict[str, Any]  # consumer name -> SignalView
+    images: np.ndarray | None  # uint8 [N, 3, H, W] memmap for an image teacher
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.data.classes)
+
+
+def load_job_data(recipe: Recipe, progress: bool = True) -> JobData:
+    """Load the recipe's data (cached) and, for an image teacher, its rendered images."""
+    from distill.data.cache import ArrayCache, default_cache_dir
+    from distill.data.render import cached_images
+    from distill.pipeline import load_data
+
+    data = load_data(recipe, progress=progress)
+    images = None
+    if recipe.teacher.kind == "vlm":
+        cache = ArrayCache(recipe.data.cache_dir or default_cache_dir())
+        images = cached_images(data.signals, data.sampling_rate, render_config(recipe), cache,
+                               data.fingerprint, progress=progress)
+    return JobData(recipe=recipe, data=data, views=consumer_views(recipe), images=images)
+
+
+def augmentation(recipe: Recipe) -> SignalAugment:
+    a = recipe.train.augment
+    return SignalAugment(noise=a.noise, amplitude=a.amplitude, shift=a.shift)
+
+
+def _hash(payload: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _sections(recipe: Recipe, *names: str) -> dict[str, Any]:
+    d = to_dict(recipe)
+    return {n: d[n] for n in names}
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def teacher_inputs(kind: str) -> Callable[[Mapping[str, Any]], dict[str, torch.Tensor]]:
+    """Batch -> the teacher's keyword inputs (the image, or the teacher's signal view)."""
+    if kind == "vlm":
+        return lambda batch: {"image": batch["image"]}
+    return lambda batch: {"signal": batch["teacher"]}
+
+
+def student_key(spec: StudentConfig) -> str:
+    """The batch entry holding this student's view."""
+    return f"student:{student_name(spec)}"
+
+
+def student_folder(spec: StudentConfig) -> str:
+    return f"{spec.family}-{spec.size}"
+
+
+def _teacher_split(jd: JobData, train: bool):
+    """(views, extras, render, transform) of a split carrying the teacher's input: the
+    cached images, or images drawn live from the augmented record when augmenting."""
+    recipe = jd.recipe
+    aug = augmentation(recipe)
+    live = train and aug.active
+    views = {"teacher": jd.views["teacher"]}
+    extra: dict[str, Any] = {}
+    render = None
+    if recipe.teacher.kind == "vlm":
+        if live:
+            render = render_config(recipe)
+        else:
+            extra["image"] = jd.images
+    return views, extra, render, (aug if live else None)
+
+
+# ---------------------------------------------------------------- teacher
+
+
+def teacher_job(jd: JobData) -> TrainJob:
+    """Fine-tune (``full``), adapt (``lora``) or fit the head of (``head``) the teacher."""
+    from accelerate.utils import set_seed
+
+    recipe = jd.recipe
+    if recipe.teacher.train_mode == "frozen":
+        raise RecipeError("teacher.train_mode is frozen: there is nothing to train")
+    set_seed(recipe.seed)
+    teacher = build_teacher(recipe, jd.classes)
+    inputs = teacher_inputs(recipe.teacher.kind)
+    sets = {}
+    for split, train in (("train", True), ("val", False)):
+        views, extras, render, aug = _teacher_split(jd, train)
+        sets[split] = jd.data.split(split, views, extras=extras, render=render, transform=aug,
+                                    seed=recipe.seed)
+
+    def loss_fn(model: nn.Module, batch: Mapping[str, Any]):
+        return model(labels=batch["labels"], **inputs(batch)).loss, {}
+
+    def logits_fn(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        return model(**inputs(batch)).logits
+
+    return TrainJob(
+        name="teacher", model=teacher, train_set=sets["train"], val_set=sets["val"],
+        loss_fn=loss_fn, logits_fn=logits_fn, save_model=lambda m, f: m.save_pretrained(f),
+        fingerprint=_hash({"job": "teacher", "data": jd.data.fingerprint,
+                           **_sections(recipe, "seed", "teacher", "train")}),
+        class_names=jd.classes)
+
+
+def load_frozen_teacher(jd: JobData, run_dir: Path) -> nn.Module:
+    """The teacher distillation reads: the teacher stage's best model, or, with
+    ``train_mode: frozen``, the recipe's teacher as it is."""
+    import teachers
+
+    recipe = jd.recipe
+    if recipe.teacher.train_mode == "frozen":
+        teacher = build_teacher(recipe, jd.classes)
+    else:
+        best = run_dir / TEACHER_DIR / "best"
+        if not (best / "teacher.json").exists():
+            raise RecipeError(f"no trained teacher in {best}; run `ecg-distill teacher` on the "
+                              f"recipe first (or set teacher.train_mode: frozen)")
+        teacher = teachers.load(best, train_mode="frozen")
+    return teacher.eval()
+
+
+# ---------------------------------------------------------------- students
+
+
+def _student_sets(jd: JobData, spec: StudentConfig, extras: Mapping[str, Any] | None = None,
+                  with_teacher: bool = False) -> dict[str, Any]:
+    """Train and validation sets of a student's view. The training set may also carry the
+    teacher's cached outputs (``extras``) or, with ``with_teacher``, the teacher's own input
+    (for a live teacher); validation reads the student's view alone."""
+    recipe = jd.recipe
+    key = student_key(spec)
+    views = {key: jd.views[key]}
+    render, transform, extra = None, None, dict(extras or {})
+    if with_teacher:
+        t_views, t_extras, render, transform = _teacher_split(jd, True)
+        views.update(t_views)
+        extra.update(t_extras)
+    elif augmentation(recipe).active:
+        transform = augmentation(recipe)
+    return {"train": jd.data.split("train", views, extras=extra, render=render,
+                                   transform=transform, seed=recipe.seed),
+            "val": jd.data.split("val", {key: jd.views[key]}, seed=recipe.seed)}
+
+
+def baseline_job(jd: JobData, spec: StudentConfig) -> TrainJob:
+    """A student trained on the labels alone (the comparison for distillation)."""
+    from accelerate.utils import set_seed
+
+    recipe = jd.recipe
+    set_seed(recipe.seed)
+    student = build_student(recipe, spec, jd.classes)
+    key = student_key(spec)
+    sets = _student_sets(jd, spec)
+
+    def loss_fn(model: nn.Module, batch: Mapping[str, Any]):
+        return model(signal=batch[key], labels=batch["labels"]).loss, {}
+
+    def logits_fn(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        return model(signal=batch[key]).logits
+
+    return TrainJob(
+        name=f"baseline {student_name(spec)}", model=student, train_set=sets["train"],
+        val_set=sets["val"], loss_fn=loss_fn, logits_fn=logits_fn,
+        save_model=lambda m, f: m.save_pretrained(f),
+        fingerprint=_hash({"job": "baseline", "student": to_dict(spec), "data": jd.data.fingerprint,
+                           **_sections(recipe, "seed", "train")}),
+        class_names=jd.classes)
+
+
+class DistillationModule(nn.Module):
+    """The trained part of distillation: the student and the objective's learnable losses
+    (projections, cross-attention), optimised together; only the student is exported."""
+
+    def __init__(self, student: nn.Module, objective: nn.Module):
+        super().__init__()
+        self.student = student
+        self.objective = objective
+
+    def forward(self, signal: torch.Tensor, teacher_out: ECGModelOutput | None,
+                labels: torch.Tensor):
+        """-> ObjectiveOutput(total, terms, aux) of the batch."""
+        return self.objective(self.student(signal=signal), teacher_out, {"labels": labels})
+
+
+def cached_teacher_output(batch: Mapping[str, Any], token_leads: torch.Tensor) -> ECGModelOutput:
+    """The teacher's ModelOutput rebuilt from the cache entries of a batch (fp32)."""
+    return ECGModelOutput(logits=batch["teacher.logits"].float(),
+                          tokens=batch["teacher.tokens"].float(),
+                          pooled=batch["teacher.pooled"].float(),
+                          token_leads=token_leads.to(batch["teacher.tokens"].device))
+
+
+def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
+                cache: Any | None) -> TrainJob:
+    """A student trained with the recipe's objective against the frozen teacher.
+
+    Args:
+        jd: the loaded data.
+        spec: the student.
+        teacher: the frozen teacher (used live when ``cache`` is None, i.e. augmentation).
+        cache: :class:`distill.teacher_cache.TeacherOutputs`, or None to run the teacher live.
+    """
+    from accelerate.utils import set_seed
+
+    recipe = jd.recipe
+    set_seed(recipe.seed)
+    student = build_student(recipe, spec, jd.classes)
+    key = student_key(spec)
+    t_inputs = teacher_inputs(recipe.teacher.kind)
+    extras = cache.extras() if cache is not None else None
+    sets = _student_sets(jd, spec, extras=extras, with_teacher=cache is None)
+    probe = sets["train"][0]
+    with torch.no_grad():
+        s_dim = student.eval()(signal=probe[key][None]).tokens.shape[-1]
+        if cache is not None:
+            t_dim = cache.tokens.shape[-1]
+        else:
+            t_dim = teacher(**{k: v[None] for k, v in t_inputs(probe).items()}).tokens.shape[-1]
+    student.train()
+    objective = build_objective(recipe, s_dim, t_dim)
+    module = DistillationModule(student, objective)
+    device = {"value": torch.device("cpu")}
+
+    def teacher_out(batch: Mapping[str, Any]) -> ECGModelOutput:
+        if cache is not None:
+            return cached_teacher_output(batch, cache.token_leads)
+        with torch.no_grad():
+            return teacher(**{k: v.to(device["value"]) for k, v in t_inputs(batch).items()})
+
+    def loss_fn(model: nn.Module, batch: Mapping[str, Any]):
+        out = model(batch[key], teacher_out(batch), batch["labels"])
+        return out.total, out.terms
+
+    def logits_fn(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        inner = getattr(model, "module", model)  # DDP keeps the module under .module
+        return inner.student(signal=batch[key]).logits
+
+    def on_device(dev: torch.device) -> None:
+        device["value"] = dev
+        if cache is None and not getattr(teacher, "quantized", False):
+            teacher.to(dev)
+
+    teacher_id = cache.key if cache is not None else _teacher_id(teacher)
+    return TrainJob(
+        name=f"distill {student_name(spec)}", model=module, train_set=sets["train"],
+        val_set=sets["val"], loss_fn=loss_fn, logits_fn=logits_fn,
+        save_model=lambda m, f: m.student.save_pretrained(f), on_device=on_device,
+        fingerprint=_hash({"job": "distill", "student": to_dict(spec), "teacher": teacher_id,
+                           "data": jd.data.fingerprint,
+                           **_sections(recipe, "seed", "train", "distill")}),
+        class_names=jd.classes)
+
+
+def _teacher_id(teacher: nn.Module) -> str:
+    from distill.teacher_cache import weights_hash
+
+    return weights_hash(teacher)
+
+
+def teacher_cache_key(jd: JobData, teacher: nn.Module) -> str:
+    """The cache key of this teacher's outputs on this data with these input settings."""
+    import dataclasses
+
+    from distill.teacher_cache import cache_key
+
+    recipe = jd.recipe
+    inputs: dict[str, Any] = {"kind": recipe.teacher.kind}
+    if recipe.teacher.kind == "vlm":
+        inputs["render"] = dataclasses.asdict(render_config(recipe))
+    else:
+        inputs["view"] = dataclasses.asdict(jd.views["teacher"])
+    return cache_key(teacher, jd.data.fingerprint, inputs)
+
+
+def build_teacher_cache(jd: JobData, teacher: nn.Module, progress: bool = True,
+                        batch_size: int | None = None, rebuild: bool = False):
+    """The teacher's outputs on every record, from the cache or computed now."""
+    from distill.teacher_cache import teacher_outputs
+
+    recipe = jd.recipe
+    views = {"teacher": jd.views["teacher"]}
+    extras = {"image": jd.images} if recipe.teacher.kind == "vlm" else None
+    dataset = jd.data.split("all", views, extras=extras)
+    return teacher_outputs(teacher, dataset, teacher_inputs(recipe.teacher.kind),
+                           key=teacher_cache_key(jd, teacher), cache_dir=recipe.data.cache_dir,
+                           batch_size=batch_size or recipe.train.batch_size, progress=progress,
+                           rebuild=rebuild)

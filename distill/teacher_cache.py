@@ -1,0 +1,180 @@
+"""A frozen teacher's outputs, computed once per record and memory-mapped from disk.
+
+Distillation with a frozen teacher and deterministic inputs needs the teacher's logits,
+tokens and pooled embedding of every training record in every epoch; computing them once
+turns each later epoch into a read. The entry is a folder in the data cache::
+
+    teacher-outputs-<key>/logits.npy   float32 [N, C]
+                          tokens.npy   float16 [N, N_t, D_t] (float32 if fp16 would overflow)
+                          pooled.npy   float16 [N, D_t]      (likewise)
+                          meta.json    token_leads, shapes, what the key was made of
+
+``key`` hashes the teacher's weights (every tensor of its state dict), its class and
+settings, the data set's fingerprint and the teacher's input settings (the render
+configuration or the signal view), so a changed teacher or data set never reads a stale
+entry. The folder is written under a temporary name and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from distill.data.cache import default_cache_dir
+from distill.progress import progress_bar
+
+CACHE_VERSION = 1
+FP16_MAX = float(np.finfo(np.float16).max)
+PREFIX = "teacher-outputs"
+
+
+def weights_hash(model: nn.Module) -> str:
+    """SHA-256 of every tensor in ``model.state_dict()`` (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def cache_key(teacher: nn.Module, data_fingerprint: str, inputs: Mapping[str, Any]) -> str:
+    """The entry's key: teacher weights and settings, data, input settings, version."""
+    params = {
+        "weights": weights_hash(teacher),
+        "class": f"{type(teacher).__module__}.{type(teacher).__qualname__}",
+        "settings": getattr(teacher, "settings", {}),
+        "data": data_fingerprint,
+        "inputs": dict(inputs),
+        "version": CACHE_VERSION,
+    }
+    blob = json.dumps(params, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+@dataclass
+class TeacherOutputs:
+    """The cached outputs, memory-mapped read-only, indexed by record position."""
+
+    folder: Path
+    key: str
+    logits: np.ndarray  # (N, C) float32
+    tokens: np.ndarray  # (N, N_t, D_t)
+    pooled: np.ndarray  # (N, D_t)
+    token_leads: torch.Tensor  # (N_t,) int64
+
+    def extras(self) -> dict[str, np.ndarray]:
+        """Per-record arrays for ``ECGData.split(extras=...)``."""
+        return {"teacher.logits": self.logits, "teacher.tokens": self.tokens,
+                "teacher.pooled": self.pooled}
+
+
+def load_outputs(folder: Path) -> TeacherOutputs | None:
+    """A complete entry, or None when absent or unreadable (then it is rebuilt)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r")
+                  for n in ("logits", "tokens", "pooled")}
+    except (OSError, ValueError, KeyError):
+        return None
+    n = {len(a) for a in arrays.values()}
+    if len(n) != 1 or n.pop() != meta.get("records"):
+        return None
+    return TeacherOutputs(folder=folder, key=meta["key"], token_leads=torch.tensor(
+        meta["token_leads"], dtype=torch.long), **arrays)
+
+
+class _Overflow(Exception):
+    pass
+
+
+def _fill(teacher: nn.Module, loader: DataLoader, inputs_fn: Callable, folder: Path,
+          n: int, dtype: np.dtype, device: torch.device, progress: bool) -> list[int]:
+    """Run the teacher over every record, writing the three arrays; the token leads."""
+    arrays: dict[str, np.ndarray] = {}
+    leads: list[int] = []
+    with progress_bar(total=n, desc="teacher outputs", unit="ecg", enabled=progress) as bar, \
+            torch.no_grad():
+        for batch in loader:
+            out = teacher(**{k: v.to(device) for k, v in inputs_fn(batch).items()})
+            idx = batch["index"].numpy()  # (B,)
+            parts = {"logits": out.logits.float(), "tokens": out.tokens.float(),
+                     "pooled": out.pooled.float()}
+            if not arrays:
+                leads = out.token_leads.cpu().tolist()
+                for name, t in parts.items():
+                    arrays[name] = np.lib.format.open_memmap(
+                        folder / f"{name}.npy", mode="w+", shape=(n, *t.shape[1:]),
+                        dtype=np.float32 if name == "logits" else dtype)
+            for name, t in parts.items():
+                x = t.cpu().numpy()
+                if name != "logits" and dtype == np.float16 and np.abs(x).max() > FP16_MAX:
+                    raise _Overflow
+                arrays[name][idx] = x
+            bar.update(len(idx))
+    for a in arrays.values():
+        a.flush()
+    return leads
+
+
+def teacher_outputs(teacher: nn.Module, dataset: Dataset,
+                    inputs_fn: Callable[[Mapping[str, Any]], dict[str, torch.Tensor]], *,
+                    key: str, cache_dir: str | os.PathLike | None = None,
+                    batch_size: int = 64, device: torch.device | str = "cpu",
+                    progress: bool = True, rebuild: bool = False) -> TeacherOutputs:
+    """Load the teacher's outputs for every record of ``dataset``, computing them once.
+
+    Args:
+        teacher: the frozen teacher (evaluation mode is set here).
+        dataset: items with ``index`` (the record position) covering every record once;
+            ``inputs_fn(batch)`` turns a batch into the teacher's keyword inputs.
+        key: :func:`cache_key` of this teacher, data and input settings.
+        cache_dir: the cache root (default: the data cache).
+        batch_size: records per forward pass.
+        device: where the teacher runs.
+        progress: a tqdm bar while computing.
+        rebuild: compute the outputs again even if the entry exists.
+
+    Returns:
+        TeacherOutputs with arrays of ``len(dataset)`` rows.
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = root / f"{PREFIX}-{key}"
+    found = None if rebuild else load_outputs(folder)
+    if found is not None and len(found.logits) == len(dataset):
+        return found
+    n = len(dataset)
+    teacher.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    tmp = root / f".{PREFIX}-{key}.{os.getpid()}.tmp"
+    try:
+        for dtype in (np.float16, np.float32):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            try:
+                leads = _fill(teacher, loader, inputs_fn, tmp, n, dtype, torch.device(device),
+                              progress)
+                break
+            except _Overflow:  # a feature beyond fp16's range: store float32 instead
+                continue
+        meta = {"key": key, "records": n, "token_leads": leads, "storage": np.dtype(dtype).name,
+                "version": CACHE_VERSION}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    loaded = load_outputs(folder)
+    assert loaded is not None
+    return loaded

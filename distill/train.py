@@ -1,0 +1,479 @@
+"""The one training loop (accelerate's canonical loop) for teachers, baselines and students.
+
+A :class:`TrainJob` says what trains and how a batch becomes a loss and logits; :func:`fit`
+does the rest, identically for teacher fine-tuning, label-only baselines and distillation:
+
+* model, optimiser, data loaders and scheduler prepared by Accelerate (one CPU, several
+  processes, several GPUs, FSDP: whatever ``accelerate launch`` configured);
+* AdamW (no weight decay on biases and norms) with linear warm-up and cosine decay over
+  the optimiser steps, gradient accumulation (``accelerator.accumulate``), gradient
+  clipping, mixed precision (``no``, ``bf16``, ``fp16`` on a GPU);
+* evaluation after every epoch with ``gather_for_metrics`` (every validation record counted
+  once, whatever the process count), the best model by validation macro AUC saved under
+  ``best/``, early stopping after ``early_stopping`` epochs without improvement;
+* ``save_state`` after every epoch (and every ``checkpoint_every`` optimiser steps) into
+  an atomically renamed folder (:mod:`distill.checkpoint`); ``resume=True`` restores the
+  newest verified checkpoint and skips the batches it had seen (``skip_first_batches``),
+  so an interrupted run ends with the same parameters, optimiser state and metrics as an
+  uninterrupted one;
+* one seed for everything (``accelerate.utils.set_seed``, a seedable sampler, a dedicated
+  loader generator, augmentation draws keyed by (seed, epoch, record)).
+
+Written under ``out_dir``: ``best/`` (the model, ``val_predictions.npz``),
+``checkpoints/``, ``metrics.json``, ``log.csv`` (one row per epoch) and TensorBoard logs
+under ``tensorboard/`` when tensorboard is installed.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from distill import checkpoint as ckpt
+from distill.errors import ECGDistillError
+from distill.evaluate import label_aucs, macro_auc
+from distill.io import atomic_write_text
+from distill.progress import progress_bar
+from distill.recipe import TrainConfig
+
+LossFn = Callable[[nn.Module, Mapping[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+LogitsFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
+
+
+@dataclass
+class TrainJob:
+    """What one training run trains.
+
+    Attributes:
+        name: shown in progress bars and logs ("teacher", "distill xresnet1d/tiny").
+        model: the module whose parameters train (for distillation: student + objective).
+        train_set, val_set: datasets of batch dicts holding at least ``labels`` and ``index``.
+        loss_fn: (prepared model, batch) -> (loss, named terms to log).
+        logits_fn: (prepared model, batch) -> logits [B, C] for evaluation.
+        save_model: (unwrapped model, folder) -> writes the deployable model.
+        fingerprint: identifies the job's settings; a checkpoint of another is refused.
+        on_device: called with the accelerator's device before training (e.g. to move a
+            live teacher that is not trained, hence not prepared).
+        class_names: label names for per-label metrics.
+    """
+
+    name: str
+    model: nn.Module
+    train_set: Dataset
+    val_set: Dataset
+    loss_fn: LossFn
+    logits_fn: LogitsFn
+    save_model: Callable[[nn.Module, Path], None]
+    fingerprint: str = ""
+    on_device: Callable[[torch.device], None] | None = None
+    class_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalResult:
+    """Validation metrics of one pass (identical on every process)."""
+
+    loss: float
+    macro_auc: float
+    label_auc: list[float]
+    index: np.ndarray  # (N,) record positions seen, each once
+    probs: np.ndarray  # (N, C)
+    labels: np.ndarray  # (N, C)
+
+
+def _has_tensorboard() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def make_accelerator(cfg: TrainConfig, out_dir: Path, seed: int, trackers: bool = True):
+    """The Accelerator of a run: precision, accumulation, seedable sampler, TensorBoard."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ECGDistillError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
+    log_with = "tensorboard" if trackers and _has_tensorboard() else None
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+        # the scheduler counts optimiser steps; it is stepped only when they happen
+        step_scheduler_with_optimizer=False,
+        log_with=log_with, project_dir=str(out_dir))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on weight matrices, none on biases, norms and other vectors."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ECGDistillError("nothing to train: the model has no trainable parameter")
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _loader(dataset: Dataset, cfg: TrainConfig, shuffle: bool, seed: int) -> DataLoader:
+    # a dedicated generator: creating an iterator (e.g. after a resume) never draws from
+    # the global RNG, so dropout and other draws continue exactly as without the break
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle,
+                      num_workers=cfg.num_workers, generator=gen,
+                      persistent_workers=False)
+
+
+def evaluate(accelerator, model: nn.Module, loader: DataLoader, logits_fn: LogitsFn,
+             progress: bool = False, desc: str = "validation") -> EvalResult:
+    """One pass over ``loader`` with every process's predictions gathered.
+
+    ``gather_for_metrics`` drops the samples Accelerate repeated to even out the last
+    batch, so each record appears exactly once in the result.
+    """
+    model.eval()
+    chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    bar = progress_bar(loader, enabled=progress and accelerator.is_local_main_process,
+                       desc=desc, leave=False, unit="batch")
+    with torch.no_grad():
+        for batch in bar:
+            with accelerator.autocast():
+                logits = logits_fn(model, batch).float()  # (B, C)
+            chunks.append(accelerator.gather_for_metrics(
+                (logits, batch["labels"].float(), batch["index"])))
+    logits = torch.cat([c[0] for c in chunks]).cpu()  # (N, C)
+    labels = torch.cat([c[1] for c in chunks]).cpu()
+    index = torch.cat([c[2] for c in chunks]).cpu().numpy()
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, labels).item()
+    probs = torch.sigmoid(logits).numpy()
+    aucs = label_aucs(labels.numpy(), probs)
+    return EvalResult(loss=loss, macro_auc=macro_auc(labels.numpy(), probs),
+                      label_auc=[float(a) for a in aucs], index=index, probs=probs,
+                      labels=labels.numpy())
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _replace_folder(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` to ``final``; an existing ``final`` is removed only after the move."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class _Running:
+    """Per-process sums of the training loss terms over the epoch in progress."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, terms: Mapping[str, torch.Tensor], n: int) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v) * n
+        self.count += n
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self.sums, self.count = dict(state["sums"]), int(state["count"])
+
+    def gathered(self, accelerator) -> list[dict[str, Any]]:
+        """Every process's sums (the same term names on each), process order."""
+        keys = sorted(self.sums)
+        local = torch.tensor([[self.sums[k] for k in keys] + [float(self.count)]],
+                             dtype=torch.float64, device=accelerator.device)
+        rows = accelerator.gather(local).cpu().tolist()  # (P, K + 1)
+        return [{"sums": dict(zip(keys, r[:-1])), "count": int(r[-1])} for r in rows]
+
+    def means(self, accelerator) -> dict[str, float]:
+        """Means over every process's records so far."""
+        keys = sorted(self.sums)
+        local = torch.tensor([self.sums[k] for k in keys] + [float(self.count)],
+                             dtype=torch.float64, device=accelerator.device)
+        total = accelerator.reduce(local, reduction="sum").cpu()
+        n = max(float(total[-1]), 1.0)
+        return {k: float(total[i]) / n for i, k in enumerate(keys)}
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns (also written to ``metrics.json``)."""
+
+    best_folder: Path
+    metrics: dict[str, Any]
+
+
+def fit(job: TrainJob, cfg: TrainConfig, out_dir: str | Path, *, seed: int = 0,
+        resume: bool = False, progress: bool = True, epochs: int | None = None,
+        lr: float | None = None,
+        on_step: Callable[[int], None] | None = None) -> FitResult:
+    """Train ``job`` under ``out_dir`` (see the module docstring).
+
+    Args:
+        job: what trains.
+        cfg: the recipe's ``train`` section.
+        out_dir: the job's folder.
+        seed: the run's seed.
+        resume: continue from the newest verified checkpoint in ``out_dir``; without it a
+            folder that already holds checkpoints is refused (nothing is overwritten).
+        progress: tqdm bars on the main process (``--quiet`` turns them off).
+        epochs, lr: override ``cfg.epochs`` / ``cfg.lr`` (the teacher's own settings).
+        on_step: called with the step count after every batch (profiling, tests).
+
+    Returns:
+        FitResult(best model folder, metrics).
+
+    Raises:
+        ECGDistillError: checkpoints present without ``resume``; a checkpoint of another
+            job; fp16 on a CPU.
+    """
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
+    out_dir = Path(out_dir)
+    epochs = epochs if epochs is not None else cfg.epochs
+    lr = lr if lr is not None else cfg.lr
+    root = out_dir / "checkpoints"
+    accelerator = make_accelerator(cfg, out_dir, seed)
+    main = accelerator.is_main_process
+    found = ckpt.list_checkpoints(root)
+    if found and not resume:
+        raise ECGDistillError(f"{out_dir} holds checkpoints of an earlier run; pass --resume to "
+                              f"continue it, or --force with the stage name to start over")
+    if main:
+        ckpt.clean_partial(root)
+    set_seed(seed)
+
+    model = job.model
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr)
+    train_dl = _loader(job.train_set, cfg, shuffle=True, seed=seed)
+    val_dl = _loader(job.val_set, cfg, shuffle=False, seed=seed)
+    model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
+    steps_per_epoch = math.ceil(len(train_dl) / cfg.grad_accum)
+    total_steps = max(1, steps_per_epoch * epochs)
+    scheduler = accelerator.prepare(get_cosine_schedule_with_warmup(
+        optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps))
+    if job.on_device is not None:
+        job.on_device(accelerator.device)
+
+    state = ckpt.TrainerState(fingerprint=job.fingerprint, processes=accelerator.num_processes)
+    running = _Running()
+    if resume and found:
+        state = _restore(accelerator, root, job, running)
+    if accelerator.log_with:
+        accelerator.init_trackers("tensorboard", config={"job": job.name, "lr": lr,
+                                                         "epochs": epochs, **_flat(cfg)})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    best_dir = out_dir / "best"
+
+    def save_checkpoint() -> None:
+        state.running = running.gathered(accelerator)
+        name = ckpt.checkpoint_name(state.step)
+        tmp = root / f".tmp-{name}"
+        if main and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if main:
+            ckpt.seal(tmp, root / name, state)
+            ckpt.prune(root, cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    epoch_bar = progress_bar(total=epochs, initial=state.epoch, desc=job.name, unit="epoch",
+                             enabled=progress and accelerator.is_local_main_process)
+    start_all = time.perf_counter()
+    for epoch in range(state.epoch, epochs):
+        if state.stopped_early:
+            break
+        train_dl.set_epoch(epoch)
+        for ds in (job.train_set,):
+            if hasattr(ds, "set_epoch"):
+                ds.set_epoch(epoch)
+        model.train()
+        skip = state.batch
+        loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        if not skip:
+            running.reset()
+        start = time.perf_counter()
+        seen = 0
+        bar = progress_bar(loader, total=len(train_dl), initial=skip,
+                           enabled=progress and accelerator.is_local_main_process,
+                           desc=f"epoch {epoch + 1}/{epochs}", leave=False, unit="batch")
+        for batch in bar:
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss, terms = job.loss_fn(model, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.grad_clip is not None:
+                    accelerator.clip_grad_norm_(trainable, cfg.grad_clip)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                    state.updates += 1
+                optimizer.zero_grad()
+            n = len(batch["labels"])
+            running.add({"loss": loss.detach(), **terms}, n)
+            seen += n
+            state.step += 1
+            state.batch += 1
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}",
+                            rec_s=f"{seen * accelerator.num_processes / max(time.perf_counter() - start, 1e-9):.0f}")
+            if (cfg.checkpoint_every and accelerator.sync_gradients
+                    and state.updates % cfg.checkpoint_every == 0
+                    and state.batch < len(train_dl)):
+                save_checkpoint()
+            if on_step is not None:
+                on_step(state.step)
+        bar.close()
+        train_seconds = time.perf_counter() - start
+        train_means = running.means(accelerator)
+        result = evaluate(accelerator, model, val_dl, job.logits_fn, progress=progress)
+        row = {"epoch": epoch + 1, "step": state.step, "lr": scheduler.get_last_lr()[0],
+               **{f"train_{k}": v for k, v in train_means.items()},
+               "val_loss": result.loss, "val_macro_auc": result.macro_auc,
+               "train_seconds": round(train_seconds, 3),
+               "train_records_per_s": round(seen * accelerator.num_processes
+                                            / max(train_seconds, 1e-9), 1)}
+        improved = state.best_metric is None or (
+            math.isfinite(result.macro_auc) and result.macro_auc > state.best_metric)
+        if improved:
+            state.best_metric, state.best_epoch, state.stale_epochs = (
+                result.macro_auc, epoch + 1, 0)
+            _save_best(accelerator, model, job, best_dir, result)
+        else:
+            state.stale_epochs += 1
+        if cfg.early_stopping is not None and state.stale_epochs >= cfg.early_stopping:
+            state.stopped_early = True
+        state.history.append(row)
+        state.epoch, state.batch = epoch + 1, 0
+        running.reset()
+        save_checkpoint()
+        if main:
+            _write_logs(out_dir, job, state, result, accelerator, finished=False)
+        if accelerator.log_with:
+            accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        epoch_bar.update(1)
+        accelerator.print(
+            f"{job.name} epoch {epoch + 1}/{epochs}: train loss {train_means.get('loss', float('nan')):.4f}, "
+            f"val loss {result.loss:.4f}, val macro AUC {result.macro_auc:.4f}"
+            f"{' (best)' if improved else ''}, {row['train_records_per_s']:.0f} records/s")
+        if state.stopped_early:
+            accelerator.print(f"{job.name}: early stopping after {cfg.early_stopping} epochs "
+                              f"without improvement (best epoch {state.best_epoch})")
+    epoch_bar.close()
+    seconds = time.perf_counter() - start_all
+    metrics = _metrics(job, state, accelerator, seconds)
+    metrics["complete"] = True
+    if main:
+        _write_logs(out_dir, job, state, None, accelerator, finished=True, seconds=seconds)
+    accelerator.wait_for_everyone()
+    if accelerator.log_with:
+        accelerator.end_training()
+    return FitResult(best_folder=best_dir, metrics=metrics)
+
+
+def _restore(accelerator, root: Path, job: TrainJob, running: _Running) -> ckpt.TrainerState:
+    """Load the newest verified checkpoint into the prepared objects; its loop state."""
+    latest = ckpt.latest_valid(root, warn=accelerator.print)
+    if latest is None:
+        raise ECGDistillError(f"{root}: no checkpoint passes verification; --force with the "
+                              f"stage name starts over")
+    folder, state = latest
+    if state.fingerprint != job.fingerprint:
+        raise ECGDistillError(f"{folder} belongs to a run with other settings; --force with "
+                              f"the stage name starts over")
+    if state.processes != accelerator.num_processes:
+        raise ECGDistillError(f"{folder} was written by {state.processes} process(es); resume "
+                              f"it with as many (now {accelerator.num_processes})")
+    accelerator.load_state(str(folder))
+    if state.running:
+        running.load(state.running[accelerator.process_index])
+    accelerator.print(f"{job.name}: resumed from {folder.name} (epoch {state.epoch + 1}, "
+                      f"{state.batch} batches in)")
+    return state
+
+
+def _flat(cfg: TrainConfig) -> dict[str, Any]:
+    """Scalar hyper-parameters for the tracker (nested sections flattened with dots)."""
+    out: dict[str, Any] = {}
+    for k, v in asdict(cfg).items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v if v is not None else "none"
+    return out
+
+
+def _save_best(accelerator, model: nn.Module, job: TrainJob, best_dir: Path,
+               result: EvalResult) -> None:
+    """Write the model and its validation predictions to ``best/`` (atomically replaced)."""
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        tmp = best_dir.with_name(f".{best_dir.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        job.save_model(unwrapped, tmp)
+        np.savez(tmp / "val_predictions.npz", index=result.index, probs=result.probs,
+                 labels=result.labels)
+        _replace_folder(tmp, best_dir)
+    accelerator.wait_for_everyone()
+
+
+def _metrics(job: TrainJob, state: ckpt.TrainerState, accelerator,
+             seconds: float | None) -> dict[str, Any]:
+    best = next((r for r in state.history if r["epoch"] == state.best_epoch), None)
+    return {
+        "job": job.name,
+        "fingerprint": job.fingerprint,
+        "best_epoch": state.best_epoch,
+        "best_val_macro_auc": state.best_metric,
+        "epochs_run": len(state.history),
+        "steps": state.step,
+        "stopped_early": state.stopped_early,
+        "processes": accelerator.num_processes,
+        "val_records": len(job.val_set),
+        "best": best,
+        "history": state.history,
+        "seconds_this_session": None if seconds is None else round(seconds, 2),
+    }
+
+
+def _write_logs(out_dir: Path, job: TrainJob, state: ckpt.TrainerState,
+                result: EvalResult | None, accelerator, finished: bool,
+                seconds: float | None = None) -> None:
+    metrics = _metrics(job, state, accelerator, seconds)
+    metrics["complete"] = finished
+    if result is not None and job.class_names:
+        metrics["last_val_label_auc"] = dict(zip(job.class_names, result.label_auc))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1, default=float))
+    _write_csv(out_dir / "log.csv", state.history)
