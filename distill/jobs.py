@@ -148,8 +148,11 @@ def load_frozen_teacher(jd: JobData, run_dir: Path) -> nn.Module:
     ``train_mode: frozen``, the recipe's teacher as it is."""
     import teachers
 
+    from accelerate.utils import set_seed
+
     recipe = jd.recipe
     if recipe.teacher.train_mode == "frozen":
+        set_seed(recipe.seed)  # a freshly built head is the same in every process and run
         teacher = build_teacher(recipe, jd.classes)
     else:
         best = run_dir / TEACHER_DIR / "best"

@@ -24,7 +24,9 @@ export join this list as they are built.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import time
@@ -118,6 +120,7 @@ class Stage:
     depends_on: tuple[str, ...]  # recipe sections whose change makes the stage stale
     run: Callable[[RunContext], dict[str, Any]]
     folders: tuple[str, ...] = ()  # run-folder entries ``--force`` deletes first
+    collective: bool = False  # every process takes part (training); else main first
 
 
 def _stage_data(ctx: RunContext) -> dict[str, Any]:
@@ -214,11 +217,14 @@ def _stage_distill(ctx: RunContext) -> dict[str, Any]:
     from distill.jobs import (augmentation, build_teacher_cache, distill_job,
                               load_frozen_teacher, student_folder)
 
+    from distill.train import process_state
+
     jd = ctx.job_data()
     teacher = load_frozen_teacher(jd, ctx.run_dir)
     cache = None
     if not augmentation(ctx.recipe).active:
-        cache = build_teacher_cache(jd, teacher, progress=ctx.progress)
+        with process_state().main_process_first():
+            cache = build_teacher_cache(jd, teacher, progress=ctx.progress)
     return {student_name(s): _fit(ctx, distill_job(jd, s, teacher, cache),
                                   ctx.run_dir / "distill" / student_folder(s))
             for s in ctx.recipe.students}
@@ -229,13 +235,14 @@ STAGES: tuple[Stage, ...] = (
     Stage("data", "decode and cache the signals (generating the synthetic default if needed) "
                   "and render the teacher's images", ("data", "teacher.kind"), _stage_data),
     Stage("teacher", "fine-tune the teacher on the labels (full, lora or head)",
-          (*_TRAIN, "teacher"), _stage_teacher, ("teacher",)),
+          (*_TRAIN, "teacher"), _stage_teacher, ("teacher",), collective=True),
     Stage("teacher_cache", "compute the frozen teacher's outputs on every record once",
           (*_TRAIN, "teacher"), _stage_teacher_cache),
     Stage("baseline", "train every student on the labels alone", (*_TRAIN, "students"),
-          _stage_baseline, ("baseline",)),
+          _stage_baseline, ("baseline",), collective=True),
     Stage("distill", "train every student with the distillation objective",
-          (*_TRAIN, "teacher", "students", "distill"), _stage_distill, ("distill",)),
+          (*_TRAIN, "teacher", "students", "distill"), _stage_distill, ("distill",),
+          collective=True),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
@@ -282,7 +289,13 @@ def run_pipeline(recipe: Recipe, *, force: Sequence[str] = (), dry_run: bool = F
                  progress: bool = True, resume: bool = False,
                  stages: Sequence[str] | None = None) -> dict[str, str]:
     """Run the stages in order (``stages``: a subset, default all), skipping complete ones;
-    returns each stage's outcome ("run" or "skip")."""
+    returns each stage's outcome ("run" or "skip").
+
+    Under ``accelerate launch`` every process runs this: training stages run on all of
+    them together; the others (data, teacher cache) run on the main process first, and
+    the rest then read what it cached. Only the main process prints, writes the recipe and
+    the stage markers, and deletes what ``--force`` redoes.
+    """
     _check_force(force)
     run_dir = recipe.run_dir
     selected = [s for s in STAGES if stages is None or s.name in stages]
@@ -294,25 +307,40 @@ def run_pipeline(recipe: Recipe, *, force: Sequence[str] = (), dry_run: bool = F
         print(f"run folder: {run_dir}")
         for stage in selected:
             status = stage_status(stage, recipe, run_dir)
-            print(f"  {stage.name:<8} {plan[stage.name]:<5} ({status}) {stage.description}")
+            print(f"  {stage.name:<13} {plan[stage.name]:<5} ({status}) {stage.description}")
         return plan
-    _write_recipe(recipe, run_dir)
-    ctx = RunContext(recipe=recipe, run_dir=run_dir, progress=progress, resume=resume,
-                     force=tuple(force))
-    for stage in selected:
-        if plan[stage.name] == "skip":
-            print(f"[{stage.name}] complete, skipped (--force {stage.name} redoes it)")
-            continue
-        if stage.name in force:
-            _clear(stage, run_dir)
-        print(f"[{stage.name}] {stage.description}")
-        start = time.perf_counter()
-        summary = stage.run(ctx)
-        seconds = time.perf_counter() - start
-        atomic_write_text(_marker(run_dir, stage), json.dumps(
-            {"stage": stage.name, "recipe_hash": stage_hash(stage, recipe),
-             "seconds": round(seconds, 2), "summary": summary}, indent=1))
-        print(f"[{stage.name}] done in {seconds:.1f} s")
+    from distill.train import process_state
+
+    state = process_state()
+    quiet = contextlib.nullcontext() if state.is_main_process else \
+        contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        state.wait_for_everyone()  # every process has read the markers before any changes
+        if state.is_main_process:
+            _write_recipe(recipe, run_dir)
+        ctx = RunContext(recipe=recipe, run_dir=run_dir, progress=progress, resume=resume,
+                         force=tuple(force))
+        for stage in selected:
+            if plan[stage.name] == "skip":
+                print(f"[{stage.name}] complete, skipped (--force {stage.name} redoes it)")
+                continue
+            if stage.name in force and state.is_main_process:
+                _clear(stage, run_dir)
+            state.wait_for_everyone()
+            print(f"[{stage.name}] {stage.description}")
+            start = time.perf_counter()
+            if stage.collective:
+                summary = stage.run(ctx)
+            else:
+                with state.main_process_first():
+                    summary = stage.run(ctx)
+            seconds = time.perf_counter() - start
+            state.wait_for_everyone()
+            if state.is_main_process:
+                atomic_write_text(_marker(run_dir, stage), json.dumps(
+                    {"stage": stage.name, "recipe_hash": stage_hash(stage, recipe),
+                     "seconds": round(seconds, 2), "summary": summary}, indent=1))
+            print(f"[{stage.name}] done in {seconds:.1f} s")
     return plan
 
 

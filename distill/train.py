@@ -31,6 +31,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -99,15 +100,35 @@ def _has_tensorboard() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
+def _use_cpu_processes() -> bool:
+    """Several processes without a GPU (torchrun / `accelerate launch` with the 2-process
+    CPU config): Accelerate takes its data-parallel CPU path (gloo) only when told cpu=True."""
+    return int(os.environ.get("LOCAL_RANK", "-1")) != -1 and not torch.cuda.is_available()
+
+
+def process_state():
+    """Accelerate's process state (rank, main process, barriers), initialised the way
+    :func:`make_accelerator` initialises it."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=_use_cpu_processes())
+
+
 def make_accelerator(cfg: TrainConfig, out_dir: Path, seed: int, trackers: bool = True):
     """The Accelerator of a run: precision, accumulation, seedable sampler, TensorBoard."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DataLoaderConfiguration
 
+    # Each training job configures its own Accelerator (precision, accumulation); the
+    # process group (PartialState) is kept, the per-job singletons are started afresh.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ECGDistillError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
     log_with = "tensorboard" if trackers and _has_tensorboard() else None
     return Accelerator(
+        cpu=_use_cpu_processes(),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
@@ -128,13 +149,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _loader(dataset: Dataset, cfg: TrainConfig, shuffle: bool, seed: int) -> DataLoader:
+def _loader(dataset: Dataset, cfg: TrainConfig, train: bool, seed: int,
+            processes: int = 1) -> DataLoader:
+    """Training: shuffled, and the incomplete last batch dropped (a batch of one record
+    cannot train BatchNorm; a different record is left out each epoch) unless the set holds
+    less than one batch per process. Evaluation: every record, in order."""
     # a dedicated generator: creating an iterator (e.g. after a resume) never draws from
     # the global RNG, so dropout and other draws continue exactly as without the break
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle,
-                      num_workers=cfg.num_workers, generator=gen,
-                      persistent_workers=False)
+    drop_last = train and len(dataset) >= cfg.batch_size * processes
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=train, drop_last=drop_last,
+                      num_workers=cfg.num_workers, generator=gen, persistent_workers=False)
 
 
 def evaluate(accelerator, model: nn.Module, loader: DataLoader, logits_fn: LogitsFn,
@@ -273,8 +298,9 @@ def fit(job: TrainJob, cfg: TrainConfig, out_dir: str | Path, *, seed: int = 0,
 
     model = job.model
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr)
-    train_dl = _loader(job.train_set, cfg, shuffle=True, seed=seed)
-    val_dl = _loader(job.val_set, cfg, shuffle=False, seed=seed)
+    train_dl = _loader(job.train_set, cfg, train=True, seed=seed,
+                       processes=accelerator.num_processes)
+    val_dl = _loader(job.val_set, cfg, train=False, seed=seed)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
     steps_per_epoch = math.ceil(len(train_dl) / cfg.grad_accum)
     total_steps = max(1, steps_per_epoch * epochs)

@@ -20,6 +20,7 @@ from distill.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_PTBXL = REPO / "tests" / "data" / "real-ecg" / "ptbxl-100hz" / "00001_lr"
+DATA = ("data",)  # the data stage alone (training stages are tested in test_train.py)
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def recipe(tmp_path: Path):
 
 
 def test_run_generates_loads_renders_and_resumes(recipe, tmp_path, monkeypatch, capsys) -> None:
-    plan = pipeline.run_pipeline(recipe, progress=False)
+    plan = pipeline.run_pipeline(recipe, progress=False, stages=DATA)
     assert plan == {"data": "run"}
     run_dir = tmp_path / "runs" / "quickstart"
     marker = json.loads((run_dir / "stages" / "data.json").read_text())
@@ -50,22 +51,23 @@ def test_run_generates_loads_renders_and_resumes(recipe, tmp_path, monkeypatch, 
         raise AssertionError("stage should have been skipped")
 
     monkeypatch.setattr(pipeline, "load_data", boom)
-    assert pipeline.run_pipeline(recipe, progress=False) == {"data": "skip"}
+    assert pipeline.run_pipeline(recipe, progress=False, stages=DATA) == {"data": "skip"}
     assert "[data] complete, skipped" in capsys.readouterr().out
     # --force redoes it
     with pytest.raises(AssertionError, match="should have been skipped"):
-        pipeline.run_pipeline(recipe, force=["data"], progress=False)
+        pipeline.run_pipeline(recipe, force=["data"], progress=False, stages=DATA)
 
 
 def test_changed_section_makes_stage_stale_and_keeps_old_recipe(recipe, tmp_path) -> None:
-    pipeline.run_pipeline(recipe, progress=False)
+    pipeline.run_pipeline(recipe, progress=False, stages=DATA)
     changed = load_recipe(REPO / "recipes" / "quickstart.yaml", [
         "data.synthetic.records=60", f"data.cache_dir={tmp_path / 'cache'}",
         f"output_dir={tmp_path / 'runs'}/{{name}}", "data.image.height=112",
         "data.image.width=112", "data.task=rhythm"])
     assert pipeline.stage_status(pipeline.STAGES[0], changed, changed.run_dir) == "stale"
-    assert pipeline.run_pipeline(changed, dry_run=True, progress=False) == {"data": "run"}
-    pipeline.run_pipeline(changed, progress=False)
+    assert pipeline.run_pipeline(changed, dry_run=True, progress=False,
+                                 stages=DATA) == {"data": "run"}
+    pipeline.run_pipeline(changed, progress=False, stages=DATA)
     marker = json.loads((changed.run_dir / "stages" / "data.json").read_text())
     assert marker["summary"]["task"] == "rhythm"
     assert "SR" in marker["summary"]["classes"]
@@ -76,9 +78,10 @@ def test_changed_section_makes_stage_stale_and_keeps_old_recipe(recipe, tmp_path
 
 def test_dry_run_does_nothing(recipe, tmp_path, capsys) -> None:
     plan = pipeline.run_pipeline(recipe, dry_run=True, progress=False)
-    assert plan == {"data": "run"}
+    assert plan == {name: "run" for name in pipeline.STAGE_NAMES}
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
-    assert "data     run   (todo)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "data          run   (todo)" in out and "distill       run   (todo)" in out
 
 
 def test_unknown_forced_stage_is_refused(recipe) -> None:
@@ -89,7 +92,7 @@ def test_unknown_forced_stage_is_refused(recipe) -> None:
 def test_missing_data_path_is_one_line(recipe, tmp_path) -> None:
     recipe.data.path = str(tmp_path / "nowhere")
     with pytest.raises(DataError, match=r"data.path: folder .*nowhere does not exist"):
-        pipeline.run_pipeline(recipe, progress=False)
+        pipeline.run_pipeline(recipe, progress=False, stages=DATA)
 
 
 def test_synth_command_refuses_to_overwrite_and_replaces_atomically(tmp_path, monkeypatch,
@@ -185,7 +188,7 @@ def test_views_follow_the_recipe(recipe) -> None:
     assert views["student:xresnet1d/tiny"].leads == ("I",)
     assert views["student:xresnet1d/tiny"].sampling_rate == 50
     assert views["student:xresnet1d/small"].leads == ("I", "II")
-    pipeline.run_pipeline(recipe, progress=False)
+    pipeline.run_pipeline(recipe, progress=False, stages=DATA)
     summary = json.loads((recipe.run_dir / "stages" / "data.json").read_text())["summary"]
     assert summary["views"]["student:xresnet1d/tiny"] == [1, 500]
     assert summary["views"]["teacher"] == [2, 1000]

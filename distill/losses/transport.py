@@ -64,6 +64,7 @@ normalised tokens at ε = 0.05 the two gradients have cosine ≈ 0.99 (relative 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -205,41 +206,108 @@ def _sinkhorn_unrolled(k: torch.Tensor, u: torch.Tensor, log_a: torch.Tensor,
     return torch.softmax(row, dim=2) * log_a.exp()[:, :, None], u, v
 
 
-def _sinkhorn_no_graph(k: torch.Tensor, u: torch.Tensor, log_a: torch.Tensor,
-                       log_b: torch.Tensor, iters: int,
-                       floor: float | None = None) -> tuple[torch.Tensor, ...]:
-    """The same iterates without a graph, one plan-sized exponential per iteration.
+def _accepted(mass: torch.Tensor, floor: float, big: float) -> tuple[torch.Tensor, ...]:
+    """Bounds [lo, hi] within which a kernel sum s of a token of mass m is trusted and its
+    scaling m / s kept: s ≥ ``floor`` (accurate, see ``_sinkhorn_no_graph``) and
+    1/big ≤ m / s ≤ big. A massless token (padding) always passes (lo = -1, hi = inf)."""
+    real = mass > 0
+    lo = torch.where(real, (mass / big).clamp_min(floor), -1.0)
+    hi = torch.where(real, mass * big, math.inf)
+    return lo, hi
 
-    The u-update is a max-shifted log-sum-exp over j of −C_ij/ε + v_j, computed in place in
-    one buffer: E_ij = exp(−C_ij/ε + v_j − m_i), s_i = Σ_j E_ij, u_i = log a_i − m_i − log s_i.
-    Then Σ_i exp(−C_ij/ε + u_i) = e^{−v_j} Σ_i E_ij a_i / s_i (the column sums of the plan
-    P = E · a/s), so the next v-update is v_j ← v_j + log b_j − log (Σ_i P_ij), one batched
-    matrix-vector product instead of a second exponential pass. The plan's entries are
-    exponentials shifted per row, so a column whose mass underflows (sum below
-    n_s · tiny / eps) would lose precision: that iteration falls back to the exact
-    ``TorchBackend.logsumexp`` over i, as does the first v-update (``floor`` overrides that
-    threshold; ``inf`` takes the exact path every iteration).
+
+def _inside(sums: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> bool:
+    """Whether every sum lies in [lo, hi] (False for a NaN)."""
+    return torch.equal(sums.clamp(lo, hi), sums)
+
+
+def _sinkhorn_no_graph(k: torch.Tensor, u: torch.Tensor, log_a: torch.Tensor,
+                       log_b: torch.Tensor, iters: int, floor: float | None = None,
+                       bound: float | None = None) -> tuple[torch.Tensor, ...]:
+    """The same iterates without a graph: stabilised scaling Sinkhorn (Schmitzer 2019).
+
+    The log-scalings are split as u = α + log x, v = β + log y: the potentials α, β are
+    absorbed in a kernel K_ij = exp(k_ij + α_i + β_j) formed with one exponential pass, and
+    an iteration updates only the scalings, by two batched matrix-vector products:
+
+        y ← b / (Kᵀ x)        x ← a / (K y)
+
+    (v_j = log b_j − LSE_i(k_ij + u_i) = β_j + log (b_j / Σ_i K_ij x_i), and likewise for u).
+    The kernel is formed (absorption) by an exact u-update, as a max-shifted log-sum-exp
+    over j of k_ij + v_j written in place: E_ij = exp(k_ij + v_j − m_i), s_i = Σ_j E_ij,
+    u_i = log a_i − m_i − log s_i, K = E · a/s, which is the plan exp(k + u + v) itself, so
+    K_ij ≤ a_i ≤ 1 and x = y = 1 afterwards. That exact step replaces the fast u-update
+    whenever the fast one would leave a scaling outside [1/big, big] (big = e^bound,
+    bound = log(max float)/4 by default: nothing overflows) or its row sums are below
+    n_t · floor. A v-update whose column sums are below n_s · floor, or whose scalings
+    would leave [1/big, big], is replaced by the exact ``TorchBackend.logsumexp`` over i
+    (as is the first one, when no kernel exists yet), followed by an exact u-update.
+
+    Why the floor: K's entries are exact to a relative eps down to the smallest normal
+    number (tiny) and off by at most tiny below it, so a sum Σ K_ij x_i over n terms with
+    x ≤ big is off by at most n · tiny · big + eps · sum: the default floor tiny · big / eps
+    keeps every accepted sum exact to about 2 eps. ``floor=inf`` takes the exact
+    (log-domain) updates every iteration, ``bound=0`` absorbs after every u-update.
     """
-    a = log_a.exp()  # (B, N_s)
-    real_b = torch.isfinite(log_b)  # (B, N_t) tokens with mass
+    info = torch.finfo(k.dtype)
+    big = math.exp(math.log(info.max) / 4 if bound is None else bound)
     if floor is None:
-        info = torch.finfo(k.dtype)
-        floor = k.shape[1] * info.tiny / info.eps
-    buf = torch.empty_like(k)  # (B, N_s, N_t), holds E, then the plan
-    v = torch.zeros_like(log_b)
-    col = None
+        floor = info.tiny * big / info.eps
+    a, b = log_a.exp(), log_b.exp()  # (B, N_s), (B, N_t)
+    lo_b, hi_b = _accepted(b, k.shape[1] * floor, big)  # (B, N_t)
+    lo_a, hi_a = _accepted(a, k.shape[2] * floor, big)  # (B, N_s)
+    kern = torch.empty_like(k)  # (B, N_s, N_t) K = exp(k + α + β); at the end the plan
+    alpha, beta = u, log_b  # absorbed potentials (beta is set by the first update)
+    x, y = torch.ones_like(a), torch.ones_like(b)  # scalings
+    formed = scaled = False  # a kernel exists / the scalings differ from 1
+    zero_start = not bool(u.any())  # u = 0: no padded student token
     for _ in range(iters):
-        if col is None or bool(((col < floor) & real_b).any()):
-            v = log_b - _NX.logsumexp(k + u[:, :, None], axis=1)  # (B, N_t) exact
+        exact = not formed
+        if formed:
+            col = torch.bmm(x[:, None, :], kern)[:, 0]  # (B, N_t) Σ_i K_ij x_i
+            exact = not _inside(col, lo_b, hi_b)
+        if exact:
+            if scaled or not zero_start:
+                u_now = alpha + x.log() if scaled else alpha  # (B, N_s)
+                v = log_b - _NX.logsumexp(k + u_now[:, :, None], axis=1)  # (B, N_t)
+            else:  # the first update from zero potentials: k + 0 = k
+                v = log_b - _NX.logsumexp(k, axis=1)
         else:
-            v = torch.where(real_b, v + log_b - col.log(), log_b)  # (B, N_t)
-        torch.add(k, v[:, None, :], out=buf)
-        shift = buf.amax(2, keepdim=True)  # (B, N_s, 1)
-        s = buf.sub_(shift).exp_().sum(2)  # (B, N_s), >= 1
-        u = log_a - (s.log() + shift[..., 0])  # (B, N_s)
-        weight = a / s  # (B, N_s)
-        col = torch.bmm(weight[:, None, :], buf)[:, 0]  # (B, N_t) column sums of the plan
-    return buf.mul_(weight[:, :, None]), u, v
+            y = b / col.clamp_min(info.tiny)  # padding: 0
+            row = torch.bmm(y[:, None, :], kern.transpose(1, 2))[:, 0]  # (B, N_s) Σ_j K_ij y_j
+            if _inside(row, lo_a, hi_a):
+                x = a / row.clamp_min(info.tiny)
+                scaled = True
+                continue
+            v = beta + y.log()  # (B, N_t)
+        # exact u-update, absorbing u and v: the kernel becomes the current plan
+        torch.add(k, v[:, None, :], out=kern)
+        shift = kern.amax(2, keepdim=True)  # (B, N_s, 1)
+        s = kern.sub_(shift).exp_().sum(2)  # (B, N_s), >= 1
+        alpha, beta = log_a - (s.log() + shift[..., 0]), v
+        kern.mul_((a / s)[:, :, None])
+        x, y = torch.ones_like(a), torch.ones_like(b)
+        formed, scaled = True, False
+    if not scaled:
+        return kern, alpha, beta
+    # P = diag(x) K diag(y); x = a / (K y), so the rows sum to a
+    return kern.mul_(y[:, None, :]).mul_(x[:, :, None]), alpha + x.log(), beta + y.log()
+
+
+class _EnvelopeValue(torch.autograd.Function):
+    """Identity on a per-record value [B] whose gradient with respect to ``x`` [B, N, d] is
+    given: d value_b / d x_b = ``grad``_b."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, value: torch.Tensor,
+                grad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out[:, None, None], None, None
 
 
 def _project(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -316,34 +384,74 @@ class OTLeadMatching(nn.Module):
         dtype = self._work_dtype(student_tokens, teacher_tokens)
         with torch.autocast(device_type=student_tokens.device.type, enabled=False):
             xs = _project(self.student_proj, student_tokens, dtype)  # (B, N_s, d)
-            # the teacher is a fixed target, as in every other term
-            xt = _project(self.teacher_proj, teacher_tokens.detach(), dtype)  # (B, N_t, d)
+            with torch.no_grad():  # the teacher is a fixed target, as in every other term
+                xt = _project(self.teacher_proj, teacher_tokens.detach(), dtype)  # (B, N_t, d)
             if c.normalize:
                 xs, xt = F.normalize(xs, dim=-1), F.normalize(xt, dim=-1)
-            cost = squared_distances(xs, xt)  # (B, N_s, N_t)
+            prior = None
             if c.lead_prior > 0 and student_leads is not None and teacher_leads is not None:
-                prior = lead_prior_cost(student_leads.to(cost.device),
-                                        teacher_leads.to(cost.device), c.lead_prior)
-                cost = cost + prior.to(dtype)[None]
-            bsz, n_s, n_t = cost.shape
-            log_a = log_marginal(student_mask, student_weights, bsz, n_s, dtype, cost.device)
-            log_b = log_marginal(teacher_mask, teacher_weights, bsz, n_t, dtype, cost.device)
-            if c.grad == "envelope":
-                with torch.no_grad():
-                    plan, _, _ = sinkhorn_log_batched(cost.detach(), c.reg, c.iters, log_a, log_b)
-            else:
-                plan, _, _ = sinkhorn_log_batched(cost, c.reg, c.iters, log_a, log_b)
-            per_record = (plan * cost).sum((1, 2))  # (B,)
-            tiny = torch.finfo(dtype).tiny
-            neg_entropy = torch.where(plan > 0, plan * plan.clamp_min(tiny).log(),
-                                      0.0).sum((1, 2))  # (B,) Σ P log P, 0 log 0 = 0
+                prior = lead_prior_cost(student_leads.to(xs.device), teacher_leads.to(xs.device),
+                                        c.lead_prior).to(dtype)  # (N_s, N_t)
+            bsz, n_s, n_t = xs.shape[0], xs.shape[1], xt.shape[1]
+            log_a = log_marginal(student_mask, student_weights, bsz, n_s, dtype, xs.device)
+            log_b = log_marginal(teacher_mask, teacher_weights, bsz, n_t, dtype, xs.device)
             a = log_a.exp()  # (B, N_s)
-            inv_a = torch.where(a > 0, 1.0 / a.clamp_min(tiny), 0.0)
-            barycentric = torch.bmm(plan, xt) * inv_a[:, :, None]  # (B, N_s, d)
+            tiny = torch.finfo(dtype).tiny
+            inv_a = torch.where(a > 0, 1.0 / a.clamp_min(tiny), 0.0)  # (B, N_s)
+            if c.grad == "envelope":
+                per_record, plan, cost, transported = self._envelope(xs, xt, prior, log_a,
+                                                                     log_b)
+            else:
+                cost = squared_distances(xs, xt)  # (B, N_s, N_t)
+                if prior is not None:
+                    cost = cost + prior[None]
+                plan, _, _ = sinkhorn_log_batched(cost, c.reg, c.iters, log_a, log_b)
+                per_record = (plan * cost).sum((1, 2))  # (B,)
+                transported = torch.bmm(plan, xt)  # (B, N_s, d)
+            if c.grad == "envelope":  # P is a constant: 0 log 0 = 0 as 0 times a finite log
+                neg_entropy = (plan * plan.clamp_min(tiny).log_()).sum((1, 2))  # (B,) Σ P log P
+            else:
+                neg_entropy = torch.where(plan > 0, plan * plan.clamp_min(tiny).log(),
+                                          0.0).sum((1, 2))
+            barycentric = transported * inv_a[:, :, None]  # (B, N_s, d)
         aux = {"plan": plan.detach(), "barycentric": barycentric, "student_tokens": xs,
                "cost": cost.detach(), "per_record": per_record.detach(),
                "objective": per_record + c.reg * neg_entropy}
         return LossOutput(per_record.mean(), aux)
+
+    def _envelope(self, xs: torch.Tensor, xt: torch.Tensor, prior: torch.Tensor | None,
+                  log_a: torch.Tensor, log_b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """<sg(P), C> per record with its gradient through the student tokens only.
+
+        The plan P is solved without a graph on the detached cost. The value is the plain
+        Σ_ij P_ij C_ij; its gradient is that of C_ij = |x_i|² + |y_j|² − 2 x_i·y_j (+ the
+        constant prior) at fixed P and y (the detached teacher tokens), written per record
+        as Σ_i r_i |x_i|² − 2 Σ_i x_i·(P y)_i with r = P 1: the product P y is computed
+        once, in the forward, and is also the barycentric projection (times a). This is
+        the gradient of the unclamped squared distance (the clamp at 0 only guards against
+        rounding below zero).
+
+        Returns:
+            (per_record [B] carrying that gradient, plan [B, N_s, N_t], cost [B, N_s, N_t],
+            P @ xt [B, N_s, d]), all but the first without a graph.
+        """
+        c = self.config
+        with torch.no_grad():
+            x = xs.detach()
+            cost = torch.add(torch.linalg.vecdot(x, x)[:, :, None],
+                             torch.linalg.vecdot(xt, xt)[:, None, :])  # (B, N_s, N_t)
+            cost.baddbmm_(x, xt.transpose(1, 2), alpha=-2.0).clamp_min_(0)
+            if prior is not None:
+                cost.add_(prior[None])
+            k = torch.div(cost, -c.reg)  # (B, N_s, N_t) = −C/ε
+            u = torch.where(torch.isneginf(log_a), log_a, torch.zeros_like(log_a))
+            plan, _, _ = _sinkhorn_no_graph(k, u, log_a, log_b, c.iters)
+            del k
+            value = torch.linalg.vecdot(plan.flatten(1), cost.flatten(1))  # (B,) <P, C>
+            transported = torch.bmm(plan, xt)  # (B, N_s, d) = P y
+            # ∂<P, C>/∂x_i = 2 r_i x_i − 2 (P y)_i, r = P 1
+            grad = (x * plan.sum(2)[:, :, None]).sub_(transported).mul_(2.0)  # (B, N_s, d)
+        return _EnvelopeValue.apply(xs, value, grad), plan, cost, transported
 
     def forward(self, student_out: Any, teacher_out: Any, batch: dict[str, Any] | None = None,
                 context: dict[str, Any] | None = None) -> LossOutput:
