@@ -171,6 +171,12 @@ def test_same_seed_same_metrics_and_no_silent_overwrite(small, tmp_path) -> None
         runs.append(result.metrics["history"])
     strip = [timeless(h) for h in runs]
     assert strip[0] == strip[1]
+    # TensorBoard got the same numbers as the CSV log
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "a" / "tensorboard")).Reload()
+    logged = [e.value for e in events.Scalars("val_macro_auc")]
+    assert logged == pytest.approx([row["val_macro_auc"] for row in runs[0]], abs=1e-6)
     assert len(strip[0]) == 2 and all(np.isfinite(r["val_macro_auc"]) for r in strip[0])
     with pytest.raises(ECGDistillError, match=r"holds checkpoints of an earlier run; pass "
                                               r"--resume"):
@@ -366,3 +372,12 @@ def test_two_processes_evaluate_every_record_once(tmp_path, shared_cache) -> Non
     labels = jd.data.labels[np.sort(val)]
     assert macro_auc(labels, probs[np.argsort(split.indices)]) == pytest.approx(
         metrics["best_val_macro_auc"], abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["cpu-2proc", "multi-gpu", "fsdp"])
+def test_accelerate_configs_load(name: str) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "recipes" / "accelerate" / f"{name}.yaml"))
+    assert config.num_processes == 2 and config.num_machines == 1
+    assert config.distributed_type.value == {"fsdp": "FSDP"}.get(name, "MULTI_GPU")

@@ -77,6 +77,7 @@ from distill.losses import LossOutput, register_loss
 from distill.losses.alignment import FixedTeacherProjection
 
 _NX = TorchBackend()
+_NORM_EPS = 1e-12  # F.normalize's default eps
 
 
 @dataclass
@@ -383,11 +384,12 @@ class OTLeadMatching(nn.Module):
         c = self.config
         dtype = self._work_dtype(student_tokens, teacher_tokens)
         with torch.autocast(device_type=student_tokens.device.type, enabled=False):
-            xs = _project(self.student_proj, student_tokens, dtype)  # (B, N_s, d)
+            zs = _project(self.student_proj, student_tokens, dtype)  # (B, N_s, d)
             with torch.no_grad():  # the teacher is a fixed target, as in every other term
                 xt = _project(self.teacher_proj, teacher_tokens.detach(), dtype)  # (B, N_t, d)
-            if c.normalize:
-                xs, xt = F.normalize(xs, dim=-1), F.normalize(xt, dim=-1)
+                if c.normalize:
+                    xt = F.normalize(xt, dim=-1)
+            xs = F.normalize(zs, dim=-1) if c.normalize else zs  # (B, N_s, d)
             prior = None
             if c.lead_prior > 0 and student_leads is not None and teacher_leads is not None:
                 prior = lead_prior_cost(student_leads.to(xs.device), teacher_leads.to(xs.device),
@@ -399,7 +401,7 @@ class OTLeadMatching(nn.Module):
             tiny = torch.finfo(dtype).tiny
             inv_a = torch.where(a > 0, 1.0 / a.clamp_min(tiny), 0.0)  # (B, N_s)
             if c.grad == "envelope":
-                per_record, plan, cost, transported = self._envelope(xs, xt, prior, log_a,
+                per_record, plan, cost, transported = self._envelope(zs, xs, xt, prior, log_a,
                                                                      log_b)
             else:
                 cost = squared_distances(xs, xt)  # (B, N_s, N_t)
@@ -419,17 +421,24 @@ class OTLeadMatching(nn.Module):
                "objective": per_record + c.reg * neg_entropy}
         return LossOutput(per_record.mean(), aux)
 
-    def _envelope(self, xs: torch.Tensor, xt: torch.Tensor, prior: torch.Tensor | None,
-                  log_a: torch.Tensor, log_b: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """<sg(P), C> per record with its gradient through the student tokens only.
+    def _envelope(self, zs: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor,
+                  prior: torch.Tensor | None, log_a: torch.Tensor,
+                  log_b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """<sg(P), C> per record, with its gradient, for the envelope mode.
 
         The plan P is solved without a graph on the detached cost. The value is the plain
-        Σ_ij P_ij C_ij; its gradient is that of C_ij = |x_i|² + |y_j|² − 2 x_i·y_j (+ the
-        constant prior) at fixed P and y (the detached teacher tokens), written per record
-        as Σ_i r_i |x_i|² − 2 Σ_i x_i·(P y)_i with r = P 1: the product P y is computed
-        once, in the forward, and is also the barycentric projection (times a). This is
-        the gradient of the unclamped squared distance (the clamp at 0 only guards against
-        rounding below zero).
+        Σ_ij P_ij C_ij. Its gradient is that of C_ij = |x_i|² + |y_j|² − 2 x_i·y_j (+ the
+        constant prior) at fixed P and at the detached teacher tokens y: with r = P 1,
+        ∂/∂x_i = 2 r_i x_i − 2 (P y)_i, where the product P y is computed once, in the
+        forward, and is also the barycentric projection (times a). It is pulled back by
+        hand through the L2 normalisation x = z / max(|z|, 1e-12) (as ``F.normalize``'s
+        autograd would) and attached to ``zs`` by ``_EnvelopeValue``. This is the gradient
+        of the unclamped squared distance: the clamp at 0 only guards against rounding.
+
+        Args:
+            zs: [B, N_s, d] projected student tokens (with a graph); xs: the same
+                normalised, or ``zs`` itself; xt: [B, N_t, d] teacher tokens (no graph).
+            prior: [N_s, N_t] lead prior or None; log_a, log_b: log-masses.
 
         Returns:
             (per_record [B] carrying that gradient, plan [B, N_s, N_t], cost [B, N_s, N_t],
@@ -449,9 +458,13 @@ class OTLeadMatching(nn.Module):
             del k
             value = torch.linalg.vecdot(plan.flatten(1), cost.flatten(1))  # (B,) <P, C>
             transported = torch.bmm(plan, xt)  # (B, N_s, d) = P y
-            # ∂<P, C>/∂x_i = 2 r_i x_i − 2 (P y)_i, r = P 1
             grad = (x * plan.sum(2)[:, :, None]).sub_(transported).mul_(2.0)  # (B, N_s, d)
-        return _EnvelopeValue.apply(xs, value, grad), plan, cost, transported
+            if zs is not xs:  # through x = z / max(|z|, eps)
+                norm = torch.linalg.vector_norm(zs.detach(), dim=-1, keepdim=True)  # (B, N_s, 1)
+                radial = torch.linalg.vecdot(x, grad)[..., None]  # (B, N_s, 1)
+                grad = torch.where(norm > _NORM_EPS, grad - x * radial, grad)
+                grad = grad.div_(norm.clamp_min(_NORM_EPS))
+        return _EnvelopeValue.apply(zs, value, grad), plan, cost, transported
 
     def forward(self, student_out: Any, teacher_out: Any, batch: dict[str, Any] | None = None,
                 context: dict[str, Any] | None = None) -> LossOutput:
