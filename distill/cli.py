@@ -49,6 +49,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     stages = TRAIN_COMMANDS[args.command][0] if args.command in TRAIN_COMMANDS else None
     run_pipeline(recipe, force=args.force, dry_run=args.dry_run, progress=not args.quiet,
                  resume=args.resume, stages=stages)
+    if not args.dry_run:
+        from distill.train import process_state
+
+        process_state().destroy_process_group()  # under accelerate launch; else a no-op
     return 0
 
 

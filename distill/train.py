@@ -422,8 +422,10 @@ def fit(job: TrainJob, cfg: TrainConfig, out_dir: str | Path, *, seed: int = 0,
     if main:
         _write_logs(out_dir, job, state, None, accelerator, finished=True, seconds=seconds)
     accelerator.wait_for_everyone()
-    if accelerator.log_with:
-        accelerator.end_training()
+    # not end_training(): it also destroys the process group, which the next job of the
+    # same process (another student, the next stage) still needs
+    for tracker in accelerator.trackers:
+        tracker.finish()
     return FitResult(best_folder=best_dir, metrics=metrics)
 
 

@@ -3,6 +3,8 @@ prior, padding, batch-versus-loop, and numerical safety at small reg and large s
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import ot
 import pytest
@@ -15,6 +17,7 @@ from distill.losses.transport import (
     _sinkhorn_no_graph,
     lead_prior_cost,
     log_marginal,
+    squared_distances,
 )
 from distill.modeling import ECGModelOutput
 
@@ -155,13 +158,209 @@ def test_fast_path_has_the_iterates_of_the_unrolled_and_the_exact_paths() -> Non
     torch.testing.assert_close(exact, fast.aux["plan"], rtol=1e-10, atol=1e-14)
 
 
+def solve(cost: torch.Tensor, reg: float, iters: int, mask_s: torch.Tensor | None = None,
+          mask_t: torch.Tensor | None = None, **kw) -> tuple[torch.Tensor, dict]:
+    """``_sinkhorn_no_graph`` from zero potentials on [B, N, M] costs: (plan, stats)."""
+    b_sz, n, m = cost.shape
+    log_a = log_marginal(mask_s, None, b_sz, n, cost.dtype, cost.device)
+    log_b = log_marginal(mask_t, None, b_sz, m, cost.dtype, cost.device)
+    u0 = torch.where(torch.isneginf(log_a), log_a, torch.zeros_like(log_a))
+    stats: dict = {}
+    plan, _, _ = _sinkhorn_no_graph(-cost / reg, u0, log_a, log_b, iters, stats=stats, **kw)
+    return plan, stats
+
+
+def normalized_cost(batch: int, n: int, m: int, dim: int, seed: int) -> torch.Tensor:
+    xs = torch.nn.functional.normalize(tokens(batch, n, dim, seed=seed), dim=-1)
+    xt = torch.nn.functional.normalize(tokens(batch, m, dim, seed=seed + 1), dim=-1)
+    return squared_distances(xs, xt)  # (B, n, m) in [0, 4], float64
+
+
+@pytest.mark.parametrize("case", ["scaling", "absorbing", "fallback", "huge"])
+def test_stabilised_solver_equals_pot_sinkhorn_log_on_every_path(case: str) -> None:
+    """The scaling iterations, frequent absorptions (small bound), exact log-domain
+    v-updates in between scaling ones (a high floor) and costs far beyond exp's range
+    (C/ε ~ 4e7) all keep POT's log-domain iterates."""
+    cost, reg = normalized_cost(3, 8, 13, 5, seed=32), 0.02
+    kw = {"absorbing": {"bound": 2.0}, "fallback": {"floor": 3e-3}}.get(case, {})
+    if case == "huge":  # unnormalised features of scale 1e3 at reg 0.01
+        cost = squared_distances(tokens(3, 8, 4, seed=30, scale=1e3),
+                                 tokens(3, 13, 4, seed=31, scale=1e3))
+        reg = 0.01
+    plan, stats = solve(cost, reg, 60, **kw)
+    exact, _ = solve(cost, reg, 60, floor=float("inf"))  # the log-domain updates throughout
+    if case in ("scaling", "huge"):
+        assert stats == {"exact_v": 1, "exact_u": 1}  # one kernel, then scalings only
+    elif case == "absorbing":
+        assert 5 < stats["exact_u"] < 60 and stats["exact_v"] == 1
+    else:
+        assert 5 < stats["exact_v"] < stats["exact_u"] < 50
+    # at C/ε ~ 4e7 float64 resolves the exponents to ~1e-8 only, on either path
+    torch.testing.assert_close(plan, exact, rtol=1e-6 if case == "huge" else 1e-9, atol=1e-14)
+    for r in range(3):
+        pot_plan, pot_value = pot_sinkhorn(cost[r].numpy(), reg, 60)
+        np.testing.assert_allclose(plan[r].numpy(), pot_plan, rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose((plan[r] * cost[r]).sum().item(), pot_value, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reg", [0.05, 0.01])
+def test_stabilised_solver_in_float32_equals_pot_in_float64(reg: float) -> None:
+    cost = normalized_cost(4, 20, 30, 8, seed=33)
+    plan, stats = solve(cost.float(), reg, 50)
+    assert stats["exact_v"] == 1  # the fast path carried the iterations
+    for r in range(4):
+        pot_plan, pot_value = pot_sinkhorn(cost[r].numpy(), reg, 50)
+        np.testing.assert_allclose((plan[r].double() * cost[r]).sum().item(), pot_value,
+                                   rtol=1e-5)
+        np.testing.assert_allclose(plan[r].double().numpy(), pot_plan, rtol=0,
+                                   atol=1e-5 * pot_plan.max())
+
+
+def test_stabilised_solver_with_padding_and_absorptions_equals_dropping_the_tokens() -> None:
+    cost = normalized_cost(3, 7, 10, 4, seed=34)
+    m_s, m_t = lengths_mask([7, 4, 6], 7), lengths_mask([10, 9, 3], 10)
+    plan, stats = solve(cost, 0.02, 40, m_s, m_t, bound=2.0)
+    assert stats["exact_u"] > 2
+    exact, _ = solve(cost, 0.02, 40, m_s, m_t, floor=float("inf"))
+    torch.testing.assert_close(plan, exact, rtol=1e-9, atol=1e-14)
+    for r, (ls, lt) in enumerate([(7, 10), (4, 9), (6, 3)]):
+        assert plan[r, ls:].abs().sum() == 0 and plan[r, :, lt:].abs().sum() == 0
+        pot_plan, _ = pot_sinkhorn(cost[r, :ls, :lt].numpy(), 0.02, 40)
+        np.testing.assert_allclose(plan[r, :ls, :lt].numpy(), pot_plan, rtol=1e-5, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- teacher space
+
+
+def orthogonal_teacher(loss: OTLeadMatching, scale: float, seed: int) -> None:
+    """Give the (square) fixed teacher matrix columns orthogonal to float64 rounding."""
+    g = torch.Generator().manual_seed(seed)
+    n = loss.teacher_proj.weight.shape[0]
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    with torch.no_grad():
+        loss.teacher_proj.weight.copy_(scale * q)
+
+
+def plain(loss: OTLeadMatching) -> OTLeadMatching:
+    """A copy of ``loss`` that projects the teacher tokens to d (no teacher-space cost)."""
+    direct = copy.deepcopy(loss)
+    direct.teacher_isometry = lambda dtype: None
+    return direct
+
+
+def transport_with_grads(loss: OTLeadMatching, xs: torch.Tensor, xt: torch.Tensor, **kw):
+    xs = xs.clone().requires_grad_()
+    loss.zero_grad(set_to_none=True)
+    out = loss.transport(xs, xt, **kw)
+    out.value.backward()
+    return out, xs.grad, loss.student_proj.weight.grad
+
+
+def square_case(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    n_s, n_t = 9, 14
+    g = torch.Generator().manual_seed(40)
+    kw = {"student_leads": torch.arange(n_s) % 5 - 1, "teacher_leads": torch.arange(n_t) % 6 - 1,
+          "student_mask": lengths_mask([9, 6, 7], n_s),
+          "teacher_mask": lengths_mask([14, 11, 5], n_t),
+          "teacher_weights": torch.rand(3, n_t, generator=g, dtype=dtype) + 0.5}
+    return (tokens(3, n_s, 6, seed=41, dtype=dtype), tokens(3, n_t, 16, seed=42, dtype=dtype),
+            kw)
+
+
+def test_teacher_space_cost_equals_the_direct_computation_in_float64() -> None:
+    """d = D_t and QᵀQ = s² I: the cost computed from x̂ Q and normalize(LN(y)) equals the
+    one from x̂ and normalize(LN(y) Qᵀ), and so do plan, value, barycentric, student tokens
+    and the gradients."""
+    loss = OTLeadMatching(6, 16, dim=16, reg=0.05, iters=60, lead_prior=0.4).double()
+    orthogonal_teacher(loss, scale=1.7, seed=43)
+    assert loss.teacher_isometry(torch.float64) is not None
+    xs, xt, kw = square_case(torch.float64)
+    out, g_x, g_w = transport_with_grads(loss, xs, xt, **kw)
+    ref, r_x, r_w = transport_with_grads(plain(loss), xs, xt, **kw)
+    for key in ("cost", "plan", "per_record", "barycentric", "student_tokens", "objective"):
+        torch.testing.assert_close(out.aux[key], ref.aux[key], rtol=1e-10, atol=1e-12,
+                                   msg=key)
+    torch.testing.assert_close(g_x, r_x, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g_w, r_w, rtol=1e-9, atol=1e-12)
+    # and the direct one is the plain formula
+    teacher = torch.nn.functional.normalize(loss.teacher_proj(xt), dim=-1)
+    student = torch.nn.functional.normalize(loss.student_proj(xs), dim=-1)
+    torch.testing.assert_close(ref.aux["student_tokens"], student)
+    prior = lead_prior_cost(kw["student_leads"], kw["teacher_leads"], 0.4).double()
+    torch.testing.assert_close(ref.aux["cost"], squared_distances(student, teacher) + prior)
+
+
+@pytest.mark.parametrize("dim,d_s", [(16, 6), (64, 48)])
+def test_teacher_space_cost_equals_the_direct_computation_in_float32(dim: int, d_s: int) -> None:
+    """With the float32 matrix ``semi_orthogonal`` draws (orthogonal to float32 rounding)."""
+    loss = OTLeadMatching(d_s, dim, dim=dim, reg=0.05, iters=50, lead_prior=0.4)
+    assert loss.teacher_isometry(torch.float32) is not None
+    xs, xt, kw = square_case(torch.float32)
+    xs, xt = tokens(3, 9, d_s, seed=44, dtype=torch.float32), tokens(3, 14, dim, seed=45,
+                                                                      dtype=torch.float32)
+    out, g_x, g_w = transport_with_grads(loss, xs, xt, **kw)
+    ref, r_x, r_w = transport_with_grads(plain(loss), xs, xt, **kw)
+    torch.testing.assert_close(out.aux["cost"], ref.aux["cost"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.aux["per_record"], ref.aux["per_record"], rtol=1e-5, atol=0)
+    plan, ref_plan = out.aux["plan"], ref.aux["plan"]
+    torch.testing.assert_close(plan, ref_plan, rtol=0, atol=1e-5 * ref_plan.max().item())
+    for key in ("barycentric", "student_tokens"):
+        torch.testing.assert_close(out.aux[key], ref.aux[key], rtol=0, atol=1e-5, msg=key)
+    torch.testing.assert_close(g_x, r_x, rtol=0, atol=1e-4 * r_x.abs().max().item())
+    torch.testing.assert_close(g_w, r_w, rtol=0, atol=1e-4 * r_w.abs().max().item())
+
+
+def test_teacher_space_is_used_only_for_a_square_isometry() -> None:
+    assert OTLeadMatching(6, 10, dim=4).teacher_isometry(torch.float32) is None  # d < D_t
+    assert OTLeadMatching(6, 4, dim=10).teacher_isometry(torch.float32) is None  # d > D_t
+    # float32's QR is orthogonal to float32 rounding, not float64's
+    assert OTLeadMatching(6, 8, dim=8).double().teacher_isometry(torch.float64) is None
+    loss = OTLeadMatching(6, 8, dim=8)
+    assert loss.teacher_isometry(torch.float32) is not None
+    with torch.no_grad():  # a changed buffer is checked again
+        loss.teacher_proj.weight[0, 0] += 1e-3
+    assert loss.teacher_isometry(torch.float32) is None
+    xs, xt = tokens(2, 5, 6, seed=46, dtype=torch.float32), tokens(2, 7, 8, seed=47,
+                                                                    dtype=torch.float32)
+    out = loss.transport(xs, xt)  # the plain computation, with the perturbed matrix
+    teacher = torch.nn.functional.normalize(loss.teacher_proj(xt), dim=-1)
+    student = torch.nn.functional.normalize(loss.student_proj(xs), dim=-1)
+    torch.testing.assert_close(out.aux["cost"], squared_distances(student, teacher))
+    unrolled = OTLeadMatching(6, 8, dim=8, grad="unrolled")
+    assert unrolled.teacher_isometry(torch.float32) is not None  # but only envelope uses it
+
+
+def test_teacher_space_outputs_in_the_context_and_mapping() -> None:
+    loss = build_loss("ot", student_dim=6, teacher_dim=8, dim=8)
+    student = ECGModelOutput(tokens=tokens(3, 5, 6, seed=48, dtype=torch.float32),
+                             token_leads=torch.arange(5))
+    teacher = ECGModelOutput(tokens=tokens(3, 8, 8, seed=49, dtype=torch.float32),
+                             token_leads=torch.arange(8) % 4)
+    context: dict = {}
+    out = loss(student, teacher, {}, context)
+    assert context["ot.barycentric"] is out.aux["barycentric"]
+    assert context["ot.plan"] is out.aux["plan"]
+    as_dict = dict(out.aux)
+    assert list(as_dict) == ["plan", "barycentric", "student_tokens", "cost", "per_record",
+                             "objective"]
+    assert all(isinstance(v, torch.Tensor) for v in as_dict.values())
+    assert as_dict["student_tokens"].requires_grad and not as_dict["barycentric"].requires_grad
+    teacher_proj = torch.nn.functional.normalize(loss.teacher_proj(teacher.tokens), dim=-1)
+    torch.testing.assert_close(out.aux["barycentric"], 5 * out.aux["plan"] @ teacher_proj)
+
+
 # ----------------------------------------------------------------------------- gradients
 
 
-def gradcheck_through_projections(grad: str, output: str, iters: int, reg: float) -> None:
+def gradcheck_through_projections(grad: str, output: str, iters: int, reg: float,
+                                  isometry: bool = False) -> None:
     """gradcheck in float64 through the student tokens and the student projection (the
-    teacher tokens are a detached target)."""
+    teacher tokens are a detached target); ``isometry``: with an orthogonal teacher matrix,
+    so that the cost is computed in the teacher's space."""
     loss = OTLeadMatching(2, 3, dim=3, reg=reg, iters=iters, grad=grad, lead_prior=0.3).double()
+    if isometry:
+        orthogonal_teacher(loss, scale=0.8, seed=50)
+    assert (loss.teacher_isometry(torch.float64) is not None) == isometry
     names = [name for name, _ in loss.named_parameters()]
     leads_s, leads_t = torch.tensor([0, 1, -1]), torch.tensor([0, 1, 1, -1])
 
@@ -183,9 +382,35 @@ def test_gradcheck_unrolled_value() -> None:
     gradcheck_through_projections("unrolled", "value", iters=10, reg=0.1)
 
 
-def test_gradcheck_envelope_is_the_gradient_of_the_regularised_objective() -> None:
+@pytest.mark.parametrize("isometry", [False, True])
+def test_gradcheck_envelope_is_the_gradient_of_the_regularised_objective(isometry: bool) -> None:
     """``grad="envelope"`` (default): ∂/∂C = P*, the gradient of OT_ε at its optimum."""
-    gradcheck_through_projections("envelope", "objective", iters=400, reg=0.5)
+    gradcheck_through_projections("envelope", "objective", iters=400, reg=0.5,
+                                  isometry=isometry)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_envelope_gradient_equals_autograd_through_the_plain_cost(normalize: bool) -> None:
+    """The gradient built in the forward (P y, pulled back through the normalisation by
+    hand) equals autograd of <sg(P), C> with C computed the plain way."""
+    loss = OTLeadMatching(5, 7, dim=4, reg=0.05, lead_prior=0.3, normalize=normalize).double()
+    xs, xt = tokens(3, 6, 5, seed=51).requires_grad_(), tokens(3, 9, 7, seed=52)
+    kw = {"student_leads": torch.arange(6) % 4, "teacher_leads": torch.arange(9) % 5 - 1,
+          "student_mask": lengths_mask([6, 4, 5], 6)}
+    out = loss.transport(xs, xt, **kw)
+    out.value.backward()
+    grads = [xs.grad, loss.student_proj.weight.grad]
+    xs.grad, loss.student_proj.weight.grad = None, None
+    student, teacher = loss.student_proj(xs), loss.teacher_proj(xt)
+    if normalize:
+        student = torch.nn.functional.normalize(student, dim=-1)
+        teacher = torch.nn.functional.normalize(teacher, dim=-1)
+    prior = lead_prior_cost(kw["student_leads"], kw["teacher_leads"], 0.3).double()
+    cost = squared_distances(student, teacher) + prior
+    torch.testing.assert_close(out.aux["cost"], cost.detach())
+    (out.aux["plan"] * cost).sum((1, 2)).mean().backward()
+    torch.testing.assert_close(grads[0], xs.grad, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(grads[1], loss.student_proj.weight.grad, rtol=1e-10, atol=1e-13)
 
 
 def test_envelope_value_gradient_is_the_plan() -> None:
@@ -254,6 +479,26 @@ def test_small_reg_large_scale_low_precision_is_finite(dtype: torch.dtype, grad:
         for t in (xs.grad, *(p.grad for p in loss.parameters())):
             assert t is not None and torch.isfinite(t).all()
         assert xt.grad is None  # the teacher is a detached target
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_teacher_space_at_small_reg_large_scale_low_precision_is_finite(
+        dtype: torch.dtype) -> None:
+    """The same with d = D_t (the cost in the teacher's space) and normalised tokens."""
+    xs = tokens(4, 12, 32, seed=17, dtype=dtype, scale=1e3).requires_grad_()
+    xt = tokens(4, 30, 16, seed=18, dtype=dtype, scale=1e3)
+    loss = OTLeadMatching(32, 16, dim=16, reg=0.01, lead_prior=1.0)
+    assert loss.teacher_isometry(torch.float32) is not None
+    student = ECGModelOutput(tokens=xs, token_leads=torch.arange(12) % 13 - 1)
+    teacher = ECGModelOutput(tokens=xt, token_leads=torch.arange(30) % 13 - 1,
+                             token_mask=lengths_mask([30, 25, 12, 1], 30))
+    out = loss(student, teacher, {})
+    assert out.value.dtype == torch.float32 and torch.isfinite(out.value)
+    for key in ("plan", "barycentric", "student_tokens", "cost", "objective"):
+        assert torch.isfinite(out.aux[key]).all(), key
+    torch.testing.assert_close(out.aux["plan"].sum((1, 2)), torch.ones(4), rtol=0, atol=1e-5)
+    (out.value + out.aux["barycentric"].sum() + out.aux["objective"].sum()).backward()
+    assert torch.isfinite(xs.grad).all() and torch.isfinite(loss.student_proj.weight.grad).all()
 
 
 # ----------------------------------------------------------------------------- contract

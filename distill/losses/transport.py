@@ -65,6 +65,7 @@ normalised tokens at ε = 0.05 the two gradients have cosine ≈ 0.99 (relative 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -224,7 +225,8 @@ def _inside(sums: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> bool:
 
 def _sinkhorn_no_graph(k: torch.Tensor, u: torch.Tensor, log_a: torch.Tensor,
                        log_b: torch.Tensor, iters: int, floor: float | None = None,
-                       bound: float | None = None) -> tuple[torch.Tensor, ...]:
+                       bound: float | None = None,
+                       stats: dict[str, int] | None = None) -> tuple[torch.Tensor, ...]:
     """The same iterates without a graph: stabilised scaling Sinkhorn (Schmitzer 2019).
 
     The log-scalings are split as u = α + log x, v = β + log y: the potentials α, β are
@@ -238,17 +240,19 @@ def _sinkhorn_no_graph(k: torch.Tensor, u: torch.Tensor, log_a: torch.Tensor,
     over j of k_ij + v_j written in place: E_ij = exp(k_ij + v_j − m_i), s_i = Σ_j E_ij,
     u_i = log a_i − m_i − log s_i, K = E · a/s, which is the plan exp(k + u + v) itself, so
     K_ij ≤ a_i ≤ 1 and x = y = 1 afterwards. That exact step replaces the fast u-update
-    whenever the fast one would leave a scaling outside [1/big, big] (big = e^bound,
-    bound = log(max float)/4 by default: nothing overflows) or its row sums are below
-    n_t · floor. A v-update whose column sums are below n_s · floor, or whose scalings
-    would leave [1/big, big], is replaced by the exact ``TorchBackend.logsumexp`` over i
-    (as is the first one, when no kernel exists yet), followed by an exact u-update.
+    whenever a scaling of the iteration would leave [1/big, big] (big = e^bound,
+    bound = log(max float)/4 by default: nothing overflows) or the row sums K y are below
+    n_t · floor. A v-update whose column sums Kᵀx are below n_s · floor is replaced by the
+    exact ``TorchBackend.logsumexp`` over i of k_ij + u_i (as is the first one, when no
+    kernel exists yet), followed by an exact u-update.
 
     Why the floor: K's entries are exact to a relative eps down to the smallest normal
     number (tiny) and off by at most tiny below it, so a sum Σ K_ij x_i over n terms with
     x ≤ big is off by at most n · tiny · big + eps · sum: the default floor tiny · big / eps
     keeps every accepted sum exact to about 2 eps. ``floor=inf`` takes the exact
     (log-domain) updates every iteration, ``bound=0`` absorbs after every u-update.
+    ``stats``, if given, receives the number of exact v- and u-updates ("exact_v",
+    "exact_u"; the rest were scaling updates).
     """
     info = torch.finfo(k.dtype)
     big = math.exp(math.log(info.max) / 4 if bound is None else bound)
@@ -257,31 +261,36 @@ def _sinkhorn_no_graph(k: torch.Tensor, u: torch.Tensor, log_a: torch.Tensor,
     a, b = log_a.exp(), log_b.exp()  # (B, N_s), (B, N_t)
     lo_b, hi_b = _accepted(b, k.shape[1] * floor, big)  # (B, N_t)
     lo_a, hi_a = _accepted(a, k.shape[2] * floor, big)  # (B, N_s)
+    floor_b = torch.where(b > 0, k.shape[1] * floor, -1.0)  # (B, N_t)
     kern = torch.empty_like(k)  # (B, N_s, N_t) K = exp(k + α + β); at the end the plan
     alpha, beta = u, log_b  # absorbed potentials (beta is set by the first update)
     x, y = torch.ones_like(a), torch.ones_like(b)  # scalings
     formed = scaled = False  # a kernel exists / the scalings differ from 1
     zero_start = not bool(u.any())  # u = 0: no padded student token
+    exact_v = exact_u = 0
     for _ in range(iters):
-        exact = not formed
+        v = None
         if formed:
             col = torch.bmm(x[:, None, :], kern)[:, 0]  # (B, N_t) Σ_i K_ij x_i
-            exact = not _inside(col, lo_b, hi_b)
-        if exact:
-            if scaled or not zero_start:
+            if _inside(col, lo_b, hi_b):
+                y = b / col.clamp_min(info.tiny)  # padding: 0
+                row = torch.bmm(y[:, None, :], kern.transpose(1, 2))[:, 0]  # (B, N_s)
+                if _inside(row, lo_a, hi_a):  # Σ_j K_ij y_j
+                    x = a / row.clamp_min(info.tiny)
+                    scaled = True
+                    continue
+                v = beta + y.log()  # (B, N_t)
+            elif bool((col >= floor_b).all()):  # exact, but a scaling leaves [1/big, big]
+                v = beta + (b / col.clamp_min(info.tiny)).log()
+        if v is None:  # exact v-update
+            exact_v += 1
+            if formed or not zero_start:
                 u_now = alpha + x.log() if scaled else alpha  # (B, N_s)
                 v = log_b - _NX.logsumexp(k + u_now[:, :, None], axis=1)  # (B, N_t)
-            else:  # the first update from zero potentials: k + 0 = k
+            else:  # the first update, from zero potentials: k + u = k
                 v = log_b - _NX.logsumexp(k, axis=1)
-        else:
-            y = b / col.clamp_min(info.tiny)  # padding: 0
-            row = torch.bmm(y[:, None, :], kern.transpose(1, 2))[:, 0]  # (B, N_s) Σ_j K_ij y_j
-            if _inside(row, lo_a, hi_a):
-                x = a / row.clamp_min(info.tiny)
-                scaled = True
-                continue
-            v = beta + y.log()  # (B, N_t)
         # exact u-update, absorbing u and v: the kernel becomes the current plan
+        exact_u += 1
         torch.add(k, v[:, None, :], out=kern)
         shift = kern.amax(2, keepdim=True)  # (B, N_s, 1)
         s = kern.sub_(shift).exp_().sum(2)  # (B, N_s), >= 1
@@ -289,6 +298,8 @@ def _sinkhorn_no_graph(k: torch.Tensor, u: torch.Tensor, log_a: torch.Tensor,
         kern.mul_((a / s)[:, :, None])
         x, y = torch.ones_like(a), torch.ones_like(b)
         formed, scaled = True, False
+    if stats is not None:
+        stats.update(exact_v=exact_v, exact_u=exact_u)
     if not scaled:
         return kern, alpha, beta
     # P = diag(x) K diag(y); x = a / (K y), so the rows sum to a
@@ -320,6 +331,39 @@ def _project(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     return layer(x)
 
 
+class _Aux(Mapping[str, torch.Tensor]):
+    """The loss's named outputs: a read-only mapping in which an entry given as a
+    zero-argument function is computed on first access, then kept."""
+
+    def __init__(self, entries: dict[str, torch.Tensor | Callable[[], torch.Tensor]]) -> None:
+        self._entries = entries
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        value = self._entries[key]
+        if not isinstance(value, torch.Tensor):
+            value = self._entries[key] = value()
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({list(self._entries)})"
+
+
+def _out_of_autocast(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """``fn(*args)`` for later, run with autocast off and autograd on (as in the forward)."""
+
+    def run() -> torch.Tensor:
+        with torch.autocast(device_type=args[0].device.type, enabled=False), torch.enable_grad():
+            return fn(*args)
+
+    return run
+
+
 @register_loss("ot")
 class OTLeadMatching(nn.Module):
     """Optimal-transport lead matching between student and teacher tokens (EVL-ECG).
@@ -349,6 +393,7 @@ class OTLeadMatching(nn.Module):
                                  f"student {student_dim} and teacher {teacher_dim}")
             self.student_proj = nn.Identity()
             self.teacher_proj = nn.Identity()
+        self._isometry_cache: tuple[Any, tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
@@ -358,6 +403,38 @@ class OTLeadMatching(nn.Module):
         for t in (*tensors, *self.parameters()):
             dtype = torch.promote_types(dtype, t.dtype)
         return dtype
+
+    def teacher_isometry(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The fixed teacher matrix Q when the cost may be computed in the teacher's space.
+
+        That is when the teacher projection is ``FixedTeacherProjection`` (layer norm, then
+        Q) with a square Q whose columns are orthogonal with a common norm s (QᵀQ = s² I, as
+        ``semi_orthogonal`` draws it for d = D_t) to within 4 √D_t rounding units of
+        ``dtype`` (relative), and the student projection is an ``nn.Linear`` without bias.
+        Checked once per value of the buffer (the check is a D_t³ product).
+
+        Returns:
+            (Q [d, D_t], Q / s) in ``dtype``, or None.
+        """
+        student, teacher = self.student_proj, self.teacher_proj
+        if not (type(teacher) is FixedTeacherProjection and isinstance(student, nn.Linear)
+                and student.bias is None):
+            return None
+        q = teacher.weight  # (d, D_t)
+        if q.ndim != 2 or q.shape[0] != q.shape[1]:
+            return None
+        key = (q.data_ptr(), q._version, q.device, q.dtype, dtype)
+        if self._isometry_cache is None or self._isometry_cache[0] != key:
+            with torch.no_grad():
+                q64 = q.detach().double()
+                gram = q64.T @ q64  # (D_t, D_t) = s² I
+                s2 = gram.diagonal().mean()
+                eye = torch.eye(q.shape[1], dtype=gram.dtype, device=gram.device)
+                err = float((gram / s2 - eye).abs().max()) if float(s2) > 0 else math.inf
+                ok = err <= 4 * math.sqrt(q.shape[1]) * torch.finfo(dtype).eps
+                value = (q.to(dtype), (q64 / s2.sqrt()).to(dtype)) if ok else None
+            self._isometry_cache = (key, value)
+        return self._isometry_cache[1]
 
     def transport(self, student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, *,
                   student_leads: torch.Tensor | None = None,
@@ -375,34 +452,53 @@ class OTLeadMatching(nn.Module):
             student_weights: [B, N_s] token masses or None (uniform); teacher_weights: [B, N_t].
 
         Returns:
-            LossOutput(value: scalar mean over records of <P, C>; aux: "plan" [B, N_s, N_t]
-            (detached), "barycentric" [B, N_s, d] ((P @ ŷ) / a; zero rows on padded student
-            tokens), "student_tokens" [B, N_s, d] (projected, normalised if configured),
-            "cost" [B, N_s, N_t] (detached), "per_record" [B] (detached <P, C>), "objective"
-            [B] (OT_ε = <P, C> + ε Σ P log P, carrying the loss's gradient)).
+            LossOutput(value: scalar mean over records of <P, C>; aux, a read-only mapping:
+            "plan" [B, N_s, N_t] (detached), "barycentric" [B, N_s, d] ((P @ ŷ) / a; zero
+            rows on padded student tokens), "student_tokens" [B, N_s, d] (projected,
+            normalised if configured), "cost" [B, N_s, N_t] (detached), "per_record" [B]
+            (detached <P, C>), "objective" [B] (OT_ε = <P, C> + ε Σ P log P, carrying the
+            loss's gradient)). When the cost is computed in the teacher's space (see the
+            module doc) "barycentric" and "student_tokens" are computed on first access.
         """
         c = self.config
         dtype = self._work_dtype(student_tokens, teacher_tokens)
-        with torch.autocast(device_type=student_tokens.device.type, enabled=False):
-            zs = _project(self.student_proj, student_tokens, dtype)  # (B, N_s, d)
-            with torch.no_grad():  # the teacher is a fixed target, as in every other term
-                xt = _project(self.teacher_proj, teacher_tokens.detach(), dtype)  # (B, N_t, d)
-                if c.normalize:
-                    xt = F.normalize(xt, dim=-1)
-            xs = F.normalize(zs, dim=-1) if c.normalize else zs  # (B, N_s, d)
+        device = student_tokens.device
+        bsz, n_s, n_t = student_tokens.shape[0], student_tokens.shape[1], teacher_tokens.shape[1]
+        with torch.autocast(device_type=device.type, enabled=False):
             prior = None
             if c.lead_prior > 0 and student_leads is not None and teacher_leads is not None:
-                prior = lead_prior_cost(student_leads.to(xs.device), teacher_leads.to(xs.device),
+                prior = lead_prior_cost(student_leads.to(device), teacher_leads.to(device),
                                         c.lead_prior).to(dtype)  # (N_s, N_t)
-            bsz, n_s, n_t = xs.shape[0], xs.shape[1], xt.shape[1]
-            log_a = log_marginal(student_mask, student_weights, bsz, n_s, dtype, xs.device)
-            log_b = log_marginal(teacher_mask, teacher_weights, bsz, n_t, dtype, xs.device)
+            log_a = log_marginal(student_mask, student_weights, bsz, n_s, dtype, device)
+            log_b = log_marginal(teacher_mask, teacher_weights, bsz, n_t, dtype, device)
             a = log_a.exp()  # (B, N_s)
             tiny = torch.finfo(dtype).tiny
             inv_a = torch.where(a > 0, 1.0 / a.clamp_min(tiny), 0.0)  # (B, N_s)
+            iso = None
+            if c.grad == "envelope" and c.normalize and c.project:
+                iso = self.teacher_isometry(dtype)
+            if iso is not None:
+                # teacher space: x̃ = normalize(x (Qᵀ W_s)ᵀ) = x̂ Q / s, ỹ = normalize(LN(y)),
+                # ŷ = ỹ Qᵀ / s, so x̂·ŷ = x̃·ỹ and the teacher needs no matrix product
+                q, q_out = iso
+                weight = q.T @ self.student_proj.weight.to(dtype)  # (D_t, D_s)
+                zs = F.linear(student_tokens.to(dtype), weight)  # (B, N_s, D_t)
+                with torch.no_grad():
+                    xt = F.layer_norm(teacher_tokens.detach().to(dtype), (q.shape[1],))
+                    xt = F.normalize(xt, dim=-1)  # (B, N_t, D_t)
+            else:
+                zs = _project(self.student_proj, student_tokens, dtype)  # (B, N_s, d)
+                with torch.no_grad():  # the teacher is a fixed target, as in every other term
+                    xt = _project(self.teacher_proj, teacher_tokens.detach(), dtype)
+                    if c.normalize:
+                        xt = F.normalize(xt, dim=-1)  # (B, N_t, d)
+            xs = F.normalize(zs, dim=-1) if c.normalize else zs  # (B, N_s, d or D_t)
             if c.grad == "envelope":
                 per_record, plan, cost, transported = self._envelope(zs, xs, xt, prior, log_a,
                                                                      log_b)
+                # P is a constant here: 0 log 0 = 0 as 0 times a finite log
+                neg_entropy = torch.linalg.vecdot(
+                    plan.flatten(1), plan.clamp_min(tiny).log_().flatten(1))  # (B,) Σ P log P
             else:
                 cost = squared_distances(xs, xt)  # (B, N_s, N_t)
                 if prior is not None:
@@ -410,15 +506,18 @@ class OTLeadMatching(nn.Module):
                 plan, _, _ = sinkhorn_log_batched(cost, c.reg, c.iters, log_a, log_b)
                 per_record = (plan * cost).sum((1, 2))  # (B,)
                 transported = torch.bmm(plan, xt)  # (B, N_s, d)
-            if c.grad == "envelope":  # P is a constant: 0 log 0 = 0 as 0 times a finite log
-                neg_entropy = (plan * plan.clamp_min(tiny).log_()).sum((1, 2))  # (B,) Σ P log P
-            else:
                 neg_entropy = torch.where(plan > 0, plan * plan.clamp_min(tiny).log(),
-                                          0.0).sum((1, 2))
-            barycentric = transported * inv_a[:, :, None]  # (B, N_s, d)
-        aux = {"plan": plan.detach(), "barycentric": barycentric, "student_tokens": xs,
-               "cost": cost.detach(), "per_record": per_record.detach(),
-               "objective": per_record + c.reg * neg_entropy}
+                                          0.0).sum((1, 2))  # (B,)
+        if iso is None:
+            barycentric: Any = transported * inv_a[:, :, None]  # (B, N_s, d)
+            student: Any = xs
+        else:  # back to the common space d: x̂ = x̃ Qᵀ / s, P ŷ = (P ỹ) Qᵀ / s
+            barycentric = _out_of_autocast(
+                lambda t, w, s: F.linear(t, w) * s[:, :, None], transported, q_out, inv_a)
+            student = _out_of_autocast(F.linear, xs, q_out)
+        aux = _Aux({"plan": plan.detach(), "barycentric": barycentric, "student_tokens": student,
+                    "cost": cost.detach(), "per_record": per_record.detach(),
+                    "objective": per_record + c.reg * neg_entropy})
         return LossOutput(per_record.mean(), aux)
 
     def _envelope(self, zs: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor,
@@ -436,13 +535,13 @@ class OTLeadMatching(nn.Module):
         of the unclamped squared distance: the clamp at 0 only guards against rounding.
 
         Args:
-            zs: [B, N_s, d] projected student tokens (with a graph); xs: the same
-                normalised, or ``zs`` itself; xt: [B, N_t, d] teacher tokens (no graph).
+            zs: [B, N_s, w] projected student tokens (with a graph); xs: the same
+                normalised, or ``zs`` itself; xt: [B, N_t, w] teacher tokens (no graph).
             prior: [N_s, N_t] lead prior or None; log_a, log_b: log-masses.
 
         Returns:
             (per_record [B] carrying that gradient, plan [B, N_s, N_t], cost [B, N_s, N_t],
-            P @ xt [B, N_s, d]), all but the first without a graph.
+            P @ xt [B, N_s, w]), all but the first without a graph.
         """
         c = self.config
         with torch.no_grad():
@@ -457,8 +556,8 @@ class OTLeadMatching(nn.Module):
             plan, _, _ = _sinkhorn_no_graph(k, u, log_a, log_b, c.iters)
             del k
             value = torch.linalg.vecdot(plan.flatten(1), cost.flatten(1))  # (B,) <P, C>
-            transported = torch.bmm(plan, xt)  # (B, N_s, d) = P y
-            grad = (x * plan.sum(2)[:, :, None]).sub_(transported).mul_(2.0)  # (B, N_s, d)
+            transported = torch.bmm(plan, xt)  # (B, N_s, w) = P y
+            grad = (x * plan.sum(2)[:, :, None]).sub_(transported).mul_(2.0)  # (B, N_s, w)
             if zs is not xs:  # through x = z / max(|z|, eps)
                 norm = torch.linalg.vector_norm(zs.detach(), dim=-1, keepdim=True)  # (B, N_s, 1)
                 radial = torch.linalg.vecdot(x, grad)[..., None]  # (B, N_s, 1)
