@@ -5,7 +5,9 @@ Measured side by side in one run (interleaved repeats, medians of the training l
 wall time, evaluation and checkpointing excluded):
 
   * distillation of one student with the teacher's outputs read from the cache;
-  * the same with the tiny VLM teacher run live on every batch (what augmentation costs);
+  * the same with the tiny VLM teacher run live on every batch, reading the cached images;
+  * the same with augmentation on: every record augmented and its image drawn live before
+    the teacher runs (what ``train.augment`` costs);
   * a label-only epoch of the same student (the baseline);
 
 then, once each, an epoch of the teacher's fine-tuning and of every student's baseline and
@@ -18,6 +20,7 @@ Run: ``python benchmarks/train.py [--records 2000] [--student xresnet1d/small] [
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -59,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [
             f"data.synthetic.records={args.records}", f"output_dir={root}/run"])
+        augmented = load_recipe(REPO / "recipes" / "quickstart.yaml", [
+            f"data.synthetic.records={args.records}", f"output_dir={root}/run",
+            "train.augment.noise=0.02", "train.augment.shift=0.5"])
         family, size = args.student.split("/")
         spec = StudentConfig(family=family, size=size)
         print(f"CPU, {torch.get_num_threads()} threads; quickstart recipe, {args.records} "
@@ -69,15 +75,17 @@ def main(argv: list[str] | None = None) -> None:
         recipe.teacher.train_mode = "frozen"
         teacher = load_frozen_teacher(jd, root)
         start = time.perf_counter()
-        cache = build_teacher_cache(jd, teacher, progress=False)
+        cache = build_teacher_cache(jd, teacher, progress=False, rebuild=True)  # time it
         cache_s = time.perf_counter() - start
         print(f"teacher cache: {len(jd.data)} records in {cache_s:.1f} s "
               f"({len(jd.data) / cache_s:.0f} records/s), tokens {list(cache.tokens.shape)} "
               f"{cache.tokens.dtype}")
 
+        jd_aug = dataclasses.replace(jd, recipe=augmented)
         cases = {
             "distill, cached teacher": lambda i: distill_job(jd, spec, teacher, cache),
             "distill, live teacher": lambda i: distill_job(jd, spec, teacher, None),
+            "distill, live + augment": lambda i: distill_job(jd_aug, spec, teacher, None),
             "label-only (baseline)": lambda i: baseline_job(jd, spec),
         }
         times: dict[str, list[float]] = {k: [] for k in cases}
@@ -90,10 +98,11 @@ def main(argv: list[str] | None = None) -> None:
               f"{args.repeats}:")
         for name, sec in med.items():
             print(f"  {name:<26}{sec:8.2f} s  {n_train / sec:8.0f} records/s")
-        cached, live, labels = (med[k] for k in cases)
-        print(f"  live / cached teacher      {live / cached:8.2f}x")
-        print(f"  cached distill / label-only{cached / labels:8.2f}x")
-        print(f"  live distill / label-only  {live / labels:8.2f}x")
+        cached, live, aug, labels = (med[k] for k in cases)
+        print(f"  live / cached teacher          {live / cached:6.2f}x")
+        print(f"  live + augment / cached        {aug / cached:6.2f}x")
+        print(f"  cached distill / label-only    {cached / labels:6.2f}x")
+        print(f"  live distill / label-only      {live / labels:6.2f}x")
 
         if not args.skip_per_command:
             print("\none epoch of each command's jobs (training loop only):")

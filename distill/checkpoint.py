@@ -137,11 +137,19 @@ def verify(folder: Path) -> TrainerState:
     return state
 
 
+def peek_fingerprint(folder: Path) -> str | None:
+    """The job fingerprint a checkpoint records (unverified), or None if unreadable."""
+    try:
+        return json.loads((folder / STATE_FILE).read_text())["state"]["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def latest_valid(root: Path, warn=print) -> tuple[Path, TrainerState] | None:
     """The newest checkpoint that verifies, reporting each bad one it skips; None if none."""
     for folder in reversed(list_checkpoints(root)):
         try:
             return folder, verify(folder)
         except ECGDistillError as exc:
-            warn(f"warning: {exc}; using the previous checkpoint")
+            warn(f"warning: {exc}; trying an earlier checkpoint")
     return None

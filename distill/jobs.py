@@ -74,6 +74,36 @@ def _sections(recipe: Recipe, *names: str) -> dict[str, Any]:
     return {n: d[n] for n in names}
 
 
+# train settings that change what training produces (not: checkpoint_every,
+# keep_checkpoints, num_workers, which only change how it is done)
+RESULT_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "grad_accum",
+               "grad_clip", "mixed_precision", "early_stopping", "augment")
+
+
+def train_settings(recipe: Recipe, teacher: bool = False) -> dict[str, Any]:
+    """The training settings a job's result depends on; for the teacher, with its own
+    ``teacher.epochs`` / ``teacher.lr`` when set. Fingerprints and stage hashes use these,
+    so changing a bookkeeping setting never invalidates finished training."""
+    d = to_dict(recipe.train)
+    out = {k: d[k] for k in RESULT_KEYS}
+    if teacher:
+        t = recipe.teacher
+        out["epochs"] = t.epochs if t.epochs is not None else out["epochs"]
+        out["lr"] = t.lr if t.lr is not None else out["lr"]
+    return out
+
+
+def teacher_settings(recipe: Recipe) -> dict[str, Any]:
+    """Everything the trained teacher depends on besides the data."""
+    t = {k: v for k, v in to_dict(recipe.teacher).items() if k not in ("epochs", "lr")}
+    return {"seed": recipe.seed, "teacher": t, "train": train_settings(recipe, teacher=True)}
+
+
+def student_settings(recipe: Recipe) -> dict[str, Any]:
+    """What a student's training depends on besides its own spec, the data and the teacher."""
+    return {"seed": recipe.seed, "train": train_settings(recipe)}
+
+
 # ---------------------------------------------------------------- inputs
 
 
@@ -137,9 +167,10 @@ def teacher_job(jd: JobData) -> TrainJob:
 
     return TrainJob(
         name="teacher", model=teacher, train_set=sets["train"], val_set=sets["val"],
-        loss_fn=loss_fn, logits_fn=logits_fn, save_model=lambda m, f: m.save_pretrained(f),
+        loss_fn=loss_fn, logits_fn=logits_fn,
+        save_model=lambda m, f, sd: m.save_pretrained(f, state_dict=sd),
         fingerprint=_hash({"job": "teacher", "data": jd.data.fingerprint,
-                           **_sections(recipe, "seed", "teacher", "train")}),
+                           **teacher_settings(recipe)}),
         class_names=jd.classes)
 
 
@@ -154,6 +185,12 @@ def load_frozen_teacher(jd: JobData, run_dir: Path) -> nn.Module:
     if recipe.teacher.train_mode == "frozen":
         set_seed(recipe.seed)  # a freshly built head is the same in every process and run
         teacher = build_teacher(recipe, jd.classes)
+        saved = (Path(recipe.teacher.name_or_path).expanduser() / "teacher.json").is_file()
+        if not saved and recipe.distill.weights.kd > 0 and recipe.distill.alpha > 0:
+            print(f"warning: teacher.train_mode is frozen and {recipe.teacher.name_or_path} is "
+                  f"not a saved teacher, so its classification head is untrained: the kd term "
+                  f"distils random logits (train it with train_mode: head, or point "
+                  f"teacher.name_or_path at a trained teacher folder)")
     else:
         best = run_dir / TEACHER_DIR / "best"
         if not (best / "teacher.json").exists():
@@ -205,9 +242,9 @@ def baseline_job(jd: JobData, spec: StudentConfig) -> TrainJob:
     return TrainJob(
         name=f"baseline {student_name(spec)}", model=student, train_set=sets["train"],
         val_set=sets["val"], loss_fn=loss_fn, logits_fn=logits_fn,
-        save_model=lambda m, f: m.save_pretrained(f),
+        save_model=lambda m, f, sd: m.save_pretrained(f, state_dict=sd),
         fingerprint=_hash({"job": "baseline", "student": to_dict(spec), "data": jd.data.fingerprint,
-                           **_sections(recipe, "seed", "train")}),
+                           **student_settings(recipe)}),
         class_names=jd.classes)
 
 
@@ -288,11 +325,19 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
     return TrainJob(
         name=f"distill {student_name(spec)}", model=module, train_set=sets["train"],
         val_set=sets["val"], loss_fn=loss_fn, logits_fn=logits_fn,
-        save_model=lambda m, f: m.student.save_pretrained(f), on_device=on_device,
+        save_model=lambda m, f, sd: m.student.save_pretrained(f, state_dict=_sub(sd, "student.")),
+        on_device=on_device,
         fingerprint=_hash({"job": "distill", "student": to_dict(spec), "teacher": teacher_id,
-                           "data": jd.data.fingerprint,
-                           **_sections(recipe, "seed", "train", "distill")}),
+                           "data": jd.data.fingerprint, **student_settings(recipe),
+                           **_sections(recipe, "distill")}),
         class_names=jd.classes)
+
+
+def _sub(state_dict: dict[str, Any] | None, prefix: str) -> dict[str, Any] | None:
+    """The entries under ``prefix`` (prefix removed), or None."""
+    if state_dict is None:
+        return None
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def _teacher_id(teacher: nn.Module) -> str:
@@ -318,8 +363,16 @@ def teacher_cache_key(jd: JobData, teacher: nn.Module) -> str:
 
 def build_teacher_cache(jd: JobData, teacher: nn.Module, progress: bool = True,
                         batch_size: int | None = None, rebuild: bool = False):
-    """The teacher's outputs on every record, from the cache or computed now."""
+    """The teacher's outputs on every record, from the cache or computed now (on this
+    process's device: the GPU when there is one)."""
     from distill.teacher_cache import teacher_outputs
+    from distill.train import process_state
+
+    device = process_state().device
+    if getattr(teacher, "quantized", False):  # placed by bitsandbytes when loaded
+        device = next(teacher.parameters()).device
+    else:
+        teacher.to(device)
 
     recipe = jd.recipe
     views = {"teacher": jd.views["teacher"]}
@@ -328,4 +381,4 @@ def build_teacher_cache(jd: JobData, teacher: nn.Module, progress: bool = True,
     return teacher_outputs(teacher, dataset, teacher_inputs(recipe.teacher.kind),
                            key=teacher_cache_key(jd, teacher), cache_dir=recipe.data.cache_dir,
                            batch_size=batch_size or recipe.train.batch_size, progress=progress,
-                           rebuild=rebuild)
+                           rebuild=rebuild, device=device)

@@ -121,6 +121,7 @@ class Stage:
     run: Callable[[RunContext], dict[str, Any]]
     folders: tuple[str, ...] = ()  # run-folder entries ``--force`` deletes first
     collective: bool = False  # every process takes part (training); else main first
+    settings: Callable[[Recipe], dict[str, Any]] | None = None  # more hashed settings
 
 
 def _stage_data(ctx: RunContext) -> dict[str, Any]:
@@ -196,8 +197,12 @@ def _stage_teacher_cache(ctx: RunContext) -> dict[str, Any]:
               "runs it live instead of reading a cache")
         return {"live": True}
     jd = ctx.job_data()
+    from distill.train import process_state
+
+    # every process runs this stage, the main one first: only it recomputes on --force
+    rebuild = "teacher_cache" in ctx.force and process_state().is_main_process
     cache = build_teacher_cache(jd, load_frozen_teacher(jd, ctx.run_dir), progress=ctx.progress,
-                                rebuild="teacher_cache" in ctx.force)
+                                rebuild=rebuild)
     print(f"teacher outputs: {cache.folder} (tokens {list(cache.tokens.shape)}, "
           f"{cache.tokens.dtype})")
     return {"folder": str(cache.folder), "key": cache.key, "tokens": list(cache.tokens.shape),
@@ -230,19 +235,35 @@ def _stage_distill(ctx: RunContext) -> dict[str, Any]:
             for s in ctx.recipe.students}
 
 
-_TRAIN = ("seed", "data", "train")
+def _teacher_settings(recipe: Recipe) -> dict[str, Any]:
+    from distill.jobs import teacher_settings
+
+    return teacher_settings(recipe)
+
+
+def _student_settings(recipe: Recipe) -> dict[str, Any]:
+    from distill.jobs import student_settings
+
+    return student_settings(recipe)
+
+
+def _distill_settings(recipe: Recipe) -> dict[str, Any]:
+    return {**_teacher_settings(recipe), "students": _student_settings(recipe)}
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("data", "decode and cache the signals (generating the synthetic default if needed) "
                   "and render the teacher's images", ("data", "teacher.kind"), _stage_data),
     Stage("teacher", "fine-tune the teacher on the labels (full, lora or head)",
-          (*_TRAIN, "teacher"), _stage_teacher, ("teacher",), collective=True),
+          ("data",), _stage_teacher, ("teacher",), collective=True,
+          settings=_teacher_settings),
     Stage("teacher_cache", "compute the frozen teacher's outputs on every record once",
-          (*_TRAIN, "teacher"), _stage_teacher_cache),
-    Stage("baseline", "train every student on the labels alone", (*_TRAIN, "students"),
-          _stage_baseline, ("baseline",), collective=True),
+          ("data",), _stage_teacher_cache, settings=_teacher_settings),
+    Stage("baseline", "train every student on the labels alone", ("data", "students"),
+          _stage_baseline, ("baseline",), collective=True, settings=_student_settings),
     Stage("distill", "train every student with the distillation objective",
-          (*_TRAIN, "teacher", "students", "distill"), _stage_distill, ("distill",),
-          collective=True),
+          ("data", "students", "distill"), _stage_distill, ("distill",), collective=True,
+          settings=_distill_settings),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
@@ -256,7 +277,10 @@ def _section(recipe_dict: dict[str, Any], dotted: str) -> Any:
 
 def stage_hash(stage: Stage, recipe: Recipe) -> str:
     d = to_dict(recipe)
-    payload = json.dumps({k: _section(d, k) for k in stage.depends_on}, sort_keys=True)
+    parts = {k: _section(d, k) for k in stage.depends_on}
+    if stage.settings is not None:
+        parts["settings"] = stage.settings(recipe)
+    payload = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -299,6 +323,10 @@ def run_pipeline(recipe: Recipe, *, force: Sequence[str] = (), dry_run: bool = F
     _check_force(force)
     run_dir = recipe.run_dir
     selected = [s for s in STAGES if stages is None or s.name in stages]
+    outside = [f for f in force if f not in {s.name for s in selected}]
+    if outside:
+        raise RecipeError(f"--force {outside[0]}: this command runs the stages "
+                          f"{', '.join(s.name for s in selected)} only")
     plan = {}
     for stage in selected:
         status = stage_status(stage, recipe, run_dir)

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from distill.data.cache import default_cache_dir
+from distill.errors import ECGDistillError
 from distill.progress import progress_bar
 
 CACHE_VERSION = 1
@@ -45,7 +46,8 @@ def weights_hash(model: nn.Module) -> str:
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
 
 
@@ -171,10 +173,28 @@ def teacher_outputs(teacher: nn.Module, dataset: Dataset,
         meta = {"key": key, "records": n, "token_leads": leads, "storage": np.dtype(dtype).name,
                 "version": CACHE_VERSION}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        _publish(tmp, folder, replace=rebuild)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     loaded = load_outputs(folder)
-    assert loaded is not None
+    if loaded is None:
+        raise ECGDistillError(f"teacher cache {folder}: written but unreadable")
     return loaded
+
+
+def _publish(tmp: Path, folder: Path, replace: bool) -> None:
+    """Rename the finished entry into place. Another process that finished the same key
+    first wins (its entry is complete and identical in content); ``replace`` swaps out an
+    existing entry (a rebuild), moving it aside before deleting it."""
+    if folder.exists() and not replace and load_outputs(folder) is not None:
+        return
+    old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
+    if folder.exists():
+        folder.rename(old)
+    try:
+        tmp.rename(folder)
+    except OSError:
+        if load_outputs(folder) is None:  # not a concurrent writer's complete entry
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

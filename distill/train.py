@@ -65,11 +65,14 @@ class TrainJob:
         train_set, val_set: datasets of batch dicts holding at least ``labels`` and ``index``.
         loss_fn: (prepared model, batch) -> (loss, named terms to log).
         logits_fn: (prepared model, batch) -> logits [B, C] for evaluation.
-        save_model: (unwrapped model, folder) -> writes the deployable model.
+        save_model: (unwrapped model, folder, full state dict or None) -> writes the
+            deployable model; the state dict is given when the parameters are sharded
+            (FSDP, DeepSpeed) and must be what is written.
         fingerprint: identifies the job's settings; a checkpoint of another is refused.
         on_device: called with the accelerator's device before training (e.g. to move a
             live teacher that is not trained, hence not prepared).
         class_names: label names for per-label metrics.
+        stage: the ``run`` stage that trains it (named in messages about ``--force``).
     """
 
     name: str
@@ -78,10 +81,14 @@ class TrainJob:
     val_set: Dataset
     loss_fn: LossFn
     logits_fn: LogitsFn
-    save_model: Callable[[nn.Module, Path], None]
+    save_model: Callable[[nn.Module, Path, dict[str, torch.Tensor] | None], None]
     fingerprint: str = ""
     on_device: Callable[[torch.device], None] | None = None
     class_names: list[str] = field(default_factory=list)
+    stage: str = ""
+
+    def __post_init__(self) -> None:
+        self.stage = self.stage or self.name.split()[0]
 
 
 @dataclass
@@ -290,8 +297,11 @@ def fit(job: TrainJob, cfg: TrainConfig, out_dir: str | Path, *, seed: int = 0,
     main = accelerator.is_main_process
     found = ckpt.list_checkpoints(root)
     if found and not resume:
-        raise ECGDistillError(f"{out_dir} holds checkpoints of an earlier run; pass --resume to "
-                              f"continue it, or --force with the stage name to start over")
+        if ckpt.peek_fingerprint(found[-1]) not in (None, job.fingerprint):
+            raise ECGDistillError(f"{out_dir} holds a run with other settings; --force "
+                                  f"{job.stage} deletes it and starts over")
+        raise ECGDistillError(f"{out_dir} holds checkpoints of an interrupted run; pass --resume "
+                              f"to continue it, or --force {job.stage} to start over")
     if main:
         ckpt.clean_partial(root)
     set_seed(seed)
@@ -315,8 +325,8 @@ def fit(job: TrainJob, cfg: TrainConfig, out_dir: str | Path, *, seed: int = 0,
     if resume and found:
         state = _restore(accelerator, root, job, running)
     if accelerator.log_with:
-        accelerator.init_trackers("tensorboard", config={"job": job.name, "lr": lr,
-                                                         "epochs": epochs, **_flat(cfg)})
+        accelerator.init_trackers("tensorboard", config={**_flat(cfg), "job": job.name,
+                                                         "lr": lr, "epochs": epochs})
     trainable = [p for p in model.parameters() if p.requires_grad]
     best_dir = out_dir / "best"
 
@@ -366,6 +376,11 @@ def fit(job: TrainJob, cfg: TrainConfig, out_dir: str | Path, *, seed: int = 0,
                     scheduler.step()
                     state.updates += 1
                 optimizer.zero_grad()
+            if not torch.isfinite(loss.detach()):
+                raise ECGDistillError(
+                    f"{job.name}: the training loss is {float(loss.detach())} at epoch "
+                    f"{epoch + 1}, step {state.step + 1}; training diverged (lower train.lr, "
+                    f"or train.mixed_precision: no)")
             n = len(batch["labels"])
             running.add({"loss": loss.detach(), **terms}, n)
             seen += n
@@ -389,11 +404,12 @@ def fit(job: TrainJob, cfg: TrainConfig, out_dir: str | Path, *, seed: int = 0,
                "train_seconds": round(train_seconds, 3),
                "train_records_per_s": round(seen * accelerator.num_processes
                                             / max(train_seconds, 1e-9), 1)}
-        improved = state.best_metric is None or (
-            math.isfinite(result.macro_auc) and result.macro_auc > state.best_metric)
+        auc = result.macro_auc if math.isfinite(result.macro_auc) else None
+        # the first epoch always gives a best model; later ones must beat a finite AUC
+        improved = state.best_epoch is None or (
+            auc is not None and (state.best_metric is None or auc > state.best_metric))
         if improved:
-            state.best_metric, state.best_epoch, state.stale_epochs = (
-                result.macro_auc, epoch + 1, 0)
+            state.best_metric, state.best_epoch, state.stale_epochs = auc, epoch + 1, 0
             _save_best(accelerator, model, job, best_dir, result)
         else:
             state.stale_epochs += 1
@@ -430,15 +446,26 @@ def fit(job: TrainJob, cfg: TrainConfig, out_dir: str | Path, *, seed: int = 0,
 
 
 def _restore(accelerator, root: Path, job: TrainJob, running: _Running) -> ckpt.TrainerState:
-    """Load the newest verified checkpoint into the prepared objects; its loop state."""
-    latest = ckpt.latest_valid(root, warn=accelerator.print)
-    if latest is None:
-        raise ECGDistillError(f"{root}: no checkpoint passes verification; --force with the "
-                              f"stage name starts over")
-    folder, state = latest
+    """Load the newest verified checkpoint into the prepared objects; its loop state.
+
+    The main process verifies the checksums (once, not on every rank) and tells the others
+    which checkpoint to load.
+    """
+    found: list[Any] = [None]
+    if accelerator.is_main_process:
+        latest = ckpt.latest_valid(root, warn=accelerator.print)
+        found = [None if latest is None else (latest[0].name, asdict(latest[1]))]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(found, from_process=0)
+    if found[0] is None:
+        raise ECGDistillError(f"{root}: no checkpoint passes verification; --force {job.stage} "
+                              f"starts over")
+    folder, state = root / found[0][0], ckpt.TrainerState(**found[0][1])
     if state.fingerprint != job.fingerprint:
-        raise ECGDistillError(f"{folder} belongs to a run with other settings; --force with "
-                              f"the stage name starts over")
+        raise ECGDistillError(f"{folder} belongs to a run with other settings; --force "
+                              f"{job.stage} deletes it and starts over")
     if state.processes != accelerator.num_processes:
         raise ECGDistillError(f"{folder} was written by {state.processes} process(es); resume "
                               f"it with as many (now {accelerator.num_processes})")
@@ -463,14 +490,23 @@ def _flat(cfg: TrainConfig) -> dict[str, Any]:
 
 def _save_best(accelerator, model: nn.Module, job: TrainJob, best_dir: Path,
                result: EvalResult) -> None:
-    """Write the model and its validation predictions to ``best/`` (atomically replaced)."""
+    """Write the model and its validation predictions to ``best/`` (atomically replaced).
+
+    Under FSDP or DeepSpeed the parameters are sharded: the full state dict is gathered
+    (a collective, so every process calls it) and handed to the model's save.
+    """
+    from accelerate.utils import DistributedType
+
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    state_dict = None
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         tmp = best_dir.with_name(f".{best_dir.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        job.save_model(unwrapped, tmp)
+        job.save_model(unwrapped, tmp, state_dict)
         np.savez(tmp / "val_predictions.npz", index=result.index, probs=result.probs,
                  labels=result.labels)
         _replace_folder(tmp, best_dir)

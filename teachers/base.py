@@ -263,22 +263,35 @@ class TeacherAdapter(nn.Module):
     def _save_backbone_extras(self, folder: Path) -> None:
         """Subclass hook: what else a saved full backbone needs (e.g. the processor)."""
 
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Write the teacher to ``folder`` (see the module docstring for the layout)."""
+    def save_pretrained(self, folder: str | os.PathLike,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the teacher to ``folder`` (see the module docstring for the layout).
+
+        Args:
+            folder: the output folder.
+            state_dict: the adapter's full state dict to write instead of the live
+                parameters' (a trainer gathers it when the parameters are sharded).
+        """
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         backbone_dir = folder / BACKBONE_DIR
         saved_backbone = None
+        backbone_sd = head_sd = None
+        if state_dict is not None:
+            backbone_sd = {k[len("backbone."):]: v for k, v in state_dict.items()
+                           if k.startswith("backbone.")}
+            head_sd = {k[len("head."):]: v for k, v in state_dict.items() if k.startswith("head.")}
         if self.is_lora:
-            self.backbone.save_pretrained(backbone_dir)
+            self.backbone.save_pretrained(backbone_dir, state_dict=backbone_sd)
             saved_backbone = "lora"
         elif self.train_mode == "full":
-            self.backbone.save_pretrained(backbone_dir)
+            self.backbone.save_pretrained(backbone_dir, state_dict=backbone_sd)
             self._save_backbone_extras(backbone_dir)
             saved_backbone = "full"
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
+        head_sd = head_sd if head_sd is not None else self.head.state_dict()
+        save_file({k: v.detach().contiguous().cpu() for k, v in head_sd.items()},
                   str(folder / HEAD_FILE))
         meta = {
             "kind": self.kind,

@@ -95,12 +95,14 @@ def _assert_same_tree(a, b) -> None:
 
 @pytest.mark.slow
 def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, shared_cache) -> None:
-    recipe = write_recipe(tmp_path, recipe_dict(tmp_path, shared_cache))
+    recipe = write_recipe(tmp_path, recipe_dict(
+        tmp_path, shared_cache, train={"grad_accum": 2, "checkpoint_every": 2}))
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = _run_worker(recipe, straight)
     assert proc.returncode == 0, proc.stderr
-    # 192 training records / 16 = 12 batches per epoch, 36 in all; checkpoints every 4
-    # optimiser steps and at each epoch end. Killed at step 18, mid-epoch 2.
+    # 192 training records / 16 = 12 batches per epoch, 36 in all, an optimiser step every
+    # 2 batches; checkpoints every 2 optimiser steps (4 batches) and at each epoch end.
+    # Killed at step 18, mid-epoch 2, after the checkpoint of step 16.
     proc = _run_worker(recipe, killed, "--kill-at", "18")
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     names = [p.name for p in ckpt.list_checkpoints(killed / "checkpoints")]
@@ -120,6 +122,7 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, shared_cache) 
     _assert_same_tree(_optimizer_state(a), _optimizer_state(b))
     ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (straight, killed))
     assert timeless(ma["history"]) == timeless(mb["history"]) and ma["complete"] and mb["complete"]
+    assert json.loads((b / "trainer_state.json").read_text())["state"]["updates"] == 18
     assert len(ma["history"]) == 3 and ma["best_val_macro_auc"] == mb["best_val_macro_auc"]
     _assert_same_tree(load_file(straight / "best" / "model.safetensors"),
                       load_file(killed / "best" / "model.safetensors"))
@@ -147,7 +150,7 @@ def test_corrupt_checkpoint_is_reported_and_the_previous_one_used(tmp_path) -> N
     folder, state = ckpt.latest_valid(root, warn=warnings.append)
     assert folder.name == "step_00000004" and state.step == 4
     assert warnings == [f"warning: checkpoint {newest}: model.safetensors does not match its "
-                        f"checksum; using the previous checkpoint"]
+                        f"checksum; trying an earlier checkpoint"]
     (root / "step_00000004" / "model.safetensors").unlink()
     assert ckpt.latest_valid(root, warn=warnings.append) is None
     assert "missing file model.safetensors" in warnings[-1]
@@ -161,7 +164,7 @@ def small(tmp_path_factory, shared_cache):
     return recipe, load_job_data(recipe, progress=False)
 
 
-def test_same_seed_same_metrics_and_no_silent_overwrite(small, tmp_path) -> None:
+def test_same_seed_same_metrics_and_no_silent_overwrite(small, tmp_path, capsys) -> None:
     recipe, jd = small
     recipe.train.epochs = 2
     runs = []
@@ -178,19 +181,69 @@ def test_same_seed_same_metrics_and_no_silent_overwrite(small, tmp_path) -> None
     logged = [e.value for e in events.Scalars("val_macro_auc")]
     assert logged == pytest.approx([row["val_macro_auc"] for row in runs[0]], abs=1e-6)
     assert len(strip[0]) == 2 and all(np.isfinite(r["val_macro_auc"]) for r in strip[0])
-    with pytest.raises(ECGDistillError, match=r"holds checkpoints of an earlier run; pass "
-                                              r"--resume"):
+    with pytest.raises(ECGDistillError, match=r"holds checkpoints of an interrupted run; pass "
+                                              r"--resume to continue it, or --force baseline"):
         fit(baseline_job(jd, recipe.students[0]), recipe.train, tmp_path / "a",
             seed=recipe.seed, progress=False)
     # resuming a finished run trains nothing more and reports the same
     again = fit(baseline_job(jd, recipe.students[0]), recipe.train, tmp_path / "a",
                 seed=recipe.seed, progress=False, resume=True)
     assert again.metrics["history"] == runs[0]
-    # a checkpoint of other settings is refused
+    # a damaged newest checkpoint (end of epoch 2): reported, the previous one (8 batches
+    # into epoch 2) used, and the rest of epoch 2 trained again to the same result
+    newest = ckpt.list_checkpoints(tmp_path / "a" / "checkpoints")[-1]
+    (newest / "model.safetensors").write_bytes(b"damaged")
+    capsys.readouterr()
+    redone = fit(baseline_job(jd, recipe.students[0]), recipe.train, tmp_path / "a",
+                 seed=recipe.seed, progress=False, resume=True)
+    out = capsys.readouterr().out
+    assert f"checkpoint {newest}: model.safetensors does not match its checksum" in out
+    assert "resumed from step_00000020 (epoch 2, 8 batches in)" in out
+    assert timeless(redone.metrics["history"]) == strip[0]
+    # a checkpoint of other settings is refused, with or without --resume
     recipe.train.lr = 0.01
-    with pytest.raises(ECGDistillError, match="belongs to a run with other settings"):
+    with pytest.raises(ECGDistillError, match="belongs to a run with other settings; --force "
+                                              "baseline deletes it"):
         fit(baseline_job(jd, recipe.students[0]), recipe.train, tmp_path / "a",
             seed=recipe.seed, progress=False, resume=True)
+    with pytest.raises(ECGDistillError, match="holds a run with other settings; --force baseline"):
+        fit(baseline_job(jd, recipe.students[0]), recipe.train, tmp_path / "a",
+            seed=recipe.seed, progress=False)
+    recipe.train.lr = 0.003
+
+
+def test_early_stopping_and_the_saved_state_dict(small, tmp_path, monkeypatch) -> None:
+    import dataclasses
+
+    import distill.train as train
+
+    recipe, jd = small
+    real = train.evaluate
+    scripted = iter([0.6, 0.7, 0.65, 0.69, 0.8, float("nan"), 0.5, 0.4])
+
+    def evaluate(*args, **kwargs):  # the real pass, with a scripted macro AUC
+        return dataclasses.replace(real(*args, **kwargs), macro_auc=next(scripted))
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    recipe.train.epochs, recipe.train.early_stopping = 5, 2
+    m = fit(baseline_job(jd, recipe.students[0]), recipe.train, tmp_path / "stop",
+            seed=recipe.seed, progress=False).metrics
+    # best at epoch 2 (0.7); epochs 3 and 4 do not beat it: stop after epoch 4
+    assert m["stopped_early"] and m["epochs_run"] == 4
+    assert m["best_epoch"] == 2 and m["best_val_macro_auc"] == 0.7
+    next(scripted)  # 0.8 unused
+    # a NaN AUC (a validation set without positives) never blocks a later best
+    recipe.train.epochs, recipe.train.early_stopping = 3, None
+    m = fit(baseline_job(jd, recipe.students[0]), recipe.train, tmp_path / "nan",
+            seed=recipe.seed, progress=False).metrics
+    assert m["best_epoch"] == 2 and m["best_val_macro_auc"] == 0.5
+    recipe.train.early_stopping, recipe.train.lr = None, 0.003
+    # save_model writes the state dict it is given (what a sharded run gathers)
+    job = baseline_job(jd, recipe.students[0])
+    zeros = {k: torch.zeros_like(v) for k, v in job.model.state_dict().items()}
+    job.save_model(job.model, tmp_path / "saved", zeros)
+    written = load_file(tmp_path / "saved" / "model.safetensors")
+    assert written and all(not t.any() for t in written.values())
 
 
 def test_bf16_trains_on_cpu_and_fp16_is_refused(small, tmp_path) -> None:
@@ -335,7 +388,8 @@ def test_two_processes_evaluate_every_record_once(tmp_path, shared_cache) -> Non
     d = recipe_dict(tmp_path, shared_cache, train={"epochs": 2, "batch_size": 16,
                                                    "checkpoint_every": None})
     recipe_path = write_recipe(tmp_path, d)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # no GPU in this test even on a GPU machine: the CPU processes talk over gloo
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "recipes" / "accelerate" / "cpu-2proc.yaml"), "--main_process_port",
            str(_free_port()), "-m", "distill.cli", "baseline", str(recipe_path), "--quiet"]
@@ -381,3 +435,38 @@ def test_accelerate_configs_load(name: str) -> None:
     config = load_config_from_file(str(REPO / "recipes" / "accelerate" / f"{name}.yaml"))
     assert config.num_processes == 2 and config.num_machines == 1
     assert config.distributed_type.value == {"fsdp": "FSDP"}.get(name, "MULTI_GPU")
+
+
+def test_bookkeeping_settings_never_invalidate_training(small) -> None:
+    import copy
+
+    from distill import pipeline
+
+    recipe, _ = small
+    stages = {s.name: s for s in pipeline.STAGES}
+
+    def changed(**train):
+        r = copy.deepcopy(recipe)
+        for k, v in train.items():
+            node, key = (r.teacher, k[8:]) if k.startswith("teacher_") else (r.train, k)
+            setattr(node, key, v)
+        return {name: pipeline.stage_hash(stage, r) for name, stage in stages.items()}
+
+    base = changed()
+    assert changed(keep_checkpoints=5, checkpoint_every=100, num_workers=2) == base
+    lr = changed(lr=0.01)
+    assert all(lr[n] != base[n] for n in ("teacher", "teacher_cache", "baseline", "distill"))
+    # with its own learning rate the teacher no longer follows the students'
+    own = changed(teacher_lr=0.002)
+    assert changed(teacher_lr=0.002, lr=0.01)["teacher"] == own["teacher"]
+    assert own["baseline"] == base["baseline"] and own["teacher"] != base["teacher"]
+
+
+def test_force_of_a_stage_the_command_does_not_run_is_refused(small) -> None:
+    from distill.errors import RecipeError
+    from distill.pipeline import run_pipeline
+
+    recipe, _ = small
+    with pytest.raises(RecipeError, match=r"--force distill: this command runs the stages "
+                                          r"data, baseline only"):
+        run_pipeline(recipe, force=["distill"], stages=("data", "baseline"), progress=False)
