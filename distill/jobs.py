@@ -65,6 +65,20 @@ def augmentation(recipe: Recipe) -> SignalAugment:
     return SignalAugment(noise=a.noise, amplitude=a.amplitude, shift=a.shift)
 
 
+def normalization(data: Any) -> dict[str, Any]:
+    """The data set's scaler as a JSON-able dict (stored in every student's config, so a
+    saved student carries the statistics its inputs must be scaled with)."""
+    sc = data.scaler
+    return {"kind": sc.kind, "mean": [float(v) for v in sc.mean], "std": [float(v) for v in sc.std],
+            "units": "mV", "lead_order": "I II III aVR aVL aVF V1 V2 V3 V4 V5 V6"}
+
+
+def _student(jd: JobData, spec: StudentConfig) -> nn.Module:
+    student = build_student(jd.recipe, spec, jd.classes)
+    student.config.normalization = normalization(jd.data)
+    return student
+
+
 def _hash(payload: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -229,7 +243,7 @@ def baseline_job(jd: JobData, spec: StudentConfig) -> TrainJob:
 
     recipe = jd.recipe
     set_seed(recipe.seed)
-    student = build_student(recipe, spec, jd.classes)
+    student = _student(jd, spec)
     key = student_key(spec)
     sets = _student_sets(jd, spec)
 
@@ -285,7 +299,7 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
 
     recipe = jd.recipe
     set_seed(recipe.seed)
-    student = build_student(recipe, spec, jd.classes)
+    student = _student(jd, spec)
     key = student_key(spec)
     t_inputs = teacher_inputs(recipe.teacher.kind)
     extras = cache.extras() if cache is not None else None
