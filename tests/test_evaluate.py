@@ -7,7 +7,8 @@ import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
 from distill.evaluate import (Interval, bootstrap_interval, bootstrap_samples, choose_thresholds,
-                              fmax, label_aucs, macro_auc, paired_difference, sample_accuracy)
+                              fmax, label_aucs, macro_auc, macro_auc_resampled, paired_difference,
+                              sample_accuracy)
 
 
 @pytest.fixture
@@ -84,6 +85,11 @@ def test_bootstrap_matches_a_hand_computed_one(case) -> None:
             hand.append(idx)
     assert np.array_equal(samples, np.stack(hand))
     draws = sorted(roc_auc_score(labels[i], scores[i], average="macro") for i in hand)
+    # the batched Mann-Whitney form equals scikit-learn on every resample (ties included)
+    tied = np.round(scores, 1)
+    np.testing.assert_allclose(
+        macro_auc_resampled(labels, tied, samples),
+        [roc_auc_score(labels[i], tied[i], average="macro") for i in samples], atol=1e-12)
     ci = bootstrap_interval(labels, scores, samples, level=0.9)
     assert ci.value == pytest.approx(roc_auc_score(labels, scores, average="macro"))
     assert ci.low == pytest.approx(np.quantile(draws, 0.05))
