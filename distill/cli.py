@@ -67,6 +67,30 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_cmd_run)
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from distill.compare import evaluate_checkpoint
+    from distill.io import atomic_write_text
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, task=args.task, split=args.split,
+                                 bootstrap=args.bootstrap, seed=args.seed,
+                                 progress=not args.quiet)
+    auc = result["macro_auc"]
+    print(f"{result['checkpoint']} on {result['data']} ({result['split']}, "
+          f"{result['records']} records, task {result['task']})")
+    print(f"macro AUC {auc['value']:.4f} [{auc['low']:.4f}, {auc['high']:.4f}] "
+          f"({result['bootstrap']['level']:.0%} CI, {args.bootstrap} resamples)")
+    for name, value in result["label_auc"].items():
+        print(f"  {name:<10} AUC {'–' if value is None else f'{value:.4f}'}")
+    print(f"F-max {result['fmax']:.4f}, accuracy {result['accuracy']:.4f} "
+          f"(thresholds chosen on the validation fold)")
+    if args.out:
+        atomic_write_text(args.out, json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _cmd_data_synth(args: argparse.Namespace) -> int:
     from distill.data.tools import write_synthetic
 
@@ -145,6 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
                                        f"{', '.join(stages)} (complete ones are skipped); "
                                        f"works the same under `accelerate launch`.")
         _add_run_args(p)
+
+    p = sub.add_parser("eval", help="evaluate a saved student on any PTB-XL-layout folder",
+                       description="Score a saved student (a best/ or exported folder) on the "
+                                   "test fold (or another split) of a PTB-XL-layout folder: "
+                                   "macro AUC with a bootstrap interval, per-label AUC, F-max, "
+                                   "accuracy.")
+    p.add_argument("checkpoint", help="a saved student folder (config.json + model.safetensors)")
+    p.add_argument("--data", required=True, help="a PTB-XL-layout folder")
+    p.add_argument("--task", default="superdiagnostic", help="label task (default superdiagnostic)")
+    p.add_argument("--split", default="test", help="test (fold 10, default), val, train or all")
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("models", help="list every student preset with its size and cost",
                        description="Every student family and size preset: parameters, "

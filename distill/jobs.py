@@ -137,6 +137,11 @@ def student_folder(spec: StudentConfig) -> str:
     return f"{spec.family}-{spec.size}"
 
 
+def ablation_folder(name: str, spec: StudentConfig) -> str:
+    """Where ablation ``name`` of a student trains, relative to the run folder."""
+    return f"ablation/{name}-{student_folder(spec)}"
+
+
 def _teacher_split(jd: JobData, train: bool):
     """(views, extras, render, transform) of a split carrying the teacher's input: the
     cached images, or images drawn live from the augmented record when augmenting."""
@@ -339,12 +344,49 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
     return TrainJob(
         name=f"distill {student_name(spec)}", model=module, train_set=sets["train"],
         val_set=sets["val"], loss_fn=loss_fn, logits_fn=logits_fn,
-        save_model=lambda m, f, sd: m.student.save_pretrained(f, state_dict=_sub(sd, "student.")),
-        on_device=on_device,
+        save_model=_save_distilled, on_device=on_device,
         fingerprint=_hash({"job": "distill", "student": to_dict(spec), "teacher": teacher_id,
                            "data": jd.data.fingerprint, **student_settings(recipe),
                            **_sections(recipe, "distill")}),
         class_names=jd.classes)
+
+
+OBJECTIVE_FILE = "objective.safetensors"
+
+
+def _save_distilled(module: DistillationModule, folder: Path,
+                    state_dict: dict[str, Any] | None) -> None:
+    """The student (a plain student folder) and, beside it, the objective's learnt
+    projections (``objective.safetensors``: the report draws transport plans with them;
+    export leaves them out)."""
+    from safetensors.torch import save_file
+
+    module.student.save_pretrained(folder, state_dict=_sub(state_dict, "student."))
+    objective = _sub(state_dict, "objective.") or module.objective.state_dict()
+    if objective:
+        save_file({k: v.detach().contiguous().cpu() for k, v in objective.items()},
+                  str(folder / OBJECTIVE_FILE))
+
+
+def ablation_recipe(recipe: Recipe, name: str) -> Recipe:
+    """The recipe with the distillation terms of ablation ``name`` switched off.
+
+    ``no_mhca`` / ``no_ot`` / ``no_relation`` set that term's weight to 0, ``kd_only``
+    every term but kd; relation matching needs MHCA or OT, so it goes when both have gone.
+    """
+    import copy
+
+    r = copy.deepcopy(recipe)
+    w = r.distill.weights
+    if name == "kd_only":
+        w.mhca = w.ot = w.relation = 0.0
+    elif name in ("no_mhca", "no_ot", "no_relation"):
+        setattr(w, name[3:], 0.0)
+    else:
+        raise RecipeError(f"ablations.runs: unknown ablation {name!r}")
+    if w.mhca == 0 and w.ot == 0:
+        w.relation = 0.0
+    return r
 
 
 def _sub(state_dict: dict[str, Any] | None, prefix: str) -> dict[str, Any] | None:

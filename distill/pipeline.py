@@ -14,12 +14,16 @@ Stages so far:
 - ``teacher_cache``: the frozen teacher's outputs on every record, computed once
   (:mod:`distill.teacher_cache`; skipped when augmentation makes the teacher run live);
 - ``baseline``: every student trained on the labels alone (``baseline/<family>-<size>/``);
-- ``distill``: every student trained with the objective (``distill/<family>-<size>/``).
+- ``distill``: every student trained with the objective (``distill/<family>-<size>/``);
+- ``ablation``: the recipe's ablations of one student (``ablation/<name>-<family>-<size>/``);
+- ``evaluate``: every model on the test fold with bootstrap intervals, size, memory and
+  latency (``results.json``, ``eval/``; :mod:`distill.compare`);
+- ``report``: ``report.md`` and ``figures/`` (:mod:`distill.report`).
 
 Training stages continue an interrupted job with ``resume=True`` (``--resume``); without
 it a job folder holding checkpoints is refused, so nothing is overwritten by accident.
-``--force STAGE`` deletes the stage's folders and redoes it. Evaluation, quantization and
-export join this list as they are built.
+``--force STAGE`` deletes the stage's folders and redoes it. Quantization and export join
+this list as they are built.
 """
 
 from __future__ import annotations
@@ -121,6 +125,7 @@ class Stage:
     run: Callable[[RunContext], dict[str, Any]]
     folders: tuple[str, ...] = ()  # run-folder entries ``--force`` deletes first
     collective: bool = False  # every process takes part (training); else main first
+    main_only: bool = False  # only the main process runs it (the others wait)
     settings: Callable[[Recipe], dict[str, Any]] | None = None  # more hashed settings
 
 
@@ -235,6 +240,52 @@ def _stage_distill(ctx: RunContext) -> dict[str, Any]:
             for s in ctx.recipe.students}
 
 
+def _stage_ablation(ctx: RunContext) -> dict[str, Any]:
+    import dataclasses
+
+    from distill.jobs import (ablation_folder, ablation_recipe, augmentation,
+                              build_teacher_cache, distill_job, load_frozen_teacher)
+    from distill.train import process_state
+
+    recipe = ctx.recipe
+    if not recipe.ablations.runs:
+        print("no ablations in the recipe (ablations.runs)")
+        return {}
+    jd = ctx.job_data()
+    spec = recipe.students[recipe.ablations.student]
+    teacher = load_frozen_teacher(jd, ctx.run_dir)
+    cache = None
+    if not augmentation(recipe).active:
+        with process_state().main_process_first():
+            cache = build_teacher_cache(jd, teacher, progress=ctx.progress)
+    out = {}
+    for name in recipe.ablations.runs:
+        job = distill_job(dataclasses.replace(jd, recipe=ablation_recipe(recipe, name)), spec,
+                          teacher, cache)
+        job.name = f"ablation {name} {student_name(spec)}"
+        out[name] = _fit(ctx, job, ctx.run_dir / ablation_folder(name, spec))
+    return out
+
+
+def _stage_evaluate(ctx: RunContext) -> dict[str, Any]:
+    from distill.compare import evaluate_run
+
+    results = evaluate_run(ctx.job_data(), ctx.run_dir, progress=ctx.progress)
+    for name, m in results["models"].items():
+        auc = m["macro_auc"]
+        print(f"{name:<28} macro AUC {auc['value']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}]")
+    return {"results": str(ctx.run_dir / "results.json"),
+            "macro_auc": {n: m["macro_auc"]["value"] for n, m in results["models"].items()}}
+
+
+def _stage_report(ctx: RunContext) -> dict[str, Any]:
+    from distill.report import write_report
+
+    path = write_report(ctx.job_data(), ctx.run_dir)
+    print(f"report: {path}")
+    return {"report": str(path)}
+
+
 def _teacher_settings(recipe: Recipe) -> dict[str, Any]:
     from distill.jobs import teacher_settings
 
@@ -251,6 +302,9 @@ def _distill_settings(recipe: Recipe) -> dict[str, Any]:
     return {**_teacher_settings(recipe), "students": _student_settings(recipe)}
 
 
+_EVERYTHING = ("data", "teacher", "students", "distill", "ablations", "evaluate")
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("data", "decode and cache the signals (generating the synthetic default if needed) "
                   "and render the teacher's images", ("data", "teacher.kind"), _stage_data),
@@ -264,6 +318,14 @@ STAGES: tuple[Stage, ...] = (
     Stage("distill", "train every student with the distillation objective",
           ("data", "students", "distill"), _stage_distill, ("distill",), collective=True,
           settings=_distill_settings),
+    Stage("ablation", "train the recipe's ablations (distillation with terms removed)",
+          ("data", "students", "distill", "ablations"), _stage_ablation, ("ablation",),
+          collective=True, settings=_distill_settings),
+    Stage("evaluate", "evaluate every model on the test fold (bootstrap intervals, size, "
+                      "memory, latency)", _EVERYTHING, _stage_evaluate, ("eval", "results.json"),
+          main_only=True, settings=_distill_settings),
+    Stage("report", "write report.md and the figures", _EVERYTHING, _stage_report,
+          ("report.md", "figures"), main_only=True, settings=_distill_settings),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
@@ -359,6 +421,8 @@ def run_pipeline(recipe: Recipe, *, force: Sequence[str] = (), dry_run: bool = F
             start = time.perf_counter()
             if stage.collective:
                 summary = stage.run(ctx)
+            elif stage.main_only:
+                summary = stage.run(ctx) if state.is_main_process else {}
             else:
                 with state.main_process_first():
                     summary = stage.run(ctx)
@@ -378,7 +442,11 @@ def _clear(stage: Stage, run_dir: Path) -> None:
 
     _marker(run_dir, stage).unlink(missing_ok=True)
     for name in stage.folders:
-        shutil.rmtree(run_dir / name, ignore_errors=True)
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _write_recipe(recipe: Recipe, run_dir: Path) -> None:

@@ -213,6 +213,28 @@ class TrainConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """Test-fold evaluation (PTB-XL protocol): bootstrap intervals and timings."""
+
+    bootstrap: int = spec(1000, help="bootstrap resamples of the test fold", ge=10)
+    seed: int = spec(0, help="seed of the resamples", ge=0)
+    level: float = spec(0.95, help="confidence level of the intervals", gt=0, lt=1)
+    latency_repeats: int = spec(5, help="timed forward passes per batch size", ge=1)
+
+
+ABLATIONS = ("no_mhca", "no_ot", "no_relation", "kd_only")
+
+
+@dataclass
+class AblationConfig:
+    """Distillation with terms removed, for one student (the report's ablation table)."""
+
+    runs: list[Literal["no_mhca", "no_ot", "no_relation", "kd_only"]] = spec(
+        default_factory=list, help="which ablations to train (empty = none)")
+    student: int = spec(0, help="index into students of the ablated student", ge=0)
+
+
+@dataclass
 class QuantizeConfig:
     formats: list[Literal["int8", "nf4", "fp4"]] = spec(default_factory=lambda: ["int8", "nf4"])
     double_quant: bool = spec(False)
@@ -237,10 +259,20 @@ class Recipe:
     students: list[StudentConfig] = spec(default_factory=lambda: [StudentConfig()])
     distill: DistillConfig = spec(default_factory=DistillConfig)
     train: TrainConfig = spec(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = spec(default_factory=EvaluateConfig)
+    ablations: AblationConfig = spec(default_factory=AblationConfig)
     quantize: QuantizeConfig = spec(default_factory=QuantizeConfig)
     export: ExportConfig = spec(default_factory=ExportConfig)
 
     def validate(self, path: str) -> None:
+        at = f"{path}." if path else ""
+        if self.ablations.runs and self.ablations.student >= len(self.students):
+            raise RecipeError(f"{at}ablations.student: {self.ablations.student}, but the "
+                              f"recipe has {len(self.students)} student(s)")
+        names = [f"{s.family}/{s.size}" for s in self.students]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup:
+            raise RecipeError(f"{at}students: {dup} is listed twice (each family/size once)")
         try:
             self.output_dir.format(name=self.name)
         except (KeyError, IndexError, ValueError) as exc:

@@ -180,6 +180,11 @@ def aggregate_labels(db: pd.DataFrame, statements: pd.DataFrame, task: str,
     if classes is None:
         classes = sorted(set().union(*labels)) if labels else []
     else:
+        known = set(mapping.values()).union(*labels)
+        unknown = [c for c in classes if c not in known]
+        if unknown:
+            raise DataError(f"labels {', '.join(unknown)} are not classes of task {task!r} "
+                            f"(pick the task the model was trained on)")
         wanted = set(classes)
         labels = [lab & wanted for lab in labels]
     classes = list(classes)

@@ -1,0 +1,310 @@
+"""The report stage: ``report.md`` and PNG figures from ``results.json`` and the training logs.
+
+Figures (``figures/`` in the run folder):
+
+* ``auc_vs_params.png``: test macro AUC against parameters (log scale) for every student,
+  baseline and distilled, with their bootstrap intervals as bars and the teacher as a
+  line with its interval as a band;
+* ``training_curves.png``: validation macro AUC and training loss per epoch of every job;
+* ``transport_plan.png``: the OT plan of one test record between a distilled student's
+  tokens and the teacher's tokens (both ordered by lead, leads marked);
+* ``spectrum.png``: normalised singular values of the teacher's and the students' token
+  features over test records (how many directions the features really use).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distill.data.leads import STANDARD_LEADS
+from distill.io import atomic_write_text
+
+FIG_DIR = "figures"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fmt(iv: dict[str, float] | None, signed: bool = False) -> str:
+    if not iv:
+        return "–"
+    v = f"{iv['value']:+.3f}" if signed else f"{iv['value']:.3f}"
+    return f"{v} [{iv['low']:+.3f}, {iv['high']:+.3f}]" if signed else \
+        f"{v} [{iv['low']:.3f}, {iv['high']:.3f}]"
+
+
+def _count(n: float) -> str:
+    from distill.profile import format_count
+
+    return format_count(n)
+
+
+def model_table(results: dict[str, Any], kinds: tuple[str, ...] = ("teacher", "baseline",
+                                                                   "distill")) -> str:
+    """The main table: one row per model."""
+    head = ("| model | parameters | size (MB) | memory b64 (MB) | latency b1 / b64 (ms/record) "
+            "| macro AUC [95% CI] | Δ teacher [CI] | Δ baseline [CI] | F-max | accuracy |")
+    rows = [head, "|" + "---|" * 10]
+    for name, m in results["models"].items():
+        if m["kind"] not in kinds:
+            continue
+        disk = "–" if m.get("disk_mb") is None else f"{m['disk_mb']:.2f}"
+        lat = m["latency_ms"]
+        rows.append(
+            f"| {name} | {_count(m['parameters'])} | {disk} | {m['peak_memory_mb']['64']:.1f} "
+            f"| {lat['1']:.2f} / {lat['64']:.2f} | {_fmt(m['macro_auc'])} "
+            f"| {_fmt(m.get('vs_teacher'), True)} | {_fmt(m.get('vs_baseline'), True)} "
+            f"| {m['fmax']:.3f} | {m['accuracy']:.3f} |")
+    return "\n".join(rows)
+
+
+def ablation_table(results: dict[str, Any]) -> str | None:
+    rows = [(n, m) for n, m in results["models"].items() if m["kind"] == "ablation"]
+    if not rows:
+        return None
+    student = rows[0][1]["student"]
+    full = results["models"].get(f"distill {student}")
+    out = ["| variant | macro AUC [95% CI] | Δ full recipe [CI] | Δ baseline [CI] |",
+           "|---|---|---|---|"]
+    if full:
+        out.append(f"| full recipe | {_fmt(full['macro_auc'])} | – "
+                   f"| {_fmt(full.get('vs_baseline'), True)} |")
+    for name, m in rows:
+        out.append(f"| {m.get('ablation', name)} | {_fmt(m['macro_auc'])} "
+                   f"| {_fmt(m.get('vs_full'), True)} | {_fmt(m.get('vs_baseline'), True)} |")
+    return f"Ablations of {student}:\n\n" + "\n".join(out)
+
+
+def plot_auc_vs_params(results: dict[str, Any], path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    models = results["models"]
+    teacher = next((m for m in models.values() if m["kind"] == "teacher"), None)
+    if teacher:
+        auc = teacher["macro_auc"]
+        ax.axhline(auc["value"], color="black", lw=1.2,
+                   label=f"teacher ({_count(teacher['parameters'])} parameters)")
+        ax.axhspan(auc["low"], auc["high"], color="black", alpha=0.08)
+    styles = {"baseline": ("o", "--", "tab:gray", "label-only baseline"),
+              "distill": ("s", "-", "tab:blue", "distilled")}
+    for kind, (marker, ls, color, label) in styles.items():
+        pts = sorted((m["parameters"], m["macro_auc"]) for m in models.values()
+                     if m["kind"] == kind)
+        if not pts:
+            continue
+        x = np.array([p for p, _ in pts], dtype=float)
+        y = np.array([a["value"] for _, a in pts])
+        err = np.array([[a["value"] - a["low"] for _, a in pts],
+                        [a["high"] - a["value"] for _, a in pts]])
+        ax.errorbar(x, y, yerr=err, marker=marker, ls=ls, color=color, capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("student parameters (log scale)")
+    ax.set_ylabel("test macro AUC (95% CI)")
+    ax.set_title("Student size against the teacher's AUC")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _read_log(path: Path) -> list[dict[str, float]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)}
+                for row in csv.DictReader(f)]
+
+
+def plot_training_curves(run_dir: Path, path: Path) -> Path | None:
+    logs = {"teacher": _read_log(run_dir / "teacher" / "log.csv")}
+    for kind in ("baseline", "distill"):
+        for folder in sorted((run_dir / kind).glob("*")):
+            logs[f"{kind} {folder.name}"] = _read_log(folder / "log.csv")
+    logs = {k: v for k, v in logs.items() if v}
+    if not logs:
+        return None
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, rows in logs.items():
+        ls = "--" if name.startswith("baseline") else ("-" if name.startswith("distill") else ":")
+        ep = [r["epoch"] for r in rows]
+        a1.plot(ep, [r.get("val_macro_auc", np.nan) for r in rows], ls=ls, marker=".", label=name)
+        a2.plot(ep, [r.get("train_task", r.get("train_loss", np.nan)) for r in rows], ls=ls,
+                marker=".", label=name)
+    a1.set(xlabel="epoch", ylabel="validation macro AUC", title="Validation AUC")
+    a2.set(xlabel="epoch", ylabel="training BCE on the labels", title="Task loss", yscale="log")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+    a1.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _lead_name(i: int) -> str:
+    return STANDARD_LEADS[i] if 0 <= i < len(STANDARD_LEADS) else "–"
+
+
+def plot_transport_plan(plan: np.ndarray, student_leads: np.ndarray, teacher_leads: np.ndarray,
+                        path: Path, title: str) -> Path:
+    """The plan [N_s, N_t] with rows and columns grouped by lead and lead blocks marked."""
+    plt = _plt()
+    rs = np.argsort(np.where(student_leads < 0, 99, student_leads), kind="stable")
+    cs = np.argsort(np.where(teacher_leads < 0, 99, teacher_leads), kind="stable")
+    p = plan[np.ix_(rs, cs)] * plan.shape[0]  # each row sums to 1
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    im = ax.imshow(p, aspect="auto", cmap="magma", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="transported mass (row-normalised)")
+
+    def blocks(leads: np.ndarray) -> list[tuple[int, int, str]]:
+        out, start = [], 0
+        for i in range(1, len(leads) + 1):
+            if i == len(leads) or leads[i] != leads[start]:
+                out.append((start, i, _lead_name(int(leads[start]))))
+                start = i
+        return out
+
+    sl, tl = student_leads[rs], teacher_leads[cs]
+    xb, yb = blocks(tl), blocks(sl)
+    for s, e, _ in xb[1:]:
+        ax.axvline(s - 0.5, color="white", lw=0.4)
+    ax.set_xticks([(s + e - 1) / 2 for s, e, _ in xb], [n for *_, n in xb], fontsize=7)
+    if len(yb) < len(sl):  # tokens grouped by lead
+        for s, e, _ in yb[1:]:
+            ax.axhline(s - 0.5, color="white", lw=0.4)
+        ax.set_yticks([(s + e - 1) / 2 for s, e, _ in yb], [n for *_, n in yb], fontsize=7)
+        ax.set_ylabel("student tokens (by lead)")
+    else:
+        ax.set_ylabel("student tokens")
+    ax.set_xlabel("teacher image patches, grouped by the lead drawn in them (– = none)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def singular_values(tokens: torch.Tensor) -> np.ndarray:
+    """Singular values of centred token features [M, D], divided by the largest."""
+    x = tokens.reshape(-1, tokens.shape[-1]).double()
+    s = torch.linalg.svdvals(x - x.mean(0))
+    return (s / s[0]).numpy()
+
+
+def plot_spectrum(spectra: dict[str, np.ndarray], path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, s in spectra.items():
+        ax.plot(np.arange(1, len(s) + 1) / len(s), s, label=f"{name} (D={len(s)})",
+                lw=2 if name == "teacher" else 1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("singular value rank / feature width")
+    ax.set_ylabel("σ_i / σ_1")
+    ax.set_title("Singular-value spectrum of token features (test records)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def token_figures(jd, run_dir: Path, fig_dir: Path, records: int = 32) -> dict[str, Any]:
+    """The transport-plan and spectrum figures: tokens of a few test records from the
+    teacher and every distilled student. Returns what was drawn (or why not)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    import students  # noqa: F401
+    from distill.factory import build_objective, student_name
+    from distill.jobs import OBJECTIVE_FILE, load_frozen_teacher, student_folder, student_key
+
+    recipe = jd.recipe
+    extras = {"image": jd.images} if recipe.teacher.kind == "vlm" else None
+    test = jd.data.split("test", jd.views, extras=extras)
+    batch = torch.utils.data.default_collate([test[i] for i in range(min(records, len(test)))])
+    teacher = load_frozen_teacher(jd, run_dir)
+    from distill.jobs import teacher_inputs
+
+    with torch.no_grad():
+        t_out = teacher(**teacher_inputs(recipe.teacher.kind)(batch))
+    spectra = {"teacher": singular_values(t_out.tokens)}
+    drawn: dict[str, Any] = {}
+    for spec in recipe.students:
+        folder = run_dir / "distill" / student_folder(spec) / "best"
+        if not folder.exists():
+            continue
+        model = AutoModel.from_pretrained(folder).eval()
+        with torch.no_grad():
+            s_out = model(signal=batch[student_key(spec)])
+        spectra[f"distilled {student_name(spec)}"] = singular_values(s_out.tokens)
+        objective_path = folder / OBJECTIVE_FILE
+        if "plan" in drawn or recipe.distill.weights.ot <= 0 or not objective_path.exists():
+            continue
+        objective = build_objective(recipe, s_out.tokens.shape[-1], t_out.tokens.shape[-1])
+        objective.load_state_dict(load_file(str(objective_path)), strict=False)
+        with torch.no_grad():
+            ot = objective.losses["ot"](s_out, t_out, {}, None)
+        plan = ot.aux["plan"][0].numpy()
+        drawn["plan"] = str(plot_transport_plan(
+            plan, s_out.token_leads.numpy(), t_out.token_leads.numpy(),
+            fig_dir / "transport_plan.png",
+            f"OT plan, test record {int(batch['ecg_id'][0])}: {student_name(spec)} tokens "
+            f"against teacher tokens"))
+    if "plan" not in drawn:
+        drawn["plan_missing"] = "no distilled student with the OT term (distill.weights.ot = 0)"
+    drawn["spectrum"] = str(plot_spectrum(spectra, fig_dir / "spectrum.png"))
+    return drawn
+
+
+def write_report(jd, run_dir: Path) -> Path:
+    """``report.md`` and the figures, from ``results.json`` and the job logs."""
+    results = json.loads((run_dir / "results.json").read_text())
+    fig_dir = run_dir / FIG_DIR
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    plot_auc_vs_params(results, fig_dir / "auc_vs_params.png")
+    curves = plot_training_curves(run_dir, fig_dir / "training_curves.png")
+    tokens = token_figures(jd, run_dir, fig_dir)
+    recipe = jd.recipe
+    b = results["bootstrap"]
+    lines = [
+        f"# {recipe.name}: students against the teacher",
+        "",
+        f"Task {results['task']} ({', '.join(results['classes'])}); records "
+        + ", ".join(f"{k} {v}" for k, v in results["records"].items())
+        + f". Test-fold metrics; intervals: {b['level']:.0%} percentile bootstrap over "
+          f"{b['resamples']} resamples (seed {b['seed']}), differences paired on the same "
+          f"resamples. Latency: CPU, forward pass, ms per record at batch 1 / 64 (fastest "
+          f"of {recipe.evaluate.latency_repeats} passes); memory: weights + peak "
+          f"activations at batch 64.",
+        "",
+        model_table(results),
+        "",
+    ]
+    abl = ablation_table(results)
+    if abl:
+        lines += [abl, ""]
+    lines += ["![macro AUC against parameters](figures/auc_vs_params.png)", ""]
+    if curves:
+        lines += ["![training curves](figures/training_curves.png)", ""]
+    if "plan" in tokens:
+        lines += ["![transport plan](figures/transport_plan.png)", ""]
+    else:
+        lines += [f"No transport plan: {tokens['plan_missing']}.", ""]
+    lines += ["![singular-value spectrum](figures/spectrum.png)", ""]
+    return atomic_write_text(run_dir / "report.md", "\n".join(lines))
