@@ -47,8 +47,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     stages = TRAIN_COMMANDS[args.command][0] if args.command in TRAIN_COMMANDS else None
+    # `run` is the resumable pipeline: it continues an interrupted training job of the same
+    # settings by itself; the single training commands do so when asked (--resume)
     run_pipeline(recipe, force=args.force, dry_run=args.dry_run, progress=not args.quiet,
-                 resume=args.resume, stages=stages)
+                 resume=args.resume or args.command == "run", stages=stages)
     if not args.dry_run:
         from distill.train import process_state
 
@@ -255,7 +257,13 @@ def _quiet_libraries() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # overrides may also follow the options (`run R --dry-run train.epochs=2`)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command not in ("validate", "models"):
         _quiet_libraries()
     try:

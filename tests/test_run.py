@@ -1,0 +1,118 @@
+"""`ecg-distill run` end to end on a tiny recipe: every stage, every report artefact, a run
+killed between stages continuing without redoing finished stages, and `ecg-distill eval`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from distill.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(root: Path) -> Path:
+    d = {
+        "name": "tiny",
+        "output_dir": str(root / "runs" / "{name}"),
+        "data": {"synthetic": {"records": 160, "seed": 2}, "cache_dir": str(root / "cache")},
+        "teacher": {"kind": "vlm", "name_or_path": "tiny", "train_mode": "full", "epochs": 1},
+        "students": [{"family": "xresnet1d", "size": "tiny"},
+                     {"family": "leadformer", "size": "tiny"}],
+        "distill": {"alpha": 0.5, "weights": {"kd": 1.0, "mhca": 1.0, "ot": 1.0, "relation": 1.0},
+                    "align_dim": 32, "mhca_heads": 2, "ot_iters": 20, "lead_prior": 0.5},
+        "ablations": {"student": 1, "runs": ["kd_only"]},
+        "train": {"epochs": 2, "batch_size": 32, "lr": 0.003},
+        "evaluate": {"bootstrap": 50, "latency_repeats": 1},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+def test_run_killed_between_stages_continues_and_writes_every_artefact(tmp_path, capsys) -> None:
+    recipe = tiny_recipe(tmp_path)
+    run = tmp_path / "runs" / "tiny"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "distill", "run", str(recipe), "--quiet"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = run / "stages" / "baseline.json"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), proc.stderr.read().decode()[-2000:]
+    assert not (run / "stages" / "evaluate.json").exists()
+    teacher_log = (run / "teacher" / "log.csv").stat().st_mtime_ns
+
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("data", "teacher", "teacher_cache", "baseline"):
+        assert f"[{stage}] complete, skipped" in out
+    assert (run / "teacher" / "log.csv").stat().st_mtime_ns == teacher_log  # not retrained
+
+    results = json.loads((run / "results.json").read_text())
+    names = {"teacher", "baseline xresnet1d/tiny", "distill xresnet1d/tiny",
+             "baseline leadformer/tiny", "distill leadformer/tiny",
+             "ablation kd_only leadformer/tiny"}
+    assert set(results["models"]) == names
+    for name, m in results["models"].items():
+        auc = m["macro_auc"]
+        assert auc["low"] <= auc["value"] <= auc["high"]
+        assert m["parameters"] > 0 and m["latency_ms"]["1"] > 0 and m["peak_memory_mb"]["64"] > 0
+        assert 0 <= m["fmax"] <= 1 and 0 <= m["accuracy"] <= 1
+        preds = np.load(run / "eval" / name.replace(" ", "_").replace("/", "-") / "predictions.npz")
+        assert preds["test"].shape == (results["test_records"], 5)
+        if name != "teacher":
+            assert "vs_teacher" in m
+    assert "vs_baseline" in results["models"]["distill leadformer/tiny"]
+    assert "vs_full" in results["models"]["ablation kd_only leadformer/tiny"]
+    report = (run / "report.md").read_text()
+    assert "| model | parameters |" in report and "Ablations of leadformer/tiny" in report
+    for name in names - {"ablation kd_only leadformer/tiny"}:
+        assert f"| {name} |" in report
+    for fig in ("auc_vs_params", "training_curves", "transport_plan", "spectrum"):
+        with Image.open(run / "figures" / f"{fig}.png") as img:
+            assert img.size[0] > 300 and img.size[1] > 200
+        assert f"figures/{fig}.png" in report
+
+    # ecg-distill eval on the same folder reproduces the run's numbers for a student
+    data = next((tmp_path / "cache" / "synthetic").iterdir())
+    capsys.readouterr()
+    out_json = tmp_path / "eval.json"
+    assert main(["eval", str(run / "distill" / "leadformer-tiny" / "best"), "--data", str(data),
+                 "--bootstrap", "50", "--out", str(out_json), "--quiet"]) == 0
+    mine = json.loads(out_json.read_text())
+    theirs = results["models"]["distill leadformer/tiny"]
+    assert mine["macro_auc"] == pytest.approx(theirs["macro_auc"])
+    assert mine["accuracy"] == pytest.approx(theirs["accuracy"])
+    assert mine["normalization"] == "stored"
+
+
+def test_eval_refuses_teachers_pickles_and_wrong_tasks(tmp_path) -> None:
+    from distill.compare import evaluate_checkpoint
+    from distill.errors import ECGDistillError
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "teacher.json").write_text("{}")
+    with pytest.raises(ECGDistillError, match="a teacher folder"):
+        evaluate_checkpoint(tmp_path / "t", tmp_path)
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "config.json").write_text("{}")
+    (tmp_path / "p" / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ECGDistillError, match=r"no model.safetensors \(found pytorch_model.bin: "
+                                              r"pickle weights are refused"):
+        evaluate_checkpoint(tmp_path / "p", tmp_path)
