@@ -104,12 +104,14 @@ def train_settings(recipe: Recipe, teacher: bool = False) -> dict[str, Any]:
         t = recipe.teacher
         out["epochs"] = t.epochs if t.epochs is not None else out["epochs"]
         out["lr"] = t.lr if t.lr is not None else out["lr"]
+        out["batch_size"] = t.batch_size if t.batch_size is not None else out["batch_size"]
     return out
 
 
 def teacher_settings(recipe: Recipe) -> dict[str, Any]:
     """Everything the trained teacher depends on besides the data."""
-    t = {k: v for k, v in to_dict(recipe.teacher).items() if k not in ("epochs", "lr")}
+    t = {k: v for k, v in to_dict(recipe.teacher).items()
+         if k not in ("epochs", "lr", "batch_size")}
     return {"seed": recipe.seed, "teacher": t, "train": train_settings(recipe, teacher=True)}
 
 

@@ -172,7 +172,8 @@ def _fit(ctx: RunContext, job, folder: Path, **kwargs: Any) -> dict[str, Any]:
         if done.get("complete") and done.get("fingerprint") == job.fingerprint:
             print(f"{job.name}: complete in {folder}, skipped")
             return _fit_summary(done, folder)
-    result = fit(job, ctx.recipe.train, folder, seed=ctx.recipe.seed, resume=ctx.resume,
+    cfg = kwargs.pop("cfg", ctx.recipe.train)
+    result = fit(job, cfg, folder, seed=ctx.recipe.seed, resume=ctx.resume,
                  progress=ctx.progress, **kwargs)
     return _fit_summary(result.metrics, folder)
 
@@ -190,8 +191,13 @@ def _stage_teacher(ctx: RunContext) -> dict[str, Any]:
     if t.train_mode == "frozen":
         print(f"teacher.train_mode is frozen: {t.name_or_path} is used as it is")
         return {"frozen": True}
+    import dataclasses
+
     job = teacher_job(ctx.job_data())
-    return _fit(ctx, job, ctx.run_dir / TEACHER_DIR, epochs=t.epochs, lr=t.lr)
+    cfg = ctx.recipe.train
+    if t.batch_size is not None:
+        cfg = dataclasses.replace(cfg, batch_size=t.batch_size)
+    return _fit(ctx, job, ctx.run_dir / TEACHER_DIR, epochs=t.epochs, lr=t.lr, cfg=cfg)
 
 
 def _stage_teacher_cache(ctx: RunContext) -> dict[str, Any]:

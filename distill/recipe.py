@@ -136,6 +136,7 @@ class TeacherConfig:
                                     "(HuBERT-ECG was trained on 5 s)", gt=0, le=60)
     epochs: int | None = spec(None, help="teacher fine-tuning epochs (null = train.epochs)", ge=1)
     lr: float | None = spec(None, help="teacher learning rate (null = train.lr)", gt=0, lt=1)
+    batch_size: int | None = spec(None, help="teacher batch size (null = train.batch_size)", ge=1)
 
 
 @dataclass

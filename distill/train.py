@@ -386,7 +386,7 @@ def fit(job: TrainJob, cfg: TrainConfig, out_dir: str | Path, *, seed: int = 0,
             seen += n
             state.step += 1
             state.batch += 1
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}",
+            bar.set_postfix(refresh=False, loss=f"{float(loss.detach()):.4f}",
                             rec_s=f"{seen * accelerator.num_processes / max(time.perf_counter() - start, 1e-9):.0f}")
             if (cfg.checkpoint_every and accelerator.sync_gradients
                     and state.updates % cfg.checkpoint_every == 0

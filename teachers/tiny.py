@@ -24,7 +24,7 @@ import torch
 from distill.data.cache import default_cache_dir
 
 # Bumped whenever a preset's configuration changes, so an old cached build is not reused.
-TINY_VLM_NAME = "tiny-vlm-v1"
+TINY_VLM_NAME = "tiny-vlm-v2"  # v2: vision initializer_factor 4
 TINY_SIGNAL_NAME = "tiny-hubert-v1"
 
 IMAGE_TOKEN = "<image>"
@@ -56,6 +56,16 @@ def build_tiny_tokenizer():
         model_max_length=1024)
 
 
+# CLIP's default initialisation (factor 1) leaves a 64-wide, 2-layer tower almost blind to
+# what differs between ECG printouts (mostly white paper): its visual tokens vary across
+# images by ~0.4% and training collapses to the label priors. A factor of 4 scales the
+# patch and position embeddings so that the tower starts out seeing the traces; then the
+# tiny teacher learns the synthetic task (measured: it fits 64 images to a loss of 0.03
+# in 100 steps, where factor 1 stays at the priors, 0.51).
+VISION_INIT_FACTOR = 4.0
+TEXT_INIT_RANGE = 0.02
+
+
 def build_tiny_vlm(folder: str | os.PathLike) -> Path:
     """Write a tiny random LLaVA (CLIP 224/16 vision tower + Llama text model) with its processor.
 
@@ -84,12 +94,13 @@ def build_tiny_vlm(folder: str | os.PathLike) -> Path:
     image_size, patch_size = 224, 16
     vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=64,
                               intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, projection_dim=64)
+                              num_attention_heads=4, projection_dim=64,
+                              initializer_factor=VISION_INIT_FACTOR)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       tie_word_embeddings=False)
+                       tie_word_embeddings=False, initializer_range=TEXT_INIT_RANGE)
     n_image_tokens = (image_size // patch_size) ** 2
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
