@@ -171,8 +171,11 @@ def teacher_job(jd: JobData) -> TrainJob:
     recipe = jd.recipe
     if recipe.teacher.train_mode == "frozen":
         raise RecipeError("teacher.train_mode is frozen: there is nothing to train")
+    from distill.train import process_state
+
     set_seed(recipe.seed)
-    teacher = build_teacher(recipe, jd.classes)
+    with process_state().main_process_first():  # a preset or hub download is made once
+        teacher = build_teacher(recipe, jd.classes)
     inputs = teacher_inputs(recipe.teacher.kind)
     sets = {}
     for split, train in (("train", True), ("val", False)):
@@ -204,8 +207,11 @@ def load_frozen_teacher(jd: JobData, run_dir: Path) -> nn.Module:
 
     recipe = jd.recipe
     if recipe.teacher.train_mode == "frozen":
+        from distill.train import process_state
+
         set_seed(recipe.seed)  # a freshly built head is the same in every process and run
-        teacher = build_teacher(recipe, jd.classes)
+        with process_state().main_process_first():
+            teacher = build_teacher(recipe, jd.classes)
         saved = (Path(recipe.teacher.name_or_path).expanduser() / "teacher.json").is_file()
         if not saved and recipe.distill.weights.kd > 0 and recipe.distill.alpha > 0:
             print(f"warning: teacher.train_mode is frozen and {recipe.teacher.name_or_path} is "

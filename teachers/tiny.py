@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -179,6 +180,9 @@ def tiny_folder(kind: str) -> Path:
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first: keep its build
+            deadline = time.monotonic() + 60
+            while not (target / "config.json").is_file() and time.monotonic() < deadline:
+                time.sleep(0.1)  # its rename may still be completing
             if not (target / "config.json").is_file():
                 raise
     finally:
