@@ -14,43 +14,66 @@ teacher's projected tokens onto each student token, ``(P @ ŷ) / a`` (= N_s · P
 uniform a), is published as the teacher tokens aligned to the student's for relation
 matching (``context["ot.barycentric"]``).
 
-Solver. Log-domain Sinkhorn with a fixed number of iterations, batched over records as one
-(B, N_s, N_t) tensor program, the same updates in the same order as POT's
-``ot.bregman.sinkhorn_log`` (v first, then u, from zero potentials)::
+Solver. Sinkhorn with a fixed number of iterations, batched over records as one
+(B, N_s, N_t) tensor program, with the iterates of POT's ``ot.bregman.sinkhorn_log`` (the
+same updates in the same order: v first, then u, from zero potentials)::
 
     v ← log b − LSE_i(−C_ij/ε + u_i)        u ← log a − LSE_j(−C_ij/ε + v_j)
 
-With a graph (``grad="unrolled"``) both log-sum-exp reductions are POT's torch backend,
-``ot.backend.TorchBackend().logsumexp`` (which calls ``torch.logsumexp``). Without one
-(the default envelope mode) the same iterates are computed at one plan-sized exponential
-per iteration instead of two: the u-update is a max-shifted log-sum-exp written in place
-in one buffer, and the v-update reuses those exponentials as the plan's column sums (a
-batched matrix-vector product), falling back to ``TorchBackend.logsumexp`` for the first
-v-update and whenever a column's mass would underflow (see ``_sinkhorn_no_graph``). The
-log-marginals are ``TorchBackend.log``. The plan exp(−C/ε + u + v) is formed with the
-last u-update folded in, as a_i · softmax_j(−C_ij/ε + v_j): its rows sum to a exactly and
-P_ij ≤ a_i in floating point, so nothing overflows even where float32 cannot resolve C/ε
-(~1e10 for unnormalised features of scale 1e3 at ε = 0.01). The solver always runs in
-float32 (float64 when the inputs are float64, for gradcheck), with autocast disabled,
-whatever the input dtype (bfloat16 included); outputs are float32 (float64 for float64
-inputs).
+With a graph (``grad="unrolled"``) they are computed literally, both log-sum-exp
+reductions by POT's torch backend, ``ot.backend.TorchBackend().logsumexp`` (which calls
+``torch.logsumexp``). Without one (the default envelope mode) the same iterates are
+computed by stabilised scaling Sinkhorn (Schmitzer 2019, "Stabilized sparse scaling
+algorithms for entropy regularized transport problems"; the idea of POT's
+``sinkhorn_stabilized``): u = α + log x, v = β + log y, the potentials α, β are absorbed
+in a kernel K_ij = exp(−C_ij/ε + α_i + β_j) formed by one exponential pass, and an
+iteration is two batched matrix-vector products, y ← b / Kᵀx and x ← a / K y, with no
+exponential. The kernel is formed by an exact log-domain update (a max-shifted
+log-sum-exp written in place): the first v-update, and again only when a scaling would
+leave [1/big, big] (big = max float^(1/4)) or a kernel sum is too small for its
+rounding to be bounded (see ``_sinkhorn_no_graph``). So the iterates are POT's to
+rounding, not those of a different absorption scheme; at B = 64, N_s = 96, N_t = 196,
+ε = 0.05 one exponential pass carries all 50 iterations. The plan diag(x) K diag(y) ends
+on a u-update, so its rows sum to a (to rounding); K ≤ 1 and scalings ≤ big keep it
+finite even where float32 cannot resolve C/ε (~1e10 for unnormalised features of scale
+1e3 at ε = 0.01), where exact updates take over. The log-marginals are
+``TorchBackend.log``. The solver always runs in float32 (float64 when the inputs are
+float64, for gradcheck), with autocast disabled, whatever the input dtype (bfloat16
+included); outputs are float32 (float64 for float64 inputs).
+
+Cost. ||x̂||² + ||ŷ||² − 2 x̂·ŷ by one batched product, clamped at 0. When the fixed
+teacher projection (``FixedTeacherProjection``: layer norm, then a matrix Q) is an
+isometry onto the common space, d = D_t with QᵀQ = s² I (as ``semi_orthogonal`` draws
+it; ``OTLeadMatching.teacher_isometry`` checks it to float rounding, once per value of
+the buffer), then ŷ = normalize(LN(y) Qᵀ) = ỹ Qᵀ / s with ỹ = normalize(LN(y)), and
+x̂·ŷ = x̃·ỹ with x̃ = normalize(x (Qᵀ W_s)ᵀ) = x̂ Q / s. The cost is then computed in the
+teacher's space, the student projection and Q folded into one D_t × D_s matrix, and the
+teacher tokens need no matrix product. The outputs in the common space, the barycentric
+projection (P ỹ) Qᵀ / (s a) and the student tokens x̃ Qᵀ / s, are computed on first
+access of ``aux`` (a read-only mapping), as is "objective" in envelope mode (it needs
+the plan's entropy); the training objective reads every aux entry, which costs about
+what the teacher's product saved.
 
 Gradients: the envelope theorem by default (``grad="envelope"``). Precisely, what is
 differentiated is ``<sg(P), C(θ)>``: the solver runs without a graph and the plan P is a
 constant of the backward pass, so ∂L/∂C = P / B and the gradient reaches the features and
-projections only through the cost. By the envelope (Danskin) theorem P* is exactly the
-gradient of the regularised objective OT_ε(C) = <P*, C> + ε Σ P* log P* at its optimum; it
-is *not* the full derivative of the reported value <P*, C>, which adds ε ∇_C Σ P* log P*
-(that term vanishes as ε → 0 where the unregularised plan is unique). On random
-normalised tokens at ε = 0.05 the two gradients have cosine ≈ 0.99 (relative difference
-≈ 0.18). Why the envelope:
+projections only through the cost. It is built in the forward (``_envelope``):
+∂<P, C>/∂x̂_i = 2 r_i x̂_i − 2 (P ŷ)_i with r = P 1, where P ŷ is the barycentric
+product anyway, pulled back through the normalisation by hand and attached to the
+projected student tokens by a custom autograd function, so that the backward pass is one
+multiplication before the projection's own. By the envelope (Danskin) theorem P* is
+exactly the gradient of the regularised objective OT_ε(C) = <P*, C> + ε Σ P* log P* at
+its optimum; it is *not* the full derivative of the reported value <P*, C>, which adds
+ε ∇_C Σ P* log P* (that term vanishes as ε → 0 where the unregularised plan is unique).
+On random normalised tokens at ε = 0.05 the two gradients have cosine ≈ 0.99 (relative
+difference ≈ 0.18). Why the envelope:
 
 * memory: unrolling keeps both log-sum-exp operands of every iteration for the backward
   pass, 2 · iters plan-sized tensors; at B = 64, N_s = 96, N_t = 196, D = d = 256,
-  50 iterations, autograd saves 547 MB for this one term (measured) against 65 MB with
+  50 iterations, autograd saves 522 MB for this one term (measured) against 12.5 MB with
   the envelope, and it grows with the teacher's token count;
-* time: the envelope backward is one product with the plan; unrolled forward+backward
-  at that size is ~6x slower on CPU (1.08 s against 0.17 s, 2 threads);
+* time: unrolled forward+backward at that size is ~7x slower on CPU (0.37 s against
+  0.05 s, 2 threads);
 * accuracy and safety: the envelope gradient is the exact gradient of a well-defined
   objective (OT_ε) up to the solver's convergence, and it is bounded by |∂C/∂θ|. The
   unrolled one is the exact derivative of 50 truncated iterations, whose extra terms
@@ -173,8 +196,8 @@ def sinkhorn_log_batched(cost: torch.Tensor, reg: float, iters: int, log_a: torc
     Same updates, order and start as POT's ``sinkhorn_log`` (v first, from zero potentials;
     a massless token starts at -inf, so it never takes part). Differentiable by autograd
     through the iterations when ``cost`` requires grad (``_sinkhorn_unrolled``); otherwise
-    the same iterates are computed by ``_sinkhorn_no_graph`` at one exponential per
-    iteration.
+    the same iterates are computed by ``_sinkhorn_no_graph``, stabilised scaling
+    iterations without an exponential per iteration.
 
     Args:
         cost: [B, N_s, N_t] float32 or float64.
@@ -230,27 +253,29 @@ def _sinkhorn_no_graph(k: torch.Tensor, u: torch.Tensor, log_a: torch.Tensor,
     """The same iterates without a graph: stabilised scaling Sinkhorn (Schmitzer 2019).
 
     The log-scalings are split as u = α + log x, v = β + log y: the potentials α, β are
-    absorbed in a kernel K_ij = exp(k_ij + α_i + β_j) formed with one exponential pass, and
-    an iteration updates only the scalings, by two batched matrix-vector products:
+    absorbed in a kernel K_ij = exp(k_ij + α_i + β_j), formed with one exponential pass,
+    and an iteration updates only the scalings, by two batched matrix-vector products:
 
         y ← b / (Kᵀ x)        x ← a / (K y)
 
     (v_j = log b_j − LSE_i(k_ij + u_i) = β_j + log (b_j / Σ_i K_ij x_i), and likewise for u).
-    The kernel is formed (absorption) by an exact u-update, as a max-shifted log-sum-exp
-    over j of k_ij + v_j written in place: E_ij = exp(k_ij + v_j − m_i), s_i = Σ_j E_ij,
-    u_i = log a_i − m_i − log s_i, K = E · a/s, which is the plan exp(k + u + v) itself, so
-    K_ij ≤ a_i ≤ 1 and x = y = 1 afterwards. That exact step replaces the fast u-update
-    whenever a scaling of the iteration would leave [1/big, big] (big = e^bound,
-    bound = log(max float)/4 by default: nothing overflows) or the row sums K y are below
-    n_t · floor. A v-update whose column sums Kᵀx are below n_s · floor is replaced by the
-    exact ``TorchBackend.logsumexp`` over i of k_ij + u_i (as is the first one, when no
-    kernel exists yet), followed by an exact u-update.
+    The kernel is formed (absorption) by an exact update instead of a scaling one:
+
+    * an exact v-update, as the first one (no kernel yet) and whenever a column sum Kᵀx
+      is below n_s · floor: the max-shifted log-sum-exp over i of k_ij + u_i written in
+      place, E_ij = exp(k_ij + u_i − m_j), s_j = Σ_i E_ij, v_j = log b_j − m_j − log s_j;
+      then K = E (α = u, β = −m, x = 1, y = b/s), so K_ij ≤ 1;
+    * an exact u-update whenever a scaling of the iteration would leave [1/big, big]
+      (big = e^bound, bound = log(max float)/4 by default: nothing overflows) or a row sum
+      K y is below n_t · floor: the same over j of k_ij + v_j, E_ij = exp(k_ij + v_j − m_i),
+      s_i = Σ_j E_ij, u_i = log a_i − m_i − log s_i; then K = E · a/s, the plan
+      exp(k + u + v) itself (α = u, β = v, x = y = 1), so K_ij ≤ a_i ≤ 1.
 
     Why the floor: K's entries are exact to a relative eps down to the smallest normal
     number (tiny) and off by at most tiny below it, so a sum Σ K_ij x_i over n terms with
     x ≤ big is off by at most n · tiny · big + eps · sum: the default floor tiny · big / eps
     keeps every accepted sum exact to about 2 eps. ``floor=inf`` takes the exact
-    (log-domain) updates every iteration, ``bound=0`` absorbs after every u-update.
+    (log-domain) updates every iteration, ``bound=0`` absorbs at every u-update.
     ``stats``, if given, receives the number of exact v- and u-updates ("exact_v",
     "exact_u"; the rest were scaling updates).
     """
@@ -258,52 +283,70 @@ def _sinkhorn_no_graph(k: torch.Tensor, u: torch.Tensor, log_a: torch.Tensor,
     big = math.exp(math.log(info.max) / 4 if bound is None else bound)
     if floor is None:
         floor = info.tiny * big / info.eps
-    a, b = log_a.exp(), log_b.exp()  # (B, N_s), (B, N_t)
-    lo_b, hi_b = _accepted(b, k.shape[1] * floor, big)  # (B, N_t)
-    lo_a, hi_a = _accepted(a, k.shape[2] * floor, big)  # (B, N_s)
-    floor_b = torch.where(b > 0, k.shape[1] * floor, -1.0)  # (B, N_t)
+    n_s, n_t = k.shape[1], k.shape[2]
+    a, b = log_a.exp()[:, None, :], log_b.exp()[:, None, :]  # (B, 1, N_s), (B, 1, N_t)
+    lo_b, hi_b = _accepted(b, n_s * floor, big)  # (B, 1, N_t)
+    lo_a, hi_a = _accepted(a, n_t * floor, big)  # (B, 1, N_s)
+    floor_b = torch.where(b > 0, n_s * floor, -1.0)  # (B, 1, N_t)
+    # a massless token's sum may be 0: divide by at least tiny (0 / tiny = 0)
+    pad_a, pad_b = not bool((a > 0).all()), not bool((b > 0).all())
     kern = torch.empty_like(k)  # (B, N_s, N_t) K = exp(k + α + β); at the end the plan
-    alpha, beta = u, log_b  # absorbed potentials (beta is set by the first update)
-    x, y = torch.ones_like(a), torch.ones_like(b)  # scalings
-    formed = scaled = False  # a kernel exists / the scalings differ from 1
+    col, row = torch.empty_like(b), torch.empty_like(a)  # Kᵀx, K y
+    alpha, beta = u, log_b  # (B, N_s), (B, N_t) absorbed potentials (beta: set at once)
+    x, y = torch.ones_like(a), torch.ones_like(b)  # (B, 1, N_s), (B, 1, N_t) scalings
+    ones_x = ones_y = True  # the scalings are all 1
+    formed = False  # a kernel exists
     zero_start = not bool(u.any())  # u = 0: no padded student token
     exact_v = exact_u = 0
     for _ in range(iters):
-        v = None
+        v = None  # set when the u-update is to be exact
+        exact = not formed
         if formed:
-            col = torch.bmm(x[:, None, :], kern)[:, 0]  # (B, N_t) Σ_i K_ij x_i
+            torch.bmm(x, kern, out=col)  # (B, 1, N_t) Σ_i K_ij x_i
             if _inside(col, lo_b, hi_b):
-                y = b / col.clamp_min(info.tiny)  # padding: 0
-                row = torch.bmm(y[:, None, :], kern.transpose(1, 2))[:, 0]  # (B, N_s)
-                if _inside(row, lo_a, hi_a):  # Σ_j K_ij y_j
-                    x = a / row.clamp_min(info.tiny)
-                    scaled = True
-                    continue
-                v = beta + y.log()  # (B, N_t)
+                y = torch.div(b, col.clamp_min(info.tiny) if pad_b else col)
+                ones_y = False
             elif bool((col >= floor_b).all()):  # exact, but a scaling leaves [1/big, big]
-                v = beta + (b / col.clamp_min(info.tiny)).log()
-        if v is None:  # exact v-update
+                v = beta + torch.log(b / col.clamp_min(info.tiny))[:, 0]
+            else:
+                exact = True
+        if exact:  # exact v-update, forming the kernel
             exact_v += 1
+            arg = k  # from zero potentials, k + u = k
             if formed or not zero_start:
-                u_now = alpha + x.log() if scaled else alpha  # (B, N_s)
-                v = log_b - _NX.logsumexp(k + u_now[:, :, None], axis=1)  # (B, N_t)
-            else:  # the first update, from zero potentials: k + u = k
-                v = log_b - _NX.logsumexp(k, axis=1)
-        # exact u-update, absorbing u and v: the kernel becomes the current plan
+                alpha = alpha if ones_x else alpha + x[:, 0].log()  # u
+                arg = torch.add(k, alpha[:, :, None], out=kern)
+            shift = arg.amax(1, keepdim=True)  # (B, 1, N_t)
+            shift.masked_fill_(torch.isinf(shift), 0.0)  # as torch.logsumexp
+            s = torch.sub(arg, shift, out=kern).exp_().sum(1, keepdim=True)  # (B, 1, N_t) >= 1
+            beta, x, y = -shift[:, 0], torch.ones_like(a), b / s
+            ones_x, ones_y, formed = True, False, True
+        if v is None:
+            torch.bmm(y, kern.transpose(1, 2), out=row)  # (B, 1, N_s) Σ_j K_ij y_j
+            if _inside(row, lo_a, hi_a):
+                x = torch.div(a, row.clamp_min(info.tiny) if pad_a else row)
+                ones_x = False
+                continue
+            v = beta + y[:, 0].log()  # (B, N_t)
+        # exact u-update, forming the kernel: it becomes the current plan
         exact_u += 1
         torch.add(k, v[:, None, :], out=kern)
         shift = kern.amax(2, keepdim=True)  # (B, N_s, 1)
         s = kern.sub_(shift).exp_().sum(2)  # (B, N_s), >= 1
         alpha, beta = log_a - (s.log() + shift[..., 0]), v
-        kern.mul_((a / s)[:, :, None])
+        kern.mul_((a[:, 0] / s)[:, :, None])
         x, y = torch.ones_like(a), torch.ones_like(b)
-        formed, scaled = True, False
+        ones_x = ones_y = True
     if stats is not None:
         stats.update(exact_v=exact_v, exact_u=exact_u)
-    if not scaled:
-        return kern, alpha, beta
-    # P = diag(x) K diag(y); x = a / (K y), so the rows sum to a
-    return kern.mul_(y[:, None, :]).mul_(x[:, :, None]), alpha + x.log(), beta + y.log()
+    # P = diag(x) K diag(y); after a scaling u-update x = a / (K y): the rows sum to a
+    if not ones_y:
+        kern.mul_(y)
+        beta = beta + y[:, 0].log()
+    if not ones_x:
+        kern.mul_(x.transpose(1, 2))
+        alpha = alpha + x[:, 0].log()
+    return kern, alpha, beta
 
 
 class _EnvelopeValue(torch.autograd.Function):
@@ -320,6 +363,22 @@ class _EnvelopeValue(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
         return grad * grad_out[:, None, None], None, None
+
+
+def _neg_entropy(plan: torch.Tensor) -> torch.Tensor:
+    """Σ_ij P_ij log P_ij per record [B] of a plan without a graph (0 log 0 = 0: a zero
+    entry times a finite log)."""
+    tiny = torch.finfo(plan.dtype).tiny
+    return plan.clamp_min(tiny).log_().mul_(plan).sum((1, 2))
+
+
+def _normalized(x: torch.Tensor, inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.normalize(x, dim=-1)`` (in place if asked; no graph) and its squared norms,
+    |x|² / max(|x|, eps)²: 1 to rounding, or below 1 for a vector shorter than eps."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (..., 1)
+    safe = norm.clamp_min(_NORM_EPS)
+    x = x.div_(safe) if inplace else x / safe
+    return x, (norm / safe).square_()[..., 0]
 
 
 def _project(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -354,7 +413,8 @@ class _Aux(Mapping[str, torch.Tensor]):
         return f"{type(self).__name__}({list(self._entries)})"
 
 
-def _out_of_autocast(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> Callable[[], torch.Tensor]:
+def _out_of_autocast(fn: Callable[..., torch.Tensor],
+                     *args: torch.Tensor) -> Callable[[], torch.Tensor]:
     """``fn(*args)`` for later, run with autocast off and autograd on (as in the forward)."""
 
     def run() -> torch.Tensor:
@@ -393,7 +453,7 @@ class OTLeadMatching(nn.Module):
                                  f"student {student_dim} and teacher {teacher_dim}")
             self.student_proj = nn.Identity()
             self.teacher_proj = nn.Identity()
-        self._isometry_cache: tuple[Any, tuple[torch.Tensor, torch.Tensor] | None] | None = None
+        self._isometry_cache: tuple[tuple[Any, ...], Any] | None = None
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
@@ -423,8 +483,8 @@ class OTLeadMatching(nn.Module):
         q = teacher.weight  # (d, D_t)
         if q.ndim != 2 or q.shape[0] != q.shape[1]:
             return None
-        key = (q.data_ptr(), q._version, q.device, q.dtype, dtype)
-        if self._isometry_cache is None or self._isometry_cache[0] != key:
+        cache = self._isometry_cache  # (buffer, its version, dtype), result
+        if cache is None or cache[0][0] is not q or cache[0][1:] != (q._version, dtype):
             with torch.no_grad():
                 q64 = q.detach().double()
                 gram = q64.T @ q64  # (D_t, D_t) = s² I
@@ -433,7 +493,7 @@ class OTLeadMatching(nn.Module):
                 err = float((gram / s2 - eye).abs().max()) if float(s2) > 0 else math.inf
                 ok = err <= 4 * math.sqrt(q.shape[1]) * torch.finfo(dtype).eps
                 value = (q.to(dtype), (q64 / s2.sqrt()).to(dtype)) if ok else None
-            self._isometry_cache = (key, value)
+            self._isometry_cache = ((q, q._version, dtype), value)
         return self._isometry_cache[1]
 
     def transport(self, student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, *,
@@ -485,20 +545,24 @@ class OTLeadMatching(nn.Module):
                 zs = F.linear(student_tokens.to(dtype), weight)  # (B, N_s, D_t)
                 with torch.no_grad():
                     xt = F.layer_norm(teacher_tokens.detach().to(dtype), (q.shape[1],))
-                    xt = F.normalize(xt, dim=-1)  # (B, N_t, D_t)
+                    xt, yy = _normalized(xt, inplace=True)  # (B, N_t, D_t), (B, N_t)
             else:
                 zs = _project(self.student_proj, student_tokens, dtype)  # (B, N_s, d)
                 with torch.no_grad():  # the teacher is a fixed target, as in every other term
                     xt = _project(self.teacher_proj, teacher_tokens.detach(), dtype)
-                    if c.normalize:
-                        xt = F.normalize(xt, dim=-1)  # (B, N_t, d)
-            xs = F.normalize(zs, dim=-1) if c.normalize else zs  # (B, N_s, d or D_t)
+                    if c.normalize:  # in place unless xt is the caller's tensor (identity)
+                        shared = xt.untyped_storage().data_ptr() == \
+                            teacher_tokens.untyped_storage().data_ptr()
+                        xt, yy = _normalized(xt, inplace=not shared)  # (B, N_t, d), (B, N_t)
+                    else:
+                        yy = torch.linalg.vector_norm(xt, dim=-1).square_()  # (B, N_t)
+            # the student tokens with a graph, for the aux output (later, in teacher space)
+            xs = zs if not c.normalize else None if iso is not None else F.normalize(zs, dim=-1)
             if c.grad == "envelope":
-                per_record, plan, cost, transported = self._envelope(zs, xs, xt, prior, log_a,
-                                                                     log_b)
-                # P is a constant here: 0 log 0 = 0 as 0 times a finite log
-                neg_entropy = torch.linalg.vecdot(
-                    plan.flatten(1), plan.clamp_min(tiny).log_().flatten(1))  # (B,) Σ P log P
+                per_record, plan, cost, transported = self._envelope(zs, xs, xt, yy, prior,
+                                                                     log_a, log_b)
+                objective: Any = _out_of_autocast(
+                    lambda p, v: v + c.reg * _neg_entropy(p), plan, per_record)
             else:
                 cost = squared_distances(xs, xt)  # (B, N_s, N_t)
                 if prior is not None:
@@ -508,20 +572,22 @@ class OTLeadMatching(nn.Module):
                 transported = torch.bmm(plan, xt)  # (B, N_s, d)
                 neg_entropy = torch.where(plan > 0, plan * plan.clamp_min(tiny).log(),
                                           0.0).sum((1, 2))  # (B,)
+                objective = per_record + c.reg * neg_entropy
         if iso is None:
             barycentric: Any = transported * inv_a[:, :, None]  # (B, N_s, d)
             student: Any = xs
         else:  # back to the common space d: x̂ = x̃ Qᵀ / s, P ŷ = (P ỹ) Qᵀ / s
             barycentric = _out_of_autocast(
                 lambda t, w, s: F.linear(t, w) * s[:, :, None], transported, q_out, inv_a)
-            student = _out_of_autocast(F.linear, xs, q_out)
+            student = _out_of_autocast(
+                lambda z, w: F.linear(F.normalize(z, dim=-1), w), zs, q_out)
         aux = _Aux({"plan": plan.detach(), "barycentric": barycentric, "student_tokens": student,
                     "cost": cost.detach(), "per_record": per_record.detach(),
-                    "objective": per_record + c.reg * neg_entropy})
+                    "objective": objective})
         return LossOutput(per_record.mean(), aux)
 
-    def _envelope(self, zs: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor,
-                  prior: torch.Tensor | None, log_a: torch.Tensor,
+    def _envelope(self, zs: torch.Tensor, xs: torch.Tensor | None, xt: torch.Tensor,
+                  yy: torch.Tensor, prior: torch.Tensor | None, log_a: torch.Tensor,
                   log_b: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """<sg(P), C> per record, with its gradient, for the envelope mode.
 
@@ -535,8 +601,10 @@ class OTLeadMatching(nn.Module):
         of the unclamped squared distance: the clamp at 0 only guards against rounding.
 
         Args:
-            zs: [B, N_s, w] projected student tokens (with a graph); xs: the same
-                normalised, or ``zs`` itself; xt: [B, N_t, w] teacher tokens (no graph).
+            zs: [B, N_s, w] projected student tokens (with a graph).
+            xs: ``zs`` normalised (``F.normalize``), or ``zs`` itself when not normalising,
+                or None: normalised here, without a graph.
+            xt: [B, N_t, w] teacher tokens (no graph); yy: [B, N_t] their squared norms.
             prior: [N_s, N_t] lead prior or None; log_a, log_b: log-masses.
 
         Returns:
@@ -545,24 +613,33 @@ class OTLeadMatching(nn.Module):
         """
         c = self.config
         with torch.no_grad():
-            x = xs.detach()
-            cost = torch.add(torch.linalg.vecdot(x, x)[:, :, None],
-                             torch.linalg.vecdot(xt, xt)[:, None, :])  # (B, N_s, N_t)
+            z = zs.detach()
+            norm = torch.linalg.vector_norm(z, dim=-1)  # (B, N_s)
+            if c.normalize:
+                safe = norm.clamp_min(_NORM_EPS)
+                x = z / safe[:, :, None] if xs is None else xs.detach()  # (B, N_s, w)
+                xx = (norm / safe).square_()  # (B, N_s) |x|²
+            else:
+                x, xx = z, norm.square()
+            cost = torch.add(xx[:, :, None], yy[:, None, :])  # (B, N_s, N_t)
             cost.baddbmm_(x, xt.transpose(1, 2), alpha=-2.0).clamp_min_(0)
             if prior is not None:
                 cost.add_(prior[None])
             k = torch.div(cost, -c.reg)  # (B, N_s, N_t) = −C/ε
             u = torch.where(torch.isneginf(log_a), log_a, torch.zeros_like(log_a))
             plan, _, _ = _sinkhorn_no_graph(k, u, log_a, log_b, c.iters)
-            del k
-            value = torch.linalg.vecdot(plan.flatten(1), cost.flatten(1))  # (B,) <P, C>
+            value = torch.mul(plan, cost, out=k).sum((1, 2))  # (B,) <P, C>; k is scratch
             transported = torch.bmm(plan, xt)  # (B, N_s, w) = P y
-            grad = (x * plan.sum(2)[:, :, None]).sub_(transported).mul_(2.0)  # (B, N_s, w)
-            if zs is not xs:  # through x = z / max(|z|, eps)
-                norm = torch.linalg.vector_norm(zs.detach(), dim=-1, keepdim=True)  # (B, N_s, 1)
-                radial = torch.linalg.vecdot(x, grad)[..., None]  # (B, N_s, 1)
-                grad = torch.where(norm > _NORM_EPS, grad - x * radial, grad)
-                grad = grad.div_(norm.clamp_min(_NORM_EPS))
+            rows = plan.sum(2)  # (B, N_s) r = P 1
+            if not c.normalize:  # g = 2 (r x − P y)
+                grad = torch.addcmul(transported, x, rows[:, :, None], value=-1.0).mul_(-2.0)
+            else:
+                # through x = z / max(|z|, eps): g − x (x·g) = 2 (x m − P y) with
+                # m = x·(P y) + r (1 − |x|²); below eps x = z / eps and it is g itself (m = r)
+                m = torch.linalg.vecdot(x, transported).add_(rows * (1.0 - xx))  # (B, N_s)
+                m = torch.where(norm > _NORM_EPS, m, rows)
+                grad = torch.addcmul(transported, x, m[:, :, None], value=-1.0)  # (B, N_s, w)
+                grad.mul_((-2.0 / safe)[:, :, None])
         return _EnvelopeValue.apply(zs, value, grad), plan, cost, transported
 
     def forward(self, student_out: Any, teacher_out: Any, batch: dict[str, Any] | None = None,
