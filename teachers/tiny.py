@@ -159,6 +159,11 @@ TINY_BUILDERS: dict[str, tuple[str, Callable[[Path], Path]]] = {
 }
 
 
+def _complete(folder: Path) -> bool:
+    """A preset folder holding its config and weights."""
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
 def tiny_folder(kind: str) -> Path:
     """The cached folder of a kind's tiny preset, built on first use (atomically).
 
@@ -171,8 +176,31 @@ def tiny_folder(kind: str) -> Path:
     name, build = TINY_BUILDERS[kind]
     root = default_cache_dir() / "teachers"
     target = root / name
-    if (target / "config.json").is_file():
+    if _complete(target):
         return target
+    root.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # an incomplete folder (a build cut short): set it aside
+        shutil.rmtree(target.rename(root / f".{name}-broken-{os.getpid()}"), ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        build(tmp)
+        if not _complete(tmp):
+            # transformers writes weights from the main process only once torch.distributed
+            # is set up; build presets on the main process (main_process_first)
+            raise RuntimeError(f"building the tiny {kind} preset wrote no weights to {tmp}; "
+                               f"under several processes, build it on the main one first")
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first: keep its build
+            deadline = time.monotonic() + 60
+            while not _complete(target) and time.monotonic() < deadline:
+                time.sleep(0.1)  # its rename may still be completing
+            if not _complete(target):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:

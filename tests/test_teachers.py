@@ -340,3 +340,17 @@ def test_signal_teacher_preprocessing_stays_on_the_input_device() -> None:
     out = hubert_ecg_input(x, 100.0)
     assert out.device == x.device and torch.isfinite(out).all()
     torch.testing.assert_close(out.cpu(), hubert_ecg_input(x.cpu(), 100.0), rtol=1e-4, atol=1e-4)
+
+
+def test_an_incomplete_tiny_preset_folder_is_rebuilt(tmp_path, monkeypatch) -> None:
+    """A preset folder without weights (as a non-main process of a distributed run once
+    left behind) is set aside and built again, not trusted."""
+    import teachers.tiny as tiny
+
+    monkeypatch.setenv("ECG_DISTILL_CACHE", str(tmp_path))
+    broken = tmp_path / "teachers" / tiny.TINY_SIGNAL_NAME
+    broken.mkdir(parents=True)
+    (broken / "preprocessor_config.json").write_text("{}")
+    folder = tiny.tiny_folder("signal")
+    assert folder == broken and (folder / "config.json").is_file()
+    assert list(folder.glob("*.safetensors"))
