@@ -139,7 +139,7 @@ def footprint(model: nn.Module, make_inputs: Callable[[int], dict[str, torch.Ten
         latency is the fastest of ``repeats`` timed passes (the least disturbed by other
         work on the machine; a median moves with the load of a shared CPU).
     """
-    from distill.profile import count_parameters
+    from distill.profile import count_parameters, latency
 
     model = model.to("cpu").eval()
     weights = weights_bytes(model)
@@ -147,18 +147,11 @@ def footprint(model: nn.Module, make_inputs: Callable[[int], dict[str, torch.Ten
     out: dict[str, Any] = {"parameters": count_parameters(model),
                            "disk_mb": None if disk is None else disk / 1e6,
                            "weights_mb": weights / 1e6, "peak_memory_mb": {}, "latency_ms": {}}
-    import time
-
     for b in batch_sizes:
         inputs = make_inputs(b)
         out["peak_memory_mb"][str(b)] = (weights + peak_activation_bytes(model, inputs)) / 1e6
-        times = []
-        with torch.no_grad():
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(**inputs)
-                times.append(time.perf_counter() - start)
-        out["latency_ms"][str(b)] = float(np.min(times)) / b * 1e3
+        out["latency_ms"][str(b)] = latency(model, lambda _, x=inputs: x, b, repeats=repeats,
+                                            warmup=0, statistic=min) * 1e3
     return out
 
 

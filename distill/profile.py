@@ -55,8 +55,10 @@ def count_macs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> int:
 
 @torch.no_grad()
 def latency(model: nn.Module, make_batch: Callable[[int], dict[str, Any]], batch_size: int, *,
-            repeats: int = 5, warmup: int = 1, min_seconds: float = 0.0) -> float:
-    """Median seconds per record of a forward pass at ``batch_size`` (eval mode, no grad)."""
+            repeats: int = 5, warmup: int = 1, min_seconds: float = 0.0,
+            statistic: Callable[[list[float]], float] = statistics.median) -> float:
+    """Seconds per record of a forward pass at ``batch_size`` (eval mode, no grad):
+    ``statistic`` (default the median; ``min`` for the least disturbed pass) of the timings."""
     model.eval()
     inputs = model_inputs(model, make_batch(batch_size))
     for _ in range(warmup):
@@ -67,7 +69,7 @@ def latency(model: nn.Module, make_batch: Callable[[int], dict[str, Any]], batch
         start = time.perf_counter()
         model(**inputs)
         times.append(time.perf_counter() - start)
-    return statistics.median(times) / batch_size
+    return statistic(times) / batch_size
 
 
 def signal_batch(batch_size: int, *, leads: int = 12, sampling_rate: int = 100,

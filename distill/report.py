@@ -37,6 +37,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _fmt(iv: dict[str, float] | None, signed: bool = False) -> str:
     if not iv:
         return "–"
@@ -115,10 +122,7 @@ def plot_auc_vs_params(results: dict[str, Any], path: Path) -> Path:
     ax.set_title("Student size against the teacher's AUC")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _read_log(path: Path) -> list[dict[str, float]]:
@@ -150,10 +154,7 @@ def plot_training_curves(run_dir: Path, path: Path) -> Path | None:
     for a in (a1, a2):
         a.grid(alpha=0.3)
     a1.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _lead_name(i: int) -> str:
@@ -193,10 +194,7 @@ def plot_transport_plan(plan: np.ndarray, student_leads: np.ndarray, teacher_lea
         ax.set_ylabel("student tokens")
     ax.set_xlabel("teacher image patches, grouped by the lead drawn in them (– = none)")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def singular_values(tokens: torch.Tensor) -> np.ndarray:
@@ -218,10 +216,7 @@ def plot_spectrum(spectra: dict[str, np.ndarray], path: Path) -> Path:
     ax.set_title("Singular-value spectrum of token features (test records)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def token_figures(jd, run_dir: Path, fig_dir: Path, records: int = 32) -> dict[str, Any]:
