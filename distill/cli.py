@@ -93,6 +93,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from distill.quantize import format_for_bits, quantize_folder
+
+    fmt = format_for_bits(args.bits, args.quant_type)
+    source = Path(args.checkpoint)
+    out = Path(args.out) if args.out else source.with_name(f"{source.name}-{fmt}")
+    result = quantize_folder(source, fmt, out, double_quant=args.double_quant,
+                             force=args.force)
+    print(result.describe())
+    return 0
+
+
 def _cmd_data_synth(args: argparse.Namespace) -> int:
     from distill.data.tools import write_synthetic
 
@@ -187,6 +201,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval)
 
+    p = sub.add_parser("quantize", help="convert a saved student to 8-bit or 4-bit (bitsandbytes)",
+                       description="Quantize the Linear layers of a saved fp32 student (a best/ "
+                                   "or exported folder) with bitsandbytes: --bits 8 is LLM.int8, "
+                                   "--bits 4 is nf4 (or fp4). Writes a folder that "
+                                   "AutoModel.from_pretrained loads quantized, and says which "
+                                   "layers stay in fp32 (convolutions, the output layer).")
+    p.add_argument("checkpoint", help="a saved student folder (config.json + model.safetensors)")
+    p.add_argument("--bits", type=int, required=True, choices=[8, 4], help="8 or 4")
+    p.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"],
+                   help="4-bit code book (default nf4)")
+    p.add_argument("--double-quant", action="store_true",
+                   help="4-bit: quantize the block scales too")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: CHECKPOINT-int8 / -nf4 / -fp4 beside it)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_cmd_quantize)
+
     p = sub.add_parser("models", help="list every student preset with its size and cost",
                        description="Every student family and size preset: parameters, "
                                    "multiply-accumulates per 10-second record, and the share of "
@@ -195,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leads", nargs="+", default=None, help="lead subset (default all 12)")
     p.add_argument("--num-labels", type=int, default=5, help="labels (default 5, superdiagnostic)")
     p.set_defaults(func=_cmd_models)
+
 
     data = sub.add_parser("data", help="synthesise, inspect and render ECG data",
                           description="Data tools: the synthetic PTB-XL-layout generator, "

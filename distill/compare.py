@@ -73,14 +73,17 @@ def predict(model: nn.Module, dataset, inputs: Callable, batch_size: int = 64,
 
 
 def weights_bytes(model: nn.Module) -> int:
-    """Bytes of the parameters and buffers in memory (shared tensors once)."""
+    """Bytes of the parameters and buffers in memory (shared tensors once), plus the
+    scales and quant states bitsandbytes keeps beside quantized weights."""
+    from distill.quantize import quantized_weights_extra_bytes
+
     seen, total = set(), 0
     for t in (*model.parameters(), *model.buffers()):
         if t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
-    return total
+    return total + quantized_weights_extra_bytes(model)
 
 
 @torch.no_grad()
@@ -174,6 +177,36 @@ def write_results(run_dir: Path, results: dict[str, Any]) -> Path:
     return atomic_write_text(run_dir / RESULTS_FILE, json.dumps(results, indent=1))
 
 
+def prediction_folder(name: str) -> str:
+    """A model's folder name under ``eval/``: "distill leadformer/tiny" -> "distill_leadformer-tiny"."""
+    return name.replace(" ", "_").replace("/", "-")
+
+
+def load_results(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """``results.json`` of a run, with the quantize stage's variants (``quantized.json``)
+    merged into ``models`` and its other entries under ``quantization``; the fp32 figures
+    of the quantize stage (measured beside the variants) stay under
+    ``quantization.reference``."""
+    from distill.errors import ECGDistillError
+    from distill.quantize import QUANTIZED_FILE
+
+    run_dir = Path(run_dir)
+    path = run_dir / RESULTS_FILE
+    try:
+        results = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ECGDistillError(f"{path}: no results; run `ecg-distill run` (its evaluate "
+                              f"stage) on the recipe first") from None
+    except json.JSONDecodeError as exc:
+        raise ECGDistillError(f"{path}: not valid JSON ({exc})") from None
+    qpath = run_dir / QUANTIZED_FILE
+    if qpath.exists():
+        quantized = json.loads(qpath.read_text())
+        results["models"].update(quantized.pop("models", {}))
+        results["quantization"] = quantized
+    return results
+
+
 def evaluate_candidates(candidates: list[Candidate], splits: Mapping[str, Any],
                         labels: Mapping[str, np.ndarray], classes: list[str], *,
                         bootstrap: int, seed: int, level: float, repeats: int,
@@ -204,12 +237,13 @@ def evaluate_candidates(candidates: list[Candidate], splits: Mapping[str, Any],
             index, p = predict(model, splits[split], cand.inputs, batch_size=batch_size)
             preds[split] = p
             preds[f"{split}_index"] = index
-        folder = out_dir / cand.name.replace(" ", "_").replace("/", "-")
+        folder = out_dir / prediction_folder(cand.name)
         folder.mkdir(parents=True, exist_ok=True)
         np.savez(folder / "predictions.npz", **preds)
         probs[cand.name] = preds
         entry = {"kind": cand.kind, "student": cand.student,
-                 "folder": None if cand.folder is None else str(cand.folder), **cand.extra}
+                 "folder": None if cand.folder is None else str(cand.folder), **cand.extra,
+                 "predictions": str(folder / "predictions.npz")}
         entry.update(model_metrics(labels["test"], preds["test"], labels["val"], preds["val"],
                                    samples, level, classes))
         entry.update(footprint(model, lambda b, c=cand: make_inputs(c, b), cand.folder,
@@ -233,6 +267,8 @@ def _differences(models: dict[str, Any], probs: dict[str, dict[str, np.ndarray]]
     for name, m in models.items():
         if m["kind"] == "teacher":
             continue
+        if m["kind"] == "quantized" and m.get("fp32") in models:
+            m["vs_fp32"] = diff(name, m["fp32"])
         if teacher is not None:
             m["vs_teacher"] = diff(name, teacher)
         if m["kind"] in ("distill", "ablation"):

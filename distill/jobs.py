@@ -130,6 +130,12 @@ def teacher_inputs(kind: str) -> Callable[[Mapping[str, Any]], dict[str, torch.T
     return lambda batch: {"signal": batch["teacher"]}
 
 
+def _spec_key(spec: StudentConfig) -> dict[str, Any]:
+    """A student spec as its training fingerprint sees it: unset per-student overrides
+    (``epochs``, ``lr``) are left out, so runs made before they existed stay valid."""
+    return {k: v for k, v in to_dict(spec).items() if not (k in ("epochs", "lr") and v is None)}
+
+
 def student_key(spec: StudentConfig) -> str:
     """The batch entry holding this student's view."""
     return f"student:{student_name(spec)}"
@@ -270,7 +276,7 @@ def baseline_job(jd: JobData, spec: StudentConfig) -> TrainJob:
         name=f"baseline {student_name(spec)}", model=student, train_set=sets["train"],
         val_set=sets["val"], loss_fn=loss_fn, logits_fn=logits_fn,
         save_model=lambda m, f, sd: m.save_pretrained(f, state_dict=sd),
-        fingerprint=_hash({"job": "baseline", "student": to_dict(spec), "data": jd.data.fingerprint,
+        fingerprint=_hash({"job": "baseline", "student": _spec_key(spec), "data": jd.data.fingerprint,
                            **student_settings(recipe)}),
         class_names=jd.classes)
 
@@ -353,7 +359,7 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
         name=f"distill {student_name(spec)}", model=module, train_set=sets["train"],
         val_set=sets["val"], loss_fn=loss_fn, logits_fn=logits_fn,
         save_model=_save_distilled, on_device=on_device,
-        fingerprint=_hash({"job": "distill", "student": to_dict(spec), "teacher": teacher_id,
+        fingerprint=_hash({"job": "distill", "student": _spec_key(spec), "teacher": teacher_id,
                            "data": jd.data.fingerprint, **student_settings(recipe),
                            **_sections(recipe, "distill")}),
         class_names=jd.classes)

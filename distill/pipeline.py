@@ -18,12 +18,15 @@ Stages so far:
 - ``ablation``: the recipe's ablations of one student (``ablation/<name>-<family>-<size>/``);
 - ``evaluate``: every model on the test fold with bootstrap intervals, size, memory and
   latency (``results.json``, ``eval/``; :mod:`distill.compare`);
+- ``quantize``: every distilled student in every ``quantize.formats`` (bitsandbytes int8,
+  nf4, fp4) under ``quantized/``, each scored and measured beside its fp32 model, and the
+  teacher's memory at each precision (``quantized.json``; :mod:`distill.quantize`);
 - ``report``: ``report.md`` and ``figures/`` (:mod:`distill.report`).
 
 Training stages continue an interrupted job with ``resume=True`` (``--resume``); without
 it a job folder holding checkpoints is refused, so nothing is overwritten by accident.
-``--force STAGE`` deletes the stage's folders and redoes it. Quantization and export join
-this list as they are built.
+``--force STAGE`` deletes the stage's folders and redoes it. Export joins this list as
+it is built.
 """
 
 from __future__ import annotations
@@ -225,7 +228,8 @@ def _stage_baseline(ctx: RunContext) -> dict[str, Any]:
 
     jd = ctx.job_data()
     return {student_name(s): _fit(ctx, baseline_job(jd, s),
-                                  ctx.run_dir / "baseline" / student_folder(s))
+                                  ctx.run_dir / "baseline" / student_folder(s),
+                                  epochs=s.epochs, lr=s.lr)
             for s in ctx.recipe.students}
 
 
@@ -242,7 +246,8 @@ def _stage_distill(ctx: RunContext) -> dict[str, Any]:
         with process_state().main_process_first():
             cache = build_teacher_cache(jd, teacher, progress=ctx.progress)
     return {student_name(s): _fit(ctx, distill_job(jd, s, teacher, cache),
-                                  ctx.run_dir / "distill" / student_folder(s))
+                                  ctx.run_dir / "distill" / student_folder(s),
+                                  epochs=s.epochs, lr=s.lr)
             for s in ctx.recipe.students}
 
 
@@ -269,7 +274,8 @@ def _stage_ablation(ctx: RunContext) -> dict[str, Any]:
         job = distill_job(dataclasses.replace(jd, recipe=ablation_recipe(recipe, name)), spec,
                           teacher, cache)
         job.name = f"ablation {name} {student_name(spec)}"
-        out[name] = _fit(ctx, job, ctx.run_dir / ablation_folder(name, spec))
+        out[name] = _fit(ctx, job, ctx.run_dir / ablation_folder(name, spec),
+                         epochs=spec.epochs, lr=spec.lr)
     return out
 
 
@@ -281,6 +287,26 @@ def _stage_evaluate(ctx: RunContext) -> dict[str, Any]:
         auc = m["macro_auc"]
         print(f"{name:<28} macro AUC {auc['value']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}]")
     return {"results": str(ctx.run_dir / "results.json"),
+            "macro_auc": {n: m["macro_auc"]["value"] for n, m in results["models"].items()}}
+
+
+def _stage_quantize(ctx: RunContext) -> dict[str, Any]:
+    from distill.quantize import QUANTIZED_FILE, quantize_run
+
+    if not ctx.recipe.quantize.formats:
+        print("no quantized variants in the recipe (quantize.formats is empty)")
+        return {}
+    results = quantize_run(ctx.job_data(), ctx.run_dir, progress=ctx.progress)
+    for name, m in results["models"].items():
+        auc, d = m["macro_auc"], m["vs_fp32"]
+        print(f"{name:<28} macro AUC {auc['value']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}]"
+              f", vs fp32 {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+    for precision, m in results["teacher_memory"].items():
+        if "error" in m:
+            print(f"teacher {precision}: {m['error']}")
+        else:
+            print(f"teacher {precision}: weights {m['weights_mb']:.1f} MB")
+    return {"results": str(ctx.run_dir / QUANTIZED_FILE),
             "macro_auc": {n: m["macro_auc"]["value"] for n, m in results["models"].items()}}
 
 
@@ -330,7 +356,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate", "evaluate every model on the test fold (bootstrap intervals, size, "
                       "memory, latency)", _EVERYTHING, _stage_evaluate, ("eval", "results.json"),
           main_only=True, settings=_distill_settings),
-    Stage("report", "write report.md and the figures", _EVERYTHING, _stage_report,
+    Stage("quantize", "quantize every distilled student (quantize.formats) and measure each "
+                      "variant beside its fp32 model; the teacher's memory per precision",
+          (*_EVERYTHING, "quantize"), _stage_quantize, ("quantized", "quantized.json"),
+          main_only=True, settings=_distill_settings),
+    Stage("report", "write report.md and the figures", (*_EVERYTHING, "quantize"), _stage_report,
           ("report.md", "figures"), main_only=True, settings=_distill_settings),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)

@@ -146,6 +146,10 @@ class StudentConfig:
     family: Literal["xresnet1d", "leadformer"] = spec("xresnet1d", help="student architecture")
     size: Literal["tiny", "small", "base"] = spec("tiny", help="size preset")
     view: ViewConfig = spec(default_factory=ViewConfig)
+    epochs: int | None = spec(None, help="this student's epochs (null = train.epochs)", ge=1)
+    lr: float | None = spec(None, help="this student's learning rate (null = train.lr); "
+                                       "transformers from scratch want less than CNNs",
+                            gt=0, lt=1)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The report stage: ``report.md`` and PNG figures from ``results.json`` and the training logs.
+"""The report stage: ``report.md`` and PNG figures from ``results.json`` (with the quantize
+stage's ``quantized.json``) and the training logs.
 
 Figures (``figures/`` in the run folder):
 
@@ -92,6 +93,59 @@ def ablation_table(results: dict[str, Any]) -> str | None:
         out.append(f"| {m.get('ablation', name)} | {_fmt(m['macro_auc'])} "
                    f"| {_fmt(m.get('vs_full'), True)} | {_fmt(m.get('vs_baseline'), True)} |")
     return f"Ablations of {student}:\n\n" + "\n".join(out)
+
+
+def quantization_table(results: dict[str, Any]) -> str | None:
+    """Each quantized student: its fp32 row (measured beside it), then every variant."""
+    q = results.get("quantization")
+    if not q or not q.get("reference"):
+        return None
+    head = ("| model | format | quantized params | size (MB) | smaller: file / quantized part "
+            "| memory b1 / b64 (MB) | latency b1 / b64 (ms/record) | macro AUC [95% CI] "
+            "| Δ fp32 [CI] |")
+    rows, notes = [head, "|" + "---|" * 9], []
+
+    def row(name: str, m: dict[str, Any], fmt: str, share: str, ratio: str, diff: str) -> str:
+        mem, lat = m["peak_memory_mb"], m["latency_ms"]
+        return (f"| {name} | {fmt} | {share} | {m['disk_mb']:.3f} | {ratio} "
+                f"| {mem['1']:.1f} / {mem['64']:.1f} | {lat['1']:.2f} / {lat['64']:.2f} "
+                f"| {_fmt(m['macro_auc'])} | {diff} |")
+
+    for ref_name, ref in q["reference"].items():
+        rows.append(row(ref_name, ref, "fp32", "–", "–", "–"))
+        for name, m in results["models"].items():
+            if m["kind"] != "quantized" or m.get("fp32") != ref_name:
+                continue
+            s = m["quantization"]
+            rows.append(row(name, m, m["format"], f"{s['fraction']:.0%}",
+                            f"{s['ratio_file']:.2f}x / {s['ratio_part']:.2f}x",
+                            _fmt(m.get("vs_fp32"), True)))
+            notes += [f"{name}: {n}" for n in s["notes"]
+                      if "convolution" in n or "no layer" in n]
+    for name, why in q.get("skipped", {}).items():
+        notes.append(f"{name}: not quantized ({why})")
+    text = "Quantized students (bitsandbytes; Linear layers only, the output layer in fp32):\n\n"
+    text += "\n".join(rows)
+    if notes:
+        text += "\n\n" + "\n".join(f"- {n}" for n in dict.fromkeys(notes))
+    return text
+
+
+def teacher_memory_table(results: dict[str, Any]) -> str | None:
+    """The teacher's memory at each precision it was loaded in."""
+    mem = (results.get("quantization") or {}).get("teacher_memory")
+    if not mem:
+        return None
+    names = {"none": "fp32", "8bit": "8-bit (LLM.int8)", "4bit": "4-bit (nf4)"}
+    rows = ["| teacher precision | weights (MB) | weights + peak activations b1 (MB) |",
+            "|---|---|---|"]
+    for precision, m in mem.items():
+        label = names.get(precision, precision)
+        if "error" in m:
+            rows.append(f"| {label} | – | could not load here: {m['error']} |")
+        else:
+            rows.append(f"| {label} | {m['weights_mb']:.2f} | {m['peak_memory_mb']:.1f} |")
+    return "Teacher memory by precision (CPU):\n\n" + "\n".join(rows)
 
 
 def plot_auc_vs_params(results: dict[str, Any], path: Path) -> Path:
@@ -269,7 +323,9 @@ def token_figures(jd, run_dir: Path, fig_dir: Path, records: int = 32) -> dict[s
 
 def write_report(jd, run_dir: Path) -> Path:
     """``report.md`` and the figures, from ``results.json`` and the job logs."""
-    results = json.loads((run_dir / "results.json").read_text())
+    from distill.compare import load_results
+
+    results = load_results(run_dir)
     fig_dir = run_dir / FIG_DIR
     fig_dir.mkdir(parents=True, exist_ok=True)
     plot_auc_vs_params(results, fig_dir / "auc_vs_params.png")
@@ -291,9 +347,10 @@ def write_report(jd, run_dir: Path) -> Path:
         model_table(results),
         "",
     ]
-    abl = ablation_table(results)
-    if abl:
-        lines += [abl, ""]
+    for extra in (ablation_table(results), quantization_table(results),
+                  teacher_memory_table(results)):
+        if extra:
+            lines += [extra, ""]
     lines += ["![macro AUC against parameters](figures/auc_vs_params.png)", ""]
     if curves:
         lines += ["![training curves](figures/training_curves.png)", ""]

@@ -206,8 +206,9 @@ class LeadFormerModel(ECGStudentModel):
         b, n_leads, t = signal.shape
         n, p, d = self.config.num_patches, self.config.patch_size, self.config.hidden_size
         lead_ids = torch.tensor(self.config.lead_ids, device=signal.device)  # (L,)
-        x = F.pad(signal, (0, n * p - t)).view(b, n_leads, n, p)  # (B, L, N, P)
-        x = self.patch_embed(x)  # (B, L, N, D)
+        x = F.pad(signal, (0, n * p - t)).view(b, n_leads * n, p)  # (B, L*N, P)
+        # 3-D into the Linear: bitsandbytes' int8 matmul takes at most 3-D inputs
+        x = self.patch_embed(x).view(b, n_leads, n, d)  # (B, L, N, D)
         x = x + self.lead_embed(lead_ids)[:, None, :] + self.pos_embed  # (B, L, N, D)
         x = x.reshape(b * n_leads, n, d)  # (B*L, N, D): leads are independent sequences
         for block in self.blocks:
@@ -249,8 +250,10 @@ register_family("leadformer", LeadFormerConfig,
 
 @register_preset("leadformer", "tiny")
 def leadformer_tiny(**kwargs: Any) -> LeadFormerModel:
-    """D=32, 2 within-lead blocks, 4 latents."""
-    return _create_leadformer(**{"width": 32, "depth": 2, "num_latents": 4, **kwargs})
+    """D=64, 2 within-lead blocks, 4 latents. 64 is the narrowest width at which every
+    block's Linear takes bitsandbytes' CPU 4-bit kernel (in_features a multiple of its
+    64-weight blocks), so the tiny preset quantizes to nf4 as fully as the larger ones."""
+    return _create_leadformer(**{"width": 64, "depth": 2, "num_latents": 4, **kwargs})
 
 
 @register_preset("leadformer", "small")

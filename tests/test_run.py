@@ -89,6 +89,29 @@ def test_run_killed_between_stages_continues_and_writes_every_artefact(tmp_path,
             assert img.size[0] > 300 and img.size[1] > 200
         assert f"figures/{fig}.png" in report
 
+    # the quantize stage: every distilled student in int8 and nf4 where its layers allow
+    quantized = json.loads((run / "quantized.json").read_text())
+    assert set(quantized["models"]) == {"distill xresnet1d/tiny int8",
+                                        "distill leadformer/tiny int8",
+                                        "distill leadformer/tiny nf4"}
+    assert "no layer of this model can be quantized to nf4" in \
+        quantized["skipped"]["distill xresnet1d/tiny nf4"]
+    for name, m in quantized["models"].items():
+        d = m["vs_fp32"]
+        assert d["low"] <= d["value"] <= d["high"]
+        ref = quantized["reference"][m["fp32"]]
+        assert m["disk_mb"] < ref["disk_mb"] and m["weights_mb"] < ref["weights_mb"]
+        assert json.loads((Path(m["folder"]) / "config.json").read_text())["quantization_config"]
+        assert m["quantization"]["ratio_part"] > (3 if m["format"] == "int8" else 5)
+    # the fp32 rows measured beside the variants score what the evaluate stage scored
+    assert quantized["reference"]["distill leadformer/tiny"]["macro_auc"] == \
+        pytest.approx(results["models"]["distill leadformer/tiny"]["macro_auc"])
+    mem = quantized["teacher_memory"]
+    assert mem["4bit"]["weights_mb"] < mem["8bit"]["weights_mb"] < mem["none"]["weights_mb"]
+    assert "Quantized students" in report and "| distill leadformer/tiny nf4 | nf4 |" in report
+    assert "| distill leadformer/tiny | fp32 |" in report
+    assert "Teacher memory by precision" in report
+
     # ecg-distill eval on the same folder reproduces the run's numbers for a student
     data = next((tmp_path / "cache" / "synthetic").iterdir())
     capsys.readouterr()
@@ -100,6 +123,36 @@ def test_run_killed_between_stages_continues_and_writes_every_artefact(tmp_path,
     assert mine["macro_auc"] == pytest.approx(theirs["macro_auc"])
     assert mine["accuracy"] == pytest.approx(theirs["accuracy"])
     assert mine["normalization"] == "stored"
+    # ... and for a quantized variant, loaded from its folder as a device would
+    assert main(["eval", str(run / "quantized" / "leadformer-tiny-nf4"), "--data", str(data),
+                 "--bootstrap", "50", "--out", str(out_json), "--quiet"]) == 0
+    assert json.loads(out_json.read_text())["macro_auc"] == pytest.approx(
+        quantized["models"]["distill leadformer/tiny nf4"]["macro_auc"])
+
+
+@pytest.mark.slow
+def test_distillation_from_a_4bit_lora_teacher(tmp_path) -> None:
+    """QLoRA-style: the teacher's backbone loaded in 4-bit, adapted with LoRA, then
+    distilled from (its cached outputs come from the 4-bit model)."""
+    import bitsandbytes as bnb
+
+    import teachers
+
+    path = tiny_recipe(tmp_path)
+    d = yaml.safe_load(path.read_text())
+    d["teacher"].update(load_in="4bit", train_mode="lora", lora_rank=4)
+    d["students"] = [{"family": "xresnet1d", "size": "tiny"}]
+    d["ablations"] = {"runs": []}
+    d["train"]["epochs"] = 1
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    assert main(["distill", str(path), "--quiet"]) == 0
+    run = tmp_path / "runs" / "tiny"
+    meta = json.loads((run / "teacher" / "best" / "teacher.json").read_text())
+    assert meta["load_in"] == "4bit" and meta["saved_backbone"] == "lora"
+    assert json.loads((run / "distill" / "xresnet1d-tiny" / "metrics.json").read_text())["complete"]
+    teacher = teachers.load(run / "teacher" / "best", train_mode="frozen")
+    assert teacher.quantized
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in teacher.modules())
 
 
 def test_eval_refuses_teachers_pickles_and_wrong_tasks(tmp_path) -> None:
