@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from distill import __version__
 from distill.errors import ECGDistillError
+from distill.export import add_export_commands
 
 RECIPE_HELP = "a recipe YAML file (see recipes/)"
 OVERRIDES_HELP = "recipe overrides as key.path=value, e.g. train.epochs=3 data.sampling_rate=500"
@@ -227,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-labels", type=int, default=5, help="labels (default 5, superdiagnostic)")
     p.set_defaults(func=_cmd_models)
 
+    add_export_commands(sub)
 
     data = sub.add_parser("data", help="synthesise, inspect and render ECG data",
                           description="Data tools: the synthetic PTB-XL-layout generator, "

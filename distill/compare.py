@@ -370,8 +370,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data_folder: str | Path, *,
     from transformers import AutoConfig, AutoModel
 
     import students  # noqa: F401
-    from distill.data.dataset import Scaler, SignalView, load_ptbxl
+    from distill.data.dataset import SignalView, load_ptbxl
     from distill.errors import ECGDistillError
+    from distill.publish import require_safetensors
+    from students.preprocess import scaler_from_config
 
     checkpoint = Path(checkpoint)
     if (checkpoint / "teacher.json").exists():
@@ -379,12 +381,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_folder: str | Path, *,
                               f"students (teachers are evaluated by `ecg-distill run`)")
     if not (checkpoint / "config.json").exists():
         raise ECGDistillError(f"{checkpoint}: no config.json; not a saved student folder")
-    if not list(checkpoint.glob("*.safetensors")):
-        found = [p.name for p in checkpoint.iterdir() if p.suffix in (".bin", ".pt", ".pth",
-                                                                        ".pkl", ".ckpt")]
-        what = f" (found {', '.join(found)}: pickle weights are refused, only safetensors " \
-               f"are read)" if found else ""
-        raise ECGDistillError(f"{checkpoint}: no model.safetensors{what}")
+    require_safetensors(checkpoint)
     config = AutoConfig.from_pretrained(checkpoint)
     model = AutoModel.from_pretrained(checkpoint, use_safetensors=True).eval()
     classes = [config.id2label[i] for i in range(config.num_labels)]
@@ -393,7 +390,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_folder: str | Path, *,
                       classes=classes, cache_dir=cache_dir, progress=progress)
     norm = getattr(config, "normalization", None)
     if norm:
-        data.scaler = Scaler(norm["kind"], np.asarray(norm["mean"]), np.asarray(norm["std"]))
+        data.scaler = scaler_from_config(config)
     view = {"signal": SignalView(leads=tuple(config.leads), sampling_rate=rate)}
     inputs = (lambda b: {"signal": b["signal"]})
     chosen = data.split(split, view)

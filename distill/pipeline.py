@@ -18,15 +18,17 @@ Stages so far:
 - ``ablation``: the recipe's ablations of one student (``ablation/<name>-<family>-<size>/``);
 - ``evaluate``: every model on the test fold with bootstrap intervals, size, memory and
   latency (``results.json``, ``eval/``; :mod:`distill.compare`);
-- ``quantize``: every distilled student in every ``quantize.formats`` (bitsandbytes int8,
+- ``quantize``: every trained student in every ``quantize.formats`` (bitsandbytes int8,
   nf4, fp4) under ``quantized/``, each scored and measured beside its fp32 model, and the
   teacher's memory at each precision (``quantized.json``; :mod:`distill.quantize`);
-- ``report``: ``report.md`` and ``figures/`` (:mod:`distill.report`).
+- ``report``: ``report.md`` and ``figures/`` (:mod:`distill.report`);
+- ``export``: hub-ready folders of every distilled student and quantized variant under
+  ``export/``, each verified in a fresh process (:mod:`distill.export`); publishing is
+  the explicit ``ecg-distill publish``.
 
 Training stages continue an interrupted job with ``resume=True`` (``--resume``); without
 it a job folder holding checkpoints is refused, so nothing is overwritten by accident.
-``--force STAGE`` deletes the stage's folders and redoes it. Export joins this list as
-it is built.
+``--force STAGE`` deletes the stage's folders and redoes it.
 """
 
 from __future__ import annotations
@@ -318,6 +320,18 @@ def _stage_report(ctx: RunContext) -> dict[str, Any]:
     return {"report": str(path)}
 
 
+def _stage_export(ctx: RunContext) -> dict[str, Any]:
+    from distill.export import export_run
+
+    if not ctx.recipe.export.enabled:
+        print("export.enabled is false: no hub-ready folders written")
+        return {}
+    folders = export_run(ctx.run_dir, force=True, progress=ctx.progress)
+    for folder in folders:
+        print(f"exported {folder} (verified in a fresh process)")
+    return {"folders": [str(f) for f in folders]}
+
+
 def _teacher_settings(recipe: Recipe) -> dict[str, Any]:
     from distill.jobs import teacher_settings
 
@@ -356,12 +370,16 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate", "evaluate every model on the test fold (bootstrap intervals, size, "
                       "memory, latency)", _EVERYTHING, _stage_evaluate, ("eval", "results.json"),
           main_only=True, settings=_distill_settings),
-    Stage("quantize", "quantize every distilled student (quantize.formats) and measure each "
+    Stage("quantize", "quantize every trained student (quantize.formats) and measure each "
                       "variant beside its fp32 model; the teacher's memory per precision",
           (*_EVERYTHING, "quantize"), _stage_quantize, ("quantized", "quantized.json"),
           main_only=True, settings=_distill_settings),
     Stage("report", "write report.md and the figures", (*_EVERYTHING, "quantize"), _stage_report,
           ("report.md", "figures"), main_only=True, settings=_distill_settings),
+    Stage("export", "write every distilled student and quantized variant as a hub-ready "
+                    "folder, each verified in a fresh process (export/)",
+          (*_EVERYTHING, "quantize", "export"), _stage_export, ("export",), main_only=True,
+          settings=_distill_settings),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
@@ -426,9 +444,12 @@ def run_pipeline(recipe: Recipe, *, force: Sequence[str] = (), dry_run: bool = F
         raise RecipeError(f"--force {outside[0]}: this command runs the stages "
                           f"{', '.join(s.name for s in selected)} only")
     plan = {}
+    upstream_runs = False  # a stage that runs rewrites what every later stage reads
     for stage in selected:
         status = stage_status(stage, recipe, run_dir)
-        plan[stage.name] = "run" if stage.name in force or status != "done" else "skip"
+        runs = upstream_runs or stage.name in force or status != "done"
+        plan[stage.name] = "run" if runs else "skip"
+        upstream_runs |= runs
     if dry_run:
         print(f"run folder: {run_dir}")
         for stage in selected:

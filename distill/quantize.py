@@ -46,6 +46,7 @@ from torch import nn
 
 from distill.errors import ECGDistillError
 from distill.io import atomic_write_text
+from distill.publish import require_safetensors
 
 FORMATS: tuple[str, ...] = ("int8", "nf4", "fp4")
 BITS: dict[str, int] = {"int8": 8, "nf4": 4, "fp4": 4}
@@ -170,12 +171,7 @@ def check_student_folder(folder: Path, *, allow_quantized: bool = False) -> dict
                             f"(recipe key teacher.load_in: 8bit | 4bit)")
     if not (folder / "config.json").exists():
         raise QuantizeError(f"{folder}: no config.json; not a saved student folder")
-    if not (folder / "model.safetensors").exists():
-        pickles = sorted(p.name for p in folder.iterdir()
-                         if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
-        what = (f" (found {', '.join(pickles)}: pickle checkpoints are refused, only "
-                f"safetensors are read)") if pickles else ""
-        raise QuantizeError(f"{folder}: no model.safetensors{what}")
+    require_safetensors(folder)  # a pickle checkpoint is refused, never unpickled
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -372,17 +368,19 @@ QUANTIZED_FILE = "quantized.json"
 TEACHER_PRECISIONS: tuple[str, ...] = ("none", "8bit", "4bit")
 
 
-def quantized_folder(spec: Any, fmt: str) -> str:
-    """Where a student's ``fmt`` variant lives, relative to the run folder."""
+def quantized_folder(kind: str, spec: Any, fmt: str) -> str:
+    """Where the ``fmt`` variant of a trained student (``kind`` baseline or distill) lives,
+    relative to the run folder."""
     from distill.jobs import student_folder
 
-    return f"{QUANTIZED_DIR}/{student_folder(spec)}-{fmt}"
+    return f"{QUANTIZED_DIR}/{kind}-{student_folder(spec)}-{fmt}"
 
 
 def quantize_run(jd: Any, run_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """The ``quantize`` stage: every distilled student in every ``quantize.formats``.
+    """The ``quantize`` stage: every trained student (label-only baseline and distilled) in
+    every ``quantize.formats``.
 
-    Each variant is written to ``quantized/<family>-<size>-<format>/`` and reloaded from
+    Each variant is written to ``quantized/<kind>-<family>-<size>-<format>/`` and reloaded from
     there (the folder a device would load); then each fp32 student and its variants are
     scored on the same bootstrap resamples of the test fold (macro AUC [CI], the paired
     difference to fp32) and measured side by side in this one process (size on disk,
@@ -398,14 +396,14 @@ def quantize_run(jd: Any, run_dir: Path, progress: bool = True) -> dict[str, Any
     candidates: list = []
     summaries: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
-    for spec in recipe.students:
+    for kind, spec in ((k, s) for s in recipe.students for k in ("baseline", "distill")):
         sname = student_name(spec)
-        source = run_dir / "distill" / student_folder(spec) / "best"
-        fp32_name = f"distill {sname}"
+        source = run_dir / kind / student_folder(spec) / "best"
+        fp32_name = f"{kind} {sname}"
         key = student_key(spec)
         variants = []
         for fmt in q.formats:
-            out = run_dir / quantized_folder(spec, fmt)
+            out = run_dir / quantized_folder(kind, spec, fmt)
             try:
                 result = quantize_folder(source, fmt, out, double_quant=q.double_quant,
                                          force=True)
@@ -421,7 +419,7 @@ def quantize_run(jd: Any, run_dir: Path, progress: bool = True) -> dict[str, Any
             variants.append(_candidate(name, "quantized", out, key, sname, fp32=fp32_name,
                                        format=fmt))
         if variants:
-            candidates.append(_candidate(fp32_name, "distill", source, key, sname))
+            candidates.append(_candidate(fp32_name, kind, source, key, sname))
             candidates += variants
     results: dict[str, Any] = {"formats": list(q.formats), "double_quant": q.double_quant,
                                "models": {}, "reference": {}, "skipped": skipped}

@@ -249,7 +249,8 @@ class QuantizeConfig:
 class ExportConfig:
     enabled: bool = spec(True)
     license: str = spec("cc-by-4.0")
-    publish_repo: str | None = spec(None, help="org/name on the hub; null = do not publish")
+    publish_repo: str | None = spec(None, help="org/name the model cards' usage snippet loads "
+                                               "(publishing itself is `ecg-distill publish`)")
 
 
 @dataclass

@@ -250,10 +250,13 @@ register_family("leadformer", LeadFormerConfig,
 
 @register_preset("leadformer", "tiny")
 def leadformer_tiny(**kwargs: Any) -> LeadFormerModel:
-    """D=64, 2 within-lead blocks, 4 latents. 64 is the narrowest width at which every
-    block's Linear takes bitsandbytes' CPU 4-bit kernel (in_features a multiple of its
-    64-weight blocks), so the tiny preset quantizes to nf4 as fully as the larger ones."""
-    return _create_leadformer(**{"width": 64, "depth": 2, "num_latents": 4, **kwargs})
+    """D=64, 2 within-lead blocks, 4 latents, 0.5 s patches. 64 is the narrowest width at
+    which every block's Linear takes bitsandbytes' CPU 4-bit kernel (in_features a multiple
+    of its 64-weight blocks), so the tiny preset quantizes to nf4 as fully as the larger
+    ones; the longer patches halve its tokens (20 per lead at 10 s), which keeps the
+    per-record token relations of distillation (quadratic in tokens) cheap."""
+    return _create_leadformer(**{"width": 64, "depth": 2, "num_latents": 4,
+                                 "patch_seconds": 0.5, **kwargs})
 
 
 @register_preset("leadformer", "small")

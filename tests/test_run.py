@@ -91,9 +91,9 @@ def test_run_killed_between_stages_continues_and_writes_every_artefact(tmp_path,
 
     # the quantize stage: every distilled student in int8 and nf4 where its layers allow
     quantized = json.loads((run / "quantized.json").read_text())
-    assert set(quantized["models"]) == {"distill xresnet1d/tiny int8",
-                                        "distill leadformer/tiny int8",
-                                        "distill leadformer/tiny nf4"}
+    assert set(quantized["models"]) == {f"{kind} {s}" for kind in ("baseline", "distill")
+                                        for s in ("xresnet1d/tiny int8", "leadformer/tiny int8",
+                                                  "leadformer/tiny nf4")}
     assert "no layer of this model can be quantized to nf4" in \
         quantized["skipped"]["distill xresnet1d/tiny nf4"]
     for name, m in quantized["models"].items():
@@ -111,6 +111,13 @@ def test_run_killed_between_stages_continues_and_writes_every_artefact(tmp_path,
     assert "Quantized students" in report and "| distill leadformer/tiny nf4 | nf4 |" in report
     assert "| distill leadformer/tiny | fp32 |" in report
     assert "Teacher memory by precision" in report
+    # the export stage: one verified hub-ready folder per distilled student and variant
+    exported = sorted(p.name for p in (run / "export").iterdir())
+    assert exported == sorted(["distill_xresnet1d-tiny", "distill_leadformer-tiny",
+                               "distill_xresnet1d-tiny_int8", "distill_leadformer-tiny_int8",
+                               "distill_leadformer-tiny_nf4"])
+    for name in exported:
+        assert (run / "export" / name / "checksums.sha256").exists()
 
     # ecg-distill eval on the same folder reproduces the run's numbers for a student
     data = next((tmp_path / "cache" / "synthetic").iterdir())
@@ -124,7 +131,8 @@ def test_run_killed_between_stages_continues_and_writes_every_artefact(tmp_path,
     assert mine["accuracy"] == pytest.approx(theirs["accuracy"])
     assert mine["normalization"] == "stored"
     # ... and for a quantized variant, loaded from its folder as a device would
-    assert main(["eval", str(run / "quantized" / "leadformer-tiny-nf4"), "--data", str(data),
+    assert main(["eval", str(run / "quantized" / "distill-leadformer-tiny-nf4"), "--data",
+                 str(data),
                  "--bootstrap", "50", "--out", str(out_json), "--quiet"]) == 0
     assert json.loads(out_json.read_text())["macro_auc"] == pytest.approx(
         quantized["models"]["distill leadformer/tiny nf4"]["macro_auc"])

@@ -117,12 +117,12 @@ def test_create_sets_labels_and_dials() -> None:
 def test_leadformer_single_lead_at_50hz() -> None:
     model = students.create("leadformer", num_labels=NUM_LABELS, leads=("I",),
                             sampling_rate=50).eval()
-    assert model.config.input_samples == 500 and model.config.patch_size == 12
+    assert model.config.input_samples == 500 and model.config.patch_size == 25  # 0.5 s
     with torch.no_grad():
         out = model(**make_batch(2, n_leads=1, samples=500))
     check_output(out, batch_size=2, num_labels=NUM_LABELS)
     assert out.loss is not None and out.loss.ndim == 0
-    assert out.tokens.shape[1] == model.config.num_patches == 42  # ceil(500 / 12)
+    assert out.tokens.shape[1] == model.config.num_patches == 20  # 500 / 25
     assert (out.token_leads == 0).all()
 
 

@@ -1,0 +1,371 @@
+"""Export: a run's students (and their quantized variants) as hub-ready folders.
+
+``ecg-distill export RUN`` writes, per model, ``RUN/export/<model>/`` (e.g.
+``distill_leadformer-tiny``, ``distill_leadformer-tiny_nf4``)::
+
+    config.json           the student's config: id2label, leads, sampling_rate,
+                          input_samples, normalization (+ quantization_config if quantized)
+    model.safetensors     the weights, as saved (never a pickle)
+    quantization.json     (quantized variants) the quantize stage's summary
+    README.md             the model card: hub metadata (license, tags, datasets, base_model =
+                          the teacher, model-index with the test macro AUC and its interval),
+                          results and a usage snippet that is run by the tests
+    recipe.yaml           the run's resolved recipe
+    results.json          this model's entry of the run's results
+    samples.safetensors   a few test records' inputs and the run's predictions for them
+    checksums.sha256      SHA-256 of every other file (``sha256sum -c`` reads it)
+
+A folder is written in a temporary folder next to its destination, verified in a fresh
+process (:func:`distill.publish.verify_folders`) and only then renamed into place, so a
+failed or killed export leaves no half-written folder and replaces nothing; an existing
+export is replaced only with ``force``.
+
+The reproduced predictions are *stored* rather than recomputed from the run at
+verification time: the folder then proves itself wherever it goes (after publishing, on
+an air-gapped site) without the run or its data set; the inputs are taken from the run's
+data through the same dataset code that made the stored predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distill.compare import prediction_folder as folder_name  # "distill a/b" -> "distill_a-b"
+from distill.errors import ECGDistillError
+from distill.io import atomic_write_text
+from distill.progress import progress_bar
+from distill.publish import (
+    CONFIG_KEYS,
+    MANIFEST,
+    SAMPLES,
+    require_safetensors,
+    verify_folder,
+    verify_folders,
+    write_manifest,
+)
+
+EXPORT_DIR = "export"
+TRAINING_ONLY = ("objective.safetensors",)  # the distillation losses' projections
+SHIPPED = ("config.json", "quantization.json")  # besides the weights
+N_SAMPLES = 4
+# |probability| tolerance when reproducing: LLM.int8 picks its fp16 outlier columns per
+# batch, so a quantized model's outputs move a little with the batch a record is in
+ATOL = {"fp32": 1e-4, "quantized": 1e-2}
+LIBRARY = "transformers"
+DEFAULT_RECORD = "records100/00000/00001_lr"
+
+
+def run_results(run_dir: Path) -> dict[str, Any]:
+    """``results.json`` with the quantize stage's variants merged into ``models``."""
+    from distill.compare import load_results
+
+    return load_results(run_dir)
+
+
+def predictions_file(run_dir: Path, name: str, entry: dict[str, Any]) -> Path:
+    """Where the evaluation (or the quantize stage) kept a model's predictions: the entry's
+    ``predictions`` when that file exists, else ``[quantized/]eval/<model>/predictions.npz``
+    of ``run_dir`` (a moved run)."""
+    if entry.get("predictions") and Path(entry["predictions"]).is_file():
+        return Path(entry["predictions"])
+    base = run_dir / "quantized" / "eval" if entry.get("kind") == "quantized" else run_dir / "eval"
+    return base / folder_name(name) / "predictions.npz"
+
+
+def _run_relative(value: Any, run_dir: Path) -> Any:
+    """``value`` with every path inside the run folder made relative to it (a published
+    results.json names no directory of the machine that made it)."""
+    if isinstance(value, dict):
+        return {k: _run_relative(v, run_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_run_relative(v, run_dir) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        for root in {run_dir.resolve(), run_dir.absolute()}:
+            if Path(value).is_relative_to(root):
+                return Path(value).relative_to(root).as_posix()
+    return value
+
+
+def select_models(results: dict[str, Any], names: Sequence[str] | None = None) -> list[str]:
+    """The models to export: ``names`` (model names or their folder names), or every
+    distilled student and quantized variant."""
+    models = results["models"]
+    if not names:
+        chosen = [n for n, m in models.items() if m.get("kind") == "distill" or (
+            m.get("kind") == "quantized"
+            and models.get(m.get("fp32"), {}).get("kind") == "distill")]
+        if not chosen:
+            raise ECGDistillError(f"no distilled or quantized model in the results (have "
+                                  f"{', '.join(models)}); name one with --model")
+        return chosen
+    by_folder = {folder_name(n): n for n in models}
+    out = []
+    for name in names:
+        model = name if name in models else by_folder.get(name)
+        if model is None:
+            raise ECGDistillError(f"--model {name!r}: not in the run's results; known: "
+                                  f"{', '.join(models)}")
+        if models[model].get("kind") == "teacher":
+            raise ECGDistillError(f"--model {name!r}: the teacher is not exported (export "
+                                  f"publishes the compact students and their quantized variants)")
+        if model not in out:
+            out.append(model)
+    return out
+
+
+def model_source(run_dir: Path, name: str, entry: dict[str, Any]) -> Path:
+    """The saved folder of a model: the path results.json names, looked up under
+    ``run_dir`` first (so a copied or moved run exports its own models), then as it is."""
+    stored = Path(entry.get("folder") or "")
+    parts = stored.parts[1:] if stored.is_absolute() else stored.parts
+    for candidate in [*(run_dir.joinpath(*parts[k:]) for k in range(len(parts))), stored]:
+        if parts and (candidate / "config.json").is_file():
+            return candidate
+    raise ECGDistillError(f"model {name!r}: its folder {stored} is missing (looked in "
+                          f"{run_dir} too)")
+
+
+# ---------------------------------------------------------------- the folder
+
+
+def export_run(run_dir: str | os.PathLike, *, models: Sequence[str] | None = None,
+               out: str | os.PathLike | None = None, force: bool = False,
+               samples: int = N_SAMPLES, progress: bool = True) -> list[Path]:
+    """Export models of a finished run as verified, hub-ready folders.
+
+    Args:
+        run_dir: the run folder (``results.json``, ``recipe.yaml``, the students' folders).
+        models: model names of ``results.json`` (or folder names); default every
+            distilled student and every quantized variant. The teacher is refused.
+        out: the folder the exports go in (default ``run_dir/export``), one sub-folder
+            per model named by :func:`folder_name`.
+        force: replace existing export folders (else refused before any work).
+        samples: test records whose inputs and predictions are stored for verification.
+        progress: progress bars.
+
+    Returns:
+        The exported folders.
+
+    Raises:
+        ECGDistillError: no results, an unknown model or the teacher, an existing export
+        without ``force``, a pickle-only model folder, a config without the fields a user
+        needs, or a folder that fails verification.
+    """
+    from distill.recipe import read_yaml, recipe_from_dict
+
+    run_dir = Path(run_dir)
+    if samples < 1:
+        raise ECGDistillError(f"--samples {samples}: at least one test record is stored, to "
+                              f"check the exported model reproduces the run's predictions")
+    results = run_results(run_dir)
+    names = select_models(results, models)
+    out_root = Path(out) if out is not None else run_dir / EXPORT_DIR
+    targets = {name: out_root / folder_name(name) for name in names}
+    existing = [str(t) for t in targets.values() if t.exists()]
+    if existing and not force:
+        raise ECGDistillError(f"{existing[0]} exists; pass --force to replace it"
+                              + (f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""))
+    if not (run_dir / "recipe.yaml").is_file():
+        raise ECGDistillError(f"{run_dir}: no recipe.yaml; not a run folder")
+    recipe = recipe_from_dict(read_yaml(run_dir / "recipe.yaml"))
+    sources = {name: model_source(run_dir, name, results["models"][name]) for name in names}
+    for src in sources.values():
+        require_safetensors(src)
+    data = _load_data(recipe, progress)
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmps = {}
+    try:
+        for name in progress_bar(names, enabled=progress, desc="exporting", unit="model"):
+            tmps[name] = Path(tempfile.mkdtemp(prefix=f".tmp-{targets[name].name}-",
+                                               dir=out_root))
+            write_folder(tmps[name], name=name, results=results, source=sources[name],
+                         run_dir=run_dir, recipe=recipe, data=data, samples=samples)
+        if progress:
+            print(f"verifying {len(tmps)} folder(s) in a fresh process")
+        verify_folders(list(tmps.values()))  # one process start-up for all of them
+        for name, tmp in tmps.items():
+            _install(tmp, targets[name], force=force)
+    finally:
+        for tmp in tmps.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return [targets[name] for name in names]
+
+
+def _load_data(recipe, progress: bool):
+    from distill.pipeline import load_data
+
+    return load_data(recipe, progress=progress)
+
+
+def _install(tmp: Path, dest: Path, force: bool) -> None:
+    """Rename a finished folder into place; an old one is removed only once the new one
+    is there (and put back if the rename fails)."""
+    if not dest.exists():
+        os.replace(tmp, dest)
+        return
+    if not force:
+        raise ECGDistillError(f"{dest} exists; pass --force to replace it")
+    old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
+    os.replace(dest, old)
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        os.replace(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_folder(folder: Path, *, name: str, results: dict[str, Any], source: Path,
+                 run_dir: Path, recipe, data, samples: int = N_SAMPLES) -> None:
+    """Write every file of one export folder into ``folder`` (see the module docstring)."""
+    entry = results["models"][name]
+    for f in require_safetensors(source):
+        if f.name not in TRAINING_ONLY:
+            shutil.copyfile(f, folder / f.name)
+    for extra in (*SHIPPED, *(p.name for p in source.glob("*.safetensors.index.json"))):
+        if (source / extra).is_file():
+            shutil.copyfile(source / extra, folder / extra)
+    config = json.loads((folder / "config.json").read_text())
+    missing = [k for k in CONFIG_KEYS if not config.get(k)]
+    if missing:
+        raise ECGDistillError(f"{source / 'config.json'}: no {', '.join(missing)}; a published "
+                              f"student must say what it reads and how inputs are scaled")
+    shutil.copyfile(run_dir / "recipe.yaml", folder / "recipe.yaml")
+    summary = {"model": name, **_run_relative(entry, run_dir),
+               **{k: results.get(k) for k in ("classes", "task", "recipe", "test_records",
+                                               "bootstrap")}}
+    atomic_write_text(folder / "results.json", json.dumps(summary, indent=1))
+    _write_samples(folder / SAMPLES, sample_records(data, config, run_dir, name, entry, samples),
+                   atol=ATOL["quantized" if config.get("quantization_config") else "fp32"])
+    from distill.model_card import model_card
+
+    model_card(name, entry, results, recipe, config).save(folder / "README.md")
+    write_manifest(folder)
+
+
+def sample_records(data, config: dict[str, Any], run_dir: Path, name: str,
+                   entry: dict[str, Any], n: int) -> dict[str, np.ndarray]:
+    """The first ``n`` test records of the run: the model's inputs, exactly as the
+    evaluation fed them (the model's view of the run's data, scaled with the statistics
+    its config stores), and the run's stored probabilities for them.
+
+    Returns:
+        {"signal": float32 [n, L, T], "probabilities": float32 [n, C], "ecg_id": int64 [n]}.
+    """
+    from distill.data.dataset import SignalView
+    from students.preprocess import scaler_from_config
+
+    path = predictions_file(run_dir, name, entry)
+    if not path.is_file():
+        raise ECGDistillError(f"model {name!r}: no stored predictions at {path}; evaluate the "
+                              f"run first")
+    with np.load(path) as preds:
+        index, probs = preds["test_index"], preds["test"]
+    split_rows = {int(k): i for i, k in enumerate(data.splits.get("test", []))}
+    if len(split_rows) != len(index) or any(int(k) not in split_rows for k in index):
+        raise ECGDistillError(f"{path}: its test records are not the test fold of the run's "
+                              f"data as it loads now (the data changed since the run?)")
+    if probs.shape[1] != len(config["id2label"]):
+        raise ECGDistillError(f"{path}: {probs.shape[1]} classes, the model has "
+                              f"{len(config['id2label'])}")
+    data.scaler = scaler_from_config(config)  # what the model was trained with
+    view = SignalView(leads=tuple(config["leads"]), sampling_rate=int(config["sampling_rate"]))
+    split = data.split("test", {"signal": view})
+    rows = range(min(n, len(index)))
+    items = [split[split_rows[int(index[r])]] for r in rows]
+    return {"signal": np.stack([it["signal"].numpy() for it in items]).astype(np.float32),
+            "probabilities": np.asarray(probs[list(rows)], dtype=np.float32),
+            "ecg_id": np.asarray([it["ecg_id"] for it in items], dtype=np.int64)}
+
+
+def _write_samples(path: Path, arrays: dict[str, np.ndarray], atol: float) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path),
+              metadata={"content": "test-fold inputs (scaled, as fed to the model) and the "
+                                   "run's stored sigmoid probabilities for them",
+                        "atol": f"{atol:g}"})
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def _cmd_export(args) -> int:
+    folders = export_run(args.run, models=args.model, out=args.out, force=args.force,
+                         samples=args.samples, progress=not args.quiet)
+    for folder in folders:
+        print(f"wrote {folder} (verified in a fresh process)")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    report = verify_folder(args.folder)
+    n = len((Path(args.folder) / MANIFEST).read_text().splitlines())
+    print(f"{args.folder}: ok: {n} files match {MANIFEST}; loads with AutoModel; "
+          f"{report['samples']} stored test predictions reproduced "
+          f"(max |difference| {report['max_abs_diff']:.1e}, tolerance {report['atol']:.0e})")
+    return 0
+
+
+def _cmd_publish(args) -> int:
+    from distill.publish import publish_folder
+
+    out = publish_folder(args.folder, args.repo_id, revision=args.revision, private=args.private,
+                         force=args.force, to=args.to, endpoint=args.endpoint,
+                         commit_message=args.message)
+    where = out.get("url") or out["path"]
+    print(f"published {args.folder} to {args.repo_id} (revision {out['revision']}, commit "
+          f"{out['commit'][:12]}): {where}")
+    return 0
+
+
+def add_export_commands(sub) -> None:
+    """Register ``export``, ``verify`` and ``publish`` on the CLI's sub-parsers."""
+    p = sub.add_parser("export", help="write hub-ready folders of a run's students",
+                       description="Write each distilled student and quantized variant of a run "
+                                   "(or the models named) as a folder ready for a model hub: "
+                                   "config, safetensors weights, model card, recipe, results, "
+                                   "test samples and checksums; each is verified in a fresh "
+                                   "process before it is renamed into place.")
+    p.add_argument("run", help="a run folder (with results.json)")
+    p.add_argument("--model", action="append", metavar="NAME",
+                   help='a model of results.json, e.g. "distill leadformer/tiny" (repeatable; '
+                        'default: every distilled student and quantized variant)')
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where the model folders go (default RUN/export)")
+    p.add_argument("--force", action="store_true", help="replace existing export folders")
+    p.add_argument("--samples", type=int, default=N_SAMPLES,
+                   help=f"test records stored to verify predictions (default {N_SAMPLES})")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("verify", help="check an exported folder in a fresh process",
+                       description="Check an exported folder: checksums, config, loading with "
+                                   "AutoModel, and the stored test predictions reproduced.")
+    p.add_argument("folder", help="an exported folder")
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("publish", help="verify an exported folder and upload it to a model hub",
+                       description="Verify an exported folder, then upload it with "
+                                   "huggingface_hub (token from HF_TOKEN or `hf auth login`; "
+                                   "never stored) or, with --to, write it into a local "
+                                   "directory laid out like the hub cache.")
+    p.add_argument("folder", help="an exported folder")
+    p.add_argument("--repo-id", required=True, help="org/name")
+    p.add_argument("--revision", default=None, help="branch (default main; created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--force", action="store_true", help="publish over an existing revision")
+    p.add_argument("--to", default=None, metavar="DIR",
+                   help="publish into this local directory instead of the hub")
+    p.add_argument("--endpoint", default=None,
+                   help="the hub's URL (default: HF_ENDPOINT or https://huggingface.co)")
+    p.add_argument("--message", default=None, help="commit message")
+    p.set_defaults(func=_cmd_publish)

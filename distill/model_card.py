@@ -1,0 +1,199 @@
+"""The model card (``README.md``) of an exported student, built with huggingface_hub's
+``ModelCard`` / ``ModelCardData`` so the hub reads its metadata: license, tags, library,
+datasets, ``base_model`` (the teacher) and a ``model-index`` holding the test-fold macro
+AUROC with its bootstrap interval.
+
+The card's usage snippet (:func:`usage_snippet`) is tested: the tests extract it from a
+card (:func:`card_snippet`), point its two settings at a folder and a WFDB record, and run
+it in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from distill.data.leads import STANDARD_LEADS
+
+TAGS = ("ecg", "electrocardiogram", "knowledge-distillation", "ecg-distill",
+        "multi-label-classification")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def usage_snippet(model: str, record: str) -> str:
+    """Python that loads the model and scores one WFDB record (``MODEL`` and ``RECORD``
+    are its only settings)."""
+    return f'''import torch
+from transformers import AutoModel
+
+import students  # ecg-distill's students: registers them with AutoModel
+from students.preprocess import prepare_record
+
+MODEL = "{model}"  # the hub id, or the path of this folder
+RECORD = "{record}"  # a WFDB record: its path without .hea/.dat (or .hea/.mat)
+
+model = AutoModel.from_pretrained(MODEL).eval()
+# the leads the model reads, in its order, resampled, cropped/padded and scaled as in training
+signal = prepare_record(RECORD, model.config)  # (1, leads, samples)
+with torch.no_grad():
+    probs = torch.sigmoid(model(signal=signal).logits)[0]  # multi-label: one sigmoid per label
+for i, p in enumerate(probs.tolist()):
+    print(f"{{model.config.id2label[i]:<8}} {{p:.3f}}")
+'''
+
+
+def card_snippet(card_text: str) -> str:
+    """The first ``python`` code block of a card."""
+    m = re.search(r"```python\n(.*?)```", card_text, flags=re.DOTALL)
+    if m is None:
+        raise ValueError("the card has no python code block")
+    return m.group(1)
+
+
+def dataset_id(recipe) -> str:
+    """The name the card gives the training data: the folder name of a real data set,
+    ``synthetic-ptbxl`` for the embedded synthetic default."""
+    if recipe.data.path is None:
+        return "synthetic-ptbxl"
+    return Path(recipe.data.path).expanduser().resolve().name.lower()
+
+
+def _interval(d: dict[str, float] | None, digits: int = 3, signed: bool = False) -> str:
+    if not d:
+        return "–"
+    fmt = f"{{:+.{digits}f}}" if signed else f"{{:.{digits}f}}"
+    return f"{fmt.format(d['value'])} [{fmt.format(d['low'])}, {fmt.format(d['high'])}]"
+
+
+def _leads(leads: list[str]) -> str:
+    return "all 12 (I, II, III, aVR, aVL, aVF, V1–V6)" if list(leads) == list(STANDARD_LEADS) \
+        else ", ".join(leads)
+
+
+def model_card(name: str, entry: dict[str, Any], results: dict[str, Any], recipe,
+               config: dict[str, Any], model_ref: str | None = None):
+    """The card of one exported model.
+
+    Args:
+        name: its name in the run ("distill leadformer/tiny", "... nf4").
+        entry: its results entry (metrics, size, paired differences).
+        results: the run's results (classes, bootstrap settings, task).
+        recipe: the run's :class:`~distill.recipe.Recipe`.
+        config: the model's ``config.json`` content.
+        model_ref: what the snippet loads (default: ``recipe.export.publish_repo`` or
+            ``your-org/<folder name>``).
+
+    Returns:
+        A ``huggingface_hub.ModelCard``.
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from distill.export import DEFAULT_RECORD, LIBRARY, folder_name
+
+    level = results.get("bootstrap", {}).get("level", 0.95)
+    auc = entry["macro_auc"]
+    task = results.get("task") or recipe.data.task
+    teacher = recipe.teacher.name_or_path
+    quant = entry.get("kind") == "quantized"
+    fmt = entry.get("format")
+    tags = [*TAGS, str(task), entry.get("student", "").split("/")[0] or "student"]
+    if quant:
+        tags += ["bitsandbytes", "8-bit" if fmt == "int8" else "4-bit", str(fmt)]
+    data = ModelCardData(
+        license=recipe.export.license, library_name=LIBRARY, tags=tags,
+        datasets=[dataset_id(recipe)],
+        base_model=teacher if _HUB_ID.match(teacher) and not Path(teacher).exists() else None,
+        metrics=["roc_auc"], model_name=folder_name(name),
+        eval_results=[EvalResult(
+            task_type="time-series-classification", task_name="Multi-label ECG classification",
+            dataset_type=dataset_id(recipe), dataset_name=_data_description(recipe),
+            dataset_config=str(task), dataset_split="test",
+            metric_type="roc_auc", metric_name="macro AUROC", metric_value=round(auc["value"], 4),
+            metric_args={"average": "macro", "ci_level": level, "ci_low": round(auc["low"], 4),
+                         "ci_high": round(auc["high"], 4),
+                         "bootstrap_resamples": results.get("bootstrap", {}).get("resamples")})])
+    if data.base_model is None:
+        data.teacher = teacher  # not a hub id (a local or built-in teacher): named, not linked
+    ref = model_ref or recipe.export.publish_repo or f"your-org/{folder_name(name)}"
+    body = _body(name, entry, results, recipe, config, level, usage_snippet(ref, DEFAULT_RECORD))
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _data_description(recipe) -> str:
+    d = recipe.data
+    if d.path is None:
+        return (f"synthetic PTB-XL-layout ECGs ({d.synthetic.records} records, seed "
+                f"{d.synthetic.seed})")
+    layout = "PTB-XL" if d.format == "ptbxl" else "PhysioNet/CinC"
+    return f"the {layout}-layout data set `{Path(d.path).name}`"
+
+
+def _body(name: str, entry: dict[str, Any], results: dict[str, Any], recipe,
+          config: dict[str, Any], level: float, snippet: str) -> str:
+    classes = results.get("classes") or [config["id2label"][str(i)]
+                                         for i in range(len(config["id2label"]))]
+    norm = config["normalization"]
+    seconds = config["input_samples"] / config["sampling_rate"]
+    quant = entry.get("kind") == "quantized"
+    lines = [
+        f"# {name}",
+        "",
+        f"A compact ECG classifier ({entry.get('student')}, "
+        f"{entry.get('parameters', 0):,} parameters, {entry.get('disk_mb') or 0:.2f} MB on disk) "
+        + (f"distilled with ecg-distill from the teacher "
+           f"`{recipe.teacher.name_or_path}` " if entry.get("kind") != "baseline" else
+           "trained on the labels alone (the distillation baseline) ")
+        + f"on {_data_description(recipe)}, task `{results.get('task')}`: one sigmoid per "
+          f"label ({', '.join(classes)}).",
+    ]
+    if quant:
+        lines += ["", (f"Quantized to **{entry.get('format')}** with bitsandbytes from "
+                       f"`{entry.get('fp32')}`; it loads through the `quantization_config` in "
+                       f"`config.json` (bitsandbytes must be installed).")]
+    lines += [
+        "", "## Input", "",
+        f"- leads: {_leads(config['leads'])}, in this order",
+        f"- {config['sampling_rate']} Hz, {config['input_samples']} samples ({seconds:g} s), mV",
+        (f"- scaling: `{norm['kind']}` standard scaler fitted on the training folds "
+         f"(`normalization` in `config.json`: mean and std per lead, {norm.get('units', 'mV')}, "
+         f"lead order {norm.get('lead_order', 'standard')}); "
+         "`students.preprocess.prepare_record` applies all of this to a WFDB record."),
+        "", "## Usage", "",
+        ("Needs the `ecg-distill` package installed (it defines the student classes and the "
+         "preprocessing)."), "",
+        "```python", snippet.rstrip("\n"), "```",
+        "", (f"## Test-fold results ({results.get('test_records')} records, {level:.0%} "
+             f"bootstrap intervals, {results.get('bootstrap', {}).get('resamples')} resamples)"),
+        "", "| metric | value |", "|---|---|",
+        f"| macro AUROC | {_interval(entry['macro_auc'])} |",
+    ]
+    paired = (("vs_teacher", "vs the teacher"), ("vs_baseline", "vs the label-only baseline"),
+              ("vs_fp32", "vs the fp32 student"))
+    for key, label in paired:
+        if entry.get(key):
+            lines.append(f"| macro AUROC {label} | {_interval(entry[key], signed=True)} |")
+    lines += [f"| macro F-max | {entry.get('fmax', float('nan')):.3f} |",
+              (f"| sample accuracy (thresholds from validation) | "
+               f"{entry.get('accuracy', float('nan')):.3f} |")]
+    for batch, ms in (entry.get("latency_ms") or {}).items():
+        lines.append(f"| CPU latency per record, batch {batch} | {ms:.2f} ms |")
+    label_auc = entry.get("label_auc") or {}
+    if label_auc:
+        lines += ["", "Per-label AUROC: " + ", ".join(
+            f"{c} {'–' if v is None else f'{v:.3f}'}" for c, v in label_auc.items()) + "."]
+    lines += [
+        "", "## Files", "",
+        "`model.safetensors` (weights), `config.json`, "
+        + ("`quantization.json` (what was quantized, sizes), " if quant else "")
+        + "`recipe.yaml` (the run's recipe), "
+        "`results.json` (this model's results), `samples.safetensors` (a few test inputs and "
+        "the run's predictions for them) and `checksums.sha256` (`sha256sum -c "
+        "checksums.sha256`). `ecg-distill verify FOLDER` checks the checksums, loads the model "
+        "and reproduces the stored predictions.",
+        "", "## Limitations", "",
+        ("A research artefact, not a medical device: the numbers above hold for the data it "
+         "was evaluated on; check it on your own population, devices and label definitions "
+         "before drawing any conclusion from its outputs."), "",
+    ]
+    return "\n".join(lines)
