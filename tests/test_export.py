@@ -614,6 +614,7 @@ def test_export_a_real_tiny_run(tmp_path) -> None:
          "distill": {"align_dim": 32, "mhca_heads": 2, "ot_iters": 10},
          "train": {"epochs": 1, "batch_size": 32},
          "quantize": {"formats": []},  # (quantized folders: the fake run's tests; this saves 20 s)
+         "export": {"enabled": False},  # exported below by the command, not the run's stage
          "evaluate": {"bootstrap": 20, "latency_repeats": 1}}
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(d))
