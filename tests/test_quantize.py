@@ -191,7 +191,7 @@ def test_refusals_name_the_folder(tmp_path) -> None:
     (tmp_path / "p").mkdir()
     (tmp_path / "p" / "config.json").write_text("{}")
     (tmp_path / "p" / "pytorch_model.bin").write_bytes(b"pickle")
-    with pytest.raises(QuantizeError, match=r"p: no model.safetensors \(found pytorch_model.bin"):
+    with pytest.raises(ECGDistillError, match=r"p: no model.safetensors \(found pytorch_model.bin"):
         quantize_folder(tmp_path / "p", "int8", tmp_path / "x")
     with pytest.raises(QuantizeError, match="no such folder"):
         quantize_folder(tmp_path / "missing", "int8", tmp_path / "x")
