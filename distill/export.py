@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from distill.compare import load_results
 from distill.compare import prediction_folder as folder_name  # "distill a/b" -> "distill_a-b"
 from distill.errors import ECGDistillError
 from distill.io import atomic_write_text
@@ -61,13 +62,6 @@ N_SAMPLES = 4
 ATOL = {"fp32": 1e-4, "quantized": 1e-2}
 LIBRARY = "transformers"
 DEFAULT_RECORD = "records100/00000/00001_lr"
-
-
-def run_results(run_dir: Path) -> dict[str, Any]:
-    """``results.json`` with the quantize stage's variants merged into ``models``."""
-    from distill.compare import load_results
-
-    return load_results(run_dir)
 
 
 def predictions_file(run_dir: Path, name: str, entry: dict[str, Any]) -> Path:
@@ -165,7 +159,7 @@ def export_run(run_dir: str | os.PathLike, *, models: Sequence[str] | None = Non
     if samples < 1:
         raise ECGDistillError(f"--samples {samples}: at least one test record is stored, to "
                               f"check the exported model reproduces the run's predictions")
-    results = run_results(run_dir)
+    results = load_results(run_dir)
     names = select_models(results, models)
     out_root = Path(out) if out is not None else run_dir / EXPORT_DIR
     targets = {name: out_root / folder_name(name) for name in names}

@@ -33,7 +33,6 @@ it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -198,10 +197,8 @@ def load_student(folder: str | os.PathLike) -> nn.Module:
 
 def _stored_bytes(path: Path) -> dict[str, int]:
     """Bytes of every tensor in a safetensors file, by key (read from its header)."""
-    header_len = int.from_bytes(path.open("rb").read(8), "little")
     with path.open("rb") as f:
-        f.seek(8)
-        header = json.loads(f.read(header_len))
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
             if k != "__metadata__"}
 
@@ -283,9 +280,10 @@ def quantize_folder(source: str | os.PathLike, fmt: str, out: str | os.PathLike,
         raise QuantizeError(f"{out}: the output folder is the source folder")
     if out.exists() and not force:
         raise QuantizeError(f"{out} exists; pass --force to replace it")
-    fp32 = AutoModel.from_pretrained(source, use_safetensors=True)
-    p = plan(fp32, fmt)
-    del fp32
+    from transformers import AutoConfig
+
+    with torch.device("meta"):  # the plan needs layer shapes only, not the weights
+        p = plan(AutoModel.from_config(AutoConfig.from_pretrained(source)), fmt)
     if not p.quantized:
         raise QuantizeError(f"{source}: " + "; ".join(p.notes()))
     model = AutoModel.from_pretrained(
@@ -339,26 +337,6 @@ def quantized_weights_extra_bytes(model: nn.Module) -> int:
                 add(qs.state2.absmax)
                 add(qs.state2.code)
     return total
-
-
-def expected_part_bytes(plan_: QuantPlan, *, double_quant: bool = False,
-                        blocksize: int = 64) -> tuple[int, int]:
-    """(ideal, bound): bytes of the quantized part at exactly ``bits`` per weight, and that
-    plus the most its scales may add (int8: a 4-byte scale per row and a format byte;
-    4-bit: a 4-byte absmax per block (1 byte + nested scales with double quantization),
-    the 16-entry code book and a serialized state of under 1 KB per layer)."""
-    bits = BITS[plan_.format]
-    ideal = bound = 0
-    for out_f, in_f in plan_.quantized.values():
-        n = out_f * in_f
-        ideal += n * bits // 8
-        if bits == 8:
-            bound += 4 * out_f + 1
-        else:
-            blocks = math.ceil(n / blocksize)
-            scales = blocks + 4 * math.ceil(blocks / 256) + 256 * 4 if double_quant else 4 * blocks
-            bound += scales + 16 * 4 + 1024
-    return ideal, ideal + bound
 
 
 # ---------------------------------------------------------------- the run's stage

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
+import bitsandbytes as bnb  # a dependency of the project: never skipped
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,6 @@ from distill.quantize import (
     BITS,
     FORMATS,
     QuantizeError,
-    expected_part_bytes,
     format_for_bits,
     load_student,
     plan,
@@ -27,7 +28,6 @@ from distill.quantize import (
     read_summary,
 )
 
-bnb = pytest.importorskip("bitsandbytes")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 REAL = Path(__file__).parent / "data" / "real-ecg"
@@ -68,6 +68,26 @@ def _real_signals() -> torch.Tensor:
         out.append((sig - sig.mean()) / sig.std())
     assert len(out) >= 3, f"the real records under {REAL}"
     return torch.from_numpy(np.stack(out).astype(np.float32))
+
+
+def expected_part_bytes(plan_, *, double_quant: bool = False,
+                        blocksize: int = 64) -> tuple[int, int]:
+    """(ideal, bound): bytes of the quantized part at exactly ``bits`` per weight, and that
+    plus the most its scales may add (int8: a 4-byte scale per row and a format byte;
+    4-bit: a 4-byte absmax per block (1 byte + nested scales with double quantization),
+    the 16-entry code book and a serialized state of under 1 KB per layer)."""
+    bits = BITS[plan_.format]
+    ideal = bound = 0
+    for out_f, in_f in plan_.quantized.values():
+        n = out_f * in_f
+        ideal += n * bits // 8
+        if bits == 8:
+            bound += 4 * out_f + 1
+        else:
+            blocks = math.ceil(n / blocksize)
+            scales = blocks + 4 * math.ceil(blocks / 256) + 256 * 4 if double_quant else 4 * blocks
+            bound += scales + 16 * 4 + 1024
+    return ideal, ideal + bound
 
 
 @torch.no_grad()
