@@ -568,7 +568,11 @@ def test_publish_uploads_byte_identical_files_through_huggingface_hub(
             if p.is_file():
                 assert TOKEN.encode() not in p.read_bytes(), p
 
-    # --force and a new branch (in this process; verification as above)
+    # --force and a new branch (in this process; verification as above). CI runs the suite
+    # with HF_HUB_OFFLINE=1, which huggingface_hub read at import: lift it for the local hub
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(publish, "verify_folder", lambda f: {"ok": True})
     files["stale.txt"] = b"from an earlier upload"
     publish.publish_folder(folder, "ecg-org/leadformer-tiny", force=True, endpoint=hub.url)
