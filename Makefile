@@ -1,27 +1,38 @@
-# Set-up and the two everyday commands. `make quickstart` and `make test` create the
-# virtual environment on first use (about 1-2 minutes), so each works on a fresh clone.
+# Set-up and the everyday commands. `make quickstart` and `make test` create the virtual
+# environment on first use (about 1-2 minutes), so each works on a fresh clone.
 #
-# torch is installed first, pinned, so that pip never resolves a bare `torch` to the
-# multi-GB CUDA build on a CPU machine. On a GPU machine use e.g. TORCH="torch==2.13.0"
-# with the CUDA index of your choice: `make setup TORCH=... PIP_ARGS="--index-url ..."`.
+# The environment is installed against the lock, requirements/constraints-cpu.txt: every
+# package at the exact version the whole test suite passed with. torch is installed first,
+# on its own, so pip never resolves a bare `torch` to a multi-GB CUDA build on a CPU
+# machine; where `nvidia-smi` answers, torch comes from the PyTorch CUDA index instead
+# (TORCH_INDEX=cu128 by default there; TORCH_INDEX=cpu|cuXYZ|URL|none chooses).
+# requirements/setup_env.py does the work; `python3 requirements/setup_env.py install
+# --dry-run` prints the commands it would run.
+#
+#   make setup        the environment (.venv), against the lock
+#   make quickstart   the main job on the embedded default (recipes/quickstart.yaml)
+#   make test         the test suite
+#   make test-latest  a separate environment (.venv-latest) from the newest releases, no
+#                     lock, the suite run there, and what differs from the lock
+#   make lock         make test-latest, then write its versions as the new lock
 
-PYTHON ?= python3
-VENV   ?= .venv
-TORCH  ?= torch==2.13.0
-PIP_ARGS ?=
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.ecg-distill-installed
+PYTHON   ?= python3
+VENV     ?= .venv
+LATEST   ?= .venv-latest
+LOCK     ?= requirements/constraints-cpu.txt
+TORCH_INDEX ?= auto
+SETUP    := $(PYTHON) requirements/setup_env.py
+BIN      := $(VENV)/bin
+STAMP    := $(VENV)/.ecg-distill-installed
 
-.PHONY: setup quickstart test bench clean-venv
+export TORCH_INDEX
+
+.PHONY: setup quickstart test test-latest lock bench clean-venv
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(PIP_ARGS) "$(TORCH)"
-	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -e ".[test]"
-	touch $(STAMP)
+$(STAMP): pyproject.toml $(LOCK) requirements/setup_env.py
+	@$(SETUP) install --venv $(VENV) --lock $(LOCK)
 
 quickstart: setup
 	$(BIN)/ecg-distill run recipes/quickstart.yaml
@@ -29,8 +40,16 @@ quickstart: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+test-latest:
+	$(SETUP) install --venv $(LATEST) --latest --fresh
+	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider
+	$(SETUP) versions --venv $(LATEST) --against $(LOCK)
+
+lock: test-latest
+	$(SETUP) freeze --venv $(LATEST) --out $(LOCK)
+
 bench: setup
 	$(BIN)/python benchmarks/data.py
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LATEST)

@@ -294,7 +294,7 @@ def quantize_folder(source: str | os.PathLike, fmt: str, out: str | os.PathLike,
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp)  # safetensors: transformers 5's only format
         result = QuantizeResult(
             folder=out, plan=p, double_quant=double_quant,
             fp32_bytes=(source / "model.safetensors").stat().st_size,
@@ -318,24 +318,27 @@ def read_summary(folder: str | os.PathLike) -> dict[str, Any]:
 
 def quantized_weights_extra_bytes(model: nn.Module) -> int:
     """Bytes bitsandbytes keeps beside the parameters: LLM.int8's row scales (``SCB``) and
-    the 4-bit quant states (absmax, code, nested state); 0 for an fp32 model."""
+    the 4-bit quant states (absmax, code, nested state); 0 for an fp32 model.
+
+    The quant state is walked generically (every tensor attribute, and those of a nested
+    state) rather than through named fields, which bitsandbytes has renamed between
+    releases."""
     total, seen = 0, set()
 
-    def add(t: Any) -> None:
+    def add(t: Any, depth: int = 0) -> None:
         nonlocal total
-        if torch.is_tensor(t) and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
+        if torch.is_tensor(t):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        elif depth < 3 and t is not None and hasattr(t, "__dict__") \
+                and not isinstance(t, (nn.Module, type)):
+            for value in vars(t).values():
+                add(value, depth + 1)
 
     for p in model.parameters():
         add(getattr(p, "SCB", None))
-        qs = getattr(p, "quant_state", None)
-        if qs is not None:
-            add(qs.absmax)
-            add(qs.code)
-            if qs.nested:
-                add(qs.state2.absmax)
-                add(qs.state2.code)
+        add(getattr(p, "quant_state", None))
     return total
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import inspect
 import io
 import json
 import math
@@ -121,16 +122,39 @@ def process_state():
     return PartialState(cpu=_use_cpu_processes())
 
 
+def reset_job_state() -> None:
+    """Start Accelerate's per-job singletons afresh, keeping the process group.
+
+    Each training job configures its own Accelerator (precision, accumulation), but
+    ``AcceleratorState`` and ``GradientState`` are process-wide singletons that keep the
+    first job's settings. Accelerate resets them only through private helpers
+    (``_reset_state``, which clears ``_shared_state``); this calls whichever the installed
+    release has and fails with one line when it has neither, rather than training the
+    next job with the previous one's settings.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    for cls, kwargs in ((AcceleratorState, {"reset_partial_state": False}), (GradientState, {})):
+        reset = getattr(cls, "_reset_state", None)
+        if callable(reset):
+            params = inspect.signature(reset).parameters
+            reset(**{k: v for k, v in kwargs.items() if k in params})
+        elif isinstance(getattr(cls, "_shared_state", None), dict):
+            cls._shared_state.clear()
+        else:
+            import accelerate
+
+            raise ECGDistillError(f"accelerate {accelerate.__version__}: {cls.__name__} has no "
+                                  f"way to reset its per-job state; install the locked version "
+                                  f"(make setup)")
+
+
 def make_accelerator(cfg: TrainConfig, out_dir: Path, seed: int, trackers: bool = True):
     """The Accelerator of a run: precision, accumulation, seedable sampler, TensorBoard."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DataLoaderConfiguration
 
-    # Each training job configures its own Accelerator (precision, accumulation); the
-    # process group (PartialState) is kept, the per-job singletons are started afresh.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
+    reset_job_state()
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ECGDistillError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
     log_with = "tensorboard" if trackers and _has_tensorboard() else None

@@ -201,19 +201,3 @@ def tiny_folder(kind: str) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    try:
-        build(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first: keep its build
-            deadline = time.monotonic() + 60
-            while not (target / "config.json").is_file() and time.monotonic() < deadline:
-                time.sleep(0.1)  # its rename may still be completing
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target

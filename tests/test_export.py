@@ -572,7 +572,8 @@ def test_publish_uploads_byte_identical_files_through_huggingface_hub(
     # with HF_HUB_OFFLINE=1, which huggingface_hub read at import: lift it for the local hub
     import huggingface_hub.constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # a release that reads it per call
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False, raising=False)
     monkeypatch.setattr(publish, "verify_folder", lambda f: {"ok": True})
     files["stale.txt"] = b"from an earlier upload"
     publish.publish_folder(folder, "ecg-org/leadformer-tiny", force=True, endpoint=hub.url)

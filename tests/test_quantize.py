@@ -238,3 +238,36 @@ def test_cli_quantize_writes_beside_the_checkpoint(tmp_path, capsys) -> None:
     assert main(["quantize", str(tiny), "--bits", "4"]) == 2
     err = capsys.readouterr().err
     assert "no layer of this model can be quantized to nf4" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("fmt,double", [("int8", False), ("nf4", True)])
+def test_quant_state_bytes_count_every_tensor_once(tmp_path, fmt, double) -> None:
+    """The memory of what bitsandbytes keeps beside the weights, walked generically: equal
+    to the sum over the installed release's named fields, and still counted when a release
+    renames them (a stand-in state with other field names)."""
+    from types import SimpleNamespace
+
+    from distill.quantize import quantized_weights_extra_bytes
+
+    quantize_folder(_student(tmp_path), fmt, tmp_path / fmt, double_quant=double)
+    model = load_student(tmp_path / fmt)
+    seen, want = set(), 0
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        parts = [getattr(p, "SCB", None)]
+        if qs is not None:
+            parts += [qs.absmax, qs.code, qs.offset]
+            if qs.nested:
+                parts += [qs.state2.absmax, qs.state2.code]
+        for t in parts:
+            if t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                want += t.numel() * t.element_size()
+    assert want > 0 and quantized_weights_extra_bytes(model) == want
+
+    renamed = nn.Linear(4, 4)
+    renamed.weight.quant_state = SimpleNamespace(
+        scales=torch.zeros(8), qmap=torch.zeros(16), blocksize=64, dtype=torch.float32,
+        inner=SimpleNamespace(scales=torch.zeros(2, dtype=torch.float64)))
+    assert quantized_weights_extra_bytes(renamed) == 8 * 4 + 16 * 4 + 2 * 8
+    assert quantized_weights_extra_bytes(nn.Linear(4, 4)) == 0

@@ -220,6 +220,54 @@ def test_changing_one_lead_changes_only_its_patch_embeddings() -> None:
     assert set(leads[moved].tolist()) <= {lead, -1}
 
 
+def test_vision_tokens_are_the_projected_patch_features() -> None:
+    """Whatever form the installed transformers returns them in, the vision tokens are the
+    projector applied to the chosen vision layer without its CLS token (computed here from
+    the tower's hidden states, a path no release has changed)."""
+    model = teachers.create("vlm", num_labels=NUM_LABELS, train_mode="frozen", tokens="vision")
+    image = _images(2)
+    inner = model.hf_model.model
+    with torch.no_grad():
+        out = model(image=image)
+        hidden = inner.vision_tower(model.pixel_values(image),
+                                    output_hidden_states=True).hidden_states
+        want = inner.multi_modal_projector(hidden[model.hf_model.config.vision_feature_layer][:, 1:])
+    assert out.tokens.shape == (2, 196, 64)
+    torch.testing.assert_close(out.tokens, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["tensor", "flat", "list", "tuple", "batched-list",
+                                  "image_outputs"])
+def test_visual_tokens_reads_every_output_form(form: str) -> None:
+    from types import SimpleNamespace
+
+    from teachers.vlm import visual_tokens
+
+    want = torch.randn(3, 4, 5)
+    given = {"tensor": want, "flat": want.reshape(12, 5), "list": list(want),
+             "tuple": tuple(want), "batched-list": [t[None] for t in want],
+             "image_outputs": None}[form]
+    if form == "image_outputs":  # 5.2x: a deprecated alias beside it must not be read
+        out = SimpleNamespace(image_outputs=SimpleNamespace(pooler_output=list(want)),
+                              image_hidden_states=[torch.zeros(3, 5, 6)] * 2)
+    else:
+        out = SimpleNamespace(image_hidden_states=given)
+    torch.testing.assert_close(visual_tokens(out, 3, 4, 5), want)
+
+
+def test_visual_tokens_of_the_wrong_size_are_one_clear_error() -> None:
+    from types import SimpleNamespace
+
+    from teachers.vlm import visual_tokens
+
+    with pytest.raises(ValueError, match=r"^VLM teacher: expected 2 x 4 visual tokens of width 5 "
+                                         r"in the model's output, found \(2, 5, 5\) "
+                                         r"\(transformers \S+\); use tokens='language'"):
+        visual_tokens(SimpleNamespace(image_hidden_states=torch.zeros(2, 5, 5)), 2, 4, 5)
+    with pytest.raises(ValueError, match=r"found None"):
+        visual_tokens(SimpleNamespace(), 2, 4, 5)
+
+
 def test_pixel_values_match_the_processor() -> None:
     model = teachers.create("vlm", num_labels=NUM_LABELS, train_mode="frozen")
     image = _images(1)

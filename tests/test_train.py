@@ -470,3 +470,33 @@ def test_force_of_a_stage_the_command_does_not_run_is_refused(small) -> None:
     with pytest.raises(RecipeError, match=r"--force distill: this command runs the stages "
                                           r"data, baseline only"):
         run_pipeline(recipe, force=["distill"], stages=("data", "baseline"), progress=False)
+
+
+@pytest.mark.parametrize("private_helper", [True, False])
+def test_each_job_gets_its_own_accelerator_settings(tmp_path, monkeypatch,
+                                                    private_helper: bool) -> None:
+    """Accelerate keeps AcceleratorState and GradientState as process-wide singletons: a
+    second job in the same process must see its own precision and accumulation, through
+    Accelerate's reset helper or, in a release without it, by clearing the shared state.
+    A release with neither is one clear error."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from distill.recipe import TrainConfig
+    from distill.train import make_accelerator, process_state
+
+    if not private_helper:
+        for cls in (AcceleratorState, GradientState):
+            monkeypatch.delattr(cls, "_reset_state")
+    main_before = process_state().is_main_process
+    first = make_accelerator(TrainConfig(mixed_precision="bf16", grad_accum=2), tmp_path, 0,
+                             trackers=False)
+    assert (first.mixed_precision, first.gradient_accumulation_steps) == ("bf16", 2)
+    second = make_accelerator(TrainConfig(mixed_precision="no", grad_accum=1), tmp_path, 0,
+                              trackers=False)
+    assert (second.mixed_precision, second.gradient_accumulation_steps) == ("no", 1)
+    assert process_state().is_main_process == main_before  # the process group is kept
+    if not private_helper:
+        monkeypatch.setattr(GradientState, "_shared_state", None)
+        with pytest.raises(ECGDistillError, match=r"^accelerate \S+: GradientState has no way "
+                                                  r"to reset its per-job state"):
+            make_accelerator(TrainConfig(), tmp_path, 0, trackers=False)

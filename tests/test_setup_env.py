@@ -1,0 +1,256 @@
+"""The set-up: the lock, the install plan, where torch comes from (CPU and CUDA machines).
+
+The CUDA path is checked with pip's own resolver in ``--dry-run`` mode over local stand-in
+indexes (no download, no network): the command ``make setup`` runs on a machine where
+``nvidia-smi`` answers picks the CUDA index's torch, with the lock in force.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCK = ROOT / "requirements" / "constraints-cpu.txt"
+SCRIPT = ROOT / "requirements" / "setup_env.py"
+
+spec = importlib.util.spec_from_file_location("setup_env", SCRIPT)
+setup_env = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(setup_env)
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+# ---------------------------------------------------------------- the lock
+
+
+def test_the_lock_pins_every_requirement_within_the_projects_ranges() -> None:
+    pins = setup_env.read_lock(LOCK)
+    project = _pyproject()["project"]
+    requirements = [Requirement(r) for r in
+                    [*project["dependencies"], *project["optional-dependencies"]["test"]]]
+    for req in requirements:
+        name = setup_env.canonical(req.name)
+        assert name in pins, f"{req.name} is not in the lock"
+        assert req.specifier.contains(Version(pins[name]), prereleases=True), (req, pins[name])
+    for tool in ("pip", "setuptools"):  # the set-up's own tools are locked too
+        assert tool in pins
+    assert setup_env.SELF not in pins
+    # the build backend the lock installs satisfies pyproject's build requirement
+    build = [Requirement(r) for r in _pyproject()["build-system"]["requires"]]
+    assert all(r.specifier.contains(pins[setup_env.canonical(r.name)]) for r in build)
+
+
+def test_the_lock_admits_every_build_of_its_torch_version() -> None:
+    """No local label: the lock's torch pin matches the CPU build and the CUDA builds, so
+    it never forces the CPU build on a GPU machine."""
+    torch_pin = setup_env.read_lock(LOCK)["torch"]
+    assert "+" not in torch_pin
+    spec = SpecifierSet(f"=={torch_pin}")
+    for build in ("", "+cpu", "+cu126", "+cu128", "+cu130"):
+        assert spec.contains(Version(torch_pin + build))
+    # pip takes the highest candidate: a build with a local label beats PyPI's plain one,
+    # and a CUDA build beats the CPU one
+    assert Version(torch_pin + "+cu128") > Version(torch_pin + "+cpu") > Version(torch_pin)
+
+
+def test_lock_text_round_trips_and_strips_what_must_not_be_pinned() -> None:
+    versions = {"torch": "2.13.0+cpu", "numpy": "2.4.6", "ecg-distill": "0.1.0",
+                "pip": "26.3", "setuptools": "84.2.1"}
+    text = setup_env.lock_text(versions, command="make lock")
+    assert text.splitlines()[0].startswith("#")
+    pins = [line for line in text.splitlines() if not line.startswith("#")]
+    assert pins == sorted(pins)
+    assert setup_env.read_lock_text(text) == {"numpy": "2.4.6", "pip": "26.3",
+                                              "setuptools": "84.2.1", "torch": "2.13.0"}
+
+
+def test_a_malformed_lock_line_names_the_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "lock.txt"
+    bad.write_text("# header\nnumpy==2.4.6\ntransformers>=5\n")
+    with pytest.raises(setup_env.SetupError,
+                       match=rf"^{re.escape(str(bad))}:3: expected 'name==version', got "
+                             r"'transformers>=5'$"):
+        setup_env.read_lock(bad)
+
+
+def test_drift_lists_key_packages_and_every_difference() -> None:
+    rows = setup_env.drift({"torch": "2.13.0+cpu", "transformers": "5.30.0", "numpy": "2.4.6",
+                            "newpkg": "1.0"},
+                           {"torch": "2.13.0", "transformers": "5.24.0", "numpy": "2.4.6",
+                            "oldpkg": "0.1"})
+    text = "\n".join(rows)
+    assert re.search(r"torch\s+2\.13\.0\+cpu\s+\(as locked\)", text)
+    assert re.search(r"transformers\s+5\.30\.0\s+\(locked 5\.24\.0\)", text)
+    assert re.search(r"newpkg\s+1\.0\s+\(new: not in the lock\)", text)
+    assert re.search(r"oldpkg\s+-\s+\(locked 0\.1; not installed now\)", text)
+    assert rows[0].split()[0] == "torch"  # key packages first, in their order
+
+
+# ---------------------------------------------------------------- the install plan
+
+
+def test_the_plan_installs_torch_alone_first_then_the_project_against_the_lock() -> None:
+    steps = setup_env.plan(Path("/v"), lock=LOCK, torch_spec=None, index=None)
+    assert [what.split()[0] for what, _ in steps] == ["virtual", "pip", "torch==" +
+                                                      setup_env.read_lock(LOCK)["torch"],
+                                                      "ecg-distill"]
+    _, torch_cmd = steps[2]
+    assert torch_cmd[-1] == f"torch=={setup_env.read_lock(LOCK)['torch']}"
+    for _, cmd in steps[1:]:
+        assert cmd[:4] == ["/v/bin/python", "-m", "pip", "install"]
+        assert cmd[cmd.index("--constraint") + 1] == str(LOCK)
+        assert "--upgrade" not in cmd  # the lock decides every version
+    project = steps[3][1]
+    assert "--no-build-isolation" in project and project[-1] == f"{ROOT}[test]"
+
+
+def test_the_latest_plan_holds_torch_and_upgrades_the_rest(tmp_path: Path) -> None:
+    steps = setup_env.plan(tmp_path / "v", lock=None, torch_spec="torch==2.13.0", index=None)
+    for _, cmd in steps[1:]:
+        assert cmd[cmd.index("--constraint") + 1] == str(tmp_path / "v" /
+                                                         setup_env.TORCH_CONSTRAINT)
+        assert str(LOCK) not in cmd
+    assert "--upgrade" in steps[1][1]
+
+
+def _fake_nvidia_smi(folder: Path, gpus: bool) -> None:
+    folder.mkdir()
+    exe = folder / "nvidia-smi"
+    exe.write_text("#!/bin/sh\n" + ("echo 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n"
+                                    if gpus else "echo 'No devices were found'; exit 6\n"))
+    exe.chmod(0o755)
+
+
+def test_torch_index_follows_the_machine(tmp_path: Path) -> None:
+    _fake_nvidia_smi(tmp_path / "gpu", gpus=True)
+    _fake_nvidia_smi(tmp_path / "broken", gpus=False)
+    gpu = {"PATH": f"{tmp_path / 'gpu'}:/usr/bin:/bin"}
+    assert setup_env.torch_index("auto", gpu) == "https://download.pytorch.org/whl/cu128"
+    assert setup_env.torch_index("auto", {**gpu, "ECG_DISTILL_CUDA": "cu130"}) \
+        == "https://download.pytorch.org/whl/cu130"
+    assert setup_env.torch_index("auto", {"PATH": f"{tmp_path / 'broken'}:/usr/bin"}) is None
+    assert setup_env.torch_index("auto", {"PATH": str(tmp_path / "empty")}) is None
+    assert setup_env.torch_index("cpu", {}) == "https://download.pytorch.org/whl/cpu"
+    assert setup_env.torch_index("none", gpu) is None
+    assert setup_env.torch_index("file:///srv/idx", {}) == "file:///srv/idx"
+    with pytest.raises(setup_env.SetupError, match=r"^--torch-index: 'cuda12'; expected"):
+        setup_env.torch_index("cuda12", {})
+
+
+def test_dry_run_on_a_cuda_machine_prints_the_cuda_index_command(tmp_path: Path) -> None:
+    _fake_nvidia_smi(tmp_path / "gpu", gpus=True)
+    env = {**os.environ, "PATH": f"{tmp_path / 'gpu'}:{os.environ['PATH']}"}
+    env.pop("TORCH_INDEX", None)
+    out = subprocess.run([sys.executable, str(SCRIPT), "install", "--dry-run", "--venv",
+                          str(tmp_path / "v")], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    torch_line = next(line for line in out.splitlines() if line.endswith(
+        f"torch=={setup_env.read_lock(LOCK)['torch']}"))
+    assert "--extra-index-url https://download.pytorch.org/whl/cu128" in torch_line
+    assert f"--constraint {LOCK}" in torch_line
+    assert not (tmp_path / "v").exists()  # a dry run creates nothing
+
+
+def _wheel(folder: Path, version: str) -> Path:
+    """A minimal (empty) wheel of a package called torch, for pip's resolver only."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"torch-{version}-py3-none-any.whl"
+    info = f"torch-{version}.dist-info"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: torch\nVersion: {version}\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: "
+                                    "true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+    return path
+
+
+def _simple_index(root: Path, wheels: list[Path]) -> str:
+    page = root / "torch"
+    page.mkdir(parents=True)
+    links = "".join(f'<a href="{w.as_uri().replace("+", "%2B")}">{w.name}</a>\n' for w in wheels)
+    (page / "index.html").write_text(f"<html><body>\n{links}</body></html>\n")
+    return root.as_uri()
+
+
+@pytest.mark.parametrize("machine", ["cuda", "cpu"])
+def test_pips_resolver_takes_the_machines_torch_build_with_the_lock_in_force(
+        tmp_path: Path, machine: str) -> None:
+    """The torch command of the plan, resolved by pip (--dry-run) over stand-ins for PyPI
+    (the plain build), the PyTorch CUDA index (+cu128) and this project's CPU machines'
+    local CPU build (+cpu, a find-links folder): a CUDA machine gets the CUDA build, a CPU
+    machine the CPU build, both under the lock's torch pin."""
+    version = setup_env.read_lock(LOCK)["torch"]
+    pypi = _simple_index(tmp_path / "pypi", [_wheel(tmp_path / "pypi-files", version)])
+    cuda = _simple_index(tmp_path / "cuda", [_wheel(tmp_path / "cuda-files", f"{version}+cu128"),
+                                             _wheel(tmp_path / "cuda-files", "99.0+cu128")])
+    _wheel(tmp_path / "local", f"{version}+cpu")
+    index = cuda if machine == "cuda" else None
+    _, cmd = setup_env.plan(Path(sys.prefix), lock=LOCK, torch_spec=None, index=index)[2]
+    report = tmp_path / "report.json"
+    cmd = [sys.executable, *cmd[1:4], "--dry-run", "--ignore-installed", "--no-deps",
+           "--report", str(report), *cmd[4:]]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_INDEX_URL=pypi,
+               PIP_FIND_LINKS=str(tmp_path / "local"), PIP_NO_CACHE_DIR="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    chosen = json.loads(report.read_text())["install"]
+    assert [item["metadata"]["name"] for item in chosen] == ["torch"]
+    want = f"{version}+cu128" if machine == "cuda" else f"{version}+cpu"
+    assert chosen[0]["metadata"]["version"] == want  # and not 99.0: the lock holds the version
+    source = "cuda-files" if machine == "cuda" else "local"
+    assert f"/{source}/" in chosen[0]["download_info"]["url"]
+
+
+def test_make_setup_and_ci_install_against_the_lock(tmp_path: Path) -> None:
+    """`make setup` (which `make test`, `make quickstart` and .ci/run go through) calls the
+    set-up with the lock; `make test-latest` builds its own environment without it."""
+    def dry(target: str) -> str:
+        return subprocess.run(["make", "-n", "-B", target, f"VENV={tmp_path / 'v'}",
+                               f"LATEST={tmp_path / 'l'}"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout
+
+    setup = dry("setup")
+    assert re.search(r"requirements/setup_env\.py install --venv \S+ --lock "
+                     r"requirements/constraints-cpu\.txt", setup)
+    latest = dry("test-latest")
+    assert "install --venv" in latest and "--latest --fresh" in latest
+    assert "--lock" not in latest and "pytest" in latest
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_setup_output_is_one_line_per_step_and_a_failure_points_at_the_log(
+        tmp_path: Path) -> None:
+    """A failing step prints its tail and one error line naming the log; nothing of the
+    pip chatter reaches the terminal on success (it goes to <venv>/setup.log)."""
+    bad_lock = tmp_path / "lock.txt"
+    bad_lock.write_text("pip==0.0.0\nsetuptools==0.0.0\ntorch==0.0.0\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(tmp_path))
+    venv = tmp_path / "v"
+    done = subprocess.run([sys.executable, str(SCRIPT), "install", "--venv", str(venv),
+                           "--lock", str(bad_lock), "--torch-index", "none"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2
+    assert done.stdout.splitlines()[0].startswith("[setup 1/4] virtual environment")
+    assert done.stdout.splitlines()[1] == "[setup 2/4] pip and setuptools (locked) ... failed"
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == (f"error: set-up step 'pip and setuptools (locked)' failed (exit 1); the "
+                    f"full log is {venv / 'setup.log'}")
+    assert "pip==0.0.0" in (venv / "setup.log").read_text()
