@@ -123,11 +123,11 @@ def plan(venv: Path, *, lock: Path | None, torch_spec: str | None, index: str | 
             the version of the shipped lock (the newest CPU build these machines hold).
         index: an extra index for torch (a PyTorch CPU/CUDA index), or None.
     """
-    py = str(venv / "bin" / "python")
+    py = _rel(venv / "bin" / "python")  # paths relative to the checkout, where pip runs
     pip = [py, "-m", "pip", "install", "--disable-pip-version-check"]
     if lock is not None:
         pins = read_lock(lock)
-        pip += ["--constraint", str(lock)]
+        pip += ["--constraint", _rel(lock)]
         missing = [p for p in ("pip", "setuptools", "torch") if p not in pins]
         if missing:
             raise SetupError(f"{lock}: no pin for {', '.join(missing)}; regenerate it with "
@@ -138,26 +138,26 @@ def plan(venv: Path, *, lock: Path | None, torch_spec: str | None, index: str | 
         # newest releases of everything but torch, which stays at the requested build
         # (held by a one-line constraint, so no newest package can pull a CUDA build in)
         pins = read_lock(DEFAULT_LOCK) if DEFAULT_LOCK.exists() else {}
-        pip += ["--constraint", str(venv / TORCH_CONSTRAINT)]
+        pip += ["--constraint", _rel(venv / TORCH_CONSTRAINT)]
         base = ["--upgrade", "pip", "setuptools"]
     if torch_spec is None:
         torch_spec = f"torch=={pins['torch']}" if "torch" in pins else FALLBACK_TORCH
     torch_cmd = [*pip, *(["--extra-index-url", index] if index else []), torch_spec]
     where = ("the configured indexes" if index is None else index)
     return [
-        (f"virtual environment {_rel(venv)}", [sys.executable, "-m", "venv", str(venv)]),
+        (f"virtual environment {_rel(venv)}", [sys.executable, "-m", "venv", _rel(venv)]),
         ("pip and setuptools" + (" (locked)" if lock else " (newest)"), [*pip, *base]),
         (f"{torch_spec} from {where}", torch_cmd),
         # the project's own build uses the venv's setuptools (locked), not a fresh download
         (f"ecg-distill and its dependencies[{extras}]"
          + (f" against {_rel(lock)}" if lock else " (newest releases)"),
-         [*pip, "--no-build-isolation", "--editable", f"{ROOT}[{extras}]"]),
+         [*pip, "--no-build-isolation", "--editable", f".[{extras}]"]),
     ]
 
 
 def _rel(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(ROOT))
+    try:  # abspath, not resolve: a venv's python is a symlink that must stay one
+        return str(Path(os.path.abspath(path)).relative_to(ROOT))
     except ValueError:
         return str(path)
 
