@@ -205,8 +205,15 @@ def install(args: argparse.Namespace) -> int:
                 raise SetupError(f"set-up step '{what}' failed (exit {done.returncode}); "
                                  f"the full log is {_rel(log)}")
             print(f" {time.monotonic() - t0:.0f} s", flush=True)
-    (venv / STAMP).write_text(_stamp_text(lock, index))
     versions = installed(venv)
+    if lock is not None:
+        wrong = off_lock(versions, read_lock(lock))
+        if wrong:
+            raise SetupError(f"{_rel(venv)} differs from {_rel(lock)}: {'; '.join(wrong)}; "
+                             f"'make clean-venv setup' rebuilds it")
+        print(f"[setup] every package the lock names is at its locked version "
+              f"({sum(1 for n in versions if n in read_lock(lock))} packages)")
+    (venv / STAMP).write_text(_stamp_text(lock, index))
     shown = ", ".join(f"{p} {versions[p]}" for p in KEY_PACKAGES[:6] if p in versions)
     print(f"[setup] ready in {time.monotonic() - started:.0f} s: {shown}")
     return 0
@@ -222,6 +229,14 @@ def installed(venv: Path) -> dict[str, str]:
         raise SetupError(f"{venv}: not a working environment ({out.stderr.strip()[-200:]}); "
                          f"run the install first")
     return {canonical(k): v for k, v in json.loads(out.stdout).items()}
+
+
+def off_lock(versions: dict[str, str], pins: dict[str, str]) -> list[str]:
+    """Installed packages whose version is not the lock's (build labels such as +cpu or
+    +cu128 aside). Packages the lock does not name (a CUDA build's nvidia-* libraries) and
+    locked ones not installed are not differences."""
+    return [f"{name} {have} (locked {pins[name]})" for name, have in sorted(versions.items())
+            if name in pins and have.split("+", 1)[0] != pins[name].split("+", 1)[0]]
 
 
 def lock_text(versions: dict[str, str], *, command: str) -> str:

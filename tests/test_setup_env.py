@@ -7,6 +7,7 @@ indexes (no download, no network): the command ``make setup`` runs on a machine 
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -87,6 +88,31 @@ def test_a_malformed_lock_line_names_the_file_and_line(tmp_path: Path) -> None:
                        match=rf"^{re.escape(str(bad))}:3: expected 'name==version', got "
                              r"'transformers>=5'$"):
         setup_env.read_lock(bad)
+
+
+def test_the_installed_environment_is_checked_against_the_lock() -> None:
+    pins = {"torch": "2.13.0", "numpy": "2.4.6", "pip": "26.3"}
+    assert setup_env.off_lock({"torch": "2.13.0+cu128", "numpy": "2.4.6",
+                               "nvidia-cublas": "13.0"}, pins) == []
+    assert setup_env.off_lock({"torch": "2.13.0+cpu", "numpy": "2.5.0"}, pins) \
+        == ["numpy 2.5.0 (locked 2.4.6)"]
+
+
+def test_the_test_environment_is_the_locked_one() -> None:
+    """An environment `make setup` made against the lock (make test, .ci/run) holds the
+    lock's versions, of the lock as it is now."""
+    import hashlib
+
+    stamp = Path(sys.prefix) / setup_env.STAMP
+    if not stamp.is_file():
+        pytest.skip(f"{sys.prefix} was not made by make setup")
+    made = json.loads(stamp.read_text())
+    if made["lock"] == "latest":
+        pytest.skip("make test-latest: the newest releases, not the lock, by design")
+    assert made["lock"] == hashlib.sha256(LOCK.read_bytes()).hexdigest()
+    versions = {setup_env.canonical(d.metadata["Name"]): d.version
+                for d in importlib.metadata.distributions()}
+    assert setup_env.off_lock(versions, setup_env.read_lock(LOCK)) == []
 
 
 def test_drift_lists_key_packages_and_every_difference() -> None:
