@@ -3,9 +3,10 @@
 #
 # The environment is installed against the lock, requirements/constraints-cpu.txt: every
 # package at the exact version the whole test suite passed with. torch is installed first,
-# on its own, so pip never resolves a bare `torch` to a multi-GB CUDA build on a CPU
-# machine; where `nvidia-smi` answers, torch comes from the PyTorch CUDA index instead
-# (TORCH_INDEX=cu128 by default there; TORCH_INDEX=cpu|cuXYZ|URL|none chooses).
+# on its own, with the PyTorch CPU index as an extra index, so pip never resolves a bare
+# `torch` to a multi-GB CUDA build on a CPU machine; where `nvidia-smi` answers, torch comes
+# from the PyTorch CUDA index instead (cu128, or ECG_DISTILL_CUDA=cuXYZ; TORCH_INDEX=
+# cpu|cuXYZ|URL|none overrides the choice).
 # requirements/setup_env.py does the work; `python3 requirements/setup_env.py install
 # --dry-run` prints the commands it would run.
 #
@@ -23,16 +24,15 @@ LOCK     ?= requirements/constraints-cpu.txt
 TORCH_INDEX ?= auto
 SETUP    := $(PYTHON) requirements/setup_env.py
 BIN      := $(VENV)/bin
-STAMP    := $(VENV)/.ecg-distill-installed
 
 export TORCH_INDEX
 
 .PHONY: setup quickstart test test-latest lock bench clean-venv
 
-setup: $(STAMP)
-
-$(STAMP): pyproject.toml $(LOCK) requirements/setup_env.py
-	@$(SETUP) install --venv $(VENV) --lock $(LOCK)
+# Always asked, cheap when nothing changed: the environment is remade when the lock,
+# pyproject.toml, the set-up script or the torch index differ from what made it.
+setup:
+	@$(SETUP) install --venv $(VENV) --lock $(LOCK) --if-needed
 
 quickstart: setup
 	$(BIN)/ecg-distill run recipes/quickstart.yaml

@@ -318,27 +318,55 @@ def read_summary(folder: str | os.PathLike) -> dict[str, Any]:
 
 def quantized_weights_extra_bytes(model: nn.Module) -> int:
     """Bytes bitsandbytes keeps beside the parameters: LLM.int8's row scales (``SCB``) and
-    the 4-bit quant states (absmax, code, nested state); 0 for an fp32 model.
+    the 4-bit quant states (absmax, code, nested state); 0 for an fp32 model. Tensors that
+    are the model's own parameters or buffers (counted by the caller) are not counted.
 
-    The quant state is walked generically (every tensor attribute, and those of a nested
-    state) rather than through named fields, which bitsandbytes has renamed between
-    releases."""
-    total, seen = 0, set()
+    Where bitsandbytes keeps them moves between releases and even within one model's life:
+    LLM.int8's scales sit on the weight (``weight.SCB``) after loading and move to the
+    layer's matmul state (``layer.state.SCB``) at the first forward pass. So every tensor
+    reachable from a quantized parameter's attributes and from its layer's plain
+    attributes is counted once, by storage, whatever the field is called.
 
-    def add(t: Any, depth: int = 0) -> None:
-        nonlocal total
+    Raises:
+        QuantizeError: a parameter stored as integer codes has nothing beside it in either
+            place (its scales are then kept where this walk does not look: the count would
+            be wrong).
+    """
+    counted = {t.data_ptr() for t in (*model.parameters(), *model.buffers())}
+    total = 0
+
+    def tensors(t: Any, depth: int = 0) -> list[torch.Tensor]:
         if torch.is_tensor(t):
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-        elif depth < 3 and t is not None and hasattr(t, "__dict__") \
-                and not isinstance(t, (nn.Module, type)):
-            for value in vars(t).values():
-                add(value, depth + 1)
+            return [t]
+        if depth >= 6 or t is None or isinstance(t, (nn.Module, type, str, bytes)):
+            return []
+        if isinstance(t, dict):
+            values = list(t.values())
+        elif isinstance(t, (list, tuple)):
+            values = list(t)
+        else:
+            values = [*getattr(t, "__dict__", {}).values(),
+                      *(getattr(t, k, None) for k in getattr(type(t), "__slots__", ()))]
+        return [x for v in values for x in tensors(v, depth + 1)]
 
-    for p in model.parameters():
-        add(getattr(p, "SCB", None))
-        add(getattr(p, "quant_state", None))
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.dtype.is_floating_point or p.dtype.is_complex:
+                continue  # not stored as codes: nothing beside it
+            beside = [getattr(p, "SCB", None), getattr(p, "quant_state", None),
+                      {k: v for k, v in vars(module).items() if not k.startswith("_")}]
+            found = [t for t in tensors(beside) if t.data_ptr() != p.data_ptr()]
+            if not found:
+                import bitsandbytes
+
+                raise QuantizeError(f"{name}: stored as {p.dtype} codes but no scales or "
+                                    f"quant state found beside it (bitsandbytes "
+                                    f"{bitsandbytes.__version__}); its memory cannot be "
+                                    f"counted")
+            for t in found:
+                if t.data_ptr() not in counted:
+                    counted.add(t.data_ptr())
+                    total += t.numel() * t.element_size()
     return total
 
 

@@ -94,22 +94,35 @@ def read_lock_text(text: str, source: str = "<lock>") -> dict[str, str]:
 def torch_index(choice: str, env: dict[str, str] | None = None) -> str | None:
     """The extra index torch is installed from, or None for the configured indexes."""
     env = os.environ if env is None else env
+    given = "--torch-index"
     if choice == "auto":
-        if shutil.which("nvidia-smi", path=env.get("PATH")) is None:
-            return None
-        probe = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
-                               env=dict(env))
-        if probe.returncode != 0 or "GPU" not in probe.stdout:
-            return None
-        choice = env.get("ECG_DISTILL_CUDA") or DEFAULT_CUDA_TAG
+        if has_gpu(env):
+            choice, given = env.get("ECG_DISTILL_CUDA") or DEFAULT_CUDA_TAG, "ECG_DISTILL_CUDA"
+        else:
+            choice = "cpu"
     if choice == "none":
         return None
     if re.fullmatch(r"cpu|cu\d{3}|rocm[\d.]+", choice):
         return PYTORCH_INDEX.format(tag=choice)
     if re.match(r"(https?|file)://", choice):
         return choice
-    raise SetupError(f"--torch-index: {choice!r}; expected auto, none, cpu, cuXYZ (e.g. cu128) "
-                     f"or an index URL")
+    raise SetupError(f"{given}: {choice!r}; expected "
+                     + ("a CUDA tag such as cu128" if given == "ECG_DISTILL_CUDA" else
+                        "auto, none, cpu, cuXYZ (e.g. cu128) or an index URL"))
+
+
+def has_gpu(env: dict[str, str]) -> bool:
+    """Whether ``nvidia-smi`` answers with at least one GPU (a broken driver, a hang or a
+    missing tool count as no GPU)."""
+    exe = shutil.which("nvidia-smi", path=env.get("PATH"))
+    if exe is None:
+        return False
+    try:
+        probe = subprocess.run([exe, "-L"], capture_output=True, text=True, env=dict(env),
+                               timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0 and "GPU" in probe.stdout
 
 
 def plan(venv: Path, *, lock: Path | None, torch_spec: str | None, index: str | None,
@@ -132,7 +145,6 @@ def plan(venv: Path, *, lock: Path | None, torch_spec: str | None, index: str | 
         if missing:
             raise SetupError(f"{lock}: no pin for {', '.join(missing)}; regenerate it with "
                              f"'make lock'")
-        base = ["pip", "setuptools"]
         base = ["pip", "setuptools"]
     else:
         # newest releases of everything but torch, which stays at the requested build
@@ -163,23 +175,52 @@ def _rel(path: Path) -> str:
 
 
 def _stamp_text(lock: Path | None, index: str | None) -> str:
-    digest = hashlib.sha256(lock.read_bytes()).hexdigest() if lock else "latest"
-    pyproject = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    return json.dumps({"lock": digest, "pyproject": pyproject, "torch_index": index}) + "\n"
+    """What an environment was made from: the lock, pyproject.toml and this script (by
+    content) and the torch index; ``install --if-needed`` reinstalls when any differs."""
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    return json.dumps({"lock": digest(lock) if lock else "latest",
+                       "pyproject": digest(ROOT / "pyproject.toml"),
+                       "setup": digest(Path(__file__)), "torch_index": index}) + "\n"
+
+
+def _in_checkout(path: str) -> Path:
+    """A path as given, relative ones against the checkout (where pip runs), not the
+    current directory."""
+    return Path(path) if Path(path).is_absolute() else ROOT / path
+
+
+def lock_python(text: str) -> str | None:
+    """The Python ``major.minor`` a lock's header says it was written with."""
+    m = re.search(r"Python (\d+\.\d+)", text)
+    return m.group(1) if m else None
 
 
 def install(args: argparse.Namespace) -> int:
-    venv = Path(args.venv).resolve() if not Path(args.venv).is_absolute() else Path(args.venv)
-    lock = None if args.latest else Path(args.lock).resolve()
+    venv = _in_checkout(args.venv or (".venv-latest" if args.latest else ".venv"))
+    lock = None if args.latest else _in_checkout(args.lock)
     if lock is not None and not lock.is_file():
         raise SetupError(f"{args.lock}: no such lock file; 'make lock' writes it, or pass "
                          f"--latest for the newest releases")
+    running = f"{sys.version_info.major}.{sys.version_info.minor}"
+    wanted = lock_python(lock.read_text()) if lock is not None else None
+    if wanted is not None and wanted != running:
+        raise SetupError(f"{_rel(lock)} was tested with Python {wanted}, this is Python "
+                         f"{running}: run the set-up with python{wanted} "
+                         f"(make PYTHON=python{wanted} ...), or --latest for the newest "
+                         f"releases on this Python")
     index = torch_index(args.torch_index)
     steps = plan(venv, lock=lock, torch_spec=args.torch, index=index)
     if args.dry_run:
+        print(f"# in {ROOT}")
         for what, cmd in steps:
             print(f"# {what}\n{shlex.join(cmd)}")
         return 0
+    stamp = venv / STAMP
+    if args.if_needed and not args.fresh and stamp.is_file() \
+            and stamp.read_text() == _stamp_text(lock, index):
+        return 0  # made from this lock, pyproject.toml, set-up and torch index already
     if args.fresh and venv.exists():
         shutil.rmtree(venv)
     venv.mkdir(parents=True, exist_ok=True)
@@ -213,7 +254,12 @@ def install(args: argparse.Namespace) -> int:
                              f"'make clean-venv setup' rebuilds it")
         print(f"[setup] every package the lock names is at its locked version "
               f"({sum(1 for n in versions if n in read_lock(lock))} packages)")
-    (venv / STAMP).write_text(_stamp_text(lock, index))
+    label = versions.get("torch", "").partition("+")[2]
+    tag = (index or "").rstrip("/").rsplit("/", 1)[-1]
+    if index and index.startswith(PYTORCH_INDEX.format(tag="")) and label != tag:
+        print(f"[setup] warning: torch {versions.get('torch')} is not the {tag} build the "
+              f"index was asked for (does {index} hold torch {versions.get('torch', '?')}?)")
+    stamp.write_text(_stamp_text(lock, index))
     shown = ", ".join(f"{p} {versions[p]}" for p in KEY_PACKAGES[:6] if p in versions)
     print(f"[setup] ready in {time.monotonic() - started:.0f} s: {shown}")
     return 0
@@ -226,8 +272,8 @@ def installed(venv: Path) -> dict[str, str]:
     out = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True,
                          text=True)
     if out.returncode != 0:
-        raise SetupError(f"{venv}: not a working environment ({out.stderr.strip()[-200:]}); "
-                         f"run the install first")
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SetupError(f"{venv}: not a working environment ({last}); run the install first")
     return {canonical(k): v for k, v in json.loads(out.stdout).items()}
 
 
@@ -239,7 +285,7 @@ def off_lock(versions: dict[str, str], pins: dict[str, str]) -> list[str]:
             if name in pins and have.split("+", 1)[0] != pins[name].split("+", 1)[0]]
 
 
-def lock_text(versions: dict[str, str], *, command: str) -> str:
+def lock_text(versions: dict[str, str], *, command: str, python: str | None = None) -> str:
     """The constraints file of an environment: every package but the project itself, torch
     without its local build label (so the CUDA and CPU builds of that version both match)."""
     lines = [
@@ -247,7 +293,8 @@ def lock_text(versions: dict[str, str], *, command: str) -> str:
         "# releases and ran the whole test suite in. `make setup` (and so `make quickstart`,",
         "# `make test`, .ci/run) installs against it. Regenerate with `make lock`.",
         f"# Written {datetime.date.today().isoformat()} by `{command}`, Python "
-        f"{platform.python_version()} on {platform.machine()}.",
+        f"{python or platform.python_version()} on {platform.machine()}; the set-up refuses "
+        f"another Python minor version.",
         "# torch is pinned without a local label (+cpu/+cu128): both builds of the version match.",
     ]
     for name in sorted(versions):
@@ -259,10 +306,16 @@ def lock_text(versions: dict[str, str], *, command: str) -> str:
 
 
 def freeze(args: argparse.Namespace) -> int:
-    versions = installed(Path(args.venv))
-    out = Path(args.out)
+    versions = installed(_in_checkout(args.venv))
+    if "+" in versions.get("torch", "") and not versions["torch"].endswith("+cpu"):
+        raise SetupError(f"{args.venv} holds torch {versions['torch']}: the lock is the CPU "
+                         f"set's; run 'make lock' on a CPU machine")
+    out = _in_checkout(args.out)
+    python = subprocess.run([str(_in_checkout(args.venv) / "bin" / "python"), "-c",
+                             "import platform; print(platform.python_version())"],
+                            capture_output=True, text=True, check=True).stdout.strip()
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(lock_text(versions, command="make lock"))
+    tmp.write_text(lock_text(versions, command="make lock", python=python))
     os.replace(tmp, out)
     print(f"[lock] {out}: {sum(1 for n in versions if n != SELF)} packages")
     return 0
@@ -292,8 +345,8 @@ def drift(versions: dict[str, str], pins: dict[str, str]) -> list[str]:
 
 
 def versions_cmd(args: argparse.Namespace) -> int:
-    versions = installed(Path(args.venv))
-    pins = read_lock(Path(args.against)) if args.against else {}
+    versions = installed(_in_checkout(args.venv))
+    pins = read_lock(_in_checkout(args.against)) if args.against else {}
     print(f"[versions] {args.venv} against {args.against}:")
     print("\n".join(drift(versions, pins)))
     return 0
@@ -303,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("install", help="create or update the virtual environment")
-    p.add_argument("--venv", default=".venv")
+    p.add_argument("--venv", default=None,
+                   help="the environment (default .venv, or .venv-latest with --latest)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--lock", default=str(DEFAULT_LOCK),
                        help="constraints file every package is installed against")
@@ -314,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-index", default=os.environ.get("TORCH_INDEX") or "auto",
                    help="auto, none, cpu, cuXYZ or an index URL (default: auto)")
     p.add_argument("--fresh", action="store_true", help="delete the environment first")
+    p.add_argument("--if-needed", action="store_true",
+                   help="do nothing when the environment was made from this lock, "
+                        "pyproject.toml, set-up script and torch index")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.set_defaults(run=install)
     f = sub.add_parser("freeze", help="write an environment's versions as the lock")

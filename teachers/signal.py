@@ -23,7 +23,7 @@ import torch
 
 from distill.data.leads import NUM_LEADS
 from teachers.base import TeacherAdapter, load_backbone, register_teacher
-from teachers.tiny import build_tiny_hubert, tiny_folder
+from teachers.tiny import build_tiny_hubert, resolve_tiny
 
 __all__ = ["SignalTeacher", "build_tiny_hubert", "frame_leads", "hubert_ecg_input"]
 
@@ -137,7 +137,7 @@ class SignalTeacher(TeacherAdapter):
 
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
-        source = tiny_folder("signal") if str(name_or_path) == "tiny" else name_or_path
+        source = resolve_tiny("signal", name_or_path)
         backbone = load_backbone(AutoModel, source, load_in=load_in,
                                  trust_remote_code=trust_remote_code,
                                  skip_modules=self.quant_skip_modules, dtype=_DTYPES[dtype])

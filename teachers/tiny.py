@@ -26,6 +26,7 @@ from distill.data.cache import default_cache_dir
 
 # Bumped whenever a preset's configuration changes, so an old cached build is not reused.
 TINY_VLM_NAME = "tiny-vlm-v2"  # v2: vision initializer_factor 4
+TINY_VLM_SWIN_NAME = "tiny-vlm-swin-v1"
 TINY_SIGNAL_NAME = "tiny-hubert-v1"
 
 IMAGE_TOKEN = "<image>"
@@ -67,6 +68,52 @@ VISION_INIT_FACTOR = 4.0
 TEXT_INIT_RANGE = 0.02
 
 
+def _tiny_text_config(tokenizer):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       tie_word_embeddings=False, initializer_range=TEXT_INIT_RANGE)
+
+
+def _write_tiny_llava(folder: Path, vision, *, image_size: int, token_stride: int,
+                      strategy: str, extra_tokens: int) -> Path:
+    """A LLaVA over ``vision`` and the tiny Llama, with its processor, written to ``folder``.
+
+    Args:
+        token_stride: pixels per visual token along each side (the processor's patch size).
+        strategy: LLaVA's ``vision_feature_select_strategy`` ("default" drops a CLS token).
+        extra_tokens: tokens the tower adds to the grid (1 for a CLS token, else 0).
+    """
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = build_tiny_tokenizer()
+    grid = image_size // token_stride
+    n_image_tokens = grid * grid + extra_tokens - (1 if strategy == "default" else 0)
+    config = LlavaConfig(vision_config=vision, text_config=_tiny_text_config(tokenizer),
+                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                         image_seq_length=n_image_tokens, vision_feature_layer=-1,
+                         vision_feature_select_strategy=strategy)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               patch_size=token_stride, vision_feature_select_strategy=strategy,
+                               num_additional_image_tokens=extra_tokens, image_token=IMAGE_TOKEN)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def build_tiny_vlm(folder: str | os.PathLike) -> Path:
     """Write a tiny random LLaVA (CLIP 224/16 vision tower + Llama text model) with its processor.
 
@@ -81,43 +128,40 @@ def build_tiny_vlm(folder: str | os.PathLike) -> Path:
         The folder, loadable by ``AutoModelForImageTextToText.from_pretrained`` and
         ``AutoProcessor.from_pretrained``.
     """
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import CLIPVisionConfig
 
-    folder = Path(folder)
-    tokenizer = build_tiny_tokenizer()
     image_size, patch_size = 224, 16
     vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=64,
                               intermediate_size=128, num_hidden_layers=2,
                               num_attention_heads=4, projection_dim=64,
                               initializer_factor=VISION_INIT_FACTOR)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       tie_word_embeddings=False, initializer_range=TEXT_INIT_RANGE)
-    n_image_tokens = (image_size // patch_size) ** 2
-    config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                         image_seq_length=n_image_tokens, vision_feature_layer=-1,
-                         vision_feature_select_strategy="default")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlavaForConditionalGeneration(config)
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               patch_size=patch_size, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, image_token=IMAGE_TOKEN)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return _write_tiny_llava(Path(folder), vision, image_size=image_size,
+                             token_stride=patch_size, strategy="default", extra_tokens=1)
+
+
+def build_tiny_vlm_swin(folder: str | os.PathLike) -> Path:
+    """Write a tiny random LLaVA whose vision tower is a 3-stage Swin (no CLS token).
+
+    Vision: Swin, image 224, 4-px patches, widths 32/64/128, depths 2/2/2, window 7: its
+    last stage is a 14 x 14 grid, so 196 visual tokens at a 16-px stride, each reading
+    its own region of the printout through a convolutional stem and local attention.
+    Every token of the grid is kept ("full" strategy). Text: the same tiny Llama.
+
+    Args:
+        folder: where to write (created).
+
+    Returns:
+        The folder, loadable like :func:`build_tiny_vlm`'s.
+    """
+    from transformers import SwinConfig
+
+    image_size = 224
+    vision = SwinConfig(image_size=image_size, patch_size=4, embed_dim=32, depths=[2, 2, 2],
+                        num_heads=[2, 4, 8], window_size=7, mlp_ratio=2.0,
+                        drop_path_rate=0.0)
+    stride = 4 * 2 ** (len(vision.depths) - 1)
+    return _write_tiny_llava(Path(folder), vision, image_size=image_size, token_stride=stride,
+                             strategy="full", extra_tokens=0)
 
 
 def build_tiny_hubert(folder: str | os.PathLike) -> Path:
@@ -155,8 +199,20 @@ def build_tiny_hubert(folder: str | os.PathLike) -> Path:
 
 TINY_BUILDERS: dict[str, tuple[str, Callable[[Path], Path]]] = {
     "vlm": (TINY_VLM_NAME, build_tiny_vlm),
+    "vlm-swin": (TINY_VLM_SWIN_NAME, build_tiny_vlm_swin),
     "signal": (TINY_SIGNAL_NAME, build_tiny_hubert),
 }
+# The names a recipe's ``name_or_path`` may give for each adapter kind's tiny presets.
+TINY_NAMES: dict[str, dict[str, str]] = {
+    "vlm": {"tiny": "vlm", "tiny-swin": "vlm-swin"},
+    "signal": {"tiny": "signal"},
+}
+
+
+def resolve_tiny(kind: str, name_or_path: str | os.PathLike) -> str | os.PathLike:
+    """The built folder of a tiny preset name of an adapter kind; anything else as given."""
+    preset = TINY_NAMES.get(kind, {}).get(str(name_or_path))
+    return name_or_path if preset is None else tiny_folder(preset)
 
 
 def _complete(folder: Path) -> bool:
@@ -168,7 +224,7 @@ def tiny_folder(kind: str) -> Path:
     """The cached folder of a kind's tiny preset, built on first use (atomically).
 
     Args:
-        kind: "vlm" or "signal".
+        kind: a key of :data:`TINY_BUILDERS` ("vlm", "vlm-swin", "signal").
 
     Returns:
         ``default_cache_dir()/teachers/<preset name>``.

@@ -21,7 +21,9 @@ Outputs (DESIGN.md, "The contracts"):
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from typing import Any, ClassVar
 
 import numpy as np
@@ -29,12 +31,16 @@ import torch
 
 from distill.data.render import RenderConfig, patch_lead_map
 from teachers.base import TeacherAdapter, layer_index, load_backbone, register_teacher
-from teachers.tiny import build_tiny_vlm, tiny_folder
+from teachers.tiny import build_tiny_vlm, resolve_tiny
 
 __all__ = ["DEFAULT_PROMPT", "VLMTeacher", "build_tiny_vlm", "visual_tokens"]
 
 DEFAULT_PROMPT = "USER: <image>\nWhat are the diagnoses of this 12-lead ECG? ASSISTANT:"
 TOKEN_SOURCES = ("vision", "language")
+# What a vision tower applies after its encoder, which LLaVA's hidden-state features never
+# pass through: the final norm (CLIP/SigLIP ``post_layernorm``; Swin, ViT and DINOv2 a
+# ``layernorm`` directly under the tower), a pooling head or pooler.
+_TOWER_TAIL = re.compile(r"vision_tower\.(?:vision_model\.)?(?:post_layernorm|layernorm|head|pooler)\.")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -46,6 +52,18 @@ def _render_config(size: int, render: RenderConfig | dict | None) -> RenderConfi
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in (render or {}).items()}
     fields.update(height=size, width=size)
     return RenderConfig(**fields)
+
+
+def token_grid(n_tokens: int, image_size: int) -> tuple[int | None, bool]:
+    """The side of the square token grid behind ``n_tokens`` visual tokens of an
+    ``image_size`` image, and whether one CLS token leads them: a CLIP tower under the
+    "full" strategy gives g * g + 1, a CLS-less tower (Swin, SigLIP) or the "default"
+    strategy g * g. (None, False) when neither is a square grid dividing the image."""
+    for cls in (False, True):
+        g = math.isqrt(max(n_tokens - cls, 0))
+        if g > 0 and g * g == n_tokens - cls and image_size % g == 0:
+            return g, cls
+    return None, False
 
 
 def visual_tokens(out: Any, batch: int, n_tokens: int, width: int) -> torch.Tensor:
@@ -123,7 +141,7 @@ class VLMTeacher(TeacherAdapter):
                              f"{', '.join(TOKEN_SOURCES)}")
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
-        source = tiny_folder("vlm") if str(name_or_path) == "tiny" else name_or_path
+        source = resolve_tiny("vlm", name_or_path)
         processor = AutoProcessor.from_pretrained(str(source), trust_remote_code=trust_remote_code)
         backbone = load_backbone(AutoModelForImageTextToText, source, load_in=load_in,
                                  trust_remote_code=trust_remote_code,
@@ -131,7 +149,7 @@ class VLMTeacher(TeacherAdapter):
         config = backbone.config
         vision = config.vision_config
         self.tower_size = int(vision.image_size)
-        self.patch_size = int(vision.patch_size)
+        self.patch_size = int(vision.patch_size)  # until the token grid is known (below)
         if image_size is not None and int(image_size) != self.tower_size:
             raise ValueError(self._size_message(f"the recipe renders {image_size}x{image_size}",
                                                 name_or_path))
@@ -156,13 +174,17 @@ class VLMTeacher(TeacherAdapter):
         encoded = processor(text=text, images=blank, return_tensors="pt")
         input_ids = encoded["input_ids"][0]  # (L,)
         positions = torch.nonzero(input_ids == config.image_token_id).flatten()  # (N,)
-        leads = torch.from_numpy(patch_lead_map(render_config, self.patch_size))  # (P,)
-        if getattr(config, "vision_feature_select_strategy", "default") == "full":
+        grid, cls = token_grid(len(positions), self.tower_size)
+        if grid is None:
+            raise ValueError(f"{name_or_path}: the prompt holds {len(positions)} image tokens, "
+                             f"not a square grid of tokens (with or without one CLS token) "
+                             f"that divides the {self.tower_size}-px image; only single-tile "
+                             f"LLaVA-style models are supported")
+        self.patch_size = self.tower_size // grid  # pixels per token: 16 for CLIP/16, and
+        # for a Swin tower its 4-px patches times 2 per merging stage
+        leads = torch.from_numpy(patch_lead_map(render_config, self.patch_size))  # (g * g,)
+        if cls:
             leads = torch.cat([torch.tensor([-1]), leads])  # the CLS token shows no one lead
-        if len(positions) != len(leads):
-            raise ValueError(f"{name_or_path}: the prompt holds {len(positions)} image tokens but "
-                             f"the vision tower gives {len(leads)} patches; only single-tile "
-                             f"LLaVA-style models (one token per patch) are supported")
         self.register_buffer("input_ids", input_ids, persistent=False)
         self.register_buffer("image_positions", positions, persistent=False)
         self.register_buffer("token_leads", leads.long(), persistent=False)
@@ -204,7 +226,7 @@ class VLMTeacher(TeacherAdapter):
             if "vision_tower" not in name:
                 continue
             i = layer_index(name, "vision_tower")
-            if (i is not None and i >= last_used) or ".post_layernorm." in name or ".head." in name:
+            if (i is not None and i >= last_used) or _TOWER_TAIL.search(name):
                 names.add(name)
         return names
 
@@ -223,7 +245,7 @@ class VLMTeacher(TeacherAdapter):
             raise ValueError(self._size_message(f"got {h}x{w} images", self.name_or_path))
         batch = image.shape[0]
         input_ids = self.input_ids.unsqueeze(0).expand(batch, -1)  # (B, L)
-        inner = getattr(self.hf_model, "model", self.hf_model)  # LlavaModel: no vocabulary head
+        inner = self.hf_model.base_model  # LlavaModel: the body, without the vocabulary head
         out = inner(input_ids=input_ids, pixel_values=self.pixel_values(image), return_dict=True)
         hidden = out.last_hidden_state  # (B, L, D)
         if self.tokens_from == "vision":

@@ -243,31 +243,58 @@ def test_cli_quantize_writes_beside_the_checkpoint(tmp_path, capsys) -> None:
 @pytest.mark.parametrize("fmt,double", [("int8", False), ("nf4", True)])
 def test_quant_state_bytes_count_every_tensor_once(tmp_path, fmt, double) -> None:
     """The memory of what bitsandbytes keeps beside the weights, walked generically: equal
-    to the sum over the installed release's named fields, and still counted when a release
-    renames them (a stand-in state with other field names)."""
+    to the sum over the installed release's named fields, the same before and after a
+    forward pass (LLM.int8 moves its scales from the weight to the layer's state there),
+    and still counted when a release renames the fields (stand-in states)."""
     from types import SimpleNamespace
 
     from distill.quantize import quantized_weights_extra_bytes
 
     quantize_folder(_student(tmp_path), fmt, tmp_path / fmt, double_quant=double)
     model = load_student(tmp_path / fmt)
-    seen, want = set(), 0
-    for p in model.parameters():
-        qs = getattr(p, "quant_state", None)
-        parts = [getattr(p, "SCB", None)]
-        if qs is not None:
-            parts += [qs.absmax, qs.code, qs.offset]
-            if qs.nested:
-                parts += [qs.state2.absmax, qs.state2.code]
-        for t in parts:
-            if t is not None and t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                want += t.numel() * t.element_size()
-    assert want > 0 and quantized_weights_extra_bytes(model) == want
 
-    renamed = nn.Linear(4, 4)
-    renamed.weight.quant_state = SimpleNamespace(
+    def named_fields() -> int:
+        # the reference names the fields of the bitsandbytes this was written against; a
+        # release that renames them fails here loudly, not with a silent zero
+        seen, total = set(), 0
+        for module in model.modules():
+            state = getattr(module, "state", None)  # LLM.int8's matmul state, after a forward
+            for p in module.parameters(recurse=False):
+                qs = getattr(p, "quant_state", None)
+                parts = [getattr(p, "SCB", None), getattr(state, "SCB", None),
+                         getattr(state, "idx", None)]
+                if qs is not None:
+                    parts += [getattr(qs, "absmax"), getattr(qs, "code"),
+                              getattr(qs, "offset", None)]
+                    if getattr(qs, "nested", False):
+                        parts += [qs.state2.absmax, qs.state2.code]
+                for t in parts:
+                    if t is not None and t.numel() and t.data_ptr() not in seen:
+                        seen.add(t.data_ptr())
+                        total += t.numel() * t.element_size()
+        return total
+
+    before = named_fields()
+    assert before > 0 and quantized_weights_extra_bytes(model) == before
+    # a forward moves things: LLM.int8 its scales to the layer's state (and it notes its
+    # outlier columns), CPU 4-bit repacks its state without the nested quantization
+    with torch.no_grad():
+        model(signal=_real_signals()[:2])
+    assert quantized_weights_extra_bytes(model) == named_fields() > 0
+
+    renamed = nn.Module()
+    renamed.w = nn.Parameter(torch.zeros(4, dtype=torch.uint8), requires_grad=False)
+    renamed.w.quant_state = SimpleNamespace(
         scales=torch.zeros(8), qmap=torch.zeros(16), blocksize=64, dtype=torch.float32,
         inner=SimpleNamespace(scales=torch.zeros(2, dtype=torch.float64)))
     assert quantized_weights_extra_bytes(renamed) == 8 * 4 + 16 * 4 + 2 * 8
+    in_layer = nn.Module()  # scales on the layer, in lists and dicts
+    in_layer.w = nn.Parameter(torch.zeros(4, dtype=torch.int8), requires_grad=False)
+    in_layer.state = SimpleNamespace(parts=[torch.zeros(3), {"m": torch.zeros(5)}])
+    assert quantized_weights_extra_bytes(in_layer) == (3 + 5) * 4
     assert quantized_weights_extra_bytes(nn.Linear(4, 4)) == 0
+
+    codes = nn.Module()  # integer codes with their scales kept somewhere unknown
+    codes.w = nn.Parameter(torch.zeros(4, dtype=torch.uint8), requires_grad=False)
+    with pytest.raises(QuantizeError, match=r"^w: stored as torch.uint8 codes but no scales"):
+        quantized_weights_extra_bytes(codes)

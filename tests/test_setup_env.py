@@ -171,13 +171,19 @@ def test_torch_index_follows_the_machine(tmp_path: Path) -> None:
     assert setup_env.torch_index("auto", gpu) == "https://download.pytorch.org/whl/cu128"
     assert setup_env.torch_index("auto", {**gpu, "ECG_DISTILL_CUDA": "cu130"}) \
         == "https://download.pytorch.org/whl/cu130"
-    assert setup_env.torch_index("auto", {"PATH": f"{tmp_path / 'broken'}:/usr/bin"}) is None
-    assert setup_env.torch_index("auto", {"PATH": str(tmp_path / "empty")}) is None
-    assert setup_env.torch_index("cpu", {}) == "https://download.pytorch.org/whl/cpu"
+    # no GPU (no tool, or a tool that finds none): the PyTorch CPU index, so a CPU machine
+    # anywhere gets the CPU build rather than PyPI's default CUDA one
+    cpu = "https://download.pytorch.org/whl/cpu"
+    assert setup_env.torch_index("auto", {"PATH": f"{tmp_path / 'broken'}:/usr/bin"}) == cpu
+    assert setup_env.torch_index("auto", {"PATH": str(tmp_path / "empty")}) == cpu
+    assert setup_env.torch_index("cpu", {}) == cpu
     assert setup_env.torch_index("none", gpu) is None
     assert setup_env.torch_index("file:///srv/idx", {}) == "file:///srv/idx"
     with pytest.raises(setup_env.SetupError, match=r"^--torch-index: 'cuda12'; expected"):
         setup_env.torch_index("cuda12", {})
+    with pytest.raises(setup_env.SetupError,
+                       match=r"^ECG_DISTILL_CUDA: '12\.8'; expected a CUDA tag such as cu128$"):
+        setup_env.torch_index("auto", {**gpu, "ECG_DISTILL_CUDA": "12.8"})
 
 
 def test_dry_run_on_a_cuda_machine_prints_the_cuda_index_command(tmp_path: Path) -> None:
@@ -194,13 +200,15 @@ def test_dry_run_on_a_cuda_machine_prints_the_cuda_index_command(tmp_path: Path)
     assert not (tmp_path / "v").exists()  # a dry run creates nothing
 
 
-def _wheel(folder: Path, version: str) -> Path:
-    """A minimal (empty) wheel of a package called torch, for pip's resolver only."""
+def _wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> Path:
+    """A minimal (empty) wheel, for pip's resolver only."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"torch-{version}-py3-none-any.whl"
-    info = f"torch-{version}.dist-info"
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(
+        f"Requires-Dist: {r}\n" for r in requires)
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: torch\nVersion: {version}\n")
+        z.writestr(f"{info}/METADATA", meta)
         z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: "
                                     "true\nTag: py3-none-any\n")
         z.writestr(f"{info}/RECORD", "")
@@ -208,41 +216,52 @@ def _wheel(folder: Path, version: str) -> Path:
 
 
 def _simple_index(root: Path, wheels: list[Path]) -> str:
-    page = root / "torch"
-    page.mkdir(parents=True)
-    links = "".join(f'<a href="{w.as_uri().replace("+", "%2B")}">{w.name}</a>\n' for w in wheels)
-    (page / "index.html").write_text(f"<html><body>\n{links}</body></html>\n")
+    for name in sorted({w.name.split("-")[0] for w in wheels}):
+        page = root / name
+        page.mkdir(parents=True)
+        links = "".join(f'<a href="{w.as_uri().replace("+", "%2B")}">{w.name}</a>\n'
+                        for w in wheels if w.name.split("-")[0] == name)
+        (page / "index.html").write_text(f"<html><body>\n{links}</body></html>\n")
     return root.as_uri()
 
 
 @pytest.mark.parametrize("machine", ["cuda", "cpu"])
 def test_pips_resolver_takes_the_machines_torch_build_with_the_lock_in_force(
         tmp_path: Path, machine: str) -> None:
-    """The torch command of the plan, resolved by pip (--dry-run) over stand-ins for PyPI
-    (the plain build), the PyTorch CUDA index (+cu128) and this project's CPU machines'
-    local CPU build (+cpu, a find-links folder): a CUDA machine gets the CUDA build, a CPU
-    machine the CPU build, both under the lock's torch pin."""
-    version = setup_env.read_lock(LOCK)["torch"]
-    pypi = _simple_index(tmp_path / "pypi", [_wheel(tmp_path / "pypi-files", version)])
-    cuda = _simple_index(tmp_path / "cuda", [_wheel(tmp_path / "cuda-files", f"{version}+cu128"),
-                                             _wheel(tmp_path / "cuda-files", "99.0+cu128")])
-    _wheel(tmp_path / "local", f"{version}+cpu")
-    index = cuda if machine == "cuda" else None
+    """The torch command of the plan, resolved by pip (--dry-run, nothing downloaded) over
+    local stand-ins: PyPI (torch's plain build and the lock's filelock, torch's
+    dependency), the PyTorch CUDA index (+cu128, a newer torch, and a filelock of another
+    version than the lock's, as that index mirrors dependencies at its own versions), the
+    PyTorch CPU index (+cpu). Each machine gets its build of the lock's torch and the
+    lock's filelock, where pip without the lock would take the newest of each."""
+    pins = setup_env.read_lock(LOCK)
+    version, filelock = pins["torch"], pins["filelock"]
+    files = tmp_path / "files"
+    torch_needs = ("filelock",)
+    pypi = _simple_index(tmp_path / "pypi", [_wheel(files / "pypi", "torch", version, torch_needs),
+                                             _wheel(files / "pypi", "filelock", filelock)])
+    cuda = _simple_index(tmp_path / "cuda", [
+        _wheel(files / "cuda", "torch", f"{version}+cu128", torch_needs),
+        _wheel(files / "cuda", "torch", "99.0+cu128", torch_needs),
+        _wheel(files / "cuda", "filelock", "99.0.0")])
+    cpu = _simple_index(tmp_path / "cpu", [
+        _wheel(files / "cpu", "torch", f"{version}+cpu", torch_needs)])
+    index = cuda if machine == "cuda" else cpu
     _, cmd = setup_env.plan(Path(sys.prefix), lock=LOCK, torch_spec=None, index=index)[2]
     report = tmp_path / "report.json"
-    cmd = [sys.executable, *cmd[1:4], "--dry-run", "--ignore-installed", "--no-deps",
-           "--report", str(report), *cmd[4:]]
+    cmd = [sys.executable, *cmd[1:4], "--dry-run", "--ignore-installed", "--report",
+           str(report), *cmd[4:]]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
-    env.update(PIP_CONFIG_FILE=os.devnull, PIP_INDEX_URL=pypi,
-               PIP_FIND_LINKS=str(tmp_path / "local"), PIP_NO_CACHE_DIR="1")
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_INDEX_URL=pypi, PIP_NO_CACHE_DIR="1")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
-    chosen = json.loads(report.read_text())["install"]
-    assert [item["metadata"]["name"] for item in chosen] == ["torch"]
+    chosen = {item["metadata"]["name"]: item for item in
+              json.loads(report.read_text())["install"]}
+    assert sorted(chosen) == ["filelock", "torch"]
     want = f"{version}+cu128" if machine == "cuda" else f"{version}+cpu"
-    assert chosen[0]["metadata"]["version"] == want  # and not 99.0: the lock holds the version
-    source = "cuda-files" if machine == "cuda" else "local"
-    assert f"/{source}/" in chosen[0]["download_info"]["url"]
+    assert chosen["torch"]["metadata"]["version"] == want  # not 99.0: the lock holds it
+    assert f"/files/{machine}/" in chosen["torch"]["download_info"]["url"]
+    assert chosen["filelock"]["metadata"]["version"] == filelock  # not the mirror's 99.0.0
 
 
 def test_make_setup_and_ci_install_against_the_lock(tmp_path: Path) -> None:
@@ -255,7 +274,7 @@ def test_make_setup_and_ci_install_against_the_lock(tmp_path: Path) -> None:
 
     setup = dry("setup")
     assert re.search(r"requirements/setup_env\.py install --venv \S+ --lock "
-                     r"requirements/constraints-cpu\.txt", setup)
+                     r"requirements/constraints-cpu\.txt --if-needed", setup)
     latest = dry("test-latest")
     assert "install --venv" in latest and "--latest --fresh" in latest
     assert "--lock" not in latest and "pytest" in latest
@@ -281,3 +300,58 @@ def test_setup_output_is_one_line_per_step_and_a_failure_points_at_the_log(
     assert last == (f"error: set-up step 'pip and setuptools (locked)' failed (exit 1); the "
                     f"full log is {venv / 'setup.log'}")
     assert "pip==0.0.0" in (venv / "setup.log").read_text()
+
+
+def test_a_lock_of_another_python_is_refused_in_one_line(tmp_path: Path) -> None:
+    lock = tmp_path / "lock.txt"
+    lock.write_text("# Written 2026-11-27 by `make lock`, Python 3.99.1 on x86_64.\n"
+                    "pip==26.3\nsetuptools==84.2.1\ntorch==2.13.0\n")
+    done = subprocess.run([sys.executable, str(SCRIPT), "install", "--dry-run", "--lock",
+                           str(lock), "--torch-index", "none"], capture_output=True, text=True)
+    running = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == (f"error: {lock} was tested with Python 3.99, this is Python "
+                           f"{running}: run the set-up with python3.99 (make PYTHON=python3.99 "
+                           f"...), or --latest for the newest releases on this Python\n")
+    assert setup_env.lock_python(LOCK.read_text()) == running  # the shipped lock: this Python
+
+
+def test_if_needed_skips_an_environment_made_from_the_same_inputs(tmp_path: Path,
+                                                                  capsys) -> None:
+    venv = tmp_path / "v"
+    venv.mkdir()
+    (venv / setup_env.STAMP).write_text(setup_env._stamp_text(LOCK, None))
+    assert setup_env.main(["install", "--venv", str(venv), "--lock", str(LOCK),
+                           "--torch-index", "none", "--if-needed"]) == 0
+    assert capsys.readouterr().out == "" and sorted(p.name for p in venv.iterdir()) == [
+        setup_env.STAMP]  # nothing ran
+    # another torch index, lock or set-up makes a different stamp: the install runs again
+    other_lock = tmp_path / "lock.txt"
+    other_lock.write_text(LOCK.read_text() + "# edited\n")
+    stamps = {setup_env._stamp_text(LOCK, None),
+              setup_env._stamp_text(LOCK, "https://download.pytorch.org/whl/cu128"),
+              setup_env._stamp_text(other_lock, None), setup_env._stamp_text(None, None)}
+    assert len(stamps) == 4
+
+
+def test_relative_paths_are_the_checkouts_and_the_dry_run_says_where(tmp_path: Path) -> None:
+    env = {**os.environ, "TORCH_INDEX": "none"}
+    out = subprocess.run([sys.executable, str(SCRIPT), "install", "--dry-run"], cwd=tmp_path,
+                         capture_output=True, text=True, env=env, check=True).stdout
+    assert out.splitlines()[0] == f"# in {ROOT}"
+    assert f"-m venv .venv\n" in out  # the checkout's .venv, whatever the current folder
+    latest = subprocess.run([sys.executable, str(SCRIPT), "install", "--dry-run", "--latest"],
+                            cwd=tmp_path, capture_output=True, text=True, env=env,
+                            check=True).stdout
+    assert "-m venv .venv-latest\n" in latest  # never the locked environment
+
+
+def test_the_lock_is_never_written_from_a_cuda_environment(tmp_path: Path, monkeypatch,
+                                                           capsys) -> None:
+    monkeypatch.setattr(setup_env, "installed",
+                        lambda venv: {"torch": "2.13.0+cu128", "nvidia-cublas": "13.0"})
+    out = tmp_path / "lock.txt"
+    assert setup_env.main(["freeze", "--venv", str(tmp_path), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path} holds torch 2.13.0+cu128: the lock "
+                                       f"is the CPU set's; run 'make lock' on a CPU machine\n")
+    assert not out.exists()

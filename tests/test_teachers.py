@@ -51,8 +51,8 @@ def signal_batch(batch: int) -> dict[str, torch.Tensor]:
     return {"signal": torch.from_numpy(_signals(batch)), "labels": _labels(batch)}
 
 
-def vlm(mode: str, tokens: str):
-    return lambda tmp: teachers.create("vlm", num_labels=NUM_LABELS, train_mode=mode,
+def vlm(mode: str, tokens: str, preset: str = "tiny"):
+    return lambda tmp: teachers.create("vlm", preset, num_labels=NUM_LABELS, train_mode=mode,
                                        tokens=tokens, lora=LORA_TEST)
 
 
@@ -74,6 +74,13 @@ def vlm_full_names(model: nn.Module) -> set[str]:
             if not n.startswith("backbone.lm_head.") and ".post_layernorm." not in n}
 
 
+def vlm_swin_full_names(model: nn.Module) -> set[str]:
+    # everything but the vocabulary head and the Swin tower's final norm (after the
+    # hidden states LLaVA reads)
+    return {n for n, _ in model.named_parameters()
+            if not n.startswith("backbone.lm_head.") and ".vision_tower.layernorm." not in n}
+
+
 CASES = [
     ModelCase("vlm-full-vision", vlm("full", "vision"), image_batch, NUM_LABELS, save, RELOAD,
               trainable=vlm_full_names),
@@ -87,6 +94,11 @@ CASES = [
               trainable=head_names),
     ModelCase("vlm-head-language", vlm("head", "language"), image_batch, NUM_LABELS,
               trainable=head_names),
+    # a Swin tower: convolutional stem, local attention, no CLS token, 16-px token stride
+    ModelCase("vlm-swin-full-vision", vlm("full", "vision", "tiny-swin"), image_batch,
+              NUM_LABELS, save, RELOAD, trainable=vlm_swin_full_names),
+    ModelCase("vlm-swin-lora-vision", vlm("lora", "vision", "tiny-swin"), image_batch,
+              NUM_LABELS, trainable=lora_names),
     ModelCase("signal-hubert-full",
               lambda tmp: teachers.create("signal", num_labels=NUM_LABELS, sampling_rate=FS),
               signal_batch, NUM_LABELS, save, RELOAD),
@@ -200,6 +212,28 @@ def test_vlm_token_leads_are_the_render_patch_map() -> None:
     expected = torch.from_numpy(patch_lead_map(RenderConfig(height=224, width=224), 16))
     assert torch.equal(model.token_leads, expected)
     assert len(model.image_positions) == 196  # 14 x 14 patches, CLS dropped ("default")
+
+
+def test_swin_tower_tokens_follow_its_grid_not_its_patch_size() -> None:
+    """The Swin tower's 4-px patches merge twice: 196 tokens at a 16-px stride, no CLS
+    token, so the patch-to-lead map is the renderer's at 16 px with no leading -1."""
+    model = teachers.create("vlm", "tiny-swin", num_labels=NUM_LABELS, train_mode="frozen")
+    assert model.hf_model.config.vision_config.patch_size == 4 and model.patch_size == 16
+    expected = torch.from_numpy(patch_lead_map(RenderConfig(height=224, width=224), 16))
+    assert torch.equal(model.token_leads, expected)
+    with torch.no_grad():
+        out = model(image=_images(2))
+    assert out.tokens.shape == (2, 196, 64)
+
+
+@pytest.mark.parametrize("n,size,want", [(196, 224, (14, False)), (197, 224, (14, True)),
+                                         (576, 336, (24, False)), (577, 336, (24, True)),
+                                         (1, 224, (1, False)), (195, 224, (None, False)),
+                                         (225, 224, (None, False))])
+def test_token_grid(n: int, size: int, want: tuple) -> None:
+    from teachers.vlm import token_grid
+
+    assert token_grid(n, size) == want  # 225 = 15 x 15 does not divide 224 px
 
 
 def test_changing_one_lead_changes_only_its_patch_embeddings() -> None:
