@@ -154,7 +154,11 @@ def plan(venv: Path, *, lock: Path | None, torch_spec: str | None, index: str | 
         base = ["--upgrade", "pip", "setuptools"]
     if torch_spec is None:
         torch_spec = f"torch=={pins['torch']}" if "torch" in pins else FALLBACK_TORCH
-    torch_cmd = [*pip, *(["--extra-index-url", index] if index else []), torch_spec]
+    # torch alone from the PyTorch index (--no-deps: its dependencies come with the
+    # project's, from the configured indexes, so an unreachable or mirroring PyTorch index
+    # is asked about torch only)
+    torch_cmd = [*pip, *(["--extra-index-url", index, "--no-deps"] if index else []),
+                 torch_spec]
     where = ("the configured indexes" if index is None else index)
     return [
         (f"virtual environment {_rel(venv)}", [sys.executable, "-m", "venv", _rel(venv)]),

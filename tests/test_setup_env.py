@@ -228,40 +228,52 @@ def _simple_index(root: Path, wheels: list[Path]) -> str:
 @pytest.mark.parametrize("machine", ["cuda", "cpu"])
 def test_pips_resolver_takes_the_machines_torch_build_with_the_lock_in_force(
         tmp_path: Path, machine: str) -> None:
-    """The torch command of the plan, resolved by pip (--dry-run, nothing downloaded) over
-    local stand-ins: PyPI (torch's plain build and the lock's filelock, torch's
-    dependency), the PyTorch CUDA index (+cu128, a newer torch, and a filelock of another
-    version than the lock's, as that index mirrors dependencies at its own versions), the
-    PyTorch CPU index (+cpu). Each machine gets its build of the lock's torch and the
-    lock's filelock, where pip without the lock would take the newest of each."""
+    """The plan's torch and project commands, resolved by pip (--dry-run, nothing
+    downloaded) over local stand-ins: PyPI (torch's plain build, a CUDA build on Linux, and
+    the lock's filelock, a dependency of torch), the PyTorch CUDA index (+cu128, a newer
+    torch, and a filelock of another version, as that index mirrors dependencies at its own
+    versions), the PyTorch CPU index (+cpu). Each machine gets its build of the lock's torch
+    from its PyTorch index, and torch's dependencies come at the lock's versions from the
+    configured indexes, where pip without the lock would take the newest of each."""
     pins = setup_env.read_lock(LOCK)
     version, filelock = pins["torch"], pins["filelock"]
     files = tmp_path / "files"
-    torch_needs = ("filelock",)
-    pypi = _simple_index(tmp_path / "pypi", [_wheel(files / "pypi", "torch", version, torch_needs),
-                                             _wheel(files / "pypi", "filelock", filelock)])
+    needs = ("filelock",)
+    pypi = _simple_index(tmp_path / "pypi", [_wheel(files / "pypi", "torch", version, needs),
+                                             _wheel(files / "pypi", "filelock", filelock),
+                                             _wheel(files / "pypi", "filelock", "99.1.0")])
     cuda = _simple_index(tmp_path / "cuda", [
-        _wheel(files / "cuda", "torch", f"{version}+cu128", torch_needs),
-        _wheel(files / "cuda", "torch", "99.0+cu128", torch_needs),
+        _wheel(files / "cuda", "torch", f"{version}+cu128", needs),
+        _wheel(files / "cuda", "torch", "99.0+cu128", needs),
         _wheel(files / "cuda", "filelock", "99.0.0")])
-    cpu = _simple_index(tmp_path / "cpu", [
-        _wheel(files / "cpu", "torch", f"{version}+cpu", torch_needs)])
+    cpu = _simple_index(tmp_path / "cpu", [_wheel(files / "cpu", "torch", f"{version}+cpu", needs)])
     index = cuda if machine == "cuda" else cpu
-    _, cmd = setup_env.plan(Path(sys.prefix), lock=LOCK, torch_spec=None, index=index)[2]
-    report = tmp_path / "report.json"
-    cmd = [sys.executable, *cmd[1:4], "--dry-run", "--ignore-installed", "--report",
-           str(report), *cmd[4:]]
+    steps = setup_env.plan(Path(sys.prefix), lock=LOCK, torch_spec=None, index=index)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     env.update(PIP_CONFIG_FILE=os.devnull, PIP_INDEX_URL=pypi, PIP_NO_CACHE_DIR="1")
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
-    assert done.returncode == 0, done.stdout + done.stderr
-    chosen = {item["metadata"]["name"]: item for item in
-              json.loads(report.read_text())["install"]}
-    assert sorted(chosen) == ["filelock", "torch"]
+
+    def resolve(cmd: list[str], *extra: str) -> dict[str, dict]:
+        report = tmp_path / "report.json"
+        cmd = [sys.executable, *cmd[1:4], "--dry-run", "--ignore-installed", "--report",
+               str(report), *extra, *cmd[4:]]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120,
+                              cwd=ROOT)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return {item["metadata"]["name"]: item
+                for item in json.loads(report.read_text())["install"]}
+
+    torch_step = resolve(steps[2][1])
+    assert list(torch_step) == ["torch"]  # the PyTorch index is asked about torch alone
     want = f"{version}+cu128" if machine == "cuda" else f"{version}+cpu"
-    assert chosen["torch"]["metadata"]["version"] == want  # not 99.0: the lock holds it
-    assert f"/files/{machine}/" in chosen["torch"]["download_info"]["url"]
-    assert chosen["filelock"]["metadata"]["version"] == filelock  # not the mirror's 99.0.0
+    assert torch_step["torch"]["metadata"]["version"] == want  # not 99.0: the lock holds it
+    assert f"/files/{machine}/" in torch_step["torch"]["download_info"]["url"]
+    # the dependencies: the project step (here, torch's requirements as the project's
+    # resolution meets them) uses the configured indexes and the lock
+    project = steps[3][1]
+    assert index not in project
+    deps = resolve([*project[:-3], "filelock"])
+    assert deps["filelock"]["metadata"]["version"] == filelock  # not 99.x
+    assert "/files/pypi/" in deps["filelock"]["download_info"]["url"]
 
 
 def test_make_setup_and_ci_install_against_the_lock(tmp_path: Path) -> None:
