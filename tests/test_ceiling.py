@@ -47,3 +47,18 @@ def test_traces_are_clipped_to_their_panel_rows() -> None:
     out = reduce_to_printout(x, FS, config)
     assert 2.8 < out[0, 0, 50:200].max() <= 3.0
     assert -2.0 <= out[0, 3, 300:450].min() < -1.8
+
+
+def test_a_spike_narrower_than_a_column_keeps_its_height_as_ink() -> None:
+    """A drawn trace leaves ink from its lowest to its highest point in each pixel column:
+    a 10 ms QRS-like spike keeps its height at 22.4 columns/s, where a column mean would
+    blur it to a fraction."""
+    x = np.zeros((1, 12, 1000), np.float32)
+    x[0, :, ::80] = 1.5
+    rows_per_mv = 224 / 20
+    ink = reduce_to_printout(x, FS, RenderConfig(), windows=False)
+    blurred = reduce_to_printout(x, FS, RenderConfig(), windows=False, ink="mean")
+    assert abs(ink.max() - round(1.5 * rows_per_mv) / rows_per_mv) < 1e-6
+    assert blurred.max() < 0.5
+    with pytest.raises(ValueError, match="ink: 'max'"):
+        reduce_to_printout(x, FS, RenderConfig(), ink="max")
