@@ -72,6 +72,11 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def release(version: str) -> str:
+    """A version without its local build label: ``2.13.0+cpu`` -> ``2.13.0``."""
+    return version.split("+", 1)[0]
+
+
 def read_lock(path: Path) -> dict[str, str]:
     """``{canonical name: version}`` of a constraints file of ``name==version`` lines."""
     return read_lock_text(Path(path).read_text(), source=str(path))
@@ -252,12 +257,13 @@ def install(args: argparse.Namespace) -> int:
             print(f" {time.monotonic() - t0:.0f} s", flush=True)
     versions = installed(venv)
     if lock is not None:
-        wrong = off_lock(versions, read_lock(lock))
+        pins = read_lock(lock)
+        wrong = off_lock(versions, pins)
         if wrong:
             raise SetupError(f"{_rel(venv)} differs from {_rel(lock)}: {'; '.join(wrong)}; "
                              f"'make clean-venv setup' rebuilds it")
         print(f"[setup] every package the lock names is at its locked version "
-              f"({sum(1 for n in versions if n in read_lock(lock))} packages)")
+              f"({sum(1 for n in versions if n in pins)} packages)")
     label = versions.get("torch", "").partition("+")[2]
     tag = (index or "").rstrip("/").rsplit("/", 1)[-1]
     if index and index.startswith(PYTORCH_INDEX.format(tag="")) and label != tag:
@@ -286,7 +292,7 @@ def off_lock(versions: dict[str, str], pins: dict[str, str]) -> list[str]:
     +cu128 aside). Packages the lock does not name (a CUDA build's nvidia-* libraries) and
     locked ones not installed are not differences."""
     return [f"{name} {have} (locked {pins[name]})" for name, have in sorted(versions.items())
-            if name in pins and have.split("+", 1)[0] != pins[name].split("+", 1)[0]]
+            if name in pins and release(have) != release(pins[name])]
 
 
 def lock_text(versions: dict[str, str], *, command: str, python: str | None = None) -> str:
@@ -304,7 +310,7 @@ def lock_text(versions: dict[str, str], *, command: str, python: str | None = No
     for name in sorted(versions):
         if name == SELF:
             continue
-        version = versions[name].split("+", 1)[0] if name == "torch" else versions[name]
+        version = release(versions[name]) if name == "torch" else versions[name]
         lines.append(f"{name}=={version}")
     return "\n".join(lines) + "\n"
 
@@ -328,15 +334,12 @@ def freeze(args: argparse.Namespace) -> int:
 def drift(versions: dict[str, str], pins: dict[str, str]) -> list[str]:
     """Lines comparing an environment with a lock: key packages first, then every other
     difference (newer, older, added, gone)."""
-    def base(v: str) -> str:
-        return v.split("+", 1)[0]
-
     rows = []
     names = [*(p for p in KEY_PACKAGES if p in versions or p in pins),
              *sorted((set(versions) | set(pins)) - set(KEY_PACKAGES) - {SELF})]
     for name in names:
         have, pinned = versions.get(name), pins.get(name)
-        if have is not None and pinned is not None and base(have) == base(pinned):
+        if have is not None and pinned is not None and release(have) == release(pinned):
             if name in KEY_PACKAGES:
                 rows.append(f"  {name:<18} {have:<14} (as locked)")
         elif have is None:

@@ -68,16 +68,6 @@ VISION_INIT_FACTOR = 4.0
 TEXT_INIT_RANGE = 0.02
 
 
-def _tiny_text_config(tokenizer):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       tie_word_embeddings=False, initializer_range=TEXT_INIT_RANGE)
-
-
 def _write_tiny_llava(folder: Path, vision, *, image_size: int, token_stride: int,
                       strategy: str, extra_tokens: int) -> Path:
     """A LLaVA over ``vision`` and the tiny Llama, with its processor, written to ``folder``.
@@ -89,15 +79,21 @@ def _write_tiny_llava(folder: Path, vision, *, image_size: int, token_stride: in
     """
     from transformers import (
         CLIPImageProcessor,
+        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
     )
 
     tokenizer = build_tiny_tokenizer()
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       tie_word_embeddings=False, initializer_range=TEXT_INIT_RANGE)
     grid = image_size // token_stride
     n_image_tokens = grid * grid + extra_tokens - (1 if strategy == "default" else 0)
-    config = LlavaConfig(vision_config=vision, text_config=_tiny_text_config(tokenizer),
+    config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                          image_seq_length=n_image_tokens, vision_feature_layer=-1,
                          vision_feature_select_strategy=strategy)

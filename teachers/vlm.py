@@ -83,8 +83,6 @@ def visual_tokens(out: Any, batch: int, n_tokens: int, width: int) -> torch.Tens
     image_outputs = getattr(out, "image_outputs", None)
     if image_outputs is not None:
         found = getattr(image_outputs, "pooler_output", None)
-        if found is None and isinstance(image_outputs, (list, tuple, torch.Tensor)):
-            found = image_outputs
     else:
         found = getattr(out, "image_hidden_states", None)
     if isinstance(found, (list, tuple)):
@@ -149,7 +147,6 @@ class VLMTeacher(TeacherAdapter):
         config = backbone.config
         vision = config.vision_config
         self.tower_size = int(vision.image_size)
-        self.patch_size = int(vision.patch_size)  # until the token grid is known (below)
         if image_size is not None and int(image_size) != self.tower_size:
             raise ValueError(self._size_message(f"the recipe renders {image_size}x{image_size}",
                                                 name_or_path))
@@ -180,8 +177,9 @@ class VLMTeacher(TeacherAdapter):
                              f"not a square grid of tokens (with or without one CLS token) "
                              f"that divides the {self.tower_size}-px image; only single-tile "
                              f"LLaVA-style models are supported")
-        self.patch_size = self.tower_size // grid  # pixels per token: 16 for CLIP/16, and
-        # for a Swin tower its 4-px patches times 2 per merging stage
+        # pixels per visual token: 16 for CLIP/16; for a Swin tower its 4-px patches times 2
+        # per merging stage (its config's patch_size is not the token stride)
+        self.patch_size = self.tower_size // grid
         leads = torch.from_numpy(patch_lead_map(render_config, self.patch_size))  # (g * g,)
         if cls:
             leads = torch.cat([torch.tensor([-1]), leads])  # the CLS token shows no one lead
@@ -200,8 +198,8 @@ class VLMTeacher(TeacherAdapter):
 
     def _size_message(self, what: str, name: Any) -> str:
         t = self.tower_size
-        return (f"VLM teacher {name}: {what}, but its vision tower takes {t}x{t} images "
-                f"(patch {self.patch_size}); render at height={t}, width={t} "
+        return (f"VLM teacher {name}: {what}, but its vision tower takes {t}x{t} images; "
+                f"render at height={t}, width={t} "
                 f"(set the recipe's render size to {t})")
 
     def _save_backbone_extras(self, folder) -> None:
