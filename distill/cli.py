@@ -146,6 +146,30 @@ def _cmd_data_gallery(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_zoo_list(args: argparse.Namespace) -> int:
+    from teachers import zoo
+
+    print(f"{'name':<18}{'parameters':>12}{'val AUC':>9}{'test AUC':>10}  trained on")
+    for name in zoo.names():
+        zoo.folder(name)  # checks every file's SHA-256
+        c = zoo.card(name)
+        corpus = c["corpus"]
+        print(f"{name:<18}{c['model']['parameters']:>12,}{c['results']['val']['macro_auc']:>9.3f}"
+              f"{c['results']['test']['macro_auc']:>10.3f}  {corpus['records']:,} synthetic "
+              f"records (generator v{corpus['generator_version']}, seed {corpus['seed']})")
+    return 0
+
+
+def _cmd_zoo_pack(args: argparse.Namespace) -> int:
+    from distill.recipe import load_recipe
+    from distill.teacher_zoo import pack
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    pack(recipe, args.recipe, name=args.name, out=args.out, force=args.force,
+         progress=not args.quiet)
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from distill.profile import format_count, preset_rows
 
@@ -271,6 +295,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="superdiagnostic", help="label task (default superdiagnostic)")
     p.add_argument("--size", type=int, default=448, help="pixels per image (default 448)")
     p.set_defaults(func=_cmd_data_gallery)
+
+    zoo = sub.add_parser("zoo", help="the teachers shipped with the package: list, pack",
+                         description="Teachers trained by recipes/teacher-zoo/ and shipped in "
+                                     "teachers/zoo/ (a recipe names one in teacher.name_or_path).")
+    zsub = zoo.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", required=True)
+    p = zsub.add_parser("list", help="the shipped teachers with their size and AUCs",
+                        description="Every shipped teacher, its files checked against their "
+                                    "SHA-256.")
+    p.set_defaults(func=_cmd_zoo_list)
+    p = zsub.add_parser("pack", help="ship a teacher-zoo recipe's trained teacher",
+                        description="Store the recipe's trained teacher (fp16) in "
+                                    "teachers/zoo/<name> with a model card: validation and "
+                                    "test AUC on its corpus's held-out folds, a check set's "
+                                    "AUC, the command that reproduces it, SHA-256s.")
+    _add_recipe_args(p)
+    p.add_argument("--name", default=None, help="the zoo name (default: the recipe's name)")
+    p.add_argument("--out", default=None, help="folder to write (default teachers/zoo/<name>)")
+    p.add_argument("--force", action="store_true", help="replace an existing folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_zoo_pack)
     return parser
 
 

@@ -42,15 +42,24 @@ def consumer_views(recipe: Recipe) -> dict[str, Any]:
 def build_teacher(recipe: Recipe, classes: Sequence[str]):
     """The recipe's teacher adapter for these label classes. ``teacher.name_or_path`` may
     also be a folder written by a teacher's ``save_pretrained`` (e.g. an earlier run's
-    ``teacher/best``): it is reloaded with the recipe's train mode."""
+    ``teacher/best``) or the name of a teacher shipped with the package
+    (:mod:`teachers.zoo`, e.g. ``ecg-vlm-small``): it is reloaded with the recipe's train
+    mode (and, for an image teacher, the recipe's render size and layout)."""
     from pathlib import Path
 
     import teachers
+    from teachers import zoo
 
     t = recipe.teacher
-    saved = Path(t.name_or_path).expanduser()
+    saved = zoo.folder(t.name_or_path) or Path(t.name_or_path).expanduser()
     if (saved / "teacher.json").is_file():
-        model = teachers.load(saved, train_mode=t.train_mode)
+        overrides: dict[str, Any] = {"train_mode": t.train_mode}
+        if t.kind == "vlm":
+            overrides.update(image_size=recipe.data.image.height, render=_render_fields(recipe))
+        try:
+            model = teachers.load(saved, **overrides)
+        except ValueError as exc:  # e.g. a render size the saved teacher's tower cannot take
+            raise RecipeError(f"teacher: {exc}") from None
         if list(model.id2label.values()) != list(classes):
             raise RecipeError(f"teacher.name_or_path: {saved} predicts "
                               f"{list(model.id2label.values())}, the data has {list(classes)}")
@@ -64,9 +73,8 @@ def build_teacher(recipe: Recipe, classes: Sequence[str]):
         if img.height != img.width:
             raise RecipeError(f"data.image: the vlm teacher reads square images, got "
                               f"{img.height}x{img.width}")
-        render = {k: v for k, v in dataclasses.asdict(render_config(recipe)).items()
-                  if k not in ("height", "width")}
-        kwargs.update(tokens=t.tokens, prompt=t.prompt, image_size=img.height, render=render)
+        kwargs.update(tokens=t.tokens, prompt=t.prompt, image_size=img.height,
+                      render=_render_fields(recipe))
     else:
         kwargs.update(sampling_rate=_view(recipe, t.view).sampling_rate, seconds=t.seconds)
     try:
@@ -103,6 +111,13 @@ def build_objective(recipe: Recipe, student_dim: int, teacher_dim: int):
         ot={"dim": d.align_dim, "reg": d.ot_reg, "iters": d.ot_iters, "lead_prior": d.lead_prior},
         relation={"criterion": d.relation_criterion, "batch_rkd": d.batch_rkd},
     )
+
+
+def _render_fields(recipe: Recipe) -> dict[str, Any]:
+    """The render layout an image teacher's patch-to-lead map describes (its size is the
+    tower's own)."""
+    return {k: v for k, v in dataclasses.asdict(render_config(recipe)).items()
+            if k not in ("height", "width")}
 
 
 def render_config(recipe: Recipe):

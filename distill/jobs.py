@@ -218,7 +218,10 @@ def load_frozen_teacher(jd: JobData, run_dir: Path) -> nn.Module:
         set_seed(recipe.seed)  # a freshly built head is the same in every process and run
         with process_state().main_process_first():
             teacher = build_teacher(recipe, jd.classes)
-        saved = (Path(recipe.teacher.name_or_path).expanduser() / "teacher.json").is_file()
+        from teachers import zoo
+
+        name = recipe.teacher.name_or_path
+        saved = ((zoo.folder(name) or Path(name).expanduser()) / "teacher.json").is_file()
         if not saved and recipe.distill.weights.kd > 0 and recipe.distill.alpha > 0:
             print(f"warning: teacher.train_mode is frozen and {recipe.teacher.name_or_path} is "
                   f"not a saved teacher, so its classification head is untrained: the kd term "

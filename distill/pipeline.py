@@ -46,14 +46,14 @@ from typing import Any
 
 from distill.config_schema import closest, to_dict
 from distill.data.cache import default_cache_dir
+from distill.data.synth import GENERATOR_VERSION
 from distill.data.tools import describe_data, write_synthetic
 from distill.factory import consumer_views, render_config, student_name
 from distill.errors import DataError, RecipeError
 from distill.io import atomic_write_text
 from distill.recipe import Recipe, write_resolved
 
-# Bump when the generator's output changes, so a cached synthetic set is regenerated.
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = GENERATOR_VERSION  # in the cached set's folder name
 
 
 # ---------------------------------------------------------------- data helpers
@@ -63,7 +63,12 @@ def synthetic_folder(recipe: Recipe) -> Path:
     """Where the recipe's synthetic set lives: shared by every run with the same settings."""
     cache = Path(recipe.data.cache_dir) if recipe.data.cache_dir else default_cache_dir()
     syn = recipe.data.synthetic
-    return cache / "synthetic" / f"ptbxl-n{syn.records}-seed{syn.seed}-v{SYNTHETIC_VERSION}"
+    name = f"ptbxl-n{syn.records}-seed{syn.seed}"
+    if syn.first_patient_id != 1:
+        name += f"-pid{syn.first_patient_id}"
+    if sorted(syn.rates) != [100, 500]:
+        name += "-" + "-".join(f"{r}hz" for r in sorted(set(syn.rates)))
+    return cache / "synthetic" / f"{name}-v{SYNTHETIC_VERSION}"
 
 
 def data_folder(recipe: Recipe, progress: bool = True) -> Path:
@@ -76,7 +81,9 @@ def data_folder(recipe: Recipe, progress: bool = True) -> Path:
     folder = synthetic_folder(recipe)
     if not (folder / "ptbxl_database.csv").exists():
         syn = recipe.data.synthetic
-        write_synthetic(folder, records=syn.records, seed=syn.seed, force=True, progress=progress)
+        write_synthetic(folder, records=syn.records, seed=syn.seed, force=True, progress=progress,
+                        sampling_rates=tuple(sorted(set(syn.rates))),
+                        first_patient_id=syn.first_patient_id)
     return folder
 
 

@@ -36,6 +36,15 @@ class SyntheticConfig:
 
     records: int = spec(2000, help="number of records to generate", ge=20, le=1_000_000)
     seed: int = spec(0, help="generator seed (same seed, same files)", ge=0)
+    first_patient_id: int = spec(1, help="lowest patient id: sets whose id ranges do not "
+                                 "overlap share no patient", ge=1)
+    rates: list[int] = spec(default_factory=lambda: [100, 500],
+                            help="sampling rates written (PTB-XL stores 100 and 500 Hz)")
+
+    def validate(self, path: str) -> None:
+        bad = [r for r in self.rates if r not in (100, 500)] or ([] if self.rates else ["none"])
+        if bad:
+            raise RecipeError(f"{path}.rates: {bad[0]} is not a PTB-XL rate (100 or 500)")
 
 
 @dataclass
@@ -113,6 +122,12 @@ class DataConfig:
 
     def validate(self, path: str) -> None:
         _check_leads(self.leads, f"{path}.leads")
+        stored = self.synthetic.rates
+        needed = 100 if self.sampling_rate <= 100 else 500  # the folder it is read from
+        if self.path is None and self.format == "ptbxl" and needed not in stored:
+            raise RecipeError(f"{path}.sampling_rate: {self.sampling_rate} Hz is read from "
+                              f"{needed} Hz records, not among the synthetic set's rates "
+                              f"{stored} ({path}.synthetic.rates)")
 
 
 @dataclass

@@ -23,6 +23,7 @@ import torch
 
 from distill.data.leads import NUM_LEADS
 from teachers.base import TeacherAdapter, load_backbone, register_teacher
+from teachers import zoo
 from teachers.tiny import build_tiny_hubert, resolve_tiny
 
 __all__ = ["SignalTeacher", "build_tiny_hubert", "frame_leads", "hubert_ecg_input"]
@@ -137,7 +138,7 @@ class SignalTeacher(TeacherAdapter):
 
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
-        source = resolve_tiny("signal", name_or_path)
+        source = zoo.backbone_folder(name_or_path) or resolve_tiny("signal", name_or_path)
         backbone = load_backbone(AutoModel, source, load_in=load_in,
                                  trust_remote_code=trust_remote_code,
                                  skip_modules=self.quant_skip_modules, dtype=_DTYPES[dtype])

@@ -31,6 +31,7 @@ import torch
 
 from distill.data.render import RenderConfig, patch_lead_map
 from teachers.base import TeacherAdapter, layer_index, load_backbone, register_teacher
+from teachers import zoo
 from teachers.tiny import build_tiny_vlm, resolve_tiny
 
 __all__ = ["DEFAULT_PROMPT", "VLMTeacher", "build_tiny_vlm", "visual_tokens"]
@@ -139,7 +140,7 @@ class VLMTeacher(TeacherAdapter):
                              f"{', '.join(TOKEN_SOURCES)}")
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
-        source = resolve_tiny("vlm", name_or_path)
+        source = zoo.backbone_folder(name_or_path) or resolve_tiny("vlm", name_or_path)
         processor = AutoProcessor.from_pretrained(str(source), trust_remote_code=trust_remote_code)
         backbone = load_backbone(AutoModelForImageTextToText, source, load_in=load_in,
                                  trust_remote_code=trust_remote_code,

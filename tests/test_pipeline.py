@@ -209,7 +209,8 @@ def test_data_info_prints_split_table(recipe, tmp_path) -> None:
     assert header.fs == 100 and header.sig_name[3] == "AVR"
 
 
-@pytest.mark.parametrize("recipe_path", sorted((REPO / "recipes").glob("*.yaml")),
+@pytest.mark.parametrize("recipe_path", sorted([*(REPO / "recipes").glob("*.yaml"),
+                                        *(REPO / "recipes" / "teacher-zoo").glob("*.yaml")]),
                          ids=lambda p: p.name)
 def test_every_shipped_recipe_dry_runs(recipe_path: Path, tmp_path: Path, capsys) -> None:
     recipe = load_recipe(recipe_path, [f"output_dir={tmp_path}/{{name}}"])

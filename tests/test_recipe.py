@@ -14,7 +14,8 @@ from distill.errors import RecipeError
 from distill.recipe import Recipe, load_recipe, recipe_from_dict, write_resolved
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+RECIPES = sorted([*(REPO / "recipes").glob("*.yaml"),
+                 *(REPO / "recipes" / "teacher-zoo").glob("*.yaml")])
 
 
 @pytest.mark.parametrize("recipe_path", RECIPES, ids=lambda p: p.name)
@@ -171,3 +172,10 @@ def test_relation_without_aligned_tokens_is_refused_before_any_work() -> None:
                                           r"compares the student with the teacher tokens"):
         recipe_from_dict({}, ["distill.weights.mhca=0", "distill.weights.ot=0"])
     recipe_from_dict({}, ["distill.weights.mhca=0"])  # ot still aligns
+
+
+def test_synthetic_rates_must_hold_the_served_rate() -> None:
+    with pytest.raises(RecipeError, match=r"data.sampling_rate: 500 Hz is read from 500 Hz records, not among"):
+        recipe_from_dict({}, ["data.synthetic.rates=[100]", "data.sampling_rate=500"])
+    with pytest.raises(RecipeError, match=r"data.synthetic.rates: 250 is not a PTB-XL rate"):
+        recipe_from_dict({}, ["data.synthetic.rates=[250]"])

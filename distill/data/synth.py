@@ -64,6 +64,10 @@ STACH,sinus tachycardia,,,1.0,,,Statements related to impulse formation (abnorma
 SBRAD,sinus bradycardia,,,1.0,,,Statements related to impulse formation (abnormalities),sinus bradycardia,22,MDC_ECG_RHY_SINUS_BRADY,,
 """
 
+# Bump whenever the generator's output changes: a cached synthetic set is then regenerated,
+# and a shipped teacher trained on an older version warns (teachers/zoo.py).
+GENERATOR_VERSION = 1
+
 
 def _scp_table() -> dict[str, dict[str, str]]:
     rows = list(csv.reader(io.StringIO(SCP_STATEMENTS_CSV)))
@@ -252,14 +256,24 @@ _DEVICES = ("CS-12   E", "AT-6 C 5.5", "AT-6     6", "CS100    3", "AT-60    3",
 _STADIUM = ("Stadium I", "Stadium II", "Stadium III")
 
 
+def patient_id_range(n_records: int, first_patient_id: int = 1) -> tuple[int, int]:
+    """The lowest and highest patient id a set of ``n_records`` records can hold: a set
+    has at most one patient per record, and its ids are drawn from ``first_patient_id``
+    up to ``first_patient_id - 1 + int(1.3 * patients) + 9``."""
+    return first_patient_id, first_patient_id - 1 + int(n_records * 1.3) + 9
+
+
 def record_filename(ecg_id: int, fs: int) -> str:
     """PTB-XL's relative record path without extension, e.g. ``records100/00000/00001_lr``."""
     suffix = "lr" if fs == 100 else "hr"
     return f"records{fs}/{ecg_id // 1000 * 1000:05d}/{ecg_id:05d}_{suffix}"
 
 
-def _metadata(n_records: int, seed: int) -> list[dict]:
+def _metadata(n_records: int, seed: int, first_patient_id: int = 1) -> list[dict]:
     """Patients, demographics, diagnostic/rhythm codes and folds of every record.
+
+    Patient ids are drawn from ``first_patient_id`` up to about 1.3 x the number of patients
+    above it, so two sets whose ranges do not overlap share no patient.
 
     Returns:
         One dict per record in ecg_id order (ecg_id = index + 1); ``codes`` holds the
@@ -269,6 +283,7 @@ def _metadata(n_records: int, seed: int) -> list[dict]:
     patient = assign_patients(n_records, rng)
     n_pat = int(patient.max()) + 1
     pat_ids = rng.choice(np.arange(1, int(n_pat * 1.3) + 10), n_pat, replace=False)
+    pat_ids += first_patient_id - 1
     female = rng.random(n_pat) < 0.48
     dates = recording_dates(n_records, rng)
     birth: dict[int, datetime] = {}
@@ -417,8 +432,8 @@ def _frame(rows: list[dict], rates: tuple[int, ...]) -> pd.DataFrame:
     return df[list(PTBXL_COLUMNS) + extra]
 
 
-def synthesize(n_records: int, seed: int = 0, fs: int = 100,
-               progress: bool = False) -> tuple[np.ndarray, pd.DataFrame]:
+def synthesize(n_records: int, seed: int = 0, fs: int = 100, progress: bool = False,
+               first_patient_id: int = 1) -> tuple[np.ndarray, pd.DataFrame]:
     """Generate records in memory, exactly as ``generate_ptbxl`` would write them.
 
     Args:
@@ -426,6 +441,7 @@ def synthesize(n_records: int, seed: int = 0, fs: int = 100,
         seed: everything is a function of the seed.
         fs: 100 or 500 Hz.
         progress: show a tqdm bar.
+        first_patient_id: the lowest patient id (see :func:`patient_id_range`).
 
     Returns:
         signals: [n_records, 12, 10 * fs] float32 in mV, standard lead order.
@@ -433,7 +449,7 @@ def synthesize(n_records: int, seed: int = 0, fs: int = 100,
             ``synth_pr_ms``, ``synth_qrs_ms``, ``synth_qt_ms``, ``synth_axis``.
     """
     rates = _check_rates((fs,))
-    rows = _metadata(n_records, seed)
+    rows = _metadata(n_records, seed, first_patient_id)
     out = np.empty((n_records, 12, int(phys.DURATION_S * fs)), dtype=np.float32)
     for k, r in enumerate(progress_bar(rows, desc="synthesising ECGs", enabled=progress)):
         out[k] = _render_record(r, seed, rates)[fs].T / np.float32(1000.0)
@@ -495,7 +511,7 @@ def write_wfdb_with_wfdb(path: Path, fs: int, digital: np.ndarray) -> None:
 
 def generate_ptbxl(out_dir: str | Path, n_records: int, seed: int = 0,
                    sampling_rates: tuple[int, ...] = (100, 500), progress: bool = True,
-                   use_wfdb_writer: bool = False) -> dict:
+                   use_wfdb_writer: bool = False, first_patient_id: int = 1) -> dict:
     """Write a synthetic data set in PTB-XL's layout.
 
     Args:
@@ -505,6 +521,7 @@ def generate_ptbxl(out_dir: str | Path, n_records: int, seed: int = 0,
         sampling_rates: any of 100, 500; a missing rate leaves its filename column empty.
         progress: show a tqdm bar.
         use_wfdb_writer: write through ``wfdb.wrsamp`` (identical bytes, ~20x slower).
+        first_patient_id: the lowest patient id (see :func:`patient_id_range`).
 
     Returns:
         {"out_dir", "records", "sampling_rates", "seconds", "records_per_s",
@@ -517,7 +534,9 @@ def generate_ptbxl(out_dir: str | Path, n_records: int, seed: int = 0,
     out.mkdir(parents=True, exist_ok=True)
     writer = write_wfdb_with_wfdb if use_wfdb_writer else write_wfdb
     start = time.perf_counter()
-    rows = _metadata(n_records, seed)
+    if first_patient_id < 1:
+        raise DataError(f"first_patient_id must be >= 1, got {first_patient_id}")
+    rows = _metadata(n_records, seed, first_patient_id)
     for r in progress_bar(rows, desc="writing synthetic PTB-XL", enabled=progress):
         for fs, digital in _render_record(r, seed, rates).items():
             path = out / record_filename(r["ecg_id"], fs)

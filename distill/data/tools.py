@@ -19,7 +19,7 @@ def _folder_has_content(folder: Path) -> bool:
 
 def write_synthetic(out: str | os.PathLike, *, records: int, seed: int,
                     sampling_rates: Sequence[int] = (100, 500), force: bool = False,
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True, first_patient_id: int = 1) -> dict[str, Any]:
     """Generate the synthetic PTB-XL-layout set into ``out``.
 
     The set is written to a temporary sibling folder and renamed into place, so ``out``
@@ -40,7 +40,7 @@ def write_synthetic(out: str | os.PathLike, *, records: int, seed: int,
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         summary = generate_ptbxl(tmp, records, seed=seed, sampling_rates=tuple(sampling_rates),
-                                 progress=progress)
+                                 progress=progress, first_patient_id=first_patient_id)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
