@@ -15,7 +15,6 @@ that does not (a disk fault, a truncated copy) is reported and the one before it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.errors import ECGDistillError
-from distill.io import atomic_write_text
+from distill.io import atomic_write_text, sha256_file
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -65,14 +64,6 @@ class TrainerState:
     running: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STATE_FILE)
 
@@ -91,7 +82,7 @@ def clean_partial(root: Path) -> None:
 def seal(tmp: Path, final: Path, state: TrainerState) -> Path:
     """Record the checksums and the loop state in ``tmp``, then rename it to ``final``."""
     manifest = {"state": asdict(state),
-                "files": {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)}}
+                "files": {str(p.relative_to(tmp)): sha256_file(p) for p in _files(tmp)}}
     atomic_write_text(tmp / STATE_FILE, json.dumps(manifest, indent=1))
     if final.exists():  # the same step saved again (e.g. an epoch end on a step boundary)
         shutil.rmtree(final)
@@ -132,7 +123,7 @@ def verify(folder: Path) -> TrainerState:
     if missing:
         raise ECGDistillError(f"checkpoint {folder}: missing file {missing[0]}")
     for name, digest in files.items():
-        if _sha256(folder / name) != digest:
+        if sha256_file(folder / name) != digest:
             raise ECGDistillError(f"checkpoint {folder}: {name} does not match its checksum")
     return state
 

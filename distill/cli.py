@@ -113,7 +113,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
     summary = write_synthetic(args.out, records=args.records, seed=args.seed,
                               sampling_rates=tuple(args.rates), force=args.force,
-                              progress=not args.quiet)
+                              progress=not args.quiet, first_patient_id=args.first_patient_id)
     print(f"wrote {summary['records']} records to {args.out} in {summary['seconds']:.1f} s "
           f"({summary['records_per_s']:.0f} records/s)")
     return 0
@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder (must be empty or absent unless --force)")
     p.add_argument("--records", type=int, default=2000, help="number of records (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--first-patient-id", type=int, default=1,
+                   help="lowest patient id (default 1); sets whose id ranges do not overlap "
+                        "share no patient")
     p.add_argument("--rates", type=int, nargs="+", default=[100, 500], choices=[100, 500],
                    help="sampling rates to write (default: 100 500)")
     p.add_argument("--force", action="store_true", help="replace an existing data set in OUT")

@@ -51,39 +51,41 @@ def build_teacher(recipe: Recipe, classes: Sequence[str]):
     from teachers import zoo
 
     t = recipe.teacher
+    img = recipe.data.image
+    if t.kind == "vlm" and img.height != img.width:
+        raise RecipeError(f"data.image: the vlm teacher reads square images, got "
+                          f"{img.height}x{img.width}")
     saved = zoo.folder(t.name_or_path) or Path(t.name_or_path).expanduser()
-    if (saved / "teacher.json").is_file():
-        overrides: dict[str, Any] = {"train_mode": t.train_mode}
-        if t.kind == "vlm":
-            overrides.update(image_size=recipe.data.image.height, render=_render_fields(recipe))
-        try:
+    try:  # a render size or setting the model cannot take is a ValueError
+        if (saved / "teacher.json").is_file():
+            overrides: dict[str, Any] = {"train_mode": t.train_mode}
+            if t.kind == "vlm":
+                overrides.update(image_size=img.height, render=_render_fields(recipe))
             model = teachers.load(saved, **overrides)
-        except ValueError as exc:  # e.g. a render size the saved teacher's tower cannot take
-            raise RecipeError(f"teacher: {exc}") from None
-        if list(model.id2label.values()) != list(classes):
-            raise RecipeError(f"teacher.name_or_path: {saved} predicts "
-                              f"{list(model.id2label.values())}, the data has {list(classes)}")
-        return model
-    kwargs: dict[str, Any] = dict(
-        num_labels=len(classes), id2label=dict(enumerate(classes)), train_mode=t.train_mode,
-        load_in=t.load_in, trust_remote_code=t.trust_remote_code,
-        lora=teachers.LoraSettings(r=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout))
-    if t.kind == "vlm":
-        img = recipe.data.image
-        if img.height != img.width:
-            raise RecipeError(f"data.image: the vlm teacher reads square images, got "
-                              f"{img.height}x{img.width}")
-        kwargs.update(tokens=t.tokens, prompt=t.prompt, image_size=img.height,
-                      render=_render_fields(recipe))
-    else:
-        kwargs.update(sampling_rate=_view(recipe, t.view).sampling_rate, seconds=t.seconds)
-    try:
-        model = teachers.create(t.kind, t.name_or_path, **kwargs)
-    except ValueError as exc:  # a render size or setting the model cannot take
+            if list(model.id2label.values()) != list(classes):
+                raise RecipeError(f"teacher.name_or_path: {saved} predicts "
+                                  f"{list(model.id2label.values())}, the data has {list(classes)}")
+        else:
+            kwargs: dict[str, Any] = dict(
+                num_labels=len(classes), id2label=dict(enumerate(classes)),
+                train_mode=t.train_mode, load_in=t.load_in,
+                trust_remote_code=t.trust_remote_code,
+                lora=teachers.LoraSettings(r=t.lora_rank, alpha=t.lora_alpha,
+                                           dropout=t.lora_dropout))
+            if t.kind == "vlm":
+                kwargs.update(tokens=t.tokens, prompt=t.prompt, image_size=img.height,
+                              render=_render_fields(recipe))
+            else:
+                kwargs.update(sampling_rate=_view(recipe, t.view).sampling_rate,
+                              seconds=t.seconds)
+            model = teachers.create(t.kind, t.name_or_path, **kwargs)
+    except RecipeError:
+        raise
+    except ValueError as exc:
         raise RecipeError(f"teacher: {exc}") from None
     patch = getattr(model, "patch_size", None)
-    if t.kind == "vlm" and patch is not None and patch != recipe.data.image.patch_size:
-        raise RecipeError(f"data.image.patch_size: {recipe.data.image.patch_size}, but the "
+    if t.kind == "vlm" and patch is not None and patch != img.patch_size:
+        raise RecipeError(f"data.image.patch_size: {img.patch_size}, but the "
                           f"teacher's vision tower uses {patch}-pixel patches")
     return model
 

@@ -110,8 +110,12 @@ def train_settings(recipe: Recipe, teacher: bool = False) -> dict[str, Any]:
 
 def teacher_settings(recipe: Recipe) -> dict[str, Any]:
     """Everything the trained teacher depends on besides the data."""
+    from teachers import zoo
+
     t = {k: v for k, v in to_dict(recipe.teacher).items()
          if k not in ("epochs", "lr", "batch_size")}
+    if zoo.folder(recipe.teacher.name_or_path) is not None:  # a shipped teacher: its weights
+        t["shipped"] = zoo.card(recipe.teacher.name_or_path)["files"]
     return {"seed": recipe.seed, "teacher": t, "train": train_settings(recipe, teacher=True)}
 
 

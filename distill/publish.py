@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.errors import ECGDistillError
-from distill.io import atomic_write_text
+from distill.io import atomic_write_text, sha256_file
 
 MANIFEST = "checksums.sha256"
 SAMPLES = "samples.safetensors"
@@ -71,14 +71,6 @@ def require_safetensors(folder: str | os.PathLike) -> list[Path]:
                 f"are read)") if found else ""
         raise ECGDistillError(f"{folder}: no model.safetensors{what}")
     return weights
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _folder_files(folder: Path) -> list[str]:

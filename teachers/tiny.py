@@ -27,7 +27,7 @@ from distill.data.cache import default_cache_dir
 # Bumped whenever a preset's configuration changes, so an old cached build is not reused.
 TINY_VLM_NAME = "tiny-vlm-v2"  # v2: vision initializer_factor 4
 TINY_VLM_SWIN_NAME = "tiny-vlm-swin-v1"
-VLM_SMALL_INIT_NAME = "ecg-vlm-small-init-v1"
+VLM_SMALL_INIT_NAME = "ecg-vlm-small-init-v2"  # v2: no stochastic depth
 TINY_SIGNAL_NAME = "tiny-hubert-v1"
 
 IMAGE_TOKEN = "<image>"
@@ -200,7 +200,7 @@ def build_vlm_small_init(folder: str | os.PathLike) -> Path:
 
     image_size = 224
     vision = SwinConfig(image_size=image_size, patch_size=8, embed_dim=96, depths=[2, 8],
-                        num_heads=[3, 6], window_size=7, mlp_ratio=2.0, drop_path_rate=0.1)
+                        num_heads=[3, 6], window_size=7, mlp_ratio=2.0, drop_path_rate=0.0)
     stride = 8 * 2 ** (len(vision.depths) - 1)
     return _write_tiny_llava(Path(folder), vision, image_size=image_size, token_stride=stride,
                              strategy="full", extra_tokens=0, text_width=256, text_layers=2,

@@ -217,7 +217,9 @@ class VLMTeacher(TeacherAdapter):
             ids = {id(p) for p in out_emb.parameters()}
             names |= {n for n, p in hf.named_parameters() if id(p) in ids}
         config = hf.config
-        n_layers = int(config.vision_config.num_hidden_layers)
+        vision = config.vision_config
+        # transformer towers count layers; hierarchical ones (Swin, FocalNet) count stages
+        n_layers = int(getattr(vision, "num_hidden_layers", None) or len(vision.depths))
         chosen = config.vision_feature_layer
         chosen = chosen if isinstance(chosen, (list, tuple)) else [chosen]
         last_used = max(k if k >= 0 else n_layers + 1 + k for k in chosen)  # hidden_states index

@@ -17,13 +17,13 @@ since the teacher was trained.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 from distill.errors import DataError
+from distill.io import sha256_file
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 CARD_FILE = "card.json"
@@ -37,17 +37,9 @@ def names() -> list[str]:
     return sorted(p.name for p in ZOO_DIR.iterdir() if (p / CARD_FILE).is_file())
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_hashes(folder: Path) -> dict[str, str]:
     """SHA-256 of every file of a zoo folder except its card and README (relative paths)."""
-    return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*"))
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
             if p.is_file() and p.name not in (CARD_FILE, "README.md")}
 
 
