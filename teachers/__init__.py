@@ -19,6 +19,7 @@ from teachers.base import (
     quantization_config,
     teacher_class,
 )
+from teachers import conv_tower  # registers the ecg_conv_tower vision tower with AutoModel
 from teachers.signal import SignalTeacher
 from teachers.tiny import build_tiny_hubert, build_tiny_vlm, tiny_folder
 from teachers.vlm import DEFAULT_PROMPT, VLMTeacher

@@ -436,3 +436,33 @@ def test_an_incomplete_tiny_preset_folder_is_rebuilt(tmp_path, monkeypatch) -> N
     folder = tiny.tiny_folder("signal")
     assert folder == broken and (folder / "config.json").is_file()
     assert list(folder.glob("*.safetensors"))
+
+
+def test_conv_tower_plugs_into_llava_and_reloads(tmp_path: Path) -> None:
+    """The registered convolutional tower: a 14 x 14 token grid at 224 px (no CLS token),
+    every stage reached by gradients, and a LLaVA over it saved and reloaded through
+    from_pretrained with the same outputs."""
+    from teachers.conv_tower import EcgConvTowerConfig
+    from teachers.tiny import _write_tiny_llava
+
+    config = EcgConvTowerConfig(widths=[8, 16, 16, 32], hidden_size=32, intermediate_size=64)
+    assert config.grid == 14
+    with pytest.raises(ValueError, match="not divisible by 2\\*\\*4"):
+        EcgConvTowerConfig(image_size=100)
+    _write_tiny_llava(tmp_path / "llava", config, image_size=224, token_stride=16,
+                      strategy="full", extra_tokens=0)
+    model = teachers.create("vlm", str(tmp_path / "llava"), num_labels=NUM_LABELS)
+    assert model.patch_size == 16 and len(model.token_leads) == 196
+    assert torch.equal(model.token_leads, torch.from_numpy(
+        patch_lead_map(RenderConfig(height=224, width=224), 16)))
+    out = model(**image_batch(2))
+    assert out.tokens.shape == (2, 196, 64)
+    out.loss.backward()
+    tower = model.hf_model.base_model.vision_tower
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tower.parameters())
+    model.eval().save_pretrained(tmp_path / "saved")
+    again = teachers.load(tmp_path / "saved").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(image=_images(2)).logits, model(image=_images(2)).logits)
+    with pytest.raises(ValueError, match=r"expects pixel_values \[B, 3, 224, 224\]"):
+        tower(torch.zeros(1, 3, 112, 112))

@@ -20,13 +20,12 @@ import teachers
 from distill.errors import DataError, RecipeError
 from distill.factory import build_teacher
 from distill.recipe import load_recipe
-from distill.teacher_zoo import CHECK_TOLERANCE, pack, score_check_set
+from distill.teacher_zoo import CHECK_SET, CHECK_TOLERANCE, pack, score_check_set
 from teachers import zoo
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 ZOO_RECIPE = REPO / "recipes" / "teacher-zoo" / "ecg-vlm-small.yaml"
-SHIPPED = "ecg-vlm-small"
 
 
 @pytest.fixture
@@ -36,47 +35,44 @@ def fresh_zoo(monkeypatch):
     return zoo
 
 
-# ---------------------------------------------------------------- the shipped teacher
+# ---------------------------------------------------------------- shipped teachers
+# Every teacher under teachers/zoo/ (none is shipped yet: see README, "The embedded teacher").
 
 
-def test_shipped_teacher_is_listed_checked_and_resolved(fresh_zoo) -> None:
-    assert SHIPPED in zoo.names()
-    folder = zoo.folder(SHIPPED)
-    info = zoo.card(SHIPPED)
+@pytest.mark.parametrize("name", zoo.names())
+def test_shipped_teacher_is_checked_and_scores_its_card(name, fresh_zoo) -> None:
+    folder = zoo.folder(name)
+    info = zoo.card(name)
     assert info["files"] == zoo.file_hashes(folder)  # every file matches its SHA-256
     assert info["corpus"]["generator_version"] == synth.GENERATOR_VERSION
     with safe_open(str(folder / "backbone" / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
-    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    assert size <= 25e6
-    assert zoo.folder("tiny") is None and zoo.folder("../zoo") is None
-
-
-def test_shipped_teacher_dwarfs_the_quickstart_students_and_scores_its_card() -> None:
-    recipe = load_recipe(QUICKSTART)
-    assert recipe.teacher.name_or_path == SHIPPED
-    teacher = teachers.load(zoo.folder(SHIPPED), train_mode="frozen")
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 25e6
+    teacher = teachers.load(folder, train_mode="frozen")
     n_teacher = sum(p.numel() for p in teacher.parameters())
-    info = zoo.card(SHIPPED)
     assert n_teacher == info["model"]["parameters"]
+    quick = load_recipe(QUICKSTART)
     largest = max(sum(p.numel() for p in students.create(
         s.family, s.size, num_labels=5, sampling_rate=100).parameters())
-        for s in recipe.students)
+        for s in quick.students)
     assert n_teacher >= 10 * largest
     auc = score_check_set(teacher, info)
     assert abs(auc - info["check_set"]["macro_auc"]) <= CHECK_TOLERANCE
 
 
-def test_zoo_corpus_shares_no_record_seed_or_patient_with_the_quickstart() -> None:
+def test_names_outside_the_zoo_resolve_to_nothing() -> None:
+    assert zoo.folder("tiny") is None and zoo.folder("../zoo") is None
+    assert zoo.folder("") is None and zoo.folder("no-such-teacher") is None
+
+
+def test_zoo_corpus_shares_no_seed_or_patient_with_the_quickstart_or_check_set() -> None:
     quick, zoo_recipe = load_recipe(QUICKSTART), load_recipe(ZOO_RECIPE)
     q, z = quick.data.synthetic, zoo_recipe.data.synthetic
-    assert q.seed != z.seed
     q_lo, q_hi = synth.patient_id_range(q.records, q.first_patient_id)
     z_lo, z_hi = synth.patient_id_range(z.records, z.first_patient_id)
-    check = zoo.card(SHIPPED)["check_set"]
-    c_lo, c_hi = synth.patient_id_range(check["records"], check["first_patient_id"])
-    assert q_hi < z_lo and z_hi < c_lo and q_hi < c_lo
-    assert len({q.seed, z.seed, check["seed"]}) == 3
+    c_lo, c_hi = synth.patient_id_range(CHECK_SET["records"], CHECK_SET["first_patient_id"])
+    assert q_hi < z_lo and z_hi < c_lo
+    assert len({q.seed, z.seed, CHECK_SET["seed"]}) == 3
 
 
 def test_first_patient_id_shifts_ids_and_nothing_else() -> None:
@@ -86,44 +82,6 @@ def test_first_patient_id_shifts_ids_and_nothing_else() -> None:
     np.testing.assert_array_equal(b["patient_id"].to_numpy(), a["patient_id"].to_numpy() + 5000)
     lo, hi = synth.patient_id_range(30, 5001)
     assert lo <= b["patient_id"].min() and b["patient_id"].max() <= hi
-
-
-# ---------------------------------------------------------------- refusals
-
-
-def _copy(tmp_path: Path) -> Path:
-    return Path(shutil.copytree(zoo.folder(SHIPPED), tmp_path / SHIPPED))
-
-
-def test_a_changed_missing_or_extra_file_is_refused_by_name(tmp_path) -> None:
-    folder = _copy(tmp_path)
-    head = folder / "head.safetensors"
-    data = bytearray(head.read_bytes())
-    data[-1] ^= 0xFF
-    head.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=r"head\.safetensors: SHA-256 .* differs"):
-        zoo.verify(folder)
-    head.unlink()
-    with pytest.raises(DataError, match=r"head\.safetensors: missing"):
-        zoo.verify(folder)
-    shutil.copy(zoo.folder(SHIPPED) / "head.safetensors", head)
-    (folder / "backbone" / "extra.bin").write_bytes(b"x")
-    with pytest.raises(DataError, match=r"extra\.bin: not listed"):
-        zoo.verify(folder)
-
-
-def test_a_teacher_of_another_generator_version_warns(tmp_path) -> None:
-    folder = _copy(tmp_path)
-    card = json.loads((folder / zoo.CARD_FILE).read_text())
-    card["corpus"]["generator_version"] = synth.GENERATOR_VERSION - 1
-    (folder / zoo.CARD_FILE).write_text(json.dumps(card))
-    with pytest.warns(UserWarning, match="generator version"):
-        zoo.verify(folder)
-    card["corpus"]["generator_version"] = synth.GENERATOR_VERSION
-    (folder / zoo.CARD_FILE).write_text(json.dumps(card))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        zoo.verify(folder)
 
 
 # ---------------------------------------------------------------- zoo pack
@@ -197,3 +155,51 @@ def test_a_recipe_names_a_zoo_teacher_and_its_adapted_head_reloads(packed, fresh
                                      "data.image.width=112"])
     with pytest.raises(RecipeError, match="render at height=224"):
         build_teacher(wrong, classes)
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def _copy(packed, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(packed[1], tmp_path / "little"))
+
+
+def test_a_changed_missing_or_extra_file_is_refused_by_name(packed, tmp_path) -> None:
+    folder = _copy(packed, tmp_path)
+    head = folder / "head.safetensors"
+    data = bytearray(head.read_bytes())
+    data[-1] ^= 0xFF
+    head.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"head\.safetensors: SHA-256 .* differs"):
+        zoo.verify(folder)
+    head.unlink()
+    with pytest.raises(DataError, match=r"head\.safetensors: missing"):
+        zoo.verify(folder)
+    shutil.copy(packed[1] / "head.safetensors", head)
+    (folder / "backbone" / "extra.bin").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"extra\.bin: not listed"):
+        zoo.verify(folder)
+
+
+def test_a_teacher_of_another_generator_version_warns(packed, tmp_path) -> None:
+    folder = _copy(packed, tmp_path)
+    card = json.loads((folder / zoo.CARD_FILE).read_text())
+    card["corpus"]["generator_version"] = synth.GENERATOR_VERSION - 1
+    (folder / zoo.CARD_FILE).write_text(json.dumps(card))
+    with pytest.warns(UserWarning, match="generator version"):
+        zoo.verify(folder)
+    card["corpus"]["generator_version"] = synth.GENERATOR_VERSION
+    (folder / zoo.CARD_FILE).write_text(json.dumps(card))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        zoo.verify(folder)
+
+
+def test_a_damaged_zoo_teacher_named_by_a_recipe_stops_with_one_line(packed, fresh_zoo,
+                                                                     monkeypatch, tmp_path) -> None:
+    folder = _copy(packed, tmp_path)
+    (folder / "teacher.json").write_text((folder / "teacher.json").read_text() + " ")
+    monkeypatch.setattr(zoo, "ZOO_DIR", tmp_path)
+    recipe = load_recipe(QUICKSTART, ["teacher.name_or_path=little"])
+    with pytest.raises(DataError, match=r"little/teacher\.json: SHA-256"):
+        build_teacher(recipe, ["CD", "HYP", "MI", "NORM", "STTC"])
