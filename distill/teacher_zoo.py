@@ -98,11 +98,12 @@ tags: [ecg, electrocardiogram, llava, knowledge-distillation, ecg-distill]
 
 # {name}
 
-The embedded teacher of ecg-distill: a LLaVA (`LlavaForConditionalGeneration`) that reads a
-rendered 224 x 224 12-lead printout and a prompt, with a multi-label head for PTB-XL's
-{c['task']} classes ({', '.join(info['classes'])}). Trained from scratch on synthetic
-records only; it stands in for a large pretrained ECG VLM (such as PULSE-7B) so that the
-quickstart shows distillation from a teacher far larger and stronger than its students.
+A teacher shipped with ecg-distill: an image-text-to-text VLM that reads a rendered
+{info['render']['height']} x {info['render']['width']} 12-lead printout and a prompt, with a
+multi-label head for PTB-XL's {c['task']} classes ({', '.join(info['classes'])}). Trained
+from scratch on synthetic records only, it stands in for a large pretrained ECG VLM (such
+as PULSE-7B): a teacher far larger than the students, pretrained on far more records than
+a user has.
 
 - Parameters: {m['parameters']:,} ({m['description']})
 - Weights: `backbone/model.safetensors`, fp16, SHA-256 `{weights}`
