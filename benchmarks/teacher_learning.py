@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def vision_config(tower: str):
+def vision_config(tower: str, layers: int = 2):
     """The vision tower of the experiment (token stride 16 at 224 px, no CLS token)."""
     if tower == "swin":
         from transformers import SwinConfig
@@ -39,13 +39,15 @@ def vision_config(tower: str):
                           num_heads=[3, 6], window_size=7, mlp_ratio=2.0, drop_path_rate=0.0)
     from teachers.conv_tower import EcgConvTowerConfig
 
-    return EcgConvTowerConfig()
+    return EcgConvTowerConfig(num_hidden_layers=layers)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default=str(REPO / "recipes/teacher-zoo/ecg-vlm-small.yaml"))
     p.add_argument("--tower", choices=["swin", "conv"], default="swin")
+    p.add_argument("--tower-layers", type=int, default=2,
+                   help="conv tower: transformer layers after the convolutions (default 2)")
     p.add_argument("--readout", choices=["llava", "tower-mean"], default="llava")
     p.add_argument("--input", choices=["processor", "ink"], default="processor",
                    help="pixels as the processor normalises them, or ink = 1 - grey level "
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     jd = load_job_data(load_recipe(args.recipe), progress=True)
     folder = Path(tempfile.mkdtemp(prefix="teacher-learning-"))
-    _write_tiny_llava(folder, vision_config(args.tower), image_size=224, token_stride=16,
+    _write_tiny_llava(folder, vision_config(args.tower, args.tower_layers), image_size=224, token_stride=16,
                       strategy="full", extra_tokens=0, text_width=256, text_layers=2,
                       image_mean=PRINTOUT_MEAN, image_std=PRINTOUT_STD)
     torch.manual_seed(args.seed)
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         probs = torch.cat([torch.sigmoid(logits(torch.from_numpy(np.array(jd.images[val[s:s + 50]]))))
                            for s in range(0, len(val), 50)]).numpy()
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"tower {args.tower} ({n_params / 1e6:.2f}M), readout {args.readout}, input "
+    print(f"tower {args.tower}{'' if args.tower == 'swin' else f' ({args.tower_layers} layers)'} ({n_params / 1e6:.2f}M), readout {args.readout}, input "
           f"{args.input}, lr {args.lr}, "
           f"batch {args.batch}, {args.steps} steps over {len(train)} records: "
           f"{args.steps * args.batch / seconds:.1f} images/s, validation macro AUC "
