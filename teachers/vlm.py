@@ -219,7 +219,8 @@ class VLMTeacher(TeacherAdapter):
         config = hf.config
         vision = config.vision_config
         # transformer towers count layers; hierarchical ones (Swin, FocalNet) count stages
-        n_layers = int(getattr(vision, "num_hidden_layers", None) or len(vision.depths))
+        n_layers = getattr(vision, "num_hidden_layers", None)
+        n_layers = int(len(vision.depths) if n_layers is None else n_layers)
         chosen = config.vision_feature_layer
         chosen = chosen if isinstance(chosen, (list, tuple)) else [chosen]
         last_used = max(k if k >= 0 else n_layers + 1 + k for k in chosen)  # hidden_states index

@@ -466,3 +466,9 @@ def test_conv_tower_plugs_into_llava_and_reloads(tmp_path: Path) -> None:
         torch.testing.assert_close(again(image=_images(2)).logits, model(image=_images(2)).logits)
     with pytest.raises(ValueError, match=r"expects pixel_values \[B, 3, 224, 224\]"):
         tower(torch.zeros(1, 3, 112, 112))
+    # no transformer layers: the convolutions' tokens, every tower parameter still used
+    config.num_hidden_layers = 0
+    _write_tiny_llava(tmp_path / "conv-only", config, image_size=224, token_stride=16,
+                      strategy="full", extra_tokens=0)
+    conv_only = teachers.create("vlm", str(tmp_path / "conv-only"), num_labels=NUM_LABELS)
+    assert not any("vision_tower" in n for n in conv_only.unused_parameter_names())
