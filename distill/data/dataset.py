@@ -31,6 +31,7 @@ from distill.progress import progress_bar
 from distill.data import cinc, ptbxl
 from distill.data.cache import ArrayCache, fingerprint
 from distill.data.leads import NUM_LEADS, lead_indices
+from distill.data.parallel import chunk_ranges, chunk_size, data_workers, map_chunks
 from distill.data.records import fit_length, read_record, resample
 from distill.errors import DataError
 
@@ -278,6 +279,29 @@ class ECGSplit(Dataset):
         return item
 
 
+def _decode_chunk(paths: list[Path], names: list[str], sampling_rate: int, n_samples: int,
+                  source_fs: float | None, strict_length: bool, on_bad_record: str,
+                  ) -> tuple[np.ndarray, dict[int, str]]:
+    """Decode consecutive records (run in a worker process): ``(signals [n, 12, n_samples],
+    {index in the chunk: why it failed})``; a failed record is zeros, or raises in
+    ``error`` mode."""
+    out = np.zeros((len(paths), NUM_LEADS, n_samples), dtype=np.float32)
+    problems: dict[int, str] = {}
+    for i, (path, name) in enumerate(zip(paths, names)):
+        try:
+            rec = read_record(path, fs=sampling_rate, source=name, expect_fs=source_fs)
+            length = rec.signal.shape[-1]
+            if strict_length and length < 0.99 * n_samples:
+                raise DataError(f"{name}: {length / sampling_rate:.2f} s long, "
+                                f"expected {n_samples / sampling_rate:.2f} s")
+            out[i] = fit_length(rec.signal, n_samples)
+        except DataError as e:
+            if on_bad_record == "error":
+                raise
+            problems[i] = str(e)
+    return out, problems
+
+
 def _decode_store(paths: Sequence[Path], names: Sequence[str], signal_ext: str, *,
                   sampling_rate: int, n_samples: int, kind: str, on_bad_record: str,
                   cache_dir: str | Path | None, progress: bool,
@@ -309,21 +333,17 @@ def _decode_store(paths: Sequence[Path], names: Sequence[str], signal_ext: str, 
 
     def fill(out: np.ndarray) -> None:
         problems: dict[str, str] = {}
-        bar = progress_bar(range(len(paths)), desc=f"decoding {len(paths)} records", enabled=progress)
-        for i in bar:
-            try:
-                rec = read_record(paths[i], fs=sampling_rate, source=names[i],
-                                  expect_fs=source_fs)
-                length = rec.signal.shape[-1]
-                if strict_length and length < 0.99 * n_samples:
-                    raise DataError(f"{names[i]}: {length / sampling_rate:.2f} s long, "
-                                    f"expected {n_samples / sampling_rate:.2f} s")
-                out[i] = fit_length(rec.signal, n_samples)
-            except DataError as e:
-                if on_bad_record == "error":
-                    raise
-                problems[str(i)] = str(e)
-                out[i] = 0.0
+        n = len(paths)
+        workers = data_workers(n)
+        chunk = chunk_size(n, workers, 1000)
+        ranges = chunk_ranges(n, chunk)
+        tasks = [(list(paths[s:e]), list(names[s:e]), sampling_rate, n_samples, source_fs,
+                  strict_length, on_bad_record) for s, e in ranges]
+        with progress_bar(total=n, desc=f"decoding {n} records", unit="ecg", enabled=progress) as bar:
+            for (s, e), (signals, failed) in zip(ranges, map_chunks(_decode_chunk, tasks, workers)):
+                out[s:e] = signals
+                problems.update({str(s + i): msg for i, msg in failed.items()})
+                bar.update(e - s)
         bad = np.zeros(len(paths), dtype=bool)
         bad[[int(i) for i in problems]] = True
         # Written before the store is renamed into place, so a store never exists

@@ -35,6 +35,7 @@ import numpy as np
 
 from distill.data.cache import ArrayCache, fingerprint
 from distill.data.leads import NUM_LEADS
+from distill.data.parallel import chunk_ranges, chunk_size, data_workers, map_chunks
 from distill.data.render_layout import (  # noqa: F401  (re-exported: the renderer's public API)
     LAYOUTS,
     RENDER_VERSION,
@@ -284,6 +285,16 @@ def image_cache_key(key: str, fs: float, config: RenderConfig, n_records: int, n
     })
 
 
+def _render_range(store: str, dtype: str, shape: tuple[int, ...], offset: int, rows: np.ndarray,
+                  fs: float, config: RenderConfig, batch_size: int) -> np.ndarray:
+    """Render rows ``rows`` of a memory-mapped signal store (run in a worker process)."""
+    signals = np.memmap(store, dtype=np.dtype(dtype), mode="r", shape=shape, offset=offset)
+    images = np.empty((len(rows), 3, config.height, config.width), dtype=np.uint8)
+    for s in range(0, len(rows), batch_size):
+        images[s:s + batch_size] = render_batch(np.asarray(signals[rows[s:s + batch_size]]), fs, config)
+    return images
+
+
 def cached_images(
     signals: np.ndarray,
     fs: float,
@@ -323,7 +334,22 @@ def cached_images(
     shape = (n, 3, config.height, config.width)
 
     def fill(out: np.ndarray) -> None:
+        # Workers read their records from the signal store by file name (a memmap), so only
+        # images travel between processes; an in-memory array or a test's renderer stays here.
+        # (``ECGData.signals`` is the store itself or a lazy view of some of its rows).
+        memmap, rows = getattr(arr, "store", arr), getattr(arr, "rows", None)
+        rows = np.arange(n) if rows is None else np.asarray(rows)
+        found = isinstance(memmap, np.memmap) and memmap.filename is not None and renderer is None
+        workers = data_workers(n) if found else 1
         with progress_bar(total=n, desc=f"rendering {config.height}x{config.width}", unit="ecg", enabled=progress) as bar:
+            if workers > 1:
+                ranges = chunk_ranges(n, chunk_size(n, workers, 1000))
+                where = (str(memmap.filename), memmap.dtype.str, tuple(memmap.shape), memmap.offset)
+                tasks = [(*where, rows[s:e], fs, config, batch_size) for s, e in ranges]
+                for (s, e), images in zip(ranges, map_chunks(_render_range, tasks, workers)):
+                    out[s:e] = images
+                    bar.update(e - s)
+                return
             for s in range(0, n, batch_size):
                 e = min(s + batch_size, n)
                 out[s:e] = draw(np.asarray(arr[s:e]), fs, config)

@@ -26,6 +26,7 @@ from scipy.signal import firwin, upfirdn
 from distill.progress import progress_bar
 
 from distill.data import synth_physiology as phys
+from distill.data.parallel import chunk_ranges, chunk_size, data_workers, map_chunks
 from distill.errors import DataError
 
 SUPERCLASSES = ("NORM", "MI", "STTC", "CD", "HYP")
@@ -509,9 +510,23 @@ def write_wfdb_with_wfdb(path: Path, fs: int, digital: np.ndarray) -> None:
                 baseline=[0] * 12, write_dir=str(path.parent))
 
 
+def _write_records(out: str, rows: list[dict], seed: int, rates: tuple[int, ...],
+                   use_wfdb_writer: bool) -> list[dict]:
+    """Write the WFDB files of ``rows`` (a chunk of the metadata) and return the rows
+    completed as :func:`_render_record` completes them (run in a worker process)."""
+    writer = write_wfdb_with_wfdb if use_wfdb_writer else write_wfdb
+    for r in rows:
+        for fs, digital in _render_record(r, seed, rates).items():
+            path = Path(out) / record_filename(r["ecg_id"], fs)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            writer(path, fs, digital)
+    return rows
+
+
 def generate_ptbxl(out_dir: str | Path, n_records: int, seed: int = 0,
                    sampling_rates: tuple[int, ...] = (100, 500), progress: bool = True,
-                   use_wfdb_writer: bool = False, first_patient_id: int = 1) -> dict:
+                   use_wfdb_writer: bool = False, first_patient_id: int = 1,
+                   workers: int | None = None) -> dict:
     """Write a synthetic data set in PTB-XL's layout.
 
     Args:
@@ -522,6 +537,8 @@ def generate_ptbxl(out_dir: str | Path, n_records: int, seed: int = 0,
         progress: show a tqdm bar.
         use_wfdb_writer: write through ``wfdb.wrsamp`` (identical bytes, ~20x slower).
         first_patient_id: the lowest patient id (see :func:`patient_id_range`).
+        workers: processes writing records (default: :func:`distill.data.parallel.data_workers`);
+            the files are byte-identical for any number.
 
     Returns:
         {"out_dir", "records", "sampling_rates", "seconds", "records_per_s",
@@ -532,16 +549,19 @@ def generate_ptbxl(out_dir: str | Path, n_records: int, seed: int = 0,
     rates = _check_rates(sampling_rates)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    writer = write_wfdb_with_wfdb if use_wfdb_writer else write_wfdb
     start = time.perf_counter()
     if first_patient_id < 1:
         raise DataError(f"first_patient_id must be >= 1, got {first_patient_id}")
     rows = _metadata(n_records, seed, first_patient_id)
-    for r in progress_bar(rows, desc="writing synthetic PTB-XL", enabled=progress):
-        for fs, digital in _render_record(r, seed, rates).items():
-            path = out / record_filename(r["ecg_id"], fs)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            writer(path, fs, digital)
+    n_workers = data_workers(n_records, workers)
+    chunk = chunk_size(n_records, n_workers, 500)
+    tasks = [(str(out), rows[s:e], seed, rates, use_wfdb_writer) for s, e in chunk_ranges(n_records, chunk)]
+    done: list[dict] = []
+    with progress_bar(total=n_records, desc="writing synthetic PTB-XL", unit="ecg", enabled=progress) as bar:
+        for part in map_chunks(_write_records, tasks, n_workers):
+            done.extend(part)
+            bar.update(len(part))
+    rows = done
     df = _frame(rows, rates)
     df[list(PTBXL_COLUMNS)].to_csv(out / "ptbxl_database.csv")
     (out / "scp_statements.csv").write_text(SCP_STATEMENTS_CSV)
