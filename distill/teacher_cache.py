@@ -47,7 +47,8 @@ def weights_hash(model: nn.Module) -> str:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
         if t.numel():
-            h.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself (a 0-d
+            # tensor, such as batch norm's num_batches_tracked, is viewed as 1-d first)
     return h.hexdigest()
 
 

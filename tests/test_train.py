@@ -500,3 +500,15 @@ def test_each_job_gets_its_own_accelerator_settings(tmp_path, monkeypatch,
         with pytest.raises(ECGDistillError, match=r"^accelerate \S+: GradientState has no way "
                                                   r"to reset its per-job state"):
             make_accelerator(TrainConfig(), tmp_path, 0, trackers=False)
+
+
+def test_weights_hash_covers_zero_dim_buffers_and_follows_them() -> None:
+    """Batch norm keeps a 0-d ``num_batches_tracked``; the hash reads it (a conv tower's
+    teacher once failed here) and changes with it."""
+    from distill.teacher_cache import weights_hash
+
+    model = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 3), torch.nn.BatchNorm1d(3))
+    before = weights_hash(model)
+    assert before == weights_hash(model)
+    model[1].num_batches_tracked += 1
+    assert weights_hash(model) != before
