@@ -124,11 +124,28 @@ def _silent_stderr():
 
 
 def folder_bytes(folder: Path | None) -> int | None:
-    """Bytes of the weight files (``*.safetensors``) in a saved model folder."""
+    """Bytes of the weight files (``*.safetensors``) a saved model needs: those in its
+    folder, plus, for a teacher saved without its backbone (``head`` or ``lora`` mode),
+    those of the backbone it loads from (a shipped teacher or a local folder)."""
     if folder is None or not folder.exists():
         return None
-    return sum(p.stat().st_size for p in folder.rglob("*.safetensors")
-               if p.name != "objective.safetensors")
+
+    def weights(root: Path) -> int:
+        return sum(p.stat().st_size for p in root.rglob("*.safetensors")
+                   if p.name != "objective.safetensors")
+
+    total = weights(folder)
+    meta_file = folder / "teacher.json"
+    if meta_file.is_file():
+        from teachers import zoo
+
+        meta = json.loads(meta_file.read_text())
+        source = str(meta.get("source", ""))
+        if meta.get("saved_backbone") != "full" and source:
+            backbone = zoo.backbone_folder(source) or Path(source).expanduser()
+            if backbone.is_dir():
+                total += weights(backbone)
+    return total
 
 
 def footprint(model: nn.Module, make_inputs: Callable[[int], dict[str, torch.Tensor]],

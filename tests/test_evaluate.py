@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
@@ -113,3 +115,21 @@ def test_paired_difference(case) -> None:
     rare[0] = 1
     with pytest.raises(ValueError, match="test set is too small"):
         bootstrap_samples(np.c_[rare, 1 - rare], 5, seed=0, max_tries=3)
+
+
+def test_folder_bytes_counts_the_backbone_a_head_only_teacher_loads(tmp_path) -> None:
+    """A teacher adapted in ``head`` mode saves only its head; its size on disk is the head
+    plus the backbone it loads from (a shipped teacher or a folder), not the head alone."""
+    from distill.compare import folder_bytes
+
+    backbone = tmp_path / "backbone-source"
+    backbone.mkdir()
+    (backbone / "model.safetensors").write_bytes(b"w" * 1000)
+    saved = tmp_path / "best"
+    saved.mkdir()
+    (saved / "head.safetensors").write_bytes(b"h" * 10)
+    (saved / "teacher.json").write_text(json.dumps({"saved_backbone": None, "source": str(backbone)}))
+    assert folder_bytes(saved) == 1010
+    (saved / "teacher.json").write_text(json.dumps({"saved_backbone": "full", "source": str(backbone)}))
+    assert folder_bytes(saved) == 10  # a full save holds its own backbone
+    assert folder_bytes(tmp_path / "missing") is None
