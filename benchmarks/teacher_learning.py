@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def vision_config(tower: str, layers: int = 2):
+def vision_config(tower: str, layers: int = 2, depths: list[int] | None = None):
     """The vision tower of the experiment (token stride 16 at 224 px, no CLS token)."""
     if tower == "swin":
         from transformers import SwinConfig
@@ -39,7 +39,7 @@ def vision_config(tower: str, layers: int = 2):
                           num_heads=[3, 6], window_size=7, mlp_ratio=2.0, drop_path_rate=0.0)
     from teachers.conv_tower import EcgConvTowerConfig
 
-    return EcgConvTowerConfig(num_hidden_layers=layers)
+    return EcgConvTowerConfig(num_hidden_layers=layers, depths=depths)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tower", choices=["swin", "conv"], default="swin")
     p.add_argument("--tower-layers", type=int, default=2,
                    help="conv tower: transformer layers after the convolutions (default 2)")
+    p.add_argument("--tower-depths", type=int, nargs=4, default=None, metavar="N",
+                   help="conv tower: 3x3 convolutions after each stage's stride-2 one (default 1 1 1 1)")
     p.add_argument("--readout", choices=["llava", "tower-mean"], default="llava")
+    p.add_argument("--pool", choices=["last", "image-mean"], default="last",
+                   help="llava readout: the head reads the last prompt position or the mean "
+                        "over the image positions (the adapter's pool setting)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--input", choices=["processor", "ink"], default="processor",
                    help="pixels as the processor normalises them, or ink = 1 - grey level "
                         "(paper 0, trace 1) in every channel")
@@ -58,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subset", type=int, default=0, help="train on this many records (0: all)")
     p.add_argument("--val", type=int, default=400, help="validation records scored")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="recipe overrides, e.g. data.synthetic.records=2000")
     args = p.parse_args(argv)
 
     import teachers
@@ -67,16 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     from teachers.tiny import PRINTOUT_MEAN, PRINTOUT_STD, _write_tiny_llava
     from transformers import get_cosine_schedule_with_warmup
 
-    jd = load_job_data(load_recipe(args.recipe), progress=True)
+    jd = load_job_data(load_recipe(args.recipe, args.overrides), progress=True)
     folder = Path(tempfile.mkdtemp(prefix="teacher-learning-"))
-    _write_tiny_llava(folder, vision_config(args.tower, args.tower_layers), image_size=224, token_stride=16,
+    _write_tiny_llava(folder, vision_config(args.tower, args.tower_layers, args.tower_depths), image_size=224, token_stride=16,
                       strategy="full", extra_tokens=0, text_width=256, text_layers=2,
                       image_mean=PRINTOUT_MEAN, image_std=PRINTOUT_STD)
     torch.manual_seed(args.seed)
     model = teachers.create("vlm", str(folder), num_labels=len(jd.classes),
-                            id2label=dict(enumerate(jd.classes)), image_size=224)
+                            id2label=dict(enumerate(jd.classes)), image_size=224, pool=args.pool)
     body = model.hf_model.base_model
     mean_head = torch.nn.Linear(model.head.in_features, len(jd.classes))
+    model.to(args.device)
+    mean_head.to(args.device)
 
     if args.input == "ink":  # what the issue's image CNN read: grey level inverted
 
@@ -99,12 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     train = np.asarray(jd.data.splits["train"])
     if args.subset:
         train = np.sort(rng.choice(train, args.subset, replace=False))
-    labels = torch.from_numpy(np.asarray(jd.data.labels)).float()
+    labels = torch.from_numpy(np.asarray(jd.data.labels)).float().to(args.device)
     start = time.perf_counter()
     for _ in range(args.steps):
         idx = np.sort(rng.choice(train, args.batch, replace=False))
         loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits(torch.from_numpy(np.array(jd.images[idx]))), labels[idx])
+            logits(torch.from_numpy(np.array(jd.images[idx])).to(args.device)), labels[idx])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -114,10 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     val = np.asarray(jd.data.splits["val"])[:args.val]
     with torch.no_grad():
-        probs = torch.cat([torch.sigmoid(logits(torch.from_numpy(np.array(jd.images[val[s:s + 50]]))))
+        probs = torch.cat([torch.sigmoid(logits(torch.from_numpy(np.array(jd.images[val[s:s + 50]]))
+                                                .to(args.device))).cpu()
                            for s in range(0, len(val), 50)]).numpy()
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"tower {args.tower}{'' if args.tower == 'swin' else f' ({args.tower_layers} layers)'} ({n_params / 1e6:.2f}M), readout {args.readout}, input "
+    shape = '' if args.tower == 'swin' else f' ({args.tower_layers} layers, depths {args.tower_depths or [1] * 4})'
+    readout = args.readout if args.readout == "tower-mean" else f"llava/{args.pool}"
+    print(f"tower {args.tower}{shape} ({n_params / 1e6:.2f}M), readout {readout}, {args.device}, input "
           f"{args.input}, lr {args.lr}, "
           f"batch {args.batch}, {args.steps} steps over {len(train)} records: "
           f"{args.steps * args.batch / seconds:.1f} images/s, validation macro AUC "

@@ -73,7 +73,7 @@ def build_teacher(recipe: Recipe, classes: Sequence[str]):
                 lora=teachers.LoraSettings(r=t.lora_rank, alpha=t.lora_alpha,
                                            dropout=t.lora_dropout))
             if t.kind == "vlm":
-                kwargs.update(tokens=t.tokens, prompt=t.prompt, image_size=img.height,
+                kwargs.update(tokens=t.tokens, prompt=t.prompt, pool=t.pool, image_size=img.height,
                               render=_render_fields(recipe))
             else:
                 kwargs.update(sampling_rate=_view(recipe, t.view).sampling_rate,

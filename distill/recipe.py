@@ -142,6 +142,9 @@ class TeacherConfig:
     tokens: Literal["vision", "language"] = spec(
         "vision", help="VLM token features: projected visual tokens or LM hidden states at image positions")
     prompt: str = spec("Classify this 12-lead ECG.", help="text given with the image")
+    pool: Literal["last", "image-mean"] = spec(
+        "last", help="vlm: what the head reads: the LM's hidden state at the last prompt "
+                     "position, or the mean of its hidden states at the image positions")
     view: ViewConfig = spec(default_factory=ViewConfig)
     trust_remote_code: bool = spec(False, help="run code shipped with a hub model (off by default)")
     lora_rank: int = spec(16, help="LoRA adapter rank", ge=1, le=1024)

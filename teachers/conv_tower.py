@@ -11,7 +11,7 @@ thousands of printouts learn slowly (measured with ``recipes/teacher-zoo/ecg-vlm
 and a 2-stage Swin, 8-px patches: 0.63-0.64 validation macro AUC after 250-500 steps of
 32 images), while 3x3 convolutions with batch norm see the thin traces from the start.
 
-Layout: stages of (3x3 stride-2 conv, 3x3 conv), each with batch norm and ReLU, down to a
+Layout: stages of (3x3 stride-2 conv, ``depths[i]`` 3x3 convs), each with batch norm and ReLU, down to a
 ``image_size / 2**len(widths)`` grid (224 px, 4 stages: 14 x 14, a 16-px stride), a 1x1
 projection to ``hidden_size``, learned position embeddings, then ``num_hidden_layers``
 pre-norm transformer layers over the grid's tokens. ``hidden_states`` holds the tokens
@@ -36,6 +36,7 @@ class EcgConvTowerConfig(PreTrainedConfig):
         image_size: input side in pixels (square images).
         num_channels: input channels.
         widths: output channels of each convolutional stage (each halves the grid).
+        depths: 3x3 stride-1 convolutions after each stage's stride-2 one (default 1 each).
         hidden_size: token width after the 1x1 projection (what LLaVA's projector reads).
         num_hidden_layers: transformer layers over the tokens.
         num_attention_heads: heads of each transformer layer.
@@ -47,6 +48,7 @@ class EcgConvTowerConfig(PreTrainedConfig):
     image_size: int = 224
     num_channels: int = 3
     widths: list[int] | tuple[int, ...] = (32, 64, 128, 192)
+    depths: list[int] | tuple[int, ...] | None = None
     hidden_size: int = 256
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
@@ -54,6 +56,10 @@ class EcgConvTowerConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs: Any) -> None:
         self.widths = [int(w) for w in self.widths]
+        self.depths = [1] * len(self.widths) if self.depths is None else [int(d) for d in self.depths]
+        if len(self.depths) != len(self.widths) or min(self.depths, default=0) < 0:
+            raise ValueError(f"ecg_conv_tower: depths {self.depths} must give a count >= 0 "
+                             f"for each of the {len(self.widths)} stages of widths {self.widths}")
         if self.image_size % 2 ** len(self.widths):
             raise ValueError(f"ecg_conv_tower: image_size {self.image_size} is not divisible "
                              f"by 2**{len(self.widths)} (one halving per stage)")
@@ -85,8 +91,9 @@ class EcgConvTowerModel(PreTrainedModel):
     def __init__(self, config: EcgConvTowerConfig) -> None:
         super().__init__(config)
         stages, cin = [], config.num_channels
-        for width in config.widths:
-            stages.append(nn.Sequential(_conv_bn(cin, width, 2), _conv_bn(width, width, 1)))
+        for width, depth in zip(config.widths, config.depths):
+            stages.append(nn.Sequential(_conv_bn(cin, width, 2),
+                                        *(_conv_bn(width, width, 1) for _ in range(depth))))
             cin = width
         self.stages = nn.Sequential(*stages)
         self.proj = nn.Conv2d(cin, config.hidden_size, 1)

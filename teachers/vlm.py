@@ -15,7 +15,9 @@ Outputs (DESIGN.md, "The contracts"):
 - ``token_leads``: the renderer's patch-to-lead map for the tower's patch size
   (:func:`distill.data.render.patch_lead_map`), with a leading -1 when the feature-select
   strategy is "full" (which keeps the CLS token; "default" drops it).
-- ``pooled``: the final hidden state at the last prompt position; ``logits = head(pooled)``.
+- ``pooled``: the final hidden state at the last prompt position (``pool="last"``) or the
+  mean of the final hidden states at the image positions (``pool="image-mean"``);
+  ``logits = head(pooled)``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = ["DEFAULT_PROMPT", "VLMTeacher", "build_tiny_vlm", "visual_tokens"]
 
 DEFAULT_PROMPT = "USER: <image>\nWhat are the diagnoses of this 12-lead ECG? ASSISTANT:"
 TOKEN_SOURCES = ("vision", "language")
+POOLS = ("last", "image-mean")
 # What a vision tower applies after its encoder, which LLaVA's hidden-state features never
 # pass through: the final norm (CLIP/SigLIP ``post_layernorm``; Swin, ViT and DINOv2 a
 # ``layernorm`` directly under the tower), a pooling head or pooler.
@@ -118,6 +121,10 @@ class VLMTeacher(TeacherAdapter):
             height and width are always the tower's input size.
         trust_remote_code: forwarded to ``from_pretrained`` (off unless a recipe asks).
         dtype: backbone dtype ("float32" on CPU; "bfloat16" for a real model on a GPU).
+        pool: what the head reads: "last", the language model's hidden state at the last
+            prompt position (what a generating VLM answers from), or "image-mean", the mean
+            of its hidden states at the image positions (every visual token's evidence,
+            after the language model has mixed in the prompt).
     """
 
     input_names = ("image",)
@@ -132,12 +139,15 @@ class VLMTeacher(TeacherAdapter):
                  id2label: dict[int, str] | None = None, train_mode: str = "full",
                  load_in: str = "none", tokens: str = "vision", prompt: str = DEFAULT_PROMPT,
                  image_size: int | None = None, render: RenderConfig | dict | None = None,
-                 trust_remote_code: bool = False, lora: Any = None, dtype: str = "float32"):
+                 trust_remote_code: bool = False, lora: Any = None, dtype: str = "float32",
+                 pool: str = "last"):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         if tokens not in TOKEN_SOURCES:
             raise ValueError(f"unknown VLM token source {tokens!r}; expected one of "
                              f"{', '.join(TOKEN_SOURCES)}")
+        if pool not in POOLS:
+            raise ValueError(f"unknown VLM pool {pool!r}; expected one of {', '.join(POOLS)}")
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
         source = zoo.backbone_folder(name_or_path) or resolve_tiny("vlm", name_or_path)
@@ -155,13 +165,14 @@ class VLMTeacher(TeacherAdapter):
         settings = {"tokens": tokens, "prompt": prompt, "image_size": image_size,
                     "render": {k: v for k, v in dataclasses.asdict(render_config).items()
                                if k not in ("height", "width")},
-                    "dtype": dtype}
+                    "dtype": dtype, "pool": pool}
         super().__init__(backbone=backbone, hidden_size=int(config.text_config.hidden_size),
                          num_labels=num_labels, id2label=id2label, train_mode=train_mode,
                          load_in=load_in, source=str(name_or_path),
                          trust_remote_code=trust_remote_code, lora=lora, settings=settings)
         self.processor = processor
         self.tokens_from = tokens
+        self.pool = pool
         self.name_or_path = str(name_or_path)
         self._dtype = _DTYPES[dtype]
 
@@ -254,5 +265,8 @@ class VLMTeacher(TeacherAdapter):
             tokens = visual_tokens(out, batch, len(self.token_leads), hidden.shape[-1])
         else:
             tokens = hidden[:, self.image_positions]  # (B, N, D)
-        pooled = hidden[:, -1]  # (B, D): the last prompt position
+        if self.pool == "last":
+            pooled = hidden[:, -1]  # (B, D): the last prompt position
+        else:
+            pooled = hidden[:, self.image_positions].mean(1)  # (B, D): over the image positions
         return tokens, self.token_leads, pooled
