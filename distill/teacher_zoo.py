@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,13 +27,6 @@ from distill.recipe import Recipe
 # patient ids), scored by the packed teacher and stated on its card; a test re-scores it.
 CHECK_SET = {"records": 64, "seed": 2, "first_patient_id": 200001}
 CHECK_TOLERANCE = 0.01
-
-
-def _machine() -> str:
-    if torch.cuda.is_available():
-        return f"1 x {torch.cuda.get_device_name(0)}"
-    cpu = platform.processor() or platform.machine()
-    return f"{os.cpu_count()}-core CPU ({cpu}), {torch.get_num_threads()} torch threads"
 
 
 def check_set_data(info: dict[str, Any], classes: list[str], cache_dir: Path | None = None):
@@ -164,6 +156,7 @@ def pack(recipe: Recipe, recipe_path: str | os.PathLike, *, name: str | None = N
     import teachers
     from distill.data.synth import GENERATOR_VERSION, patient_id_range
     from distill.jobs import TEACHER_DIR, load_job_data
+    from distill.train import machine_description
     from teachers import zoo
 
     if recipe.teacher.kind != "vlm":
@@ -231,7 +224,7 @@ def pack(recipe: Recipe, recipe_path: str | os.PathLike, *, name: str | None = N
                         f"ecg-distill zoo pack {recipe_path}"),
             "training": {"epochs": metrics.get("epochs_run"), "steps": metrics.get("steps"),
                          "best_epoch": metrics.get("best_epoch")},
-            "runs": [{"machine": _machine(), "train_seconds": round(train_seconds, 1),
+            "runs": [{"machine": metrics.get("machine") or machine_description(), "train_seconds": round(train_seconds, 1),
                       "data_seconds": round(float(data_seconds), 1),
                       "records_per_s": round(seen / max(train_seconds, 1e-9), 2)}],
             "results": results,

@@ -537,6 +537,17 @@ def _save_best(accelerator, model: nn.Module, job: TrainJob, best_dir: Path,
     accelerator.wait_for_everyone()
 
 
+def machine_description(processes: int = 1) -> str:
+    """Where a job runs, for its metrics and a model card: the GPU model (times the
+    processes), or the CPU's cores and torch threads."""
+    if torch.cuda.is_available():
+        return f"{processes} x {torch.cuda.get_device_name(0)}"
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    return f"{os.cpu_count()}-core CPU ({cpu}), {torch.get_num_threads()} torch threads"
+
+
 def _metrics(job: TrainJob, state: ckpt.TrainerState, accelerator,
              seconds: float | None) -> dict[str, Any]:
     best = next((r for r in state.history if r["epoch"] == state.best_epoch), None)
@@ -549,6 +560,7 @@ def _metrics(job: TrainJob, state: ckpt.TrainerState, accelerator,
         "steps": state.step,
         "stopped_early": state.stopped_early,
         "processes": accelerator.num_processes,
+        "machine": machine_description(accelerator.num_processes),
         "val_records": len(job.val_set),
         "best": best,
         "history": state.history,
