@@ -472,3 +472,28 @@ def test_conv_tower_plugs_into_llava_and_reloads(tmp_path: Path) -> None:
                       strategy="full", extra_tokens=0)
     conv_only = teachers.create("vlm", str(tmp_path / "conv-only"), num_labels=NUM_LABELS)
     assert not any("vision_tower" in n for n in conv_only.unused_parameter_names())
+
+
+def test_vlm_pool_reads_the_image_positions_and_survives_a_reload(tmp_path: Path) -> None:
+    """``pool="image-mean"``: the head reads the mean of the language model's last hidden
+    states at the image positions (not the last prompt position); the setting is saved."""
+    torch.manual_seed(0)
+    model = teachers.create("vlm", num_labels=NUM_LABELS, train_mode="frozen",
+                            pool="image-mean").eval()
+    last = teachers.create("vlm", num_labels=NUM_LABELS, train_mode="frozen").eval()
+    images = image_batch(2)["image"]
+    with torch.no_grad():
+        out = model(image=images)
+        ids = model.input_ids.unsqueeze(0).expand(2, -1)
+        hidden = model.hf_model.base_model(input_ids=ids, pixel_values=model.pixel_values(images),
+                                           return_dict=True).last_hidden_state
+        torch.testing.assert_close(out.pooled, hidden[:, model.image_positions].mean(1))
+        torch.testing.assert_close(last(image=images).pooled, hidden[:, -1])
+        torch.testing.assert_close(out.logits, model.head(out.pooled))
+    model.save_pretrained(tmp_path / "saved")
+    again = teachers.load(tmp_path / "saved").eval()
+    assert again.pool == "image-mean"
+    with torch.no_grad():
+        torch.testing.assert_close(again(image=images).logits, out.logits)
+    with pytest.raises(ValueError, match="unknown VLM pool 'max'"):
+        teachers.create("vlm", num_labels=NUM_LABELS, pool="max")
