@@ -5,7 +5,7 @@ Measured side by side in one run (interleaved repeats, medians of the training l
 wall time, evaluation and checkpointing excluded):
 
   * distillation of one student with the teacher's outputs read from the cache;
-  * the same with the tiny VLM teacher run live on every batch, reading the cached images;
+  * the same with the recipe's teacher run live on every batch, reading the cached images;
   * the same with augmentation on: every record augmented and its image drawn live before
     the teacher runs (what ``train.augment`` costs);
   * a label-only epoch of the same student (the baseline);
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
               f"records, batch {recipe.train.batch_size}")
         jd = load_job_data(recipe, progress=False)
         n_train = len(jd.data.splits["train"])
-        # the teacher as distillation reads it: the tiny VLM, as built (frozen weights)
+        # the teacher as distillation reads it: the recipe's teacher, frozen, as loaded
+        mode, name = recipe.teacher.train_mode, recipe.teacher.name_or_path
         recipe.teacher.train_mode = "frozen"
         teacher = load_frozen_teacher(jd, root)
         start = time.perf_counter()
@@ -106,9 +107,9 @@ def main(argv: list[str] | None = None) -> None:
 
         if not args.skip_per_command:
             print("\none epoch of each command's jobs (training loop only):")
-            recipe.teacher.train_mode = "full"
+            recipe.teacher.train_mode = mode
             sec, rate = one_epoch(teacher_job(jd), recipe, root, "teacher")
-            print(f"  ecg-distill teacher  tiny VLM (full)      {sec:8.2f} s {rate:8.0f} records/s")
+            print(f"  ecg-distill teacher  {f'{name} ({mode})':<20} {sec:8.2f} s {rate:8.0f} records/s")
             for s in recipe.students:
                 label = f"{s.family}/{s.size}"
                 sec, rate = one_epoch(baseline_job(jd, s), recipe, root, f"b-{s.size}")
