@@ -29,10 +29,11 @@ MIN_PER_WORKER = 2000  # items; below this a worker's start (imports) outweighs 
 R = TypeVar("R")
 
 
-def data_workers(n_items: int, requested: int | None = None) -> int:
+def data_workers(n_items: int, requested: int | None = None,
+                 min_per_worker: int = MIN_PER_WORKER) -> int:
     """Processes to use for ``n_items`` items: ``requested`` when given, else the
     environment's ``ECG_DISTILL_DATA_WORKERS``, else one per core while each gets at
-    least ``MIN_PER_WORKER`` items (always at least 1)."""
+    least ``min_per_worker`` items (always at least 1)."""
     if requested is None:
         env = os.environ.get(ENV_WORKERS, "").strip()
         if env:
@@ -45,7 +46,7 @@ def data_workers(n_items: int, requested: int | None = None) -> int:
             raise DataError(f"data workers must be at least 1, got {requested}")
         return max(1, min(requested, n_items))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, n_items // MIN_PER_WORKER))
+    return max(1, min(cores, n_items // min_per_worker))
 
 
 def chunk_size(n_items: int, workers: int, most: int) -> int:

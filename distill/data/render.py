@@ -285,14 +285,25 @@ def image_cache_key(key: str, fs: float, config: RenderConfig, n_records: int, n
     })
 
 
-def _render_range(store: str, dtype: str, shape: tuple[int, ...], offset: int, rows: np.ndarray,
-                  fs: float, config: RenderConfig, batch_size: int) -> np.ndarray:
-    """Render rows ``rows`` of a memory-mapped signal store (run in a worker process)."""
-    signals = np.memmap(store, dtype=np.dtype(dtype), mode="r", shape=shape, offset=offset)
-    images = np.empty((len(rows), 3, config.height, config.width), dtype=np.uint8)
+RENDER_PER_WORKER = 10000  # records a render worker must get before workers are used
+
+
+def _render_range(store: tuple[str, str, tuple[int, ...], int], rows: np.ndarray,
+                  target: tuple[str, str, tuple[int, ...], int], start: int, fs: float,
+                  config: RenderConfig, batch_size: int) -> int:
+    """Render rows ``rows`` of a memory-mapped signal store into rows ``start:`` of a
+    memory-mapped image array, each given as (file, dtype, shape, offset); run in a worker
+    process, so only these arguments travel, never the images. Returns the count."""
+    def open_map(where: tuple[str, str, tuple[int, ...], int], mode: str) -> np.memmap:
+        file, dtype, shape, offset = where
+        return np.memmap(file, dtype=np.dtype(dtype), mode=mode, shape=shape, offset=offset)
+
+    signals, images = open_map(store, "r"), open_map(target, "r+")
     for s in range(0, len(rows), batch_size):
-        images[s:s + batch_size] = render_batch(np.asarray(signals[rows[s:s + batch_size]]), fs, config)
-    return images
+        e = min(s + batch_size, len(rows))
+        images[start + s:start + e] = render_batch(np.asarray(signals[rows[s:e]]), fs, config)
+    images.flush()
+    return len(rows)
 
 
 def cached_images(
@@ -334,21 +345,24 @@ def cached_images(
     shape = (n, 3, config.height, config.width)
 
     def fill(out: np.ndarray) -> None:
-        # Workers read their records from the signal store by file name (a memmap), so only
-        # images travel between processes; an in-memory array or a test's renderer stays here.
-        # (``ECGData.signals`` is the store itself or a lazy view of some of its rows).
+        # Workers read their records from the signal store and write their images into
+        # ``out`` by file name (both memmaps), so no image travels between processes; an
+        # in-memory array or a test's renderer stays in this process.
+        # (``ECGData.signals`` is the store itself or a lazy view of some of its rows.)
         memmap, rows = getattr(arr, "store", arr), getattr(arr, "rows", None)
         rows = np.arange(n) if rows is None else np.asarray(rows)
-        found = isinstance(memmap, np.memmap) and memmap.filename is not None and renderer is None
-        workers = data_workers(n) if found else 1
+        mapped = all(isinstance(m, np.memmap) and m.filename is not None for m in (memmap, out))
+        # (rendering runs at about 1,000 records/s a core: a worker's start, about a second
+        # of imports, pays off only on large sets; benchmarks/data.py measures both)
+        workers = data_workers(n, min_per_worker=RENDER_PER_WORKER) if mapped and renderer is None else 1
         with progress_bar(total=n, desc=f"rendering {config.height}x{config.width}", unit="ecg", enabled=progress) as bar:
             if workers > 1:
+                out.flush()
                 ranges = chunk_ranges(n, chunk_size(n, workers, 1000))
-                where = (str(memmap.filename), memmap.dtype.str, tuple(memmap.shape), memmap.offset)
-                tasks = [(*where, rows[s:e], fs, config, batch_size) for s, e in ranges]
-                for (s, e), images in zip(ranges, map_chunks(_render_range, tasks, workers)):
-                    out[s:e] = images
-                    bar.update(e - s)
+                where = [(str(m.filename), m.dtype.str, tuple(m.shape), m.offset) for m in (memmap, out)]
+                tasks = [(where[0], rows[s:e], where[1], s, fs, config, batch_size) for s, e in ranges]
+                for count in map_chunks(_render_range, tasks, workers):
+                    bar.update(count)
                 return
             for s in range(0, n, batch_size):
                 e = min(s + batch_size, n)
