@@ -7,6 +7,7 @@ what the recipe says, and each consumer reads the view of the data the recipe gi
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,6 +59,10 @@ def build_teacher(recipe: Recipe, classes: Sequence[str]):
     saved = zoo.folder(t.name_or_path) or Path(t.name_or_path).expanduser()
     try:  # a render size or setting the model cannot take is a ValueError
         if (saved / "teacher.json").is_file():
+            kind = json.loads((saved / "teacher.json").read_text()).get("kind")
+            if kind != t.kind:
+                raise RecipeError(f"teacher.name_or_path: {t.name_or_path} is a {kind} teacher, "
+                                  f"but teacher.kind is {t.kind}")
             overrides: dict[str, Any] = {"train_mode": t.train_mode}
             if t.kind == "vlm":
                 overrides.update(image_size=img.height, render=_render_fields(recipe))

@@ -60,7 +60,8 @@ def test_render_size_the_teacher_cannot_read_is_a_recipe_error() -> None:
 
 
 def test_signal_teacher_from_recipe() -> None:
-    recipe = quickstart("teacher.kind=signal", "teacher.seconds=5")
+    recipe = quickstart("teacher.kind=signal", "teacher.name_or_path=tiny", "teacher.train_mode=full",
+                        "teacher.seconds=5")
     teacher = build_teacher(recipe, CLASSES).eval()
     with torch.no_grad():
         out = teacher(**model_inputs(teacher, {"signal": torch.randn(2, 12, 1000)}))
@@ -69,11 +70,13 @@ def test_signal_teacher_from_recipe() -> None:
 
 
 def test_objective_from_the_recipe_trains_student_and_alignment() -> None:
-    """The quickstart's objective on the tiny VLM teacher and a tiny student: every term
-    the recipe weights is computed, gradients reach the student and the learnable losses."""
+    """The quickstart's objective (relation on, ot off) on the tiny VLM teacher and a tiny
+    student: every term the recipe weights is computed, gradients reach the student and the learnable losses."""
     from distill.factory import build_objective
 
-    recipe = quickstart("distill.weights.ot=0", "distill.align_dim=32", "distill.mhca_heads=2")
+    recipe = quickstart("teacher.name_or_path=tiny", "teacher.train_mode=full",
+                        "distill.weights.ot=0", "distill.weights.relation=1",
+                        "distill.align_dim=32", "distill.mhca_heads=2")
     teacher = build_teacher(recipe, CLASSES).eval()
     student = build_student(recipe, recipe.students[0], CLASSES).train()
     rng = np.random.default_rng(1)
@@ -102,3 +105,10 @@ def test_align_dim_must_split_into_heads() -> None:
     with pytest.raises(RecipeError, match="distill.align_dim: 30 is not a multiple of "
                                           "distill.mhca_heads=4"):
         quickstart("distill.align_dim=30")
+
+
+def test_a_shipped_teacher_of_another_kind_is_refused() -> None:
+    """``teacher.kind: signal`` naming the shipped VLM stops with the key and both kinds."""
+    with pytest.raises(RecipeError, match="teacher.name_or_path: ecg-vlm-small is a vlm teacher, "
+                                          "but teacher.kind is signal"):
+        build_teacher(quickstart("teacher.kind=signal"), CLASSES)
