@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.errors import ECGDistillError
-from distill.io import atomic_write_text, sha256_file
+from distill.io import atomic_write_text, replace_folder, sha256_file
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -84,10 +84,8 @@ def seal(tmp: Path, final: Path, state: TrainerState) -> Path:
     manifest = {"state": asdict(state),
                 "files": {str(p.relative_to(tmp)): sha256_file(p) for p in _files(tmp)}}
     atomic_write_text(tmp / STATE_FILE, json.dumps(manifest, indent=1))
-    if final.exists():  # the same step saved again (e.g. an epoch end on a step boundary)
-        shutil.rmtree(final)
-    tmp.rename(final)
-    return final
+    # the same step may be saved again (an epoch end on a step boundary): replaced whole
+    return replace_folder(tmp, final)
 
 
 def prune(root: Path, keep: int, protect: set[Path] = frozenset()) -> None:

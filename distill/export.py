@@ -41,7 +41,7 @@ import numpy as np
 from distill.compare import load_results
 from distill.compare import prediction_folder as folder_name  # "distill a/b" -> "distill_a-b"
 from distill.errors import ECGDistillError
-from distill.io import atomic_write_text
+from distill.io import atomic_write_text, replace_folder
 from distill.progress import progress_bar
 from distill.publish import (
     CONFIG_KEYS,
@@ -202,19 +202,9 @@ def _load_data(recipe, progress: bool):
 def _install(tmp: Path, dest: Path, force: bool) -> None:
     """Rename a finished folder into place; an old one is removed only once the new one
     is there (and put back if the rename fails)."""
-    if not dest.exists():
-        os.replace(tmp, dest)
-        return
-    if not force:
+    if dest.exists() and not force:
         raise ECGDistillError(f"{dest} exists; pass --force to replace it")
-    old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
-    os.replace(dest, old)
-    try:
-        os.replace(tmp, dest)
-    except OSError:
-        os.replace(old, dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, dest)
 
 
 def write_folder(folder: Path, *, name: str, results: dict[str, Any], source: Path,

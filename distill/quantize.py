@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from distill.errors import ECGDistillError
-from distill.io import atomic_write_text
+from distill.io import atomic_write_text, replace_folder
 from distill.publish import require_safetensors
 
 FORMATS: tuple[str, ...] = ("int8", "nf4", "fp4")
@@ -303,9 +303,7 @@ def quantize_folder(source: str | os.PathLike, fmt: str, out: str | os.PathLike,
             part_stored_bytes=part_bytes(tmp / "model.safetensors", list(p.quantized)))
         summary = {**result.to_dict(), "source": str(source)}
         atomic_write_text(tmp / SUMMARY_FILE, json.dumps(summary, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result

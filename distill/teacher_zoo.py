@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from distill.errors import RecipeError
+from distill.io import replace_folder
 from distill.recipe import Recipe
 
 # The check set: records no zoo corpus or quickstart set contains (their own seed and
@@ -239,13 +240,7 @@ def pack(recipe: Recipe, recipe_path: str | os.PathLike, *, name: str | None = N
         (tmp / zoo.CARD_FILE).write_text(json.dumps(info, indent=1) + "\n")
         (tmp / "README.md").write_text(_card_text(name, info))
         zoo.verify(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_folder(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from distill import checkpoint as ckpt
 from distill.errors import ECGDistillError
 from distill.evaluate import label_aucs, macro_auc
-from distill.io import atomic_write_text
+from distill.io import atomic_write_text, replace_folder
 from distill.progress import progress_bar
 from distill.recipe import TrainConfig
 
@@ -230,16 +230,6 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, buf.getvalue())
-
-
-def _replace_folder(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` to ``final``; an existing ``final`` is removed only after the move."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class _Running:
@@ -533,7 +523,7 @@ def _save_best(accelerator, model: nn.Module, job: TrainJob, best_dir: Path,
         job.save_model(unwrapped, tmp, state_dict)
         np.savez(tmp / "val_predictions.npz", index=result.index, probs=result.probs,
                  labels=result.labels)
-        _replace_folder(tmp, best_dir)
+        replace_folder(tmp, best_dir)
     accelerator.wait_for_everyone()
 
 

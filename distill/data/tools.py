@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from distill.errors import DataError
+from distill.io import replace_folder
 
 
 def _folder_has_content(folder: Path) -> bool:
@@ -41,13 +42,7 @@ def write_synthetic(out: str | os.PathLike, *, records: int, seed: int,
     try:
         summary = generate_ptbxl(tmp, records, seed=seed, sampling_rates=tuple(sampling_rates),
                                  progress=progress, first_patient_id=first_patient_id)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_folder(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return summary
