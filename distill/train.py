@@ -33,6 +33,7 @@ import io
 import json
 import math
 import os
+import platform
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -532,8 +533,6 @@ def machine_description(processes: int = 1) -> str:
     processes), or the CPU's cores and torch threads."""
     if torch.cuda.is_available():
         return f"{processes} x {torch.cuda.get_device_name(0)}"
-    import platform
-
     cpu = platform.processor() or platform.machine()
     return f"{os.cpu_count()}-core CPU ({cpu}), {torch.get_num_threads()} torch threads"
 
