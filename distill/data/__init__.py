@@ -19,7 +19,7 @@ _LAZY = {
     **dict.fromkeys(["BAD_RECORD_MODES", "SCALERS", "ECGData", "ECGSplit", "KeptRows", "Scaler",
                      "SignalView", "load_cinc", "load_ptbxl"], "distill.data.dataset"),
     **dict.fromkeys(["NUM_LEADS", "STANDARD_LEADS", "lead_index", "lead_indices",
-                     "standard_order"], "distill.data.leads"),
+                     "standard_order"], "distill.core.leads"),
     **dict.fromkeys(["DEFAULT_FOLDS", "TASKS", "aggregate_labels", "fold_indices",
                      "read_database", "read_statements"], "distill.data.ptbxl"),
     **dict.fromkeys(["Record", "check_signal", "read_record", "resample"],

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from distill.errors import DataError
-from distill.io import atomic_write_text
+from distill.core.errors import DataError
+from distill.core.io import atomic_write_text
 
 CACHE_ENV = "ECG_DISTILL_CACHE"
 

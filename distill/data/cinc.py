@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from distill.errors import DataError
+from distill.core.errors import DataError
 
 
 def parse_comments(lines: Sequence[str]) -> dict[str, object]:

@@ -26,14 +26,14 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
-from distill.progress import progress_bar
+from distill.core.progress import progress_bar
 
 from distill.data import cinc, ptbxl
 from distill.data.cache import ArrayCache, fingerprint
-from distill.data.leads import NUM_LEADS, lead_indices
+from distill.core.leads import NUM_LEADS, lead_indices
 from distill.data.parallel import chunk_ranges, chunk_size, data_workers, map_chunks
 from distill.data.records import fit_length, read_record, resample
-from distill.errors import DataError
+from distill.core.errors import DataError
 
 SCALERS = ("global", "per_lead", "none")
 BAD_RECORD_MODES = ("error", "skip")

@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from distill.errors import DataError
+from distill.core.errors import DataError
 
 __all__ = ["ENV_WORKERS", "MIN_PER_WORKER", "data_workers", "chunk_size", "chunk_ranges", "map_chunks"]
 

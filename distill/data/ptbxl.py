@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from distill.errors import DataError
+from distill.core.errors import DataError
 
 TASKS: tuple[str, ...] = ("all", "diagnostic", "subdiagnostic", "superdiagnostic", "form", "rhythm")
 DATABASE_FILE = "ptbxl_database.csv"

@@ -8,7 +8,7 @@ Both layouts the project meets go through :func:`read_record`:
 
 Every problem a user can meet with real files (a missing or truncated file, a header wfdb
 cannot parse, NaN samples, a flat or missing lead) is reported as one line of
-:class:`~distill.errors.DataError` that names the record, never as a traceback from inside
+:class:`~distill.core.errors.DataError` that names the record, never as a traceback from inside
 wfdb or numpy.
 """
 
@@ -24,8 +24,8 @@ import numpy as np
 import wfdb
 from scipy.signal import resample_poly
 
-from distill.data.leads import NUM_LEADS, STANDARD_LEADS, standard_order
-from distill.errors import DataError
+from distill.core.leads import NUM_LEADS, STANDARD_LEADS, standard_order
+from distill.core.errors import DataError
 
 # A lead whose standard deviation over the whole record is below this (in mV) carries no
 # signal: 1e-4 mV is a tenth of one ADC step at the usual 1 µV resolution, so any lead

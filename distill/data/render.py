@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from distill.data.cache import ArrayCache, fingerprint
-from distill.data.leads import NUM_LEADS
+from distill.core.leads import NUM_LEADS
 from distill.data.parallel import chunk_ranges, chunk_size, data_workers, map_chunks
 from distill.data.render_layout import (  # noqa: F401  (re-exported: the renderer's public API)
     LAYOUTS,
@@ -48,8 +48,8 @@ from distill.data.render_layout import (  # noqa: F401  (re-exported: the render
     patch_lead_map,
     row_bounds,
 )
-from distill.errors import DataError
-from distill.progress import progress_bar
+from distill.core.errors import DataError
+from distill.core.progress import progress_bar
 
 
 @dataclass(frozen=True)

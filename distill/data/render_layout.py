@@ -14,8 +14,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from distill.data.leads import STANDARD_LEADS, lead_index
-from distill.errors import DataError
+from distill.core.leads import STANDARD_LEADS, lead_index
+from distill.core.errors import DataError
 
 # Bumped whenever the drawing changes, so cached images drawn by older code are not reused.
 RENDER_VERSION = 1

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy.signal import firwin, upfirdn
-from distill.progress import progress_bar
+from distill.core.progress import progress_bar
 
 from distill.data import synth_physiology as phys
 from distill.data.parallel import chunk_ranges, chunk_size, data_workers, map_chunks
-from distill.errors import DataError
+from distill.core.errors import DataError
 
 SUPERCLASSES = ("NORM", "MI", "STTC", "CD", "HYP")
 

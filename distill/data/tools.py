@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from distill.errors import DataError
-from distill.io import replace_folder
+from distill.core.errors import DataError
+from distill.core.io import replace_folder
 
 
 def _folder_has_content(folder: Path) -> bool:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers.utils import ModelOutput
 
-from distill.data.leads import NUM_LEADS
+from distill.core.leads import NUM_LEADS
 
 
 @dataclass

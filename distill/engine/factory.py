@@ -11,8 +11,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from distill.config_schema import to_dict
-from distill.errors import RecipeError
+from distill.core.schema import to_dict
+from distill.core.errors import RecipeError
 from distill.recipe import Recipe, StudentConfig, ViewConfig
 
 

@@ -3,7 +3,7 @@
 For the teacher, each student's label-only baseline, each distilled student and each
 ablation, predictions on the validation and test folds are computed once and kept
 (``eval/<model>/predictions.npz``); then, under the PTB-XL protocol
-(:mod:`distill.evaluate`), on the same bootstrap resamples of the test fold for every
+(:mod:`distill.metrics.classification`), on the same bootstrap resamples of the test fold for every
 model:
 
 * macro AUC [CI], per-label AUC, macro F-max, sample-wise accuracy at thresholds chosen on
@@ -32,10 +32,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from distill.evaluate import (bootstrap_interval, bootstrap_samples, choose_thresholds, fmax,
+from distill.metrics.classification import (bootstrap_interval, bootstrap_samples, choose_thresholds, fmax,
                               label_aucs, paired_difference, sample_accuracy)
-from distill.io import atomic_write_text
-from distill.progress import progress_bar
+from distill.core.io import atomic_write_text
+from distill.core.progress import progress_bar
 
 RESULTS_FILE = "results.json"
 
@@ -75,7 +75,7 @@ def predict(model: nn.Module, dataset, inputs: Callable, batch_size: int = 64,
 def weights_bytes(model: nn.Module) -> int:
     """Bytes of the parameters and buffers in memory (shared tensors once), plus the
     scales and quant states bitsandbytes keeps beside quantized weights."""
-    from distill.quantize import quantized_weights_extra_bytes
+    from distill.compress.quantize import quantized_weights_extra_bytes
 
     seen, total = set(), 0
     for t in (*model.parameters(), *model.buffers()):
@@ -159,7 +159,7 @@ def footprint(model: nn.Module, make_inputs: Callable[[int], dict[str, torch.Ten
         latency is the fastest of ``repeats`` timed passes (the least disturbed by other
         work on the machine; a median moves with the load of a shared CPU).
     """
-    from distill.profile import count_parameters, latency
+    from distill.metrics.footprint import count_parameters, latency
 
     model = model.to("cpu").eval()
     weights = weights_bytes(model)
@@ -204,8 +204,8 @@ def load_results(run_dir: str | os.PathLike) -> dict[str, Any]:
     merged into ``models`` and its other entries under ``quantization``; the fp32 figures
     of the quantize stage (measured beside the variants) stay under
     ``quantization.reference``."""
-    from distill.errors import ECGDistillError
-    from distill.quantize import QUANTIZED_FILE
+    from distill.core.errors import ECGDistillError
+    from distill.compress.quantize import QUANTIZED_FILE
 
     run_dir = Path(run_dir)
     path = run_dir / RESULTS_FILE
@@ -304,9 +304,9 @@ def run_candidates(jd, run_dir: Path) -> list[Candidate]:
     from transformers import AutoModel
 
     import students  # noqa: F401  (registers the student classes with AutoModel)
-    from distill.jobs import (ablation_folder, load_frozen_teacher, student_folder, student_key,
+    from distill.engine.jobs import (ablation_folder, load_frozen_teacher, student_folder, student_key,
                               teacher_inputs)
-    from distill.factory import student_name
+    from distill.engine.factory import student_name
 
     recipe = jd.recipe
     t_folder = None if recipe.teacher.train_mode == "frozen" else run_dir / "teacher" / "best"
@@ -388,8 +388,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_folder: str | Path, *,
 
     import students  # noqa: F401
     from distill.data.dataset import SignalView, load_ptbxl
-    from distill.errors import ECGDistillError
-    from distill.publish import require_safetensors
+    from distill.core.errors import ECGDistillError
+    from distill.hub.publish import require_safetensors
     from students.preprocess import scaler_from_config
 
     checkpoint = Path(checkpoint)

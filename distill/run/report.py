@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.data.leads import STANDARD_LEADS
-from distill.io import atomic_write_text
+from distill.core.leads import STANDARD_LEADS
+from distill.core.io import atomic_write_text
 
 FIG_DIR = "figures"
 
@@ -54,7 +54,7 @@ def _fmt(iv: dict[str, float] | None, signed: bool = False) -> str:
 
 
 def _count(n: float) -> str:
-    from distill.profile import format_count
+    from distill.metrics.footprint import format_count
 
     return format_count(n)
 
@@ -280,15 +280,15 @@ def token_figures(jd, run_dir: Path, fig_dir: Path, records: int = 32) -> dict[s
     from transformers import AutoModel
 
     import students  # noqa: F401
-    from distill.factory import build_objective, student_name
-    from distill.jobs import OBJECTIVE_FILE, load_frozen_teacher, student_folder, student_key
+    from distill.engine.factory import build_objective, student_name
+    from distill.engine.jobs import OBJECTIVE_FILE, load_frozen_teacher, student_folder, student_key
 
     recipe = jd.recipe
     extras = {"image": jd.images} if recipe.teacher.kind == "vlm" else None
     test = jd.data.split("test", jd.views, extras=extras)
     batch = torch.utils.data.default_collate([test[i] for i in range(min(records, len(test)))])
     teacher = load_frozen_teacher(jd, run_dir)
-    from distill.jobs import teacher_inputs
+    from distill.engine.jobs import teacher_inputs
 
     with torch.no_grad():
         t_out = teacher(**teacher_inputs(recipe.teacher.kind)(batch))
@@ -323,7 +323,7 @@ def token_figures(jd, run_dir: Path, fig_dir: Path, records: int = 32) -> dict[s
 
 def write_report(jd, run_dir: Path) -> Path:
     """``report.md`` and the figures, from ``results.json`` and the job logs."""
-    from distill.compare import load_results
+    from distill.run.compare import load_results
 
     results = load_results(run_dir)
     fig_dir = run_dir / FIG_DIR

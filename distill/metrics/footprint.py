@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from distill.modeling import model_inputs
+from distill.core.contract import model_inputs
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:

@@ -43,9 +43,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.errors import ECGDistillError
-from distill.io import atomic_write_text, replace_folder
-from distill.publish import require_safetensors
+from distill.core.errors import ECGDistillError
+from distill.core.io import atomic_write_text, replace_folder
+from distill.hub.publish import require_safetensors
 
 FORMATS: tuple[str, ...] = ("int8", "nf4", "fp4")
 BITS: dict[str, int] = {"int8": 8, "nf4": 4, "fp4": 4}
@@ -138,7 +138,7 @@ def plan(model: nn.Module, fmt: str) -> QuantPlan:
     """What ``fmt`` quantizes in ``model`` (an fp32 student), following the module docstring."""
     if fmt not in FORMATS:
         raise QuantizeError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    from distill.profile import count_parameters
+    from distill.metrics.footprint import count_parameters
 
     p = QuantPlan(format=fmt, parameters=count_parameters(model))
     for name, module in model.named_modules():
@@ -378,7 +378,7 @@ TEACHER_PRECISIONS: tuple[str, ...] = ("none", "8bit", "4bit")
 def quantized_folder(kind: str, spec: Any, fmt: str) -> str:
     """Where the ``fmt`` variant of a trained student (``kind`` baseline or distill) lives,
     relative to the run folder."""
-    from distill.jobs import student_folder
+    from distill.engine.jobs import student_folder
 
     return f"{QUANTIZED_DIR}/{kind}-{student_folder(spec)}-{fmt}"
 
@@ -394,9 +394,9 @@ def quantize_run(jd: Any, run_dir: Path, progress: bool = True) -> dict[str, Any
     memory, CPU latency at batch 1 and 64). The teacher's memory at each precision
     (fp32, 8-bit, 4-bit) is measured too. Everything goes to ``quantized.json``.
     """
-    from distill.compare import _random_inputs, evaluate_candidates
-    from distill.factory import student_name
-    from distill.jobs import student_folder, student_key
+    from distill.run.compare import _random_inputs, evaluate_candidates
+    from distill.engine.factory import student_name
+    from distill.engine.jobs import student_folder, student_key
 
     recipe = jd.recipe
     q = recipe.quantize
@@ -457,7 +457,7 @@ def quantize_run(jd: Any, run_dir: Path, progress: bool = True) -> dict[str, Any
 
 def _candidate(name: str, kind: str, folder: Path, key: str, student: str, **extra: Any):
     """A student folder as the evaluation sees it: loaded from disk, reading view ``key``."""
-    from distill.compare import Candidate
+    from distill.run.compare import Candidate
 
     return Candidate(name, kind, folder, lambda: load_student(folder),
                      lambda batch: {"signal": batch[key]}, key, student, extra=extra)
@@ -471,9 +471,9 @@ def teacher_memory(jd: Any, run_dir: Path,
     import dataclasses
 
     import teachers
-    from distill.compare import Candidate, _random_inputs, peak_activation_bytes, weights_bytes
-    from distill.factory import build_teacher
-    from distill.jobs import TEACHER_DIR, teacher_inputs
+    from distill.run.compare import Candidate, _random_inputs, peak_activation_bytes, weights_bytes
+    from distill.engine.factory import build_teacher
+    from distill.engine.jobs import TEACHER_DIR, teacher_inputs
 
     recipe = jd.recipe
     best = run_dir / TEACHER_DIR / "best"

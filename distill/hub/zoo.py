@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.errors import RecipeError
-from distill.io import replace_folder
+from distill.core.errors import RecipeError
+from distill.core.io import replace_folder
 from distill.recipe import Recipe
 
 # The check set: records no zoo corpus or quickstart set contains (their own seed and
@@ -55,7 +55,7 @@ def check_set_data(info: dict[str, Any], classes: list[str], cache_dir: Path | N
 @torch.no_grad()
 def score_check_set(teacher: torch.nn.Module, info: dict[str, Any]) -> float:
     """Macro AUC of ``teacher`` on the card's check set."""
-    from distill.evaluate import macro_auc
+    from distill.metrics.classification import macro_auc
 
     teacher.eval()
     classes = list(teacher.id2label.values())
@@ -66,9 +66,9 @@ def score_check_set(teacher: torch.nn.Module, info: dict[str, Any]) -> float:
 
 
 def _fold_auc(teacher, jd, split: str, progress: bool) -> float:
-    from distill.compare import predict
-    from distill.evaluate import macro_auc
-    from distill.jobs import teacher_inputs
+    from distill.run.compare import predict
+    from distill.metrics.classification import macro_auc
+    from distill.engine.jobs import teacher_inputs
 
     dataset = jd.data.split(split, {"teacher": jd.views["teacher"]}, extras={"image": jd.images})
     index, probs = predict(teacher, dataset, teacher_inputs("vlm"), batch_size=64,
@@ -156,8 +156,8 @@ def pack(recipe: Recipe, recipe_path: str | os.PathLike, *, name: str | None = N
     """
     import teachers
     from distill.data.synth import GENERATOR_VERSION, patient_id_range
-    from distill.jobs import TEACHER_DIR, load_job_data
-    from distill.train import machine_description
+    from distill.engine.jobs import TEACHER_DIR, load_job_data
+    from distill.engine.train import machine_description
     from teachers import zoo
 
     if recipe.teacher.kind != "vlm":

@@ -16,7 +16,7 @@
     checksums.sha256      SHA-256 of every other file (``sha256sum -c`` reads it)
 
 A folder is written in a temporary folder next to its destination, verified in a fresh
-process (:func:`distill.publish.verify_folders`) and only then renamed into place, so a
+process (:func:`distill.hub.publish.verify_folders`) and only then renamed into place, so a
 failed or killed export leaves no half-written folder and replaces nothing; an existing
 export is replaced only with ``force``.
 
@@ -38,12 +38,12 @@ from typing import Any
 
 import numpy as np
 
-from distill.compare import load_results
-from distill.compare import prediction_folder as folder_name  # "distill a/b" -> "distill_a-b"
-from distill.errors import ECGDistillError
-from distill.io import atomic_write_text, replace_folder
-from distill.progress import progress_bar
-from distill.publish import (
+from distill.run.compare import load_results
+from distill.run.compare import prediction_folder as folder_name  # "distill a/b" -> "distill_a-b"
+from distill.core.errors import ECGDistillError
+from distill.core.io import atomic_write_text, replace_folder
+from distill.core.progress import progress_bar
+from distill.hub.publish import (
     CONFIG_KEYS,
     MANIFEST,
     SAMPLES,
@@ -194,7 +194,7 @@ def export_run(run_dir: str | os.PathLike, *, models: Sequence[str] | None = Non
 
 
 def _load_data(recipe, progress: bool):
-    from distill.pipeline import load_data
+    from distill.run.pipeline import load_data
 
     return load_data(recipe, progress=progress)
 
@@ -229,7 +229,7 @@ def write_folder(folder: Path, *, name: str, results: dict[str, Any], source: Pa
     atomic_write_text(folder / "results.json", json.dumps(summary, indent=1))
     _write_samples(folder / SAMPLES, sample_records(data, config, run_dir, name, entry, samples),
                    atol=ATOL["quantized" if config.get("quantization_config") else "fp32"])
-    from distill.model_card import model_card
+    from distill.hub.model_card import model_card
 
     model_card(name, entry, results, recipe, config).save(folder / "README.md")
     write_manifest(folder)
@@ -300,7 +300,7 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_publish(args) -> int:
-    from distill.publish import publish_folder
+    from distill.hub.publish import publish_folder
 
     out = publish_folder(args.folder, args.repo_id, revision=args.revision, private=args.private,
                          force=args.force, to=args.to, endpoint=args.endpoint,

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.errors import ECGDistillError
-from distill.io import atomic_write_text, replace_folder, sha256_file
+from distill.core.errors import ECGDistillError
+from distill.core.io import atomic_write_text, replace_folder, sha256_file
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^step_(\d{8})$")

@@ -19,7 +19,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union
 
-from distill.errors import RecipeError
+from distill.core.errors import RecipeError
 
 _MISSING = dataclasses.MISSING
 _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")

@@ -12,18 +12,18 @@ Stages so far:
   and cache the teacher's images;
 - ``teacher``: fine-tune / adapt the teacher (``teacher/``; nothing with ``frozen``);
 - ``teacher_cache``: the frozen teacher's outputs on every record, computed once
-  (:mod:`distill.teacher_cache`; skipped when augmentation makes the teacher run live);
+  (:mod:`distill.engine.teacher_cache`; skipped when augmentation makes the teacher run live);
 - ``baseline``: every student trained on the labels alone (``baseline/<family>-<size>/``);
 - ``distill``: every student trained with the objective (``distill/<family>-<size>/``);
 - ``ablation``: the recipe's ablations of one student (``ablation/<name>-<family>-<size>/``);
 - ``evaluate``: every model on the test fold with bootstrap intervals, size, memory and
-  latency (``results.json``, ``eval/``; :mod:`distill.compare`);
+  latency (``results.json``, ``eval/``; :mod:`distill.run.compare`);
 - ``quantize``: every trained student in every ``quantize.formats`` (bitsandbytes int8,
   nf4, fp4) under ``quantized/``, each scored and measured beside its fp32 model, and the
-  teacher's memory at each precision (``quantized.json``; :mod:`distill.quantize`);
-- ``report``: ``report.md`` and ``figures/`` (:mod:`distill.report`);
+  teacher's memory at each precision (``quantized.json``; :mod:`distill.compress.quantize`);
+- ``report``: ``report.md`` and ``figures/`` (:mod:`distill.run.report`);
 - ``export``: hub-ready folders of every distilled student and quantized variant under
-  ``export/``, each verified in a fresh process (:mod:`distill.export`); publishing is
+  ``export/``, each verified in a fresh process (:mod:`distill.hub.export`); publishing is
   the explicit ``ecg-distill publish``.
 
 Training stages continue an interrupted job with ``resume=True`` (``--resume``); without
@@ -44,13 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distill.config_schema import closest, to_dict
+from distill.core.schema import closest, to_dict
 from distill.data.cache import default_cache_dir
 from distill.data.synth import GENERATOR_VERSION
 from distill.data.tools import describe_data, write_synthetic
-from distill.factory import consumer_views, render_config, student_name
-from distill.errors import DataError, RecipeError
-from distill.io import atomic_write_text
+from distill.engine.factory import consumer_views, render_config, student_name
+from distill.core.errors import DataError, RecipeError
+from distill.core.io import atomic_write_text
 from distill.recipe import Recipe, write_resolved
 
 SYNTHETIC_VERSION = GENERATOR_VERSION  # in the cached set's folder name
@@ -121,7 +121,7 @@ class RunContext:
     def job_data(self):
         """The loaded data and images, shared by the stages of one process."""
         if self._job_data is None:
-            from distill.jobs import load_job_data
+            from distill.engine.jobs import load_job_data
 
             self._job_data = load_job_data(self.recipe, progress=self.progress)
         return self._job_data
@@ -173,7 +173,7 @@ def _stage_data(ctx: RunContext) -> dict[str, Any]:
 
 def _fit(ctx: RunContext, job, folder: Path, **kwargs: Any) -> dict[str, Any]:
     """Train one job under ``folder``, or skip it when a complete run of it is there."""
-    from distill.train import fit
+    from distill.engine.train import fit
 
     metrics_path = folder / "metrics.json"
     if metrics_path.exists():
@@ -197,7 +197,7 @@ def _fit_summary(metrics: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 
 def _stage_teacher(ctx: RunContext) -> dict[str, Any]:
-    from distill.jobs import TEACHER_DIR, teacher_job
+    from distill.engine.jobs import TEACHER_DIR, teacher_job
 
     t = ctx.recipe.teacher
     if t.train_mode == "frozen":
@@ -213,14 +213,14 @@ def _stage_teacher(ctx: RunContext) -> dict[str, Any]:
 
 
 def _stage_teacher_cache(ctx: RunContext) -> dict[str, Any]:
-    from distill.jobs import augmentation, build_teacher_cache, load_frozen_teacher
+    from distill.engine.jobs import augmentation, build_teacher_cache, load_frozen_teacher
 
     if augmentation(ctx.recipe).active:
         print("train.augment is on: the teacher's input changes every epoch, so distillation "
               "runs it live instead of reading a cache")
         return {"live": True}
     jd = ctx.job_data()
-    from distill.train import process_state
+    from distill.engine.train import process_state
 
     # every process runs this stage, the main one first: only it recomputes on --force
     rebuild = "teacher_cache" in ctx.force and process_state().is_main_process
@@ -233,7 +233,7 @@ def _stage_teacher_cache(ctx: RunContext) -> dict[str, Any]:
 
 
 def _stage_baseline(ctx: RunContext) -> dict[str, Any]:
-    from distill.jobs import baseline_job, student_folder
+    from distill.engine.jobs import baseline_job, student_folder
 
     jd = ctx.job_data()
     return {student_name(s): _fit(ctx, baseline_job(jd, s),
@@ -243,10 +243,10 @@ def _stage_baseline(ctx: RunContext) -> dict[str, Any]:
 
 
 def _stage_distill(ctx: RunContext) -> dict[str, Any]:
-    from distill.jobs import (augmentation, build_teacher_cache, distill_job,
+    from distill.engine.jobs import (augmentation, build_teacher_cache, distill_job,
                               load_frozen_teacher, student_folder)
 
-    from distill.train import process_state
+    from distill.engine.train import process_state
 
     jd = ctx.job_data()
     teacher = load_frozen_teacher(jd, ctx.run_dir)
@@ -263,9 +263,9 @@ def _stage_distill(ctx: RunContext) -> dict[str, Any]:
 def _stage_ablation(ctx: RunContext) -> dict[str, Any]:
     import dataclasses
 
-    from distill.jobs import (ablation_folder, ablation_recipe, augmentation,
+    from distill.engine.jobs import (ablation_folder, ablation_recipe, augmentation,
                               build_teacher_cache, distill_job, load_frozen_teacher)
-    from distill.train import process_state
+    from distill.engine.train import process_state
 
     recipe = ctx.recipe
     if not recipe.ablations.runs:
@@ -289,7 +289,7 @@ def _stage_ablation(ctx: RunContext) -> dict[str, Any]:
 
 
 def _stage_evaluate(ctx: RunContext) -> dict[str, Any]:
-    from distill.compare import evaluate_run
+    from distill.run.compare import evaluate_run
 
     results = evaluate_run(ctx.job_data(), ctx.run_dir, progress=ctx.progress)
     for name, m in results["models"].items():
@@ -300,7 +300,7 @@ def _stage_evaluate(ctx: RunContext) -> dict[str, Any]:
 
 
 def _stage_quantize(ctx: RunContext) -> dict[str, Any]:
-    from distill.quantize import QUANTIZED_FILE, quantize_run
+    from distill.compress.quantize import QUANTIZED_FILE, quantize_run
 
     if not ctx.recipe.quantize.formats:
         print("no quantized variants in the recipe (quantize.formats is empty)")
@@ -320,7 +320,7 @@ def _stage_quantize(ctx: RunContext) -> dict[str, Any]:
 
 
 def _stage_report(ctx: RunContext) -> dict[str, Any]:
-    from distill.report import write_report
+    from distill.run.report import write_report
 
     path = write_report(ctx.job_data(), ctx.run_dir)
     print(f"report: {path}")
@@ -328,7 +328,7 @@ def _stage_report(ctx: RunContext) -> dict[str, Any]:
 
 
 def _stage_export(ctx: RunContext) -> dict[str, Any]:
-    from distill.export import export_run
+    from distill.hub.export import export_run
 
     if not ctx.recipe.export.enabled:
         print("export.enabled is false: no hub-ready folders written")
@@ -340,13 +340,13 @@ def _stage_export(ctx: RunContext) -> dict[str, Any]:
 
 
 def _teacher_settings(recipe: Recipe) -> dict[str, Any]:
-    from distill.jobs import teacher_settings
+    from distill.engine.jobs import teacher_settings
 
     return teacher_settings(recipe)
 
 
 def _student_settings(recipe: Recipe) -> dict[str, Any]:
-    from distill.jobs import student_settings
+    from distill.engine.jobs import student_settings
 
     return student_settings(recipe)
 
@@ -463,7 +463,7 @@ def run_pipeline(recipe: Recipe, *, force: Sequence[str] = (), dry_run: bool = F
             status = stage_status(stage, recipe, run_dir)
             print(f"  {stage.name:<13} {plan[stage.name]:<5} ({status}) {stage.description}")
         return plan
-    from distill.train import process_state
+    from distill.engine.train import process_state
 
     state = process_state()
     quiet = contextlib.nullcontext() if state.is_main_process else \

@@ -12,7 +12,7 @@ does the rest, identically for teacher fine-tuning, label-only baselines and dis
   once, whatever the process count), the best model by validation macro AUC saved under
   ``best/``, early stopping after ``early_stopping`` epochs without improvement;
 * ``save_state`` after every epoch (and every ``checkpoint_every`` optimiser steps) into
-  an atomically renamed folder (:mod:`distill.checkpoint`); ``resume=True`` restores the
+  an atomically renamed folder (:mod:`distill.engine.checkpoint`); ``resume=True`` restores the
   newest verified checkpoint and skips the batches it had seen (``skip_first_batches``),
   so an interrupted run ends with the same parameters, optimiser state and metrics as an
   uninterrupted one;
@@ -46,11 +46,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from distill import checkpoint as ckpt
-from distill.errors import ECGDistillError
-from distill.evaluate import label_aucs, macro_auc
-from distill.io import atomic_write_text, replace_folder
-from distill.progress import progress_bar
+from distill.engine import checkpoint as ckpt
+from distill.core.errors import ECGDistillError
+from distill.metrics.classification import label_aucs, macro_auc
+from distill.core.io import atomic_write_text, replace_folder
+from distill.core.progress import progress_bar
 from distill.recipe import TrainConfig
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from distill.data.leads import STANDARD_LEADS
+from distill.core.leads import STANDARD_LEADS
 
 TAGS = ("ecg", "electrocardiogram", "knowledge-distillation", "ecg-distill",
         "multi-label-classification")
@@ -89,7 +89,7 @@ def model_card(name: str, entry: dict[str, Any], results: dict[str, Any], recipe
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    from distill.export import DEFAULT_RECORD, LIBRARY, folder_name
+    from distill.hub.export import DEFAULT_RECORD, LIBRARY, folder_name
 
     level = results.get("bootstrap", {}).get("level", 0.95)
     auc = entry["macro_auc"]

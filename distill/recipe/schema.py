@@ -22,10 +22,10 @@ from typing import Any, Literal
 
 import yaml
 
-from distill.config_schema import build, field_names, spec, to_dict, unknown_key
-from distill.data.leads import lead_indices
-from distill.errors import DataError, RecipeError
-from distill.io import atomic_write_text
+from distill.core.schema import build, field_names, spec, to_dict, unknown_key
+from distill.core.leads import lead_indices
+from distill.core.errors import DataError, RecipeError
+from distill.core.io import atomic_write_text
 
 Task = Literal["all", "diagnostic", "subdiagnostic", "superdiagnostic", "form", "rhythm"]
 

@@ -1,7 +1,7 @@
-"""Checking and publishing an exported folder (see :mod:`distill.export` for how one is made).
+"""Checking and publishing an exported folder (see :mod:`distill.hub.export` for how one is made).
 
 An exported folder is trusted only after :func:`verify_folder`, which runs in a fresh
-Python process (``python -m distill.publish FOLDER``: nothing of the exporting process,
+Python process (``python -m distill.hub.publish FOLDER``: nothing of the exporting process,
 no token, hub access switched off) and checks that
 
 1. every file matches the checksum manifest (``checksums.sha256``, ``sha256sum -c``
@@ -33,8 +33,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from distill.errors import ECGDistillError
-from distill.io import atomic_write_text, sha256_file
+from distill.core.errors import ECGDistillError
+from distill.core.io import atomic_write_text, sha256_file
 
 MANIFEST = "checksums.sha256"
 SAMPLES = "samples.safetensors"
@@ -204,7 +204,7 @@ def verify_folders(folders: list[str | os.PathLike], *,
            if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
     try:
-        proc = subprocess.run([sys.executable, "-m", "distill.publish", *paths],
+        proc = subprocess.run([sys.executable, "-m", "distill.hub.publish", *paths],
                               capture_output=True, text=True, env=env, timeout=timeout,
                               check=False)
     except subprocess.TimeoutExpired:

@@ -32,8 +32,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from distill.data.cache import default_cache_dir
-from distill.errors import ECGDistillError
-from distill.progress import progress_bar
+from distill.core.errors import ECGDistillError
+from distill.core.progress import progress_bar
 
 CACHE_VERSION = 1
 FP16_MAX = float(np.finfo(np.float16).max)

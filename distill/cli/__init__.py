@@ -12,8 +12,8 @@ import sys
 from collections.abc import Sequence
 
 from distill import __version__
-from distill.errors import ECGDistillError
-from distill.export import add_export_commands
+from distill.core.errors import ECGDistillError
+from distill.hub.export import add_export_commands
 
 RECIPE_HELP = "a recipe YAML file (see recipes/)"
 OVERRIDES_HELP = "recipe overrides as key.path=value, e.g. train.epochs=3 data.sampling_rate=500"
@@ -43,7 +43,7 @@ TRAIN_COMMANDS = {
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from distill.pipeline import run_pipeline
+    from distill.run.pipeline import run_pipeline
     from distill.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -53,7 +53,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     run_pipeline(recipe, force=args.force, dry_run=args.dry_run, progress=not args.quiet,
                  resume=args.resume or args.command == "run", stages=stages)
     if not args.dry_run:
-        from distill.train import process_state
+        from distill.engine.train import process_state
 
         process_state().destroy_process_group()  # under accelerate launch; else a no-op
     return 0
@@ -73,8 +73,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from distill.compare import evaluate_checkpoint
-    from distill.io import atomic_write_text
+    from distill.run.compare import evaluate_checkpoint
+    from distill.core.io import atomic_write_text
 
     result = evaluate_checkpoint(args.checkpoint, args.data, task=args.task, split=args.split,
                                  bootstrap=args.bootstrap, seed=args.seed,
@@ -97,7 +97,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from distill.quantize import format_for_bits, quantize_folder
+    from distill.compress.quantize import format_for_bits, quantize_folder
 
     fmt = format_for_bits(args.bits, args.quant_type)
     source = Path(args.checkpoint)
@@ -121,7 +121,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 def _cmd_data_info(args: argparse.Namespace) -> int:
     from distill.data.tools import describe_data
-    from distill.pipeline import data_folder, load_data
+    from distill.run.pipeline import data_folder, load_data
     from distill.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -162,7 +162,7 @@ def _cmd_zoo_list(args: argparse.Namespace) -> int:
 
 def _cmd_zoo_pack(args: argparse.Namespace) -> int:
     from distill.recipe import load_recipe
-    from distill.teacher_zoo import pack
+    from distill.hub.zoo import pack
 
     recipe = load_recipe(args.recipe, args.overrides)
     pack(recipe, args.recipe, name=args.name, out=args.out, force=args.force,
@@ -171,7 +171,7 @@ def _cmd_zoo_pack(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from distill.profile import format_count, preset_rows
+    from distill.metrics.footprint import format_count, preset_rows
 
     rows = preset_rows(sampling_rate=args.sampling_rate, leads=args.leads,
                        num_labels=args.num_labels)

@@ -1,6 +1,6 @@
 """Recipe -> training jobs: the teacher's fine-tuning, label-only baselines, distillation.
 
-Each builder returns a :class:`distill.train.TrainJob` for :func:`distill.train.fit`. The
+Each builder returns a :class:`distill.engine.train.TrainJob` for :func:`distill.engine.train.fit`. The
 data set is loaded once (:func:`load_job_data`) and every job reads its own views of it:
 the teacher the cached rendered images (or its signal view), each student its view (leads,
 rate), and distillation both, of the same record at the same index.
@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.config_schema import to_dict
+from distill.core.schema import to_dict
 from distill.data.augment import SignalAugment
-from distill.errors import RecipeError
-from distill.factory import (build_objective, build_student, build_teacher, consumer_views,
+from distill.core.errors import RecipeError
+from distill.engine.factory import (build_objective, build_student, build_teacher, consumer_views,
                              render_config, student_name)
-from distill.modeling import ECGModelOutput
+from distill.core.contract import ECGModelOutput
 from distill.recipe import Recipe, StudentConfig
-from distill.train import TrainJob
+from distill.engine.train import TrainJob
 
 TEACHER_DIR = "teacher"
 
@@ -49,7 +49,7 @@ def load_job_data(recipe: Recipe, progress: bool = True) -> JobData:
     """Load the recipe's data (cached) and, for an image teacher, its rendered images."""
     from distill.data.cache import ArrayCache, default_cache_dir
     from distill.data.render import cached_images
-    from distill.pipeline import load_data
+    from distill.run.pipeline import load_data
 
     data = load_data(recipe, progress=progress)
     images = None
@@ -181,7 +181,7 @@ def teacher_job(jd: JobData) -> TrainJob:
     recipe = jd.recipe
     if recipe.teacher.train_mode == "frozen":
         raise RecipeError("teacher.train_mode is frozen: there is nothing to train")
-    from distill.train import process_state
+    from distill.engine.train import process_state
 
     set_seed(recipe.seed)
     with process_state().main_process_first():  # a preset or hub download is made once
@@ -217,7 +217,7 @@ def load_frozen_teacher(jd: JobData, run_dir: Path) -> nn.Module:
 
     recipe = jd.recipe
     if recipe.teacher.train_mode == "frozen":
-        from distill.train import process_state
+        from distill.engine.train import process_state
 
         set_seed(recipe.seed)  # a freshly built head is the same in every process and run
         with process_state().main_process_first():
@@ -319,7 +319,7 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
         jd: the loaded data.
         spec: the student.
         teacher: the frozen teacher (used live when ``cache`` is None, i.e. augmentation).
-        cache: :class:`distill.teacher_cache.TeacherOutputs`, or None to run the teacher live.
+        cache: :class:`distill.engine.teacher_cache.TeacherOutputs`, or None to run the teacher live.
     """
     from accelerate.utils import set_seed
 
@@ -418,7 +418,7 @@ def _sub(state_dict: dict[str, Any] | None, prefix: str) -> dict[str, Any] | Non
 
 
 def _teacher_id(teacher: nn.Module) -> str:
-    from distill.teacher_cache import weights_hash
+    from distill.engine.teacher_cache import weights_hash
 
     return weights_hash(teacher)
 
@@ -427,7 +427,7 @@ def teacher_cache_key(jd: JobData, teacher: nn.Module) -> str:
     """The cache key of this teacher's outputs on this data with these input settings."""
     import dataclasses
 
-    from distill.teacher_cache import cache_key
+    from distill.engine.teacher_cache import cache_key
 
     recipe = jd.recipe
     inputs: dict[str, Any] = {"kind": recipe.teacher.kind}
@@ -442,8 +442,8 @@ def build_teacher_cache(jd: JobData, teacher: nn.Module, progress: bool = True,
                         batch_size: int | None = None, rebuild: bool = False):
     """The teacher's outputs on every record, from the cache or computed now (on this
     process's device: the GPU when there is one)."""
-    from distill.teacher_cache import teacher_outputs
-    from distill.train import process_state
+    from distill.engine.teacher_cache import teacher_outputs
+    from distill.engine.train import process_state
 
     device = process_state().device
     if getattr(teacher, "quantized", False):  # placed by bitsandbytes when loaded
