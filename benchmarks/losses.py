@@ -43,8 +43,8 @@ import torch.nn.functional as F
 import students
 from distill.losses import LOSSES
 from distill.losses.transport import OTLeadMatching, sinkhorn_log_batched, squared_distances
-from distill.modeling import ECGModelOutput
-from distill.profile import signal_batch
+from distill.core.contract import ECGModelOutput
+from distill.metrics.footprint import signal_batch
 
 FAMILIES = ("kd", "alignment", "transport", "relation")
 

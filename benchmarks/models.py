@@ -21,7 +21,7 @@ import torch  # noqa: E402
 import students  # noqa: E402
 import teachers  # noqa: E402
 from distill.data.render import RenderConfig, render_batch  # noqa: E402
-from distill.profile import count_macs, count_parameters, format_count, latency, signal_batch  # noqa: E402
+from distill.metrics.footprint import count_macs, count_parameters, format_count, latency, signal_batch  # noqa: E402
 
 
 def image_batch(batch_size: int, size: int = 224) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from distill.data.leads import STANDARD_LEADS  # noqa: E402
+from distill.core.leads import STANDARD_LEADS  # noqa: E402
 from distill.data.render import LAYOUTS, RenderConfig, render_batch  # noqa: E402
 
 

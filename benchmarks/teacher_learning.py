@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import teachers
-    from distill.evaluate import macro_auc
-    from distill.jobs import load_job_data
+    from distill.metrics.classification import macro_auc
+    from distill.engine.jobs import load_job_data
     from distill.recipe import load_recipe
     from teachers.tiny import PRINTOUT_MEAN, PRINTOUT_STD, _write_tiny_llava
     from transformers import get_cosine_schedule_with_warmup

@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from distill.jobs import (baseline_job, build_teacher_cache, distill_job, load_frozen_teacher,
+from distill.engine.jobs import (baseline_job, build_teacher_cache, distill_job, load_frozen_teacher,
                           load_job_data, teacher_job)
 from distill.recipe import StudentConfig, load_recipe
-from distill.train import fit
+from distill.engine.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ Families:
                 (students/leadformer.py), Linear-heavy for 8/4-bit quantization
 
 Every student is a ``PreTrainedModel`` with ``input_names = ("signal",)`` whose forward
-returns ``distill.modeling.ECGModelOutput``.
+returns ``distill.core.contract.ECGModelOutput``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from students._common import ECGStudentConfig, ECGStudentModel, check_signal, describe_input
 from students._registry import SIZES, check_options, families, get_preset, preset_names
-from distill.profile import linear_share
+from distill.metrics.footprint import linear_share
 from students.leadformer import LeadFormerConfig, LeadFormerModel
 from students.xresnet1d import XResNet1dConfig, XResNet1dModel
 

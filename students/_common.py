@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from distill.data.leads import STANDARD_LEADS, canonical_lead_names, lead_indices
-from distill.modeling import ECGModelOutput
+from distill.core.leads import STANDARD_LEADS, canonical_lead_names, lead_indices
+from distill.core.contract import ECGModelOutput
 
 
 class ECGStudentConfig(PreTrainedConfig):

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import initialization as init
 
-from distill.data.leads import NUM_LEADS
+from distill.core.leads import NUM_LEADS
 from students._common import ECGStudentConfig, ECGStudentModel
 from students._registry import register_family, register_preset
 

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.data.leads import STANDARD_LEADS, lead_indices
-from distill.errors import DataError
+from distill.core.leads import STANDARD_LEADS, lead_indices
+from distill.core.errors import DataError
 
 REQUIRED_FIELDS = ("leads", "sampling_rate", "input_samples")
 

@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from distill.modeling import ECGModelOutput
+from distill.core.contract import ECGModelOutput
 
 TRAIN_MODES = ("full", "lora", "head", "frozen")
 LOAD_IN = ("none", "8bit", "4bit")

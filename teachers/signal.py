@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from distill.data.leads import NUM_LEADS
+from distill.core.leads import NUM_LEADS
 from teachers.base import TeacherAdapter, load_backbone, register_teacher
 from teachers import zoo
 from teachers.tiny import build_tiny_hubert, resolve_tiny

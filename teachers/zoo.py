@@ -22,8 +22,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from distill.errors import DataError
-from distill.io import sha256_file
+from distill.core.errors import DataError
+from distill.core.io import sha256_file
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 CARD_FILE = "card.json"

@@ -21,9 +21,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # the same thread count in every run: identical arithmetic
 
-    from distill.jobs import build_teacher_cache, distill_job, load_frozen_teacher, load_job_data
+    from distill.engine.jobs import build_teacher_cache, distill_job, load_frozen_teacher, load_job_data
     from distill.recipe import load_recipe
-    from distill.train import fit
+    from distill.engine.train import fit
 
     recipe = load_recipe(args.recipe)
     jd = load_job_data(recipe, progress=False)

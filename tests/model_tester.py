@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from distill.modeling import ECGModelOutput, check_output, model_inputs
+from distill.core.contract import ECGModelOutput, check_output, model_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import PTBXL_LEADS, REAL_ECG, true_signal, write_record
 from distill.data import SignalView, load_cinc, load_ptbxl, read_record
-from distill.errors import DataError
+from distill.core.errors import DataError
 
 
 def lr(root, eid):

@@ -12,7 +12,7 @@ from distill.data.dataset import load_ptbxl
 from distill.data.parallel import ENV_WORKERS, MIN_PER_WORKER, chunk_ranges, data_workers
 from distill.data.render import RenderConfig, cached_images
 from distill.data.synth import generate_ptbxl
-from distill.errors import DataError
+from distill.core.errors import DataError
 
 
 def _tree_digest(folder) -> dict[str, str]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
-from distill.evaluate import (Interval, bootstrap_interval, bootstrap_samples, choose_thresholds,
+from distill.metrics.classification import (Interval, bootstrap_interval, bootstrap_samples, choose_thresholds,
                               fmax, label_aucs, macro_auc, macro_auc_resampled, paired_difference,
                               sample_accuracy)
 
@@ -120,7 +120,7 @@ def test_paired_difference(case) -> None:
 def test_folder_bytes_counts_the_backbone_a_head_only_teacher_loads(tmp_path) -> None:
     """A teacher adapted in ``head`` mode saves only its head; its size on disk is the head
     plus the backbone it loads from (a shipped teacher or a folder), not the head alone."""
-    from distill.compare import folder_bytes
+    from distill.run.compare import folder_bytes
 
     backbone = tmp_path / "backbone-source"
     backbone.mkdir()

@@ -27,7 +27,7 @@ import yaml
 from conftest import RECORDS, make_ptbxl
 
 from distill.cli import main
-from distill.errors import ECGDistillError
+from distill.core.errors import ECGDistillError
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "hf_exporttest_" + "x" * 24  # a fake token: must never reach a file or a log
@@ -52,7 +52,7 @@ def _entry(kind: str, folder: Path, auc: float, classes: list[str], **extra) -> 
 
 
 def _predictions(model, data, folder: Path) -> None:
-    from distill.compare import predict
+    from distill.run.compare import predict
     from distill.data.dataset import SignalView
 
     view = {"signal": SignalView(leads=tuple(model.config.leads),
@@ -71,8 +71,8 @@ def make_fake_run(root: Path, teacher: str = "PKUDigitalHealth/PULSE-7B") -> Pat
     from transformers import AutoModel, BitsAndBytesConfig
 
     import students
-    from distill.jobs import normalization
-    from distill.pipeline import load_data
+    from distill.engine.jobs import normalization
+    from distill.run.pipeline import load_data
     from distill.recipe import recipe_from_dict, write_resolved
 
     more_tests = {11: ({"NORM": 100.0}, 10), 12: ({"IMI": 100.0}, 10), 13: ({"CLBBB": 100.0}, 10)}
@@ -130,7 +130,7 @@ def fake_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported(fake_run: Path) -> dict[str, Path]:
     """The default export of the fake run (its folders are not modified by the tests)."""
-    from distill.export import export_run
+    from distill.hub.export import export_run
 
     folders = export_run(fake_run, progress=False)
     return {f.name: f for f in folders}
@@ -170,7 +170,7 @@ def test_default_export_writes_every_distilled_and_quantized_model(exported, fak
     assert res["folder"] == "quantized/leadformer-tiny-int8" and res["classes"][0] == "CD"
     assert str(fake_run) not in (exported[QFOLDER] / "results.json").read_text()
 
-    from distill.publish import sha256_file
+    from distill.hub.publish import sha256_file
 
     lines = (exported[FOLDER] / "checksums.sha256").read_text().splitlines()
     assert len(lines) == len(expected) - 1
@@ -203,7 +203,7 @@ def test_card_metadata_parses_back_with_huggingface_hub(exported, folder, auc, t
 def test_a_teacher_that_is_no_hub_id_is_named_not_linked(fake_run) -> None:
     from huggingface_hub import ModelCard
 
-    from distill.model_card import model_card
+    from distill.hub.model_card import model_card
     from distill.recipe import read_yaml, recipe_from_dict
 
     recipe = recipe_from_dict({**read_yaml(fake_run / "recipe.yaml"),
@@ -219,7 +219,7 @@ def test_card_snippet_runs_as_written_in_a_fresh_process(exported, fake_run, tmp
     the model's output on the record as preprocessed by the training data path."""
     from safetensors.torch import load_file
 
-    from distill.model_card import card_snippet
+    from distill.hub.model_card import card_snippet
 
     folder = exported[FOLDER]
     samples = load_file(folder / "samples.safetensors")
@@ -280,7 +280,7 @@ def test_verify_command_loads_the_folder_in_a_fresh_process(exported, capsys) ->
 def test_verification_catches_changed_files(exported, tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from distill.publish import check_folder, write_manifest
+    from distill.hub.publish import check_folder, write_manifest
 
     report = check_folder(exported[QFOLDER])
     assert report["ok"] and report["quantized"] and report["samples"] == 4
@@ -311,7 +311,7 @@ def test_verification_catches_changed_files(exported, tmp_path) -> None:
 
 def test_existing_export_is_kept_without_force_and_replaced_whole_with_it(
         exported, fake_run, tmp_path, monkeypatch, capsys) -> None:
-    from distill import export
+    from distill.hub import export
 
     run = _copy_run(fake_run, tmp_path)
     folder = run / "export" / FOLDER
@@ -377,7 +377,7 @@ def test_publish_to_a_local_directory_like_a_hub_repository(exported, tmp_path, 
     from transformers import AutoModel
 
     import students  # noqa: F401
-    from distill import publish
+    from distill.hub import publish
 
     # (verification before publishing runs for real in the hub and refusal tests)
     checked = []
@@ -402,7 +402,7 @@ def test_publish_to_a_local_directory_like_a_hub_repository(exported, tmp_path, 
                    f"({to}/models--ecg-org--leadformer-tiny/refs/main); pass --force to publish "
                    f"over it, or choose another --revision\n")
     # the writing itself (verification is the same as above)
-    from distill.publish import publish_local
+    from distill.hub.publish import publish_local
 
     out = publish_local(exported[FOLDER], "ecg-org/leadformer-tiny", to, revision="v1")
     assert out["commit"] == snapshot.name  # same files, same commit
@@ -417,7 +417,7 @@ def test_publish_to_a_local_directory_like_a_hub_repository(exported, tmp_path, 
 
 
 def test_a_folder_that_fails_verification_is_not_published(exported, tmp_path) -> None:
-    from distill.publish import publish_folder
+    from distill.hub.publish import publish_folder
 
     folder = Path(shutil.copytree(exported[FOLDER], tmp_path / "copy"))
     with open(folder / "config.json", "a") as f:
@@ -543,7 +543,7 @@ def _publish(folder: Path, hub: FakeHub, home: Path, *extra: str) -> subprocess.
 
 def test_publish_uploads_byte_identical_files_through_huggingface_hub(
         exported, hub, tmp_path, monkeypatch) -> None:
-    from distill import publish
+    from distill.hub import publish
 
     folder, home = exported[FOLDER], tmp_path / "hf-home"
     proc = _publish(folder, hub, home, "--private")
@@ -587,7 +587,7 @@ def test_publish_uploads_byte_identical_files_through_huggingface_hub(
 
 
 def test_hub_errors_are_one_line(exported, hub, tmp_path) -> None:
-    from distill.publish import publish_folder
+    from distill.hub.publish import publish_folder
 
     hub.close()  # nothing listens any more
     with pytest.raises(ECGDistillError, match=r"^ecg-org/leadformer-tiny: checking the "

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from distill.data.render import RenderConfig, render_batch
-from distill.errors import RecipeError
-from distill.factory import build_student, build_teacher, consumer_views
-from distill.modeling import check_output, model_inputs
+from distill.core.errors import RecipeError
+from distill.engine.factory import build_student, build_teacher, consumer_views
+from distill.core.contract import check_output, model_inputs
 from distill.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def test_signal_teacher_from_recipe() -> None:
 def test_objective_from_the_recipe_trains_student_and_alignment() -> None:
     """The quickstart's objective (relation on, ot off) on the tiny VLM teacher and a tiny
     student: every term the recipe weights is computed, gradients reach the student and the learnable losses."""
-    from distill.factory import build_objective
+    from distill.engine.factory import build_objective
 
     recipe = quickstart("teacher.name_or_path=tiny", "teacher.train_mode=full",
                         "distill.weights.ot=0", "distill.weights.relation=1",

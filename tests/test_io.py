@@ -1,10 +1,10 @@
-"""distill.io: the shared folder swap and file writes."""
+"""distill.core.io: the shared folder swap and file writes."""
 
 from __future__ import annotations
 
 import pytest
 
-from distill.io import replace_folder
+from distill.core.io import replace_folder
 
 
 def _folder(path, text: str):

@@ -19,7 +19,7 @@ from distill.losses.transport import (
     log_marginal,
     squared_distances,
 )
-from distill.modeling import ECGModelOutput
+from distill.core.contract import ECGModelOutput
 
 
 @pytest.fixture(autouse=True)

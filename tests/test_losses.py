@@ -20,7 +20,7 @@ from distill.losses.objective import (
     term_order,
 )
 from distill.losses.relation import RelationMatching, pairwise_distances
-from distill.modeling import ECGModelOutput
+from distill.core.contract import ECGModelOutput
 from distill.recipe import LossWeights
 
 

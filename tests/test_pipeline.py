@@ -12,10 +12,10 @@ import pytest
 import wfdb
 
 import distill.data.synth as synth
-import distill.pipeline as pipeline
+import distill.run.pipeline as pipeline
 from distill.cli import main
-from distill.errors import DataError, RecipeError
-from distill.factory import consumer_views
+from distill.core.errors import DataError, RecipeError
+from distill.engine.factory import consumer_views
 from distill.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ from torch import nn
 
 import students
 from distill.cli import main
-from distill.profile import count_macs, count_parameters, linear_share, signal_batch
+from distill.metrics.footprint import count_macs, count_parameters, linear_share, signal_batch
 
 
 class _Toy(nn.Module):

@@ -13,7 +13,7 @@ import wfdb
 from scipy.signal import resample_poly
 
 from conftest import RECORDS, true_signal
-from distill.errors import DataError
+from distill.core.errors import DataError
 from distill.data import (
     SignalView, aggregate_labels, fold_indices, load_ptbxl, read_database, read_statements,
 )

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import students
-from distill.errors import ECGDistillError
-from distill.quantize import (
+from distill.core.errors import ECGDistillError
+from distill.compress.quantize import (
     BITS,
     FORMATS,
     QuantizeError,
@@ -120,7 +120,7 @@ def test_plan_quantizes_linears_keeps_head_and_says_convs_stay_fp32() -> None:
 def test_round_trip_restores_the_quantized_model(tmp_path, fmt, double) -> None:
     from transformers import AutoModel
 
-    from distill.quantize import bnb_config
+    from distill.compress.quantize import bnb_config
 
     source = _student(tmp_path)
     out = tmp_path / f"q-{fmt}"
@@ -248,7 +248,7 @@ def test_quant_state_bytes_count_every_tensor_once(tmp_path, fmt, double) -> Non
     and still counted when a release renames the fields (stand-in states)."""
     from types import SimpleNamespace
 
-    from distill.quantize import quantized_weights_extra_bytes
+    from distill.compress.quantize import quantized_weights_extra_bytes
 
     quantize_folder(_student(tmp_path), fmt, tmp_path / fmt, double_quant=double)
     model = load_student(tmp_path / fmt)

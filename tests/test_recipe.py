@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.errors import RecipeError
+from distill.core.errors import RecipeError
 from distill.recipe import Recipe, load_recipe, recipe_from_dict, write_resolved
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from distill.data.render import (
     render_12lead,
     render_batch,
 )
-from distill.errors import DataError
+from distill.core.errors import DataError
 
 FS = 500.0
 T = 5000

@@ -164,8 +164,8 @@ def test_distillation_from_a_4bit_lora_teacher(tmp_path) -> None:
 
 
 def test_eval_refuses_teachers_pickles_and_wrong_tasks(tmp_path) -> None:
-    from distill.compare import evaluate_checkpoint
-    from distill.errors import ECGDistillError
+    from distill.run.compare import evaluate_checkpoint
+    from distill.core.errors import ECGDistillError
 
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "teacher.json").write_text("{}")

@@ -17,9 +17,9 @@ from model_tester import ModelCase, ModelTester, case_id
 from transformers import AutoConfig, AutoModel
 
 import students
-from distill.data.leads import STANDARD_LEADS
-from distill.modeling import check_output
-from distill.profile import linear_share
+from distill.core.leads import STANDARD_LEADS
+from distill.core.contract import check_output
+from distill.metrics.footprint import linear_share
 from students.leadformer import LeadFormerConfig, LeadFormerModel
 from students.xresnet1d import XResNet1dConfig, XResNet1dModel
 

@@ -28,7 +28,7 @@ from scipy.stats import mannwhitneyu
 
 from distill.data import synth
 from distill.data import synth_physiology as phys
-from distill.data.leads import STANDARD_LEADS
+from distill.core.leads import STANDARD_LEADS
 from distill.data.synth import (
     PTBXL_COLUMNS, SCP, generate_ptbxl, synthesize, synthesize_codes, write_wfdb,
     write_wfdb_with_wfdb,

@@ -17,14 +17,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from distill import checkpoint as ckpt
+from distill.engine import checkpoint as ckpt
 from distill.cli import main
-from distill.errors import ECGDistillError
-from distill.evaluate import macro_auc
-from distill.jobs import (baseline_job, build_teacher_cache, load_frozen_teacher, load_job_data,
+from distill.core.errors import ECGDistillError
+from distill.metrics.classification import macro_auc
+from distill.engine.jobs import (baseline_job, build_teacher_cache, load_frozen_teacher, load_job_data,
                           teacher_cache_key)
 from distill.recipe import load_recipe
-from distill.train import fit
+from distill.engine.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "_train_worker.py"
@@ -215,7 +215,7 @@ def test_same_seed_same_metrics_and_no_silent_overwrite(small, tmp_path, capsys)
 def test_early_stopping_and_the_saved_state_dict(small, tmp_path, monkeypatch) -> None:
     import dataclasses
 
-    import distill.train as train
+    import distill.engine.train as train
 
     recipe, jd = small
     real = train.evaluate
@@ -260,7 +260,7 @@ def test_bf16_trains_on_cpu_and_fp16_is_refused(small, tmp_path) -> None:
 
 
 def test_teacher_cache_matches_the_teacher_and_follows_its_weights(small, monkeypatch) -> None:
-    import distill.teacher_cache as tc
+    import distill.engine.teacher_cache as tc
 
     recipe, jd = small
     teacher = load_frozen_teacher(jd, recipe.run_dir)
@@ -327,7 +327,7 @@ def test_cross_configuration_and_live_teacher_distillation(tmp_path, shared_cach
 def test_augmented_items_are_reproducible_and_rendered_from_the_augmented_record(small) -> None:
     from distill.data.augment import SignalAugment
     from distill.data.render import render_12lead
-    from distill.factory import render_config
+    from distill.engine.factory import render_config
 
     recipe, jd = small
     aug = SignalAugment(noise=0.05, amplitude=0.2, shift=1.0)
@@ -440,7 +440,7 @@ def test_accelerate_configs_load(name: str) -> None:
 def test_bookkeeping_settings_never_invalidate_training(small) -> None:
     import copy
 
-    from distill import pipeline
+    from distill.run import pipeline
 
     recipe, _ = small
     stages = {s.name: s for s in pipeline.STAGES}
@@ -463,8 +463,8 @@ def test_bookkeeping_settings_never_invalidate_training(small) -> None:
 
 
 def test_force_of_a_stage_the_command_does_not_run_is_refused(small) -> None:
-    from distill.errors import RecipeError
-    from distill.pipeline import run_pipeline
+    from distill.core.errors import RecipeError
+    from distill.run.pipeline import run_pipeline
 
     recipe, _ = small
     with pytest.raises(RecipeError, match=r"--force distill: this command runs the stages "
@@ -482,7 +482,7 @@ def test_each_job_gets_its_own_accelerator_settings(tmp_path, monkeypatch,
     from accelerate.state import AcceleratorState, GradientState
 
     from distill.recipe import TrainConfig
-    from distill.train import make_accelerator, process_state
+    from distill.engine.train import make_accelerator, process_state
 
     if not private_helper:
         for cls in (AcceleratorState, GradientState):
@@ -505,7 +505,7 @@ def test_each_job_gets_its_own_accelerator_settings(tmp_path, monkeypatch,
 def test_weights_hash_covers_zero_dim_buffers_and_follows_them() -> None:
     """Batch norm keeps a 0-d ``num_batches_tracked``; the hash reads it (a conv tower's
     teacher once failed here) and changes with it."""
-    from distill.teacher_cache import weights_hash
+    from distill.engine.teacher_cache import weights_hash
 
     model = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 3), torch.nn.BatchNorm1d(3))
     before = weights_hash(model)

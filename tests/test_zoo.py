@@ -14,13 +14,13 @@ import torch
 from safetensors import safe_open
 
 import distill.data.synth as synth
-import distill.pipeline as pipeline
+import distill.run.pipeline as pipeline
 import students
 import teachers
-from distill.errors import DataError, RecipeError
-from distill.factory import build_teacher
+from distill.core.errors import DataError, RecipeError
+from distill.engine.factory import build_teacher
 from distill.recipe import load_recipe
-from distill.teacher_zoo import CHECK_SET, CHECK_TOLERANCE, pack, score_check_set
+from distill.hub.zoo import CHECK_SET, CHECK_TOLERANCE, pack, score_check_set
 from teachers import zoo
 
 REPO = Path(__file__).resolve().parents[1]
