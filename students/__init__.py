@@ -21,7 +21,6 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from students._common import ECGStudentConfig, ECGStudentModel, check_signal, describe_input
 from students._registry import SIZES, check_options, families, get_preset, preset_names
-from distill.metrics.footprint import linear_share
 from students.leadformer import LeadFormerConfig, LeadFormerModel
 from students.xresnet1d import XResNet1dConfig, XResNet1dModel
 
@@ -79,5 +78,5 @@ def create(family: str, size: str = "tiny", *, num_labels: int,
 __all__ = [
     "FAMILIES", "SIZES", "ECGStudentConfig", "ECGStudentModel", "LeadFormerConfig",
     "LeadFormerModel", "XResNet1dConfig", "XResNet1dModel", "check_signal", "create",
-    "describe_input", "linear_share", "presets",
+    "describe_input", "presets",
 ]

@@ -36,6 +36,8 @@ import torch
 
 from distill.core.leads import STANDARD_LEADS, lead_indices
 from distill.core.errors import DataError
+from distill.data.dataset import Scaler
+from distill.data.records import fit_length, read_record, resample
 
 REQUIRED_FIELDS = ("leads", "sampling_rate", "input_samples")
 
@@ -55,8 +57,6 @@ def scaler_from_config(config: Any):
     Args:
         config: a student config (``PretrainedConfig``) or its dict (``config.json``).
     """
-    from distill.data.dataset import Scaler
-
     norm = _field(config, "normalization")
     if not norm:
         return Scaler("none")
@@ -89,8 +89,6 @@ def prepare_signal(signal: np.ndarray, fs: float, config: Any,
     Raises:
         DataError: a lead the model reads is missing, or the config lacks a field.
     """
-    from distill.data.records import fit_length, resample
-
     signal = np.asarray(signal, dtype=np.float32)
     if signal.ndim != 2 or signal.shape[0] != len(lead_names):
         raise DataError(f"expected a signal of shape [{len(lead_names)}, T] for leads "
@@ -128,8 +126,6 @@ def prepare_record(record: str | os.PathLike, config: Any) -> torch.Tensor:
         ``fs`` and ``sig_name`` to :func:`prepare_signal`, which needs only the model's
         leads.)
     """
-    from distill.data.records import read_record
-
     rec = read_record(record)  # (12, T) mV in the standard order, at the record's own rate
     return torch.from_numpy(prepare_signal(rec.signal, rec.fs, config))[None]
 

@@ -2,7 +2,7 @@
 
 ``create("vlm", "tiny", num_labels=5)`` gives an image teacher, ``create("signal",
 "tiny", num_labels=5)`` a signal teacher; a real one is named by hub id or folder (see
-DESIGN.md, "Teachers"). A saved teacher reloads with :func:`load`.
+docs/architecture.md, "Teachers"). A saved teacher reloads with :func:`load`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from teachers.base import (
     TeacherAdapter,
     quantization_config,
     teacher_class,
+    weight_folders,
 )
 from teachers import conv_tower  # registers the ecg_conv_tower vision tower with AutoModel
 from teachers.signal import SignalTeacher
@@ -28,7 +29,7 @@ KINDS: tuple[str, ...] = tuple(sorted(TEACHERS))
 
 __all__ = ["DEFAULT_PROMPT", "KINDS", "LOAD_IN", "TRAIN_MODES", "LoraSettings", "SignalTeacher",
            "TeacherAdapter", "VLMTeacher", "build_tiny_hubert", "build_tiny_vlm", "create",
-           "load", "quantization_config", "tiny_folder"]
+           "load", "quantization_config", "teacher_class", "tiny_folder", "weight_folders"]
 
 def create(kind: str, name_or_path: str | os.PathLike = "tiny", *, num_labels: int,
            id2label: dict[int, str] | None = None, train_mode: str = "full",

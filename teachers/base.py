@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,7 +37,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from distill.core.bnb import bnb_config
 from distill.core.contract import ECGModelOutput
+from distill.core.registry import Registry
+from teachers import zoo
 
 TRAIN_MODES = ("full", "lora", "head", "frozen")
 LOAD_IN = ("none", "8bit", "4bit")
@@ -44,27 +48,42 @@ META_FILE = "teacher.json"
 HEAD_FILE = "head.safetensors"
 BACKBONE_DIR = "backbone"
 
-TEACHERS: dict[str, type[TeacherAdapter]] = {}
+TEACHERS: Registry[type[TeacherAdapter]] = Registry("teacher kind")
+# the batch entry each adapter input is read from: a signal teacher reads its own view of
+# the record (the batch's "teacher" entry); an image teacher the rendered "image"
+BATCH_ENTRIES = {"signal": "teacher", "image": "image"}
 
 
 def register_teacher(kind: str):
     """Class decorator: make a teacher adapter known under ``kind`` (duplicates refused)."""
 
     def wrap(cls: type[TeacherAdapter]) -> type[TeacherAdapter]:
-        if kind in TEACHERS:
-            raise ValueError(f"teacher kind {kind!r} is already registered by {TEACHERS[kind]}")
         cls.kind = kind
-        TEACHERS[kind] = cls
-        return cls
+        return TEACHERS.register(kind, cls)
 
     return wrap
 
 
 def teacher_class(kind: str) -> type[TeacherAdapter]:
     """The adapter class registered under ``kind``; ValueError naming the known kinds."""
-    if kind not in TEACHERS:
-        raise ValueError(f"unknown teacher kind {kind!r}; known: {', '.join(sorted(TEACHERS))}")
-    return TEACHERS[kind]
+    return TEACHERS.get(kind)
+
+
+def weight_folders(folder: str | os.PathLike) -> list[Path]:
+    """The folders whose ``*.safetensors`` a saved teacher loads: its own and, for a teacher
+    saved without its backbone (``head``, ``frozen`` or ``lora`` mode), the backbone's
+    source (a shipped teacher's ``backbone/`` or a local folder) when it is on this machine."""
+    folder = Path(folder)
+    out = [folder]
+    meta_file = folder / META_FILE
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        source = str(meta.get("source", ""))
+        if meta.get("saved_backbone") != "full" and source:
+            backbone = zoo.backbone_folder(source) or Path(source).expanduser()
+            if backbone.is_dir():
+                out.append(backbone)
+    return out
 
 
 @dataclass
@@ -103,14 +122,7 @@ def quantization_config(load_in: str, *, skip_modules: list[str] | None = None):
         raise ValueError(f"unknown load_in {load_in!r}; expected one of {', '.join(LOAD_IN)}")
     if load_in == "none":
         return None
-    from transformers import BitsAndBytesConfig
-
-    if load_in == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_compute_dtype=torch.float32,
-                              bnb_4bit_use_double_quant=False,
-                              llm_int8_skip_modules=skip_modules)
+    return bnb_config("int8" if load_in == "8bit" else "nf4", skip_modules=skip_modules)
 
 
 def load_backbone(auto_class: Any, source: str | os.PathLike, *, load_in: str,
@@ -187,6 +199,34 @@ class TeacherAdapter(nn.Module):
         """The transformers model itself (under the peft wrapper when LoRA is on); LoRA
         layers are injected in place, so calling its submodules runs the adapters too."""
         return self.backbone.get_base_model() if self.is_lora else self.backbone
+
+    # ------------------------------------------------------------------ inputs
+    @classmethod
+    def reads_images(cls) -> bool:
+        """Whether the adapter reads the rendered image (the data stage renders it then)."""
+        return "image" in cls.input_names
+
+    @classmethod
+    def batch_inputs(cls, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """A batch -> the adapter's keyword inputs (:data:`BATCH_ENTRIES`)."""
+        return {name: batch[BATCH_ENTRIES.get(name, name)] for name in cls.input_names}
+
+    @classmethod
+    def recipe_settings(cls, teacher: Any, data: Any, view: Any, *,
+                        saved: bool = False) -> dict[str, Any]:
+        """The adapter's own constructor arguments from a recipe's ``teacher`` and ``data``
+        sections and the teacher's resolved signal view; with ``saved``, only those a saved
+        teacher takes when reloaded. ValueError for settings the adapter cannot take."""
+        return {}
+
+    def check_recipe(self, data: Any) -> None:
+        """ValueError (naming the recipe key) when the built adapter disagrees with the
+        recipe's ``data`` section."""
+
+    def example_inputs(self, batch_size: int, generator: torch.Generator
+                       ) -> dict[str, torch.Tensor]:
+        """Random inputs of a batch (sizes, memory and latency; not training)."""
+        raise NotImplementedError  # abstract: each adapter knows its input's shape
 
     def unused_parameter_names(self) -> set[str]:
         """Backbone parameters (names within ``hf_model``) the adapter's forward never uses

@@ -161,6 +161,16 @@ class SignalTeacher(TeacherAdapter):
                             list(config.conv_stride))
         self.register_buffer("token_leads", leads, persistent=False)
 
+    @classmethod
+    def recipe_settings(cls, teacher: Any, data: Any, view: Any, *,
+                        saved: bool = False) -> dict[str, Any]:
+        return {} if saved else {"sampling_rate": view.sampling_rate, "seconds": teacher.seconds}
+
+    def example_inputs(self, batch_size: int, generator: torch.Generator
+                       ) -> dict[str, torch.Tensor]:
+        samples = int(round(self.sampling_rate * self.seconds))
+        return {"signal": torch.randn(batch_size, NUM_LEADS, samples, generator=generator)}
+
     def unused_parameter_names(self) -> set[str]:
         """SpecAugment's mask embedding (only used when masking fires in training) and any
         pre-training projection heads a HuBERT-ECG checkpoint carries."""

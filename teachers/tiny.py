@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from distill.data.cache import default_cache_dir
+from teachers.conv_tower import EcgConvTowerConfig
 
 # Bumped whenever a preset's configuration changes, so an old cached build is not reused.
 TINY_VLM_NAME = "tiny-vlm-v2"  # v2: vision initializer_factor 4
@@ -201,7 +202,6 @@ def build_vlm_small_init(folder: str | os.PathLike) -> Path:
     Returns:
         The folder, loadable like :func:`build_tiny_vlm`'s.
     """
-    from teachers.conv_tower import EcgConvTowerConfig
 
     image_size = 224
     vision = EcgConvTowerConfig(image_size=image_size)

@@ -7,7 +7,7 @@ only repeats ``input_ids`` for the batch; the image is rescaled and normalised i
 with the processor's own constants (no PIL round trip, no resize: the renderer must draw at
 the vision tower's input size, and a wrong size is refused with the size to use).
 
-Outputs (DESIGN.md, "The contracts"):
+Outputs (the contract of :mod:`distill.core.contract`):
 
 - ``tokens="vision"``: the visual tokens after the multimodal projector [B, N, D_text]
   (what LLaVA scatters into the prompt's image positions).
@@ -207,6 +207,31 @@ class VLMTeacher(TeacherAdapter):
         self.pixel_scale = scale
         self.register_buffer("pixel_mean", mean.float().view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", std.float().view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def recipe_settings(cls, teacher: Any, data: Any, view: Any, *,
+                        saved: bool = False) -> dict[str, Any]:
+        img = data.image
+        if img.height != img.width:
+            raise ValueError(f"data.image: the vlm teacher reads square images, got "
+                             f"{img.height}x{img.width}")
+        render = RenderConfig(height=img.height, width=img.width, grid=img.grid)
+        out: dict[str, Any] = {"image_size": img.height, "render": {
+            k: v for k, v in dataclasses.asdict(render).items() if k not in ("height", "width")}}
+        if not saved:
+            out.update(tokens=teacher.tokens, prompt=teacher.prompt, pool=teacher.pool)
+        return out
+
+    def check_recipe(self, data: Any) -> None:
+        if self.patch_size != data.image.patch_size:
+            raise ValueError(f"data.image.patch_size: {data.image.patch_size}, but the "
+                             f"teacher's vision tower uses {self.patch_size}-pixel patches")
+
+    def example_inputs(self, batch_size: int, generator: torch.Generator
+                       ) -> dict[str, torch.Tensor]:
+        size = self.tower_size
+        return {"image": torch.randint(0, 256, (batch_size, 3, size, size), generator=generator,
+                                       dtype=torch.uint8)}
 
     def _size_message(self, what: str, name: Any) -> str:
         t = self.tower_size

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from distill.core.errors import DataError
-from distill.core.io import sha256_file
+from distill.core.hashing import sha256_file
+from distill.data.synth import GENERATOR_VERSION
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 CARD_FILE = "card.json"
@@ -68,8 +69,6 @@ def verify(folder: Path) -> dict[str, Any]:
         if found[rel] != recorded[rel]:
             raise DataError(f"{folder / rel}: SHA-256 {found[rel][:16]}... differs from its "
                              f"card's {recorded[rel][:16]}...; reinstall ecg-distill")
-    from distill.data.synth import GENERATOR_VERSION
-
     trained_on = info.get("corpus", {}).get("generator_version")
     if trained_on is not None and trained_on != GENERATOR_VERSION:
         warnings.warn(f"teacher {folder.name} was trained on synthetic generator version "

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from distill import __version__
 from distill.core.errors import ECGDistillError
-from distill.hub.export import add_export_commands
+from pathlib import Path
 
 RECIPE_HELP = "a recipe YAML file (see recipes/)"
 OVERRIDES_HELP = "recipe overrides as key.path=value, e.g. train.epochs=3 data.sampling_rate=500"
@@ -53,7 +53,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     run_pipeline(recipe, force=args.force, dry_run=args.dry_run, progress=not args.quiet,
                  resume=args.resume or args.command == "run", stages=stages)
     if not args.dry_run:
-        from distill.engine.train import process_state
+        from distill.engine.accel import process_state
 
         process_state().destroy_process_group()  # under accelerate launch; else a no-op
     return 0
@@ -73,7 +73,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from distill.run.compare import evaluate_checkpoint
+    from distill.run.stages.evaluate import evaluate_checkpoint
     from distill.core.io import atomic_write_text
 
     result = evaluate_checkpoint(args.checkpoint, args.data, task=args.task, split=args.split,
@@ -120,8 +120,8 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_info(args: argparse.Namespace) -> int:
+    from distill.data.load import data_folder, load_data
     from distill.data.tools import describe_data
-    from distill.run.pipeline import data_folder, load_data
     from distill.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -183,6 +183,86 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print(f"{r['family']:<12}{r['size']:<7}{format_count(r['parameters']):>12}"
               f"{format_count(r['macs']):>14}{r['linear_share']:>14.0%}")
     return 0
+
+
+# ---------------------------------------------------------------- export, verify, publish
+
+
+def _cmd_export(args) -> int:
+    from distill.hub.export import export_run
+
+    folders = export_run(args.run, models=args.model, out=args.out, force=args.force,
+                         samples=args.samples, progress=not args.quiet)
+    for folder in folders:
+        print(f"wrote {folder} (verified in a fresh process)")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from distill.hub.publish import MANIFEST, verify_folder
+
+    report = verify_folder(args.folder)
+    n = len((Path(args.folder) / MANIFEST).read_text().splitlines())
+    print(f"{args.folder}: ok: {n} files match {MANIFEST}; loads with AutoModel; "
+          f"{report['samples']} stored test predictions reproduced "
+          f"(max |difference| {report['max_abs_diff']:.1e}, tolerance {report['atol']:.0e})")
+    return 0
+
+
+def _cmd_publish(args) -> int:
+    from distill.hub.publish import publish_folder
+
+    out = publish_folder(args.folder, args.repo_id, revision=args.revision, private=args.private,
+                         force=args.force, to=args.to, endpoint=args.endpoint,
+                         commit_message=args.message)
+    where = out.get("url") or out["path"]
+    print(f"published {args.folder} to {args.repo_id} (revision {out['revision']}, commit "
+          f"{out['commit'][:12]}): {where}")
+    return 0
+
+
+def add_export_commands(sub) -> None:
+    """Register ``export``, ``verify`` and ``publish`` on the CLI's sub-parsers."""
+    p = sub.add_parser("export", help="write hub-ready folders of a run's students",
+                       description="Write each distilled student and quantized variant of a run "
+                                   "(or the models named) as a folder ready for a model hub: "
+                                   "config, safetensors weights, model card, recipe, results, "
+                                   "test samples and checksums; each is verified in a fresh "
+                                   "process before it is renamed into place.")
+    p.add_argument("run", help="a run folder (with results.json)")
+    p.add_argument("--model", action="append", metavar="NAME",
+                   help='a model of results.json, e.g. "distill leadformer/tiny" (repeatable; '
+                        'default: every distilled student and quantized variant)')
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where the model folders go (default RUN/export)")
+    p.add_argument("--force", action="store_true", help="replace existing export folders")
+    p.add_argument("--samples", type=int, default=4,
+                   help="test records stored to verify predictions (default 4)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("verify", help="check an exported folder in a fresh process",
+                       description="Check an exported folder: checksums, config, loading with "
+                                   "AutoModel, and the stored test predictions reproduced.")
+    p.add_argument("folder", help="an exported folder")
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("publish", help="verify an exported folder and upload it to a model hub",
+                       description="Verify an exported folder, then upload it with "
+                                   "huggingface_hub (token from HF_TOKEN or `hf auth login`; "
+                                   "never stored) or, with --to, write it into a local "
+                                   "directory laid out like the hub cache.")
+    p.add_argument("folder", help="an exported folder")
+    p.add_argument("--repo-id", required=True, help="org/name")
+    p.add_argument("--revision", default=None, help="branch (default main; created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--force", action="store_true", help="publish over an existing revision")
+    p.add_argument("--to", default=None, metavar="DIR",
+                   help="publish into this local directory instead of the hub")
+    p.add_argument("--endpoint", default=None,
+                   help="the hub's URL (default: HF_ENDPOINT or https://huggingface.co)")
+    p.add_argument("--message", default=None, help="commit message")
+    p.set_defaults(func=_cmd_publish)
 
 
 def build_parser() -> argparse.ArgumentParser:

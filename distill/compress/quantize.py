@@ -43,12 +43,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.core.errors import ECGDistillError
-from distill.core.io import atomic_write_text, replace_folder
-from distill.hub.publish import require_safetensors
+from transformers import AutoConfig, AutoModel
 
-FORMATS: tuple[str, ...] = ("int8", "nf4", "fp4")
-BITS: dict[str, int] = {"int8": 8, "nf4": 4, "fp4": 4}
+import students  # noqa: F401  (registers the student classes with AutoModel)
+from distill.core.bnb import BITS, FORMATS, bnb_config
+from distill.core.errors import ECGDistillError
+from distill.core.io import atomic_dir, atomic_write_text, require_safetensors
+from distill.metrics.footprint import count_parameters
+
 SUMMARY_FILE = "quantization.json"
 KEPT_MODULES: tuple[str, ...] = ("classifier",)  # output layer: fp32 in every format
 BLOCK_ROWS_4BIT = 32  # bitsandbytes' CPU 4-bit kernel: output rows per packed tile
@@ -68,22 +70,6 @@ def format_for_bits(bits: int, quant_type: str = "nf4") -> str:
             raise QuantizeError(f"--quant-type: {quant_type!r}; 4-bit formats are nf4 and fp4")
         return quant_type
     raise QuantizeError(f"--bits: {bits}; bitsandbytes quantizes to 8 or 4 bits")
-
-
-def bnb_config(fmt: str, *, skip_modules: Sequence[str] = KEPT_MODULES,
-               double_quant: bool = False):
-    """The ``BitsAndBytesConfig`` of a format ("int8", "nf4", "fp4"); compute in fp32,
-    which CPU bitsandbytes needs and which keeps logits comparable with the fp32 model."""
-    from transformers import BitsAndBytesConfig
-
-    if fmt not in FORMATS:
-        raise QuantizeError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if fmt == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip_modules))
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=fmt,
-                              bnb_4bit_compute_dtype=torch.float32,
-                              bnb_4bit_use_double_quant=double_quant,
-                              llm_int8_skip_modules=list(skip_modules))
 
 
 # ---------------------------------------------------------------- the plan
@@ -138,8 +124,6 @@ def plan(model: nn.Module, fmt: str) -> QuantPlan:
     """What ``fmt`` quantizes in ``model`` (an fp32 student), following the module docstring."""
     if fmt not in FORMATS:
         raise QuantizeError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    from distill.metrics.footprint import count_parameters
-
     p = QuantPlan(format=fmt, parameters=count_parameters(model))
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -186,10 +170,6 @@ def check_student_folder(folder: Path, *, allow_quantized: bool = False) -> dict
 def load_student(folder: str | os.PathLike) -> nn.Module:
     """A saved student, fp32 or quantized (its config's ``quantization_config`` decides),
     in eval mode. Safetensors only."""
-    from transformers import AutoModel
-
-    import students  # noqa: F401  (registers the student classes with AutoModel)
-
     folder = Path(folder)
     check_student_folder(folder, allow_quantized=True)
     return AutoModel.from_pretrained(folder, use_safetensors=True).eval()
@@ -270,18 +250,14 @@ def quantize_folder(source: str | os.PathLike, fmt: str, out: str | os.PathLike,
         QuantizeError: ``source`` is not an fp32 student folder (teacher, pickle, already
             quantized), ``out`` exists without ``force``, or no layer can be quantized.
     """
-    from transformers import AutoModel
-
-    import students  # noqa: F401
-
     source, out = Path(source), Path(out)
     check_student_folder(source)
     if out.resolve() == source.resolve():
         raise QuantizeError(f"{out}: the output folder is the source folder")
     if out.exists() and not force:
         raise QuantizeError(f"{out} exists; pass --force to replace it")
-    from transformers import AutoConfig
-
+    if fmt not in FORMATS:
+        raise QuantizeError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     with torch.device("meta"):  # the plan needs layer shapes only, not the weights
         p = plan(AutoModel.from_config(AutoConfig.from_pretrained(source)), fmt)
     if not p.quantized:
@@ -290,10 +266,7 @@ def quantize_folder(source: str | os.PathLike, fmt: str, out: str | os.PathLike,
         source, use_safetensors=True, dtype=torch.float32,
         quantization_config=bnb_config(fmt, skip_modules=p.skip_modules,
                                        double_quant=double_quant))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)  # safetensors: transformers 5's only format
         result = QuantizeResult(
             folder=out, plan=p, double_quant=double_quant,
@@ -303,197 +276,9 @@ def quantize_folder(source: str | os.PathLike, fmt: str, out: str | os.PathLike,
             part_stored_bytes=part_bytes(tmp / "model.safetensors", list(p.quantized)))
         summary = {**result.to_dict(), "source": str(source)}
         atomic_write_text(tmp / SUMMARY_FILE, json.dumps(summary, indent=1))
-        replace_folder(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return result
 
 
 def read_summary(folder: str | os.PathLike) -> dict[str, Any]:
     """``quantization.json`` of a quantized folder."""
     return json.loads((Path(folder) / SUMMARY_FILE).read_text())
-
-
-def quantized_weights_extra_bytes(model: nn.Module) -> int:
-    """Bytes bitsandbytes keeps beside the parameters: LLM.int8's row scales (``SCB``) and
-    the 4-bit quant states (absmax, code, nested state); 0 for an fp32 model. Tensors that
-    are the model's own parameters or buffers (counted by the caller) are not counted.
-
-    Where bitsandbytes keeps them moves between releases and even within one model's life:
-    LLM.int8's scales sit on the weight (``weight.SCB``) after loading and move to the
-    layer's matmul state (``layer.state.SCB``) at the first forward pass. So every tensor
-    reachable from a quantized parameter's attributes and from its layer's plain
-    attributes is counted once, by storage, whatever the field is called.
-
-    Raises:
-        QuantizeError: a parameter stored as integer codes has nothing beside it in either
-            place (its scales are then kept where this walk does not look: the count would
-            be wrong).
-    """
-    counted = {t.data_ptr() for t in (*model.parameters(), *model.buffers())}
-    total = 0
-
-    def tensors(t: Any, depth: int = 0) -> list[torch.Tensor]:
-        if torch.is_tensor(t):
-            return [t]
-        if depth >= 6 or t is None or isinstance(t, (nn.Module, type, str, bytes)):
-            return []
-        if isinstance(t, dict):
-            values = list(t.values())
-        elif isinstance(t, (list, tuple)):
-            values = list(t)
-        else:
-            values = [*getattr(t, "__dict__", {}).values(),
-                      *(getattr(t, k, None) for k in getattr(type(t), "__slots__", ()))]
-        return [x for v in values for x in tensors(v, depth + 1)]
-
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if p.dtype.is_floating_point or p.dtype.is_complex:
-                continue  # not stored as codes: nothing beside it
-            beside = [getattr(p, "SCB", None), getattr(p, "quant_state", None),
-                      {k: v for k, v in vars(module).items() if not k.startswith("_")}]
-            found = [t for t in tensors(beside) if t.data_ptr() != p.data_ptr()]
-            if not found:
-                import bitsandbytes
-
-                raise QuantizeError(f"{name}: stored as {p.dtype} codes but no scales or "
-                                    f"quant state found beside it (bitsandbytes "
-                                    f"{bitsandbytes.__version__}); its memory cannot be "
-                                    f"counted")
-            for t in found:
-                if t.data_ptr() not in counted:
-                    counted.add(t.data_ptr())
-                    total += t.numel() * t.element_size()
-    return total
-
-
-# ---------------------------------------------------------------- the run's stage
-
-QUANTIZED_DIR = "quantized"
-QUANTIZED_FILE = "quantized.json"
-TEACHER_PRECISIONS: tuple[str, ...] = ("none", "8bit", "4bit")
-
-
-def quantized_folder(kind: str, spec: Any, fmt: str) -> str:
-    """Where the ``fmt`` variant of a trained student (``kind`` baseline or distill) lives,
-    relative to the run folder."""
-    from distill.engine.jobs import student_folder
-
-    return f"{QUANTIZED_DIR}/{kind}-{student_folder(spec)}-{fmt}"
-
-
-def quantize_run(jd: Any, run_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """The ``quantize`` stage: every trained student (label-only baseline and distilled) in
-    every ``quantize.formats``.
-
-    Each variant is written to ``quantized/<kind>-<family>-<size>-<format>/`` and reloaded from
-    there (the folder a device would load); then each fp32 student and its variants are
-    scored on the same bootstrap resamples of the test fold (macro AUC [CI], the paired
-    difference to fp32) and measured side by side in this one process (size on disk,
-    memory, CPU latency at batch 1 and 64). The teacher's memory at each precision
-    (fp32, 8-bit, 4-bit) is measured too. Everything goes to ``quantized.json``.
-    """
-    from distill.run.compare import _random_inputs, evaluate_candidates
-    from distill.engine.factory import student_name
-    from distill.engine.jobs import student_folder, student_key
-
-    recipe = jd.recipe
-    q = recipe.quantize
-    candidates: list = []
-    summaries: dict[str, dict[str, Any]] = {}
-    skipped: dict[str, str] = {}
-    for kind, spec in ((k, s) for s in recipe.students for k in ("baseline", "distill")):
-        sname = student_name(spec)
-        source = run_dir / kind / student_folder(spec) / "best"
-        fp32_name = f"{kind} {sname}"
-        key = student_key(spec)
-        variants = []
-        for fmt in q.formats:
-            out = run_dir / quantized_folder(kind, spec, fmt)
-            try:
-                result = quantize_folder(source, fmt, out, double_quant=q.double_quant,
-                                         force=True)
-            except QuantizeError as exc:
-                skipped[f"{fp32_name} {fmt}"] = str(exc)
-                print(f"{fp32_name} {fmt}: not quantized ({exc})")
-                continue
-            name = f"{fp32_name} {fmt}"
-            print(f"{name}: {result.plan.fraction:.0%} of the parameters quantized, "
-                  f"{result.file_ratio:.2f}x smaller on disk (quantized part "
-                  f"{result.part_ratio:.2f}x)")
-            summaries[name] = result.to_dict()
-            variants.append(_candidate(name, "quantized", out, key, sname, fp32=fp32_name,
-                                       format=fmt))
-        if variants:
-            candidates.append(_candidate(fp32_name, kind, source, key, sname))
-            candidates += variants
-    results: dict[str, Any] = {"formats": list(q.formats), "double_quant": q.double_quant,
-                               "models": {}, "reference": {}, "skipped": skipped}
-    if candidates:
-        views = {c.view: jd.views[c.view] for c in candidates}
-        import numpy as np
-
-        splits = {s: jd.data.split(s, views) for s in ("val", "test")}
-        labels = {s: jd.data.labels[np.sort(jd.data.splits[s])] for s in ("val", "test")}
-        ev = recipe.evaluate
-        scored = evaluate_candidates(
-            candidates, splits, labels, list(jd.classes), bootstrap=ev.bootstrap, seed=ev.seed,
-            level=ev.level, repeats=ev.latency_repeats,
-            make_inputs=lambda c, b: _random_inputs(jd, c, b),
-            out_dir=run_dir / QUANTIZED_DIR / "eval", progress=progress,
-            batch_size=recipe.train.batch_size)
-        for name, entry in scored["models"].items():
-            if entry["kind"] == "quantized":
-                entry["quantization"] = summaries[name]
-                results["models"][name] = entry
-            else:
-                results["reference"][name] = entry
-        results["bootstrap"] = scored["bootstrap"]
-    results["teacher_memory"] = teacher_memory(jd, run_dir)
-    atomic_write_text(run_dir / QUANTIZED_FILE, json.dumps(results, indent=1))
-    return results
-
-
-def _candidate(name: str, kind: str, folder: Path, key: str, student: str, **extra: Any):
-    """A student folder as the evaluation sees it: loaded from disk, reading view ``key``."""
-    from distill.run.compare import Candidate
-
-    return Candidate(name, kind, folder, lambda: load_student(folder),
-                     lambda batch: {"signal": batch[key]}, key, student, extra=extra)
-
-
-def teacher_memory(jd: Any, run_dir: Path,
-                   precisions: Sequence[str] = TEACHER_PRECISIONS) -> dict[str, Any]:
-    """The run's teacher loaded at each precision: weights MB (with bitsandbytes' scales)
-    and weights + peak activations at batch 1, on the CPU. A precision that cannot load
-    here records its error instead."""
-    import dataclasses
-
-    import teachers
-    from distill.run.compare import Candidate, _random_inputs, peak_activation_bytes, weights_bytes
-    from distill.engine.factory import build_teacher
-    from distill.engine.jobs import TEACHER_DIR, teacher_inputs
-
-    recipe = jd.recipe
-    best = run_dir / TEACHER_DIR / "best"
-    cand = Candidate("teacher", "teacher", None, lambda: None,
-                     teacher_inputs(recipe.teacher.kind), "teacher")
-    out: dict[str, Any] = {}
-    for precision in precisions:
-        try:
-            if recipe.teacher.train_mode != "frozen" and (best / "teacher.json").exists():
-                teacher = teachers.load(best, load_in=precision, train_mode="frozen")
-            else:
-                t = dataclasses.replace(recipe.teacher, load_in=precision, train_mode="frozen")
-                teacher = build_teacher(dataclasses.replace(recipe, teacher=t), jd.classes)
-        except (ValueError, RuntimeError, ImportError, OSError) as exc:
-            out[precision] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
-            continue
-        teacher = teacher.eval()
-        weights = weights_bytes(teacher)
-        peak = peak_activation_bytes(teacher, _random_inputs(jd, cand, 1))
-        out[precision] = {"weights_mb": weights / 1e6, "peak_memory_mb": (weights + peak) / 1e6,
-                          "parameters_quantized": teacher.quantized}
-        del teacher
-    return out

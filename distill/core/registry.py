@@ -3,17 +3,12 @@ an unknown name answered with the closest known one."""
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from distill.core.schema import closest
+
 T = TypeVar("T")
-
-
-def closest(name: str, candidates: list[str]) -> str | None:
-    """The candidate most like ``name`` (for "did you mean"), or None."""
-    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    return match[0] if match else None
 
 
 class Registry(Generic[T]):

@@ -1,12 +1,19 @@
 """Strict conversion of plain YAML data into typed dataclasses.
 
-The recipe (``distill/recipe.py``) declares its sections as dataclasses; this module turns a
+The recipe (:mod:`distill.recipe`) declares its sections as dataclasses; this module turns a
 nested dict into them and refuses anything it cannot vouch for, with one line that names the
 key path: an unknown key (with the closest valid key for a typo), a value of the wrong type,
 a value out of range or not among the allowed choices.
 
 Range limits and help text live in each field's metadata (``field(metadata=...)``), so the
 schema and its validation are one declaration.
+
+Open sections: a dataclass may set ``__sections__ = "<field>"`` and define a classmethod
+``section_types()`` returning ``{key: dataclass}``; each such key is then a sub-section of
+its own (built from its dataclass, defaults filled in), collected in that dict field and
+written back inline. The recipe's ``distill`` section uses it for one section per
+registered loss family (``distill.kd``, ``distill.ot`` ...), so a new family brings its
+recipe keys with it.
 """
 
 from __future__ import annotations
@@ -163,18 +170,37 @@ def _check_range(path: str, value: Any, meta: Mapping[str, Any]) -> None:
             raise RecipeError(f"{path}: must be {sign} {bound}, got {value}")
 
 
+def section_types(cls: type) -> dict[str, type]:
+    """The open sections of ``cls`` (see the module docstring), or {}."""
+    return dict(cls.section_types()) if getattr(cls, "__sections__", None) else {}
+
+
 def field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
+    """The keys a mapping for ``cls`` may hold: its fields (an open-sections field
+    replaced by the section keys)."""
+    holder = getattr(cls, "__sections__", None)
+    return [f.name for f in dataclasses.fields(cls) if f.name != holder] + list(section_types(cls))
 
 
 def build(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``; every key checked, every value typed."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    holder = getattr(cls, "__sections__", None)
+    sections = section_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != holder}
     for key in data:
-        if key not in fields:
-            raise unknown_key(path, str(key), list(fields))
-    kwargs = {}
+        if key not in fields and key not in sections:
+            raise unknown_key(path, str(key), field_names(cls))
+    kwargs: dict[str, Any] = {}
+    if holder:
+        kwargs[holder] = {}
+        for key, tp in sections.items():
+            value = data.get(key)
+            if value is None:
+                value = {}
+            elif dataclasses.is_dataclass(value):
+                value = to_dict(value)
+            kwargs[holder][key] = convert(tp, value, _join(path, key))
     for name, f in fields.items():
         fpath = _join(path, name)
         if name in data:
@@ -190,7 +216,12 @@ def build(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
             for i, item in enumerate(value):
                 _check_range(_join(fpath, i), item, f.metadata)
         kwargs[name] = value
-    obj = cls(**kwargs)
+    try:
+        obj = cls(**kwargs)
+    except ValueError as exc:  # a dataclass's own __post_init__ check
+        if isinstance(exc, RecipeError):
+            raise
+        raise RecipeError(f"{_join(path, str(exc))}" if path else str(exc)) from None
     check = getattr(obj, "validate", None)
     if callable(check):
         check(path)
@@ -200,7 +231,12 @@ def build(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
 def to_dict(obj: Any) -> Any:
     """A dataclass tree as plain lists and dicts (what YAML writes back)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        holder = getattr(obj, "__sections__", None)
+        out = {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+               if f.name != holder}
+        if holder:
+            out.update({k: to_dict(v) for k, v in getattr(obj, holder).items()})
+        return out
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, Mapping):

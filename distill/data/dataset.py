@@ -34,6 +34,7 @@ from distill.core.leads import NUM_LEADS, lead_indices
 from distill.data.parallel import chunk_ranges, chunk_size, data_workers, map_chunks
 from distill.data.records import fit_length, read_record, resample
 from distill.core.errors import DataError
+from distill.data.render import render_12lead
 
 SCALERS = ("global", "per_lead", "none")
 BAD_RECORD_MODES = ("error", "skip")
@@ -268,7 +269,6 @@ class ECGSplit(Dataset):
                 v = resample(v, fs, rate)
             item[name] = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
         if self.render is not None:
-            from distill.data.render import render_12lead
 
             item["image"] = torch.from_numpy(render_12lead(x, fs, self.render))
         for name, arr in self.extras.items():

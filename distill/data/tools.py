@@ -12,6 +12,11 @@ import numpy as np
 
 from distill.core.errors import DataError
 from distill.core.io import replace_folder
+from distill.data.synth import generate_ptbxl
+from distill.data.records import read_record
+from distill.data.render import RenderConfig, render_12lead
+from distill.data.ptbxl import aggregate_labels, read_database, read_statements
+from distill.data.ptbxl import record_folder
 
 
 def _folder_has_content(folder: Path) -> bool:
@@ -27,7 +32,6 @@ def write_synthetic(out: str | os.PathLike, *, records: int, seed: int,
     never holds half a data set; an existing non-empty ``out`` is replaced only with
     ``force`` (and only after the new set is complete).
     """
-    from distill.data.synth import generate_ptbxl
 
     target = Path(out)
     if target.exists() and not target.is_dir():
@@ -67,9 +71,6 @@ def render_record_png(record: str | os.PathLike, out: str | os.PathLike, *, heig
     """Render one WFDB record (any rate, any lead-name case) to a PNG file."""
     import matplotlib.image
 
-    from distill.data.records import read_record
-    from distill.data.render import RenderConfig, render_12lead
-
     rec = read_record(record)
     image = render_12lead(rec.signal, rec.fs, RenderConfig(height=height, width=width, grid=grid))
     out = Path(out)
@@ -81,7 +82,6 @@ def render_record_png(record: str | os.PathLike, out: str | os.PathLike, *, heig
 def gallery_picks(folder: str | os.PathLike, task: str = "superdiagnostic") -> list[tuple[str, Any]]:
     """For each class of ``task``, the first record (test fold first) whose ONLY label for
     the task is that class: ``[(class, database row), ...]`` (classes without one are left out)."""
-    from distill.data.ptbxl import aggregate_labels, read_database, read_statements
 
     root = Path(folder)
     db = read_database(root)
@@ -107,10 +107,6 @@ def gallery(folder: str | os.PathLike, out: str | os.PathLike, *, task: str = "s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from distill.data.ptbxl import record_folder
-    from distill.data.records import read_record
-    from distill.data.render import RenderConfig, render_12lead
 
     root = Path(folder)
     rate = 500 if (root / "records500").is_dir() else 100

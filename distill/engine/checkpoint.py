@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from distill.core.errors import ECGDistillError
-from distill.core.io import atomic_write_text, replace_folder, sha256_file
+from distill.core.hashing import sha256_file
+from distill.core.io import atomic_write_text, replace_folder
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^step_(\d{8})$")

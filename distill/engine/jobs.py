@@ -1,6 +1,7 @@
 """Recipe -> training jobs: the teacher's fine-tuning, label-only baselines, distillation.
 
-Each builder returns a :class:`distill.engine.train.TrainJob` for :func:`distill.engine.train.fit`. The
+Each builder returns a :class:`distill.engine.train.TrainJob` for
+:func:`distill.engine.train.fit`. The
 data set is loaded once (:func:`load_job_data`) and every job reads its own views of it:
 the teacher the cached rendered images (or its signal view), each student its view (leads,
 rate), and distillation both, of the same record at the same index.
@@ -8,8 +9,8 @@ rate), and distillation both, of the same record at the same index.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import copy
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,18 +18,27 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import set_seed
+from safetensors.torch import save_file
 from torch import nn
 
+import teachers
+from distill.core.contract import ECGModelOutput
+from distill.core.errors import RecipeError
+from distill.core.hashing import stable_hash
+from distill.core.layout import ModelId, RunLayout
 from distill.core.schema import to_dict
 from distill.data.augment import SignalAugment
-from distill.core.errors import RecipeError
+from distill.data.cache import ArrayCache
+from distill.data.load import cache_root, load_data, render_config
+from distill.data.render import cached_images
+from distill.engine.accel import process_state
 from distill.engine.factory import (build_objective, build_student, build_teacher, consumer_views,
-                             render_config, student_name)
-from distill.core.contract import ECGModelOutput
-from distill.recipe import Recipe, StudentConfig
+                                    saved_teacher_folder, student_key, student_name, teacher_class)
+from distill.engine.teacher_cache import TeacherOutputs, cache_key, teacher_outputs, weights_hash
 from distill.engine.train import TrainJob
-
-TEACHER_DIR = "teacher"
+from distill.recipe import AblationConfig, Recipe, StudentConfig
+from teachers import zoo
 
 
 @dataclass
@@ -44,20 +54,30 @@ class JobData:
     def classes(self) -> list[str]:
         return list(self.data.classes)
 
+    @property
+    def teacher_class(self) -> type[teachers.TeacherAdapter]:
+        return teacher_class(self.recipe)
 
-def load_job_data(recipe: Recipe, progress: bool = True) -> JobData:
-    """Load the recipe's data (cached) and, for an image teacher, its rendered images."""
-    from distill.data.cache import ArrayCache, default_cache_dir
-    from distill.data.render import cached_images
-    from distill.run.pipeline import load_data
+    def teacher_extras(self) -> dict[str, Any] | None:
+        """What a split must carry besides the signal views for the teacher to read it:
+        the rendered images of an image teacher."""
+        return {"image": self.images} if self.images is not None else None
 
-    data = load_data(recipe, progress=progress)
-    images = None
-    if recipe.teacher.kind == "vlm":
-        cache = ArrayCache(recipe.data.cache_dir or default_cache_dir())
-        images = cached_images(data.signals, data.sampling_rate, render_config(recipe), cache,
-                               data.fingerprint, progress=progress)
-    return JobData(recipe=recipe, data=data, views=consumer_views(recipe), images=images)
+
+def teacher_images(recipe: Recipe, data: Any, progress: bool = True) -> np.ndarray | None:
+    """The rendered images of every record (cached), when the recipe's teacher reads images."""
+    if not teacher_class(recipe).reads_images():
+        return None
+    return cached_images(data.signals, data.sampling_rate, render_config(recipe.data),
+                         ArrayCache(cache_root(recipe.data)), data.fingerprint, progress=progress)
+
+
+def load_job_data(recipe: Recipe, progress: bool = True, data: Any = None) -> JobData:
+    """Load the recipe's data (cached; or use ``data``, already loaded) and, for an image
+    teacher, its rendered images."""
+    data = data if data is not None else load_data(recipe.data, progress=progress)
+    return JobData(recipe=recipe, data=data, views=consumer_views(recipe),
+                   images=teacher_images(recipe, data, progress=progress))
 
 
 def augmentation(recipe: Recipe) -> SignalAugment:
@@ -77,15 +97,6 @@ def _student(jd: JobData, spec: StudentConfig) -> nn.Module:
     student = build_student(jd.recipe, spec, jd.classes)
     student.config.normalization = normalization(jd.data)
     return student
-
-
-def _hash(payload: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _sections(recipe: Recipe, *names: str) -> dict[str, Any]:
-    d = to_dict(recipe)
-    return {n: d[n] for n in names}
 
 
 # train settings that change what training produces (not: checkpoint_every,
@@ -110,8 +121,6 @@ def train_settings(recipe: Recipe, teacher: bool = False) -> dict[str, Any]:
 
 def teacher_settings(recipe: Recipe) -> dict[str, Any]:
     """Everything the trained teacher depends on besides the data."""
-    from teachers import zoo
-
     t = {k: v for k, v in to_dict(recipe.teacher).items()
          if k not in ("epochs", "lr", "batch_size")}
     if zoo.folder(recipe.teacher.name_or_path) is not None:  # a shipped teacher: its weights
@@ -124,34 +133,23 @@ def student_settings(recipe: Recipe) -> dict[str, Any]:
     return {"seed": recipe.seed, "train": train_settings(recipe)}
 
 
+def distill_settings(recipe: Recipe) -> dict[str, Any]:
+    """The ``distill`` section as hashes read it (:meth:`DistillConfig.hash_dict`)."""
+    return {"distill": recipe.distill.hash_dict()}
+
+
 # ---------------------------------------------------------------- inputs
 
 
-def teacher_inputs(kind: str) -> Callable[[Mapping[str, Any]], dict[str, torch.Tensor]]:
-    """Batch -> the teacher's keyword inputs (the image, or the teacher's signal view)."""
-    if kind == "vlm":
-        return lambda batch: {"image": batch["image"]}
-    return lambda batch: {"signal": batch["teacher"]}
+def teacher_inputs(recipe: Recipe) -> Callable[[Mapping[str, Any]], dict[str, torch.Tensor]]:
+    """Batch -> the teacher's keyword inputs (its adapter's ``batch_inputs``)."""
+    return teacher_class(recipe).batch_inputs
 
 
 def _spec_key(spec: StudentConfig) -> dict[str, Any]:
     """A student spec as its training fingerprint sees it: unset per-student overrides
     (``epochs``, ``lr``) are left out, so runs made before they existed stay valid."""
     return {k: v for k, v in to_dict(spec).items() if not (k in ("epochs", "lr") and v is None)}
-
-
-def student_key(spec: StudentConfig) -> str:
-    """The batch entry holding this student's view."""
-    return f"student:{student_name(spec)}"
-
-
-def student_folder(spec: StudentConfig) -> str:
-    return f"{spec.family}-{spec.size}"
-
-
-def ablation_folder(name: str, spec: StudentConfig) -> str:
-    """Where ablation ``name`` of a student trains, relative to the run folder."""
-    return f"ablation/{name}-{student_folder(spec)}"
 
 
 def _teacher_split(jd: JobData, train: bool):
@@ -163,9 +161,9 @@ def _teacher_split(jd: JobData, train: bool):
     views = {"teacher": jd.views["teacher"]}
     extra: dict[str, Any] = {}
     render = None
-    if recipe.teacher.kind == "vlm":
+    if jd.teacher_class.reads_images():
         if live:
-            render = render_config(recipe)
+            render = render_config(recipe.data)
         else:
             extra["image"] = jd.images
     return views, extra, render, (aug if live else None)
@@ -176,17 +174,13 @@ def _teacher_split(jd: JobData, train: bool):
 
 def teacher_job(jd: JobData) -> TrainJob:
     """Fine-tune (``full``), adapt (``lora``) or fit the head of (``head``) the teacher."""
-    from accelerate.utils import set_seed
-
     recipe = jd.recipe
     if recipe.teacher.train_mode == "frozen":
         raise RecipeError("teacher.train_mode is frozen: there is nothing to train")
-    from distill.engine.train import process_state
-
     set_seed(recipe.seed)
     with process_state().main_process_first():  # a preset or hub download is made once
         teacher = build_teacher(recipe, jd.classes)
-    inputs = teacher_inputs(recipe.teacher.kind)
+    inputs = teacher_inputs(recipe)
     sets = {}
     for split, train in (("train", True), ("val", False)):
         views, extras, render, aug = _teacher_split(jd, train)
@@ -200,10 +194,11 @@ def teacher_job(jd: JobData) -> TrainJob:
         return model(**inputs(batch)).logits
 
     return TrainJob(
-        name="teacher", model=teacher, train_set=sets["train"], val_set=sets["val"],
+        name=ModelId.teacher().name, stage="teacher", model=teacher, train_set=sets["train"],
+        val_set=sets["val"],
         loss_fn=loss_fn, logits_fn=logits_fn,
         save_model=lambda m, f, sd: m.save_pretrained(f, state_dict=sd),
-        fingerprint=_hash({"job": "teacher", "data": jd.data.fingerprint,
+        fingerprint=stable_hash({"job": "teacher", "data": jd.data.fingerprint,
                            **teacher_settings(recipe)}),
         class_names=jd.classes)
 
@@ -211,28 +206,19 @@ def teacher_job(jd: JobData) -> TrainJob:
 def load_frozen_teacher(jd: JobData, run_dir: Path) -> nn.Module:
     """The teacher distillation reads: the teacher stage's best model, or, with
     ``train_mode: frozen``, the recipe's teacher as it is."""
-    import teachers
-
-    from accelerate.utils import set_seed
-
     recipe = jd.recipe
     if recipe.teacher.train_mode == "frozen":
-        from distill.engine.train import process_state
-
         set_seed(recipe.seed)  # a freshly built head is the same in every process and run
         with process_state().main_process_first():
             teacher = build_teacher(recipe, jd.classes)
-        from teachers import zoo
-
-        name = recipe.teacher.name_or_path
-        saved = ((zoo.folder(name) or Path(name).expanduser()) / "teacher.json").is_file()
+        saved = saved_teacher_folder(recipe.teacher.name_or_path) is not None
         if not saved and recipe.distill.weights.kd > 0 and recipe.distill.alpha > 0:
             print(f"warning: teacher.train_mode is frozen and {recipe.teacher.name_or_path} is "
                   f"not a saved teacher, so its classification head is untrained: the kd term "
                   f"distils random logits (train it with train_mode: head, or point "
                   f"teacher.name_or_path at a trained teacher folder)")
     else:
-        best = run_dir / TEACHER_DIR / "best"
+        best = RunLayout(run_dir).teacher_best
         if not (best / "teacher.json").exists():
             raise RecipeError(f"no trained teacher in {best}; run `ecg-distill teacher` on the "
                               f"recipe first (or set teacher.train_mode: frozen)")
@@ -265,8 +251,6 @@ def _student_sets(jd: JobData, spec: StudentConfig, extras: Mapping[str, Any] | 
 
 def baseline_job(jd: JobData, spec: StudentConfig) -> TrainJob:
     """A student trained on the labels alone (the comparison for distillation)."""
-    from accelerate.utils import set_seed
-
     recipe = jd.recipe
     set_seed(recipe.seed)
     student = _student(jd, spec)
@@ -280,11 +264,12 @@ def baseline_job(jd: JobData, spec: StudentConfig) -> TrainJob:
         return model(signal=batch[key]).logits
 
     return TrainJob(
-        name=f"baseline {student_name(spec)}", model=student, train_set=sets["train"],
+        name=ModelId.student("baseline", spec).name, stage="baseline", model=student,
+        train_set=sets["train"],
         val_set=sets["val"], loss_fn=loss_fn, logits_fn=logits_fn,
         save_model=lambda m, f, sd: m.save_pretrained(f, state_dict=sd),
-        fingerprint=_hash({"job": "baseline", "student": _spec_key(spec), "data": jd.data.fingerprint,
-                           **student_settings(recipe)}),
+        fingerprint=stable_hash({"job": "baseline", "student": _spec_key(spec),
+                                 "data": jd.data.fingerprint, **student_settings(recipe)}),
         class_names=jd.classes)
 
 
@@ -312,22 +297,23 @@ def cached_teacher_output(batch: Mapping[str, Any], token_leads: torch.Tensor) -
 
 
 def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
-                cache: Any | None) -> TrainJob:
+                cache: TeacherOutputs | None, model_id: ModelId | None = None) -> TrainJob:
     """A student trained with the recipe's objective against the frozen teacher.
 
     Args:
         jd: the loaded data.
         spec: the student.
         teacher: the frozen teacher (used live when ``cache`` is None, i.e. augmentation).
-        cache: :class:`distill.engine.teacher_cache.TeacherOutputs`, or None to run the teacher live.
+        cache: :class:`distill.engine.teacher_cache.TeacherOutputs`, or None to run the
+            teacher live.
+        model_id: the model trained (default the student's distillation; an ablation names
+            its own).
     """
-    from accelerate.utils import set_seed
-
     recipe = jd.recipe
     set_seed(recipe.seed)
     student = _student(jd, spec)
     key = student_key(spec)
-    t_inputs = teacher_inputs(recipe.teacher.kind)
+    t_inputs = teacher_inputs(recipe)
     extras = cache.extras() if cache is not None else None
     sets = _student_sets(jd, spec, extras=extras, with_teacher=cache is None)
     probe = sets["train"][0]
@@ -361,14 +347,15 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
         if cache is None and not getattr(teacher, "quantized", False):
             teacher.to(dev)
 
-    teacher_id = cache.key if cache is not None else _teacher_id(teacher)
+    teacher_id = cache.key if cache is not None else weights_hash(teacher)
+    model_id = model_id or ModelId.student("distill", spec)
     return TrainJob(
-        name=f"distill {student_name(spec)}", model=module, train_set=sets["train"],
+        name=model_id.name, stage=model_id.kind, model=module, train_set=sets["train"],
         val_set=sets["val"], loss_fn=loss_fn, logits_fn=logits_fn,
         save_model=_save_distilled, on_device=on_device,
-        fingerprint=_hash({"job": "distill", "student": _spec_key(spec), "teacher": teacher_id,
-                           "data": jd.data.fingerprint, **student_settings(recipe),
-                           **_sections(recipe, "distill")}),
+        fingerprint=stable_hash({"job": "distill", "student": _spec_key(spec),
+                                 "teacher": teacher_id, "data": jd.data.fingerprint,
+                                 **student_settings(recipe), **distill_settings(recipe)}),
         class_names=jd.classes)
 
 
@@ -380,8 +367,6 @@ def _save_distilled(module: DistillationModule, folder: Path,
     """The student (a plain student folder) and, beside it, the objective's learnt
     projections (``objective.safetensors``: the report draws transport plans with them;
     export leaves them out)."""
-    from safetensors.torch import save_file
-
     module.student.save_pretrained(folder, state_dict=_sub(state_dict, "student."))
     objective = _sub(state_dict, "objective.") or module.objective.state_dict()
     if objective:
@@ -390,23 +375,10 @@ def _save_distilled(module: DistillationModule, folder: Path,
 
 
 def ablation_recipe(recipe: Recipe, name: str) -> Recipe:
-    """The recipe with the distillation terms of ablation ``name`` switched off.
-
-    ``no_mhca`` / ``no_ot`` / ``no_relation`` set that term's weight to 0, ``kd_only``
-    every term but kd; relation matching needs MHCA or OT, so it goes when both have gone.
-    """
-    import copy
-
+    """The recipe with the distillation weights of ablation ``name``
+    (:meth:`distill.recipe.AblationConfig.weights`)."""
     r = copy.deepcopy(recipe)
-    w = r.distill.weights
-    if name == "kd_only":
-        w.mhca = w.ot = w.relation = 0.0
-    elif name in ("no_mhca", "no_ot", "no_relation"):
-        setattr(w, name[3:], 0.0)
-    else:
-        raise RecipeError(f"ablations.runs: unknown ablation {name!r}")
-    if w.mhca == 0 and w.ot == 0:
-        w.relation = 0.0
+    r.distill.weights = AblationConfig.weights(name, r.distill.weights)
     return r
 
 
@@ -417,22 +389,12 @@ def _sub(state_dict: dict[str, Any] | None, prefix: str) -> dict[str, Any] | Non
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-def _teacher_id(teacher: nn.Module) -> str:
-    from distill.engine.teacher_cache import weights_hash
-
-    return weights_hash(teacher)
-
-
 def teacher_cache_key(jd: JobData, teacher: nn.Module) -> str:
     """The cache key of this teacher's outputs on this data with these input settings."""
-    import dataclasses
-
-    from distill.engine.teacher_cache import cache_key
-
     recipe = jd.recipe
     inputs: dict[str, Any] = {"kind": recipe.teacher.kind}
-    if recipe.teacher.kind == "vlm":
-        inputs["render"] = dataclasses.asdict(render_config(recipe))
+    if jd.teacher_class.reads_images():
+        inputs["render"] = dataclasses.asdict(render_config(recipe.data))
     else:
         inputs["view"] = dataclasses.asdict(jd.views["teacher"])
     return cache_key(teacher, jd.data.fingerprint, inputs)
@@ -442,9 +404,6 @@ def build_teacher_cache(jd: JobData, teacher: nn.Module, progress: bool = True,
                         batch_size: int | None = None, rebuild: bool = False):
     """The teacher's outputs on every record, from the cache or computed now (on this
     process's device: the GPU when there is one)."""
-    from distill.engine.teacher_cache import teacher_outputs
-    from distill.engine.train import process_state
-
     device = process_state().device
     if getattr(teacher, "quantized", False):  # placed by bitsandbytes when loaded
         device = next(teacher.parameters()).device
@@ -453,9 +412,8 @@ def build_teacher_cache(jd: JobData, teacher: nn.Module, progress: bool = True,
 
     recipe = jd.recipe
     views = {"teacher": jd.views["teacher"]}
-    extras = {"image": jd.images} if recipe.teacher.kind == "vlm" else None
-    dataset = jd.data.split("all", views, extras=extras)
-    return teacher_outputs(teacher, dataset, teacher_inputs(recipe.teacher.kind),
+    dataset = jd.data.split("all", views, extras=jd.teacher_extras())
+    return teacher_outputs(teacher, dataset, teacher_inputs(recipe),
                            key=teacher_cache_key(jd, teacher), cache_dir=recipe.data.cache_dir,
                            batch_size=batch_size or recipe.train.batch_size, progress=progress,
                            rebuild=rebuild, device=device)

@@ -27,13 +27,9 @@ under ``tensorboard/`` when tensorboard is installed.
 from __future__ import annotations
 
 import csv
-import importlib.util
-import inspect
 import io
 import json
 import math
-import os
-import platform
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -43,14 +39,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from transformers import get_cosine_schedule_with_warmup
 
 from distill.engine import checkpoint as ckpt
 from distill.core.errors import ECGDistillError
 from distill.metrics.classification import label_aucs, macro_auc
 from distill.core.io import atomic_write_text, replace_folder
 from distill.core.progress import progress_bar
+from distill.engine.accel import machine_description, make_accelerator, process_state  # noqa: F401
 from distill.recipe import TrainConfig
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -87,10 +86,7 @@ class TrainJob:
     fingerprint: str = ""
     on_device: Callable[[torch.device], None] | None = None
     class_names: list[str] = field(default_factory=list)
-    stage: str = ""
-
-    def __post_init__(self) -> None:
-        self.stage = self.stage or self.name.split()[0]
+    stage: str = "train"
 
 
 @dataclass
@@ -103,70 +99,6 @@ class EvalResult:
     index: np.ndarray  # (N,) record positions seen, each once
     probs: np.ndarray  # (N, C)
     labels: np.ndarray  # (N, C)
-
-
-def _has_tensorboard() -> bool:
-    return importlib.util.find_spec("tensorboard") is not None
-
-
-def _use_cpu_processes() -> bool:
-    """Several processes without a GPU (torchrun / `accelerate launch` with the 2-process
-    CPU config): Accelerate takes its data-parallel CPU path (gloo) only when told cpu=True."""
-    return int(os.environ.get("LOCAL_RANK", "-1")) != -1 and not torch.cuda.is_available()
-
-
-def process_state():
-    """Accelerate's process state (rank, main process, barriers), initialised the way
-    :func:`make_accelerator` initialises it."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=_use_cpu_processes())
-
-
-def reset_job_state() -> None:
-    """Start Accelerate's per-job singletons afresh, keeping the process group.
-
-    Each training job configures its own Accelerator (precision, accumulation), but
-    ``AcceleratorState`` and ``GradientState`` are process-wide singletons that keep the
-    first job's settings. Accelerate resets them only through private helpers
-    (``_reset_state``, which clears ``_shared_state``); this calls whichever the installed
-    release has and fails with one line when it has neither, rather than training the
-    next job with the previous one's settings.
-    """
-    from accelerate.state import AcceleratorState, GradientState
-
-    for cls, kwargs in ((AcceleratorState, {"reset_partial_state": False}), (GradientState, {})):
-        reset = getattr(cls, "_reset_state", None)
-        if callable(reset):
-            params = inspect.signature(reset).parameters
-            reset(**{k: v for k, v in kwargs.items() if k in params})
-        elif isinstance(getattr(cls, "_shared_state", None), dict):
-            cls._shared_state.clear()
-        else:
-            import accelerate
-
-            raise ECGDistillError(f"accelerate {accelerate.__version__}: {cls.__name__} has no "
-                                  f"way to reset its per-job state; install the locked version "
-                                  f"(make setup)")
-
-
-def make_accelerator(cfg: TrainConfig, out_dir: Path, seed: int, trackers: bool = True):
-    """The Accelerator of a run: precision, accumulation, seedable sampler, TensorBoard."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
-
-    reset_job_state()
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ECGDistillError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
-    log_with = "tensorboard" if trackers and _has_tensorboard() else None
-    return Accelerator(
-        cpu=_use_cpu_processes(),
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.grad_accum,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
-        # the scheduler counts optimiser steps; it is stepped only when they happen
-        step_scheduler_with_optimizer=False,
-        log_with=log_with, project_dir=str(out_dir))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -301,15 +233,46 @@ def fit(job: TrainJob, cfg: TrainConfig, out_dir: str | Path, *, seed: int = 0,
         ECGDistillError: checkpoints present without ``resume``; a checkpoint of another
             job; fp16 on a CPU.
     """
-    from accelerate.utils import set_seed
-    from transformers import get_cosine_schedule_with_warmup
-
     out_dir = Path(out_dir)
     epochs = epochs if epochs is not None else cfg.epochs
     lr = lr if lr is not None else cfg.lr
-    root = out_dir / "checkpoints"
     accelerator = make_accelerator(cfg, out_dir, seed)
-    main = accelerator.is_main_process
+    found = _check_checkpoints(accelerator, out_dir, job, resume)
+    set_seed(seed)
+    loop = _Loop.prepare(job, cfg, accelerator, out_dir, seed=seed, epochs=epochs, lr=lr,
+                         progress=progress)
+    if resume and found:
+        loop.state = _restore(accelerator, loop.root, job, loop.running)
+    if accelerator.log_with:
+        accelerator.init_trackers("tensorboard", config={**_flat(cfg), "job": job.name,
+                                                         "lr": lr, "epochs": epochs})
+    epoch_bar = progress_bar(total=epochs, initial=loop.state.epoch, desc=job.name,
+                             unit="epoch", enabled=loop.bars)
+    start_all = time.perf_counter()
+    for epoch in range(loop.state.epoch, epochs):
+        if loop.state.stopped_early:
+            break
+        seen, train_seconds = loop.train_epoch(epoch, on_step)
+        loop.end_epoch(epoch, seen, train_seconds)
+        epoch_bar.update(1)
+    epoch_bar.close()
+    seconds = time.perf_counter() - start_all
+    metrics = _metrics(job, loop.state, accelerator, seconds)
+    metrics["complete"] = True
+    if accelerator.is_main_process:
+        _write_logs(out_dir, job, loop.state, None, accelerator, finished=True, seconds=seconds)
+    accelerator.wait_for_everyone()
+    # not end_training(): it also destroys the process group, which the next job of the
+    # same process (another student, the next stage) still needs
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    return FitResult(best_folder=loop.best_dir, metrics=metrics)
+
+
+def _check_checkpoints(accelerator, out_dir: Path, job: TrainJob, resume: bool) -> list[Path]:
+    """The checkpoints already in ``out_dir``; refused without ``resume`` (nothing is
+    overwritten). Half-written ones are removed."""
+    root = out_dir / "checkpoints"
     found = ckpt.list_checkpoints(root)
     if found and not resume:
         if ckpt.peek_fingerprint(found[-1]) not in (None, job.fingerprint):
@@ -317,107 +280,152 @@ def fit(job: TrainJob, cfg: TrainConfig, out_dir: str | Path, *, seed: int = 0,
                                   f"{job.stage} deletes it and starts over")
         raise ECGDistillError(f"{out_dir} holds checkpoints of an interrupted run; pass --resume "
                               f"to continue it, or --force {job.stage} to start over")
-    if main:
+    if accelerator.is_main_process:
         ckpt.clean_partial(root)
-    set_seed(seed)
+    return found
 
-    model = job.model
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr)
-    train_dl = _loader(job.train_set, cfg, train=True, seed=seed,
-                       processes=accelerator.num_processes)
-    val_dl = _loader(job.val_set, cfg, train=False, seed=seed)
-    model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
-    steps_per_epoch = math.ceil(len(train_dl) / cfg.grad_accum)
-    total_steps = max(1, steps_per_epoch * epochs)
-    scheduler = accelerator.prepare(get_cosine_schedule_with_warmup(
-        optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps),
-        num_training_steps=total_steps))
-    if job.on_device is not None:
-        job.on_device(accelerator.device)
 
-    state = ckpt.TrainerState(fingerprint=job.fingerprint, processes=accelerator.num_processes)
-    running = _Running()
-    if resume and found:
-        state = _restore(accelerator, root, job, running)
-    if accelerator.log_with:
-        accelerator.init_trackers("tensorboard", config={**_flat(cfg), "job": job.name,
-                                                         "lr": lr, "epochs": epochs})
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    best_dir = out_dir / "best"
+@dataclass
+class _Loop:
+    """The prepared objects of one :func:`fit` and its epoch steps."""
 
-    def save_checkpoint() -> None:
-        state.running = running.gathered(accelerator)
+    job: TrainJob
+    cfg: TrainConfig
+    accelerator: Any
+    out_dir: Path
+    epochs: int
+    progress: bool
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_dl: DataLoader
+    val_dl: DataLoader
+    scheduler: Any
+    state: ckpt.TrainerState
+    running: _Running
+    trainable: list[torch.nn.Parameter]
+
+    @classmethod
+    def prepare(cls, job: TrainJob, cfg: TrainConfig, accelerator, out_dir: Path, *, seed: int,
+                epochs: int, lr: float, progress: bool) -> _Loop:
+        """Model, AdamW, loaders and the warm-up + cosine schedule, prepared by Accelerate."""
+        model = job.model
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr)
+        train_dl = _loader(job.train_set, cfg, train=True, seed=seed,
+                           processes=accelerator.num_processes)
+        val_dl = _loader(job.val_set, cfg, train=False, seed=seed)
+        model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl,
+                                                                 val_dl)
+        steps_per_epoch = math.ceil(len(train_dl) / cfg.grad_accum)
+        total_steps = max(1, steps_per_epoch * epochs)
+        scheduler = accelerator.prepare(get_cosine_schedule_with_warmup(
+            optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps),
+            num_training_steps=total_steps))
+        if job.on_device is not None:
+            job.on_device(accelerator.device)
+        return cls(job=job, cfg=cfg, accelerator=accelerator, out_dir=out_dir, epochs=epochs,
+                   progress=progress, model=model, optimizer=optimizer, train_dl=train_dl,
+                   val_dl=val_dl, scheduler=scheduler,
+                   state=ckpt.TrainerState(fingerprint=job.fingerprint,
+                                           processes=accelerator.num_processes),
+                   running=_Running(),
+                   trainable=[p for p in model.parameters() if p.requires_grad])
+
+    @property
+    def root(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def best_dir(self) -> Path:
+        return self.out_dir / "best"
+
+    @property
+    def bars(self) -> bool:
+        return self.progress and self.accelerator.is_local_main_process
+
+    def save_checkpoint(self) -> None:
+        """``save_state`` of every process into a temporary folder, sealed (checksums,
+        loop state) and renamed into place by the main process; old ones pruned."""
+        acc, state = self.accelerator, self.state
+        state.running = self.running.gathered(acc)
         name = ckpt.checkpoint_name(state.step)
-        tmp = root / f".tmp-{name}"
-        if main and tmp.exists():
+        tmp = self.root / f".tmp-{name}"
+        if acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if main:
-            ckpt.seal(tmp, root / name, state)
-            ckpt.prune(root, cfg.keep_checkpoints)
-        accelerator.wait_for_everyone()
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ckpt.seal(tmp, self.root / name, state)
+            ckpt.prune(self.root, self.cfg.keep_checkpoints)
+        acc.wait_for_everyone()
 
-    epoch_bar = progress_bar(total=epochs, initial=state.epoch, desc=job.name, unit="epoch",
-                             enabled=progress and accelerator.is_local_main_process)
-    start_all = time.perf_counter()
-    for epoch in range(state.epoch, epochs):
-        if state.stopped_early:
-            break
-        train_dl.set_epoch(epoch)
-        for ds in (job.train_set,):
-            if hasattr(ds, "set_epoch"):
-                ds.set_epoch(epoch)
-        model.train()
+    def train_epoch(self, epoch: int, on_step: Callable[[int], None] | None
+                    ) -> tuple[int, float]:
+        """One pass over the training set (continuing a resumed epoch where it stopped):
+        (records seen by this process, seconds)."""
+        acc, cfg, job, state = self.accelerator, self.cfg, self.job, self.state
+        self.train_dl.set_epoch(epoch)
+        if hasattr(job.train_set, "set_epoch"):
+            job.train_set.set_epoch(epoch)
+        self.model.train()
         skip = state.batch
-        loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        loader = acc.skip_first_batches(self.train_dl, skip) if skip else self.train_dl
         if not skip:
-            running.reset()
+            self.running.reset()
         start = time.perf_counter()
         seen = 0
-        bar = progress_bar(loader, total=len(train_dl), initial=skip,
-                           enabled=progress and accelerator.is_local_main_process,
-                           desc=f"epoch {epoch + 1}/{epochs}", leave=False, unit="batch")
+        bar = progress_bar(loader, total=len(self.train_dl), initial=skip, enabled=self.bars,
+                           desc=f"epoch {epoch + 1}/{self.epochs}", leave=False, unit="batch")
         for batch in bar:
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss, terms = job.loss_fn(model, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.grad_clip is not None:
-                    accelerator.clip_grad_norm_(trainable, cfg.grad_clip)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                    state.updates += 1
-                optimizer.zero_grad()
+            loss, terms = self._step(batch)
             if not torch.isfinite(loss.detach()):
                 raise ECGDistillError(
                     f"{job.name}: the training loss is {float(loss.detach())} at epoch "
                     f"{epoch + 1}, step {state.step + 1}; training diverged (lower train.lr, "
                     f"or train.mixed_precision: no)")
             n = len(batch["labels"])
-            running.add({"loss": loss.detach(), **terms}, n)
+            self.running.add({"loss": loss.detach(), **terms}, n)
             seen += n
             state.step += 1
             state.batch += 1
-            bar.set_postfix(refresh=False, loss=f"{float(loss.detach()):.4f}",
-                            rec_s=f"{seen * accelerator.num_processes / max(time.perf_counter() - start, 1e-9):.0f}")
-            if (cfg.checkpoint_every and accelerator.sync_gradients
+            rate = seen * acc.num_processes / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(refresh=False, loss=f"{float(loss.detach()):.4f}", rec_s=f"{rate:.0f}")
+            if (cfg.checkpoint_every and acc.sync_gradients
                     and state.updates % cfg.checkpoint_every == 0
-                    and state.batch < len(train_dl)):
-                save_checkpoint()
+                    and state.batch < len(self.train_dl)):
+                self.save_checkpoint()
             if on_step is not None:
                 on_step(state.step)
         bar.close()
-        train_seconds = time.perf_counter() - start
-        train_means = running.means(accelerator)
-        result = evaluate(accelerator, model, val_dl, job.logits_fn, progress=progress)
-        row = {"epoch": epoch + 1, "step": state.step, "lr": scheduler.get_last_lr()[0],
+        return seen, time.perf_counter() - start
+
+    def _step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward, backward, clipping and (when the accumulation is complete) an optimiser
+        and scheduler step."""
+        acc = self.accelerator
+        with acc.accumulate(self.model):
+            with acc.autocast():
+                loss, terms = self.job.loss_fn(self.model, batch)
+            acc.backward(loss)
+            if acc.sync_gradients and self.cfg.grad_clip is not None:
+                acc.clip_grad_norm_(self.trainable, self.cfg.grad_clip)
+            self.optimizer.step()
+            if acc.sync_gradients:
+                self.scheduler.step()
+                self.state.updates += 1
+            self.optimizer.zero_grad()
+        return loss, terms
+
+    def end_epoch(self, epoch: int, seen: int, train_seconds: float) -> None:
+        """Validation, the best model, early stopping, the checkpoint and the logs."""
+        acc, cfg, job, state = self.accelerator, self.cfg, self.job, self.state
+        train_means = self.running.means(acc)
+        result = evaluate(acc, self.model, self.val_dl, job.logits_fn, progress=self.progress)
+        row = {"epoch": epoch + 1, "step": state.step, "lr": self.scheduler.get_last_lr()[0],
                **{f"train_{k}": v for k, v in train_means.items()},
                "val_loss": result.loss, "val_macro_auc": result.macro_auc,
                "train_seconds": round(train_seconds, 3),
-               "train_records_per_s": round(seen * accelerator.num_processes
+               "train_records_per_s": round(seen * acc.num_processes
                                             / max(train_seconds, 1e-9), 1)}
         auc = result.macro_auc if math.isfinite(result.macro_auc) else None
         # the first epoch always gives a best model; later ones must beat a finite AUC
@@ -425,39 +433,27 @@ def fit(job: TrainJob, cfg: TrainConfig, out_dir: str | Path, *, seed: int = 0,
             auc is not None and (state.best_metric is None or auc > state.best_metric))
         if improved:
             state.best_metric, state.best_epoch, state.stale_epochs = auc, epoch + 1, 0
-            _save_best(accelerator, model, job, best_dir, result)
+            _save_best(acc, self.model, job, self.best_dir, result)
         else:
             state.stale_epochs += 1
         if cfg.early_stopping is not None and state.stale_epochs >= cfg.early_stopping:
             state.stopped_early = True
         state.history.append(row)
         state.epoch, state.batch = epoch + 1, 0
-        running.reset()
-        save_checkpoint()
-        if main:
-            _write_logs(out_dir, job, state, result, accelerator, finished=False)
-        if accelerator.log_with:
-            accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-        epoch_bar.update(1)
-        accelerator.print(
-            f"{job.name} epoch {epoch + 1}/{epochs}: train loss {train_means.get('loss', float('nan')):.4f}, "
-            f"val loss {result.loss:.4f}, val macro AUC {result.macro_auc:.4f}"
-            f"{' (best)' if improved else ''}, {row['train_records_per_s']:.0f} records/s")
+        self.running.reset()
+        self.save_checkpoint()
+        if acc.is_main_process:
+            _write_logs(self.out_dir, job, state, result, acc, finished=False)
+        if acc.log_with:
+            acc.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        acc.print(
+            f"{job.name} epoch {epoch + 1}/{self.epochs}: train loss "
+            f"{train_means.get('loss', float('nan')):.4f}, val loss {result.loss:.4f}, "
+            f"val macro AUC {result.macro_auc:.4f}{' (best)' if improved else ''}, "
+            f"{row['train_records_per_s']:.0f} records/s")
         if state.stopped_early:
-            accelerator.print(f"{job.name}: early stopping after {cfg.early_stopping} epochs "
-                              f"without improvement (best epoch {state.best_epoch})")
-    epoch_bar.close()
-    seconds = time.perf_counter() - start_all
-    metrics = _metrics(job, state, accelerator, seconds)
-    metrics["complete"] = True
-    if main:
-        _write_logs(out_dir, job, state, None, accelerator, finished=True, seconds=seconds)
-    accelerator.wait_for_everyone()
-    # not end_training(): it also destroys the process group, which the next job of the
-    # same process (another student, the next stage) still needs
-    for tracker in accelerator.trackers:
-        tracker.finish()
-    return FitResult(best_folder=best_dir, metrics=metrics)
+            acc.print(f"{job.name}: early stopping after {cfg.early_stopping} epochs "
+                      f"without improvement (best epoch {state.best_epoch})")
 
 
 def _restore(accelerator, root: Path, job: TrainJob, running: _Running) -> ckpt.TrainerState:
@@ -471,8 +467,6 @@ def _restore(accelerator, root: Path, job: TrainJob, running: _Running) -> ckpt.
         latest = ckpt.latest_valid(root, warn=accelerator.print)
         found = [None if latest is None else (latest[0].name, asdict(latest[1]))]
     if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
         broadcast_object_list(found, from_process=0)
     if found[0] is None:
         raise ECGDistillError(f"{root}: no checkpoint passes verification; --force {job.stage} "
@@ -510,8 +504,6 @@ def _save_best(accelerator, model: nn.Module, job: TrainJob, best_dir: Path,
     Under FSDP or DeepSpeed the parameters are sharded: the full state dict is gathered
     (a collective, so every process calls it) and handed to the model's save.
     """
-    from accelerate.utils import DistributedType
-
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     state_dict = None
@@ -526,15 +518,6 @@ def _save_best(accelerator, model: nn.Module, job: TrainJob, best_dir: Path,
                  labels=result.labels)
         replace_folder(tmp, best_dir)
     accelerator.wait_for_everyone()
-
-
-def machine_description(processes: int = 1) -> str:
-    """Where a job runs, for its metrics and a model card: the GPU model (times the
-    processes), or the CPU's cores and torch threads."""
-    if torch.cuda.is_available():
-        return f"{processes} x {torch.cuda.get_device_name(0)}"
-    cpu = platform.processor() or platform.machine()
-    return f"{os.cpu_count()}-core CPU ({cpu}), {torch.get_num_threads()} torch threads"
 
 
 def _metrics(job: TrainJob, state: ckpt.TrainerState, accelerator,

@@ -28,50 +28,51 @@ data through the same dataset code that made the stored predictions.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import save_file
 
-from distill.run.compare import load_results
-from distill.run.compare import prediction_folder as folder_name  # "distill a/b" -> "distill_a-b"
 from distill.core.errors import ECGDistillError
-from distill.core.io import atomic_write_text, replace_folder
+from distill.core.io import atomic_dir, atomic_write_text, require_safetensors
+from distill.core.layout import ModelId, RunLayout
 from distill.core.progress import progress_bar
-from distill.hub.publish import (
-    CONFIG_KEYS,
-    MANIFEST,
-    SAMPLES,
-    require_safetensors,
-    verify_folder,
-    verify_folders,
-    write_manifest,
-)
+from distill.data.dataset import SignalView
+from distill.data.load import load_data
+from distill.hub.model_card import model_card
+from distill.hub.publish import CONFIG_KEYS, SAMPLES, verify_folders, write_manifest
+from distill.metrics.results import load_results
+from distill.recipe import read_yaml, recipe_from_dict
+from students.preprocess import scaler_from_config
 
-EXPORT_DIR = "export"
 TRAINING_ONLY = ("objective.safetensors",)  # the distillation losses' projections
 SHIPPED = ("config.json", "quantization.json")  # besides the weights
 N_SAMPLES = 4
 # |probability| tolerance when reproducing: LLM.int8 picks its fp16 outlier columns per
 # batch, so a quantized model's outputs move a little with the batch a record is in
 ATOL = {"fp32": 1e-4, "quantized": 1e-2}
-LIBRARY = "transformers"
-DEFAULT_RECORD = "records100/00000/00001_lr"
+
+
+def folder_name(name: str) -> str:
+    """A model's folder under ``export/``: "distill leadformer/tiny nf4" ->
+    "distill_leadformer-tiny_nf4"."""
+    return ModelId.parse(name).folder_name
 
 
 def predictions_file(run_dir: Path, name: str, entry: dict[str, Any]) -> Path:
     """Where the evaluation (or the quantize stage) kept a model's predictions: the entry's
-    ``predictions`` when that file exists, else ``[quantized/]eval/<model>/predictions.npz``
-    of ``run_dir`` (a moved run)."""
+    ``predictions`` when that file exists, else where :class:`RunLayout` puts them in
+    ``run_dir`` (a moved run)."""
     if entry.get("predictions") and Path(entry["predictions"]).is_file():
         return Path(entry["predictions"])
-    base = run_dir / "quantized" / "eval" if entry.get("kind") == "quantized" else run_dir / "eval"
-    return base / folder_name(name) / "predictions.npz"
+    return RunLayout(run_dir).predictions(ModelId.parse(name))
 
 
 def _run_relative(value: Any, run_dir: Path) -> Any:
@@ -93,9 +94,7 @@ def select_models(results: dict[str, Any], names: Sequence[str] | None = None) -
     distilled student and quantized variant."""
     models = results["models"]
     if not names:
-        chosen = [n for n, m in models.items() if m.get("kind") == "distill" or (
-            m.get("kind") == "quantized"
-            and models.get(m.get("fp32"), {}).get("kind") == "distill")]
+        chosen = [n for n in models if ModelId.parse(n).fp32.kind == "distill"]
         if not chosen:
             raise ECGDistillError(f"no distilled or quantized model in the results (have "
                                   f"{', '.join(models)}); name one with --model")
@@ -107,7 +106,7 @@ def select_models(results: dict[str, Any], names: Sequence[str] | None = None) -
         if model is None:
             raise ECGDistillError(f"--model {name!r}: not in the run's results; known: "
                                   f"{', '.join(models)}")
-        if models[model].get("kind") == "teacher":
+        if ModelId.parse(model).kind == "teacher":
             raise ECGDistillError(f"--model {name!r}: the teacher is not exported (export "
                                   f"publishes the compact students and their quantized variants)")
         if model not in out:
@@ -132,7 +131,7 @@ def model_source(run_dir: Path, name: str, entry: dict[str, Any]) -> Path:
 
 def export_run(run_dir: str | os.PathLike, *, models: Sequence[str] | None = None,
                out: str | os.PathLike | None = None, force: bool = False,
-               samples: int = N_SAMPLES, progress: bool = True) -> list[Path]:
+               samples: int = N_SAMPLES, progress: bool = True, data: Any = None) -> list[Path]:
     """Export models of a finished run as verified, hub-ready folders.
 
     Args:
@@ -144,6 +143,8 @@ def export_run(run_dir: str | os.PathLike, *, models: Sequence[str] | None = Non
         force: replace existing export folders (else refused before any work).
         samples: test records whose inputs and predictions are stored for verification.
         progress: progress bars.
+        data: the run's data set, already loaded (the run's export stage passes it);
+            default: loaded from the run's recipe.
 
     Returns:
         The exported folders.
@@ -153,58 +154,36 @@ def export_run(run_dir: str | os.PathLike, *, models: Sequence[str] | None = Non
         without ``force``, a pickle-only model folder, a config without the fields a user
         needs, or a folder that fails verification.
     """
-    from distill.recipe import read_yaml, recipe_from_dict
-
     run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
     if samples < 1:
         raise ECGDistillError(f"--samples {samples}: at least one test record is stored, to "
                               f"check the exported model reproduces the run's predictions")
     results = load_results(run_dir)
     names = select_models(results, models)
-    out_root = Path(out) if out is not None else run_dir / EXPORT_DIR
-    targets = {name: out_root / folder_name(name) for name in names}
+    targets = {name: layout.export_folder(ModelId.parse(name), out) for name in names}
     existing = [str(t) for t in targets.values() if t.exists()]
     if existing and not force:
         raise ECGDistillError(f"{existing[0]} exists; pass --force to replace it"
                               + (f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""))
-    if not (run_dir / "recipe.yaml").is_file():
+    if not layout.recipe_file.is_file():
         raise ECGDistillError(f"{run_dir}: no recipe.yaml; not a run folder")
-    recipe = recipe_from_dict(read_yaml(run_dir / "recipe.yaml"))
+    recipe = recipe_from_dict(read_yaml(layout.recipe_file))
     sources = {name: model_source(run_dir, name, results["models"][name]) for name in names}
     for src in sources.values():
         require_safetensors(src)
-    data = _load_data(recipe, progress)
-    out_root.mkdir(parents=True, exist_ok=True)
-    tmps = {}
-    try:
+    if data is None:
+        data = load_data(recipe.data, progress=progress)
+    # every folder is written and verified before any is renamed into place
+    with contextlib.ExitStack() as stack:
+        tmps = {name: stack.enter_context(atomic_dir(targets[name])) for name in names}
         for name in progress_bar(names, enabled=progress, desc="exporting", unit="model"):
-            tmps[name] = Path(tempfile.mkdtemp(prefix=f".tmp-{targets[name].name}-",
-                                               dir=out_root))
             write_folder(tmps[name], name=name, results=results, source=sources[name],
                          run_dir=run_dir, recipe=recipe, data=data, samples=samples)
         if progress:
             print(f"verifying {len(tmps)} folder(s) in a fresh process")
         verify_folders(list(tmps.values()))  # one process start-up for all of them
-        for name, tmp in tmps.items():
-            _install(tmp, targets[name], force=force)
-    finally:
-        for tmp in tmps.values():
-            shutil.rmtree(tmp, ignore_errors=True)
     return [targets[name] for name in names]
-
-
-def _load_data(recipe, progress: bool):
-    from distill.run.pipeline import load_data
-
-    return load_data(recipe, progress=progress)
-
-
-def _install(tmp: Path, dest: Path, force: bool) -> None:
-    """Rename a finished folder into place; an old one is removed only once the new one
-    is there (and put back if the rename fails)."""
-    if dest.exists() and not force:
-        raise ECGDistillError(f"{dest} exists; pass --force to replace it")
-    replace_folder(tmp, dest)
 
 
 def write_folder(folder: Path, *, name: str, results: dict[str, Any], source: Path,
@@ -229,8 +208,6 @@ def write_folder(folder: Path, *, name: str, results: dict[str, Any], source: Pa
     atomic_write_text(folder / "results.json", json.dumps(summary, indent=1))
     _write_samples(folder / SAMPLES, sample_records(data, config, run_dir, name, entry, samples),
                    atol=ATOL["quantized" if config.get("quantization_config") else "fp32"])
-    from distill.hub.model_card import model_card
-
     model_card(name, entry, results, recipe, config).save(folder / "README.md")
     write_manifest(folder)
 
@@ -244,9 +221,6 @@ def sample_records(data, config: dict[str, Any], run_dir: Path, name: str,
     Returns:
         {"signal": float32 [n, L, T], "probabilities": float32 [n, C], "ecg_id": int64 [n]}.
     """
-    from distill.data.dataset import SignalView
-    from students.preprocess import scaler_from_config
-
     path = predictions_file(run_dir, name, entry)
     if not path.is_file():
         raise ECGDistillError(f"model {name!r}: no stored predictions at {path}; evaluate the "
@@ -260,6 +234,7 @@ def sample_records(data, config: dict[str, Any], run_dir: Path, name: str,
     if probs.shape[1] != len(config["id2label"]):
         raise ECGDistillError(f"{path}: {probs.shape[1]} classes, the model has "
                               f"{len(config['id2label'])}")
+    data = copy.copy(data)  # the caller's data set keeps its own scaler
     data.scaler = scaler_from_config(config)  # what the model was trained with
     view = SignalView(leads=tuple(config["leads"]), sampling_rate=int(config["sampling_rate"]))
     split = data.split("test", {"signal": view})
@@ -271,85 +246,7 @@ def sample_records(data, config: dict[str, Any], run_dir: Path, name: str,
 
 
 def _write_samples(path: Path, arrays: dict[str, np.ndarray], atol: float) -> None:
-    from safetensors.numpy import save_file
-
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path),
               metadata={"content": "test-fold inputs (scaled, as fed to the model) and the "
                                    "run's stored sigmoid probabilities for them",
                         "atol": f"{atol:g}"})
-
-
-# ---------------------------------------------------------------- the command line
-
-
-def _cmd_export(args) -> int:
-    folders = export_run(args.run, models=args.model, out=args.out, force=args.force,
-                         samples=args.samples, progress=not args.quiet)
-    for folder in folders:
-        print(f"wrote {folder} (verified in a fresh process)")
-    return 0
-
-
-def _cmd_verify(args) -> int:
-    report = verify_folder(args.folder)
-    n = len((Path(args.folder) / MANIFEST).read_text().splitlines())
-    print(f"{args.folder}: ok: {n} files match {MANIFEST}; loads with AutoModel; "
-          f"{report['samples']} stored test predictions reproduced "
-          f"(max |difference| {report['max_abs_diff']:.1e}, tolerance {report['atol']:.0e})")
-    return 0
-
-
-def _cmd_publish(args) -> int:
-    from distill.hub.publish import publish_folder
-
-    out = publish_folder(args.folder, args.repo_id, revision=args.revision, private=args.private,
-                         force=args.force, to=args.to, endpoint=args.endpoint,
-                         commit_message=args.message)
-    where = out.get("url") or out["path"]
-    print(f"published {args.folder} to {args.repo_id} (revision {out['revision']}, commit "
-          f"{out['commit'][:12]}): {where}")
-    return 0
-
-
-def add_export_commands(sub) -> None:
-    """Register ``export``, ``verify`` and ``publish`` on the CLI's sub-parsers."""
-    p = sub.add_parser("export", help="write hub-ready folders of a run's students",
-                       description="Write each distilled student and quantized variant of a run "
-                                   "(or the models named) as a folder ready for a model hub: "
-                                   "config, safetensors weights, model card, recipe, results, "
-                                   "test samples and checksums; each is verified in a fresh "
-                                   "process before it is renamed into place.")
-    p.add_argument("run", help="a run folder (with results.json)")
-    p.add_argument("--model", action="append", metavar="NAME",
-                   help='a model of results.json, e.g. "distill leadformer/tiny" (repeatable; '
-                        'default: every distilled student and quantized variant)')
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="where the model folders go (default RUN/export)")
-    p.add_argument("--force", action="store_true", help="replace existing export folders")
-    p.add_argument("--samples", type=int, default=N_SAMPLES,
-                   help=f"test records stored to verify predictions (default {N_SAMPLES})")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_export)
-
-    p = sub.add_parser("verify", help="check an exported folder in a fresh process",
-                       description="Check an exported folder: checksums, config, loading with "
-                                   "AutoModel, and the stored test predictions reproduced.")
-    p.add_argument("folder", help="an exported folder")
-    p.set_defaults(func=_cmd_verify)
-
-    p = sub.add_parser("publish", help="verify an exported folder and upload it to a model hub",
-                       description="Verify an exported folder, then upload it with "
-                                   "huggingface_hub (token from HF_TOKEN or `hf auth login`; "
-                                   "never stored) or, with --to, write it into a local "
-                                   "directory laid out like the hub cache.")
-    p.add_argument("folder", help="an exported folder")
-    p.add_argument("--repo-id", required=True, help="org/name")
-    p.add_argument("--revision", default=None, help="branch (default main; created if missing)")
-    p.add_argument("--private", action="store_true", help="create the repository private")
-    p.add_argument("--force", action="store_true", help="publish over an existing revision")
-    p.add_argument("--to", default=None, metavar="DIR",
-                   help="publish into this local directory instead of the hub")
-    p.add_argument("--endpoint", default=None,
-                   help="the hub's URL (default: HF_ENDPOINT or https://huggingface.co)")
-    p.add_argument("--message", default=None, help="commit message")
-    p.set_defaults(func=_cmd_publish)

@@ -14,8 +14,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from distill.core.layout import ModelId
 from distill.core.leads import STANDARD_LEADS
 
+LIBRARY = "transformers"
+DEFAULT_RECORD = "records100/00000/00001_lr"  # the snippet's example record (PTB-XL layout)
 TAGS = ("ecg", "electrocardiogram", "knowledge-distillation", "ecg-distill",
         "multi-label-classification")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -87,10 +92,7 @@ def model_card(name: str, entry: dict[str, Any], results: dict[str, Any], recipe
     Returns:
         A ``huggingface_hub.ModelCard``.
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    from distill.hub.export import DEFAULT_RECORD, LIBRARY, folder_name
-
+    folder_name = ModelId.parse(name).folder_name
     level = results.get("bootstrap", {}).get("level", 0.95)
     auc = entry["macro_auc"]
     task = results.get("task") or recipe.data.task
@@ -104,7 +106,7 @@ def model_card(name: str, entry: dict[str, Any], results: dict[str, Any], recipe
         license=recipe.export.license, library_name=LIBRARY, tags=tags,
         datasets=[dataset_id(recipe)],
         base_model=teacher if _HUB_ID.match(teacher) and not Path(teacher).exists() else None,
-        metrics=["roc_auc"], model_name=folder_name(name),
+        metrics=["roc_auc"], model_name=folder_name,
         eval_results=[EvalResult(
             task_type="time-series-classification", task_name="Multi-label ECG classification",
             dataset_type=dataset_id(recipe), dataset_name=_data_description(recipe),
@@ -115,7 +117,7 @@ def model_card(name: str, entry: dict[str, Any], results: dict[str, Any], recipe
                          "bootstrap_resamples": results.get("bootstrap", {}).get("resamples")})])
     if data.base_model is None:
         data.teacher = teacher  # not a hub id (a local or built-in teacher): named, not linked
-    ref = model_ref or recipe.export.publish_repo or f"your-org/{folder_name(name)}"
+    ref = model_ref or recipe.export.publish_repo or f"your-org/{folder_name}"
     body = _body(name, entry, results, recipe, config, level, usage_snippet(ref, DEFAULT_RECORD))
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 

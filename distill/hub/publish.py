@@ -34,13 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from distill.core.errors import ECGDistillError
-from distill.core.io import atomic_write_text, sha256_file
+from distill.core.hashing import sha256_file
+from distill.core.io import PICKLE_SUFFIXES, atomic_write_text, pickle_files, require_safetensors  # noqa: F401
+import students  # noqa: F401  (registers the student classes with AutoModel)
 
 MANIFEST = "checksums.sha256"
 SAMPLES = "samples.safetensors"
 CONFIG_KEYS = ("id2label", "leads", "sampling_rate", "input_samples", "normalization")
 # extensions of pickle-based checkpoints (torch.save, joblib ...): never read, never shipped
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 DEFAULT_REVISION = "main"
 _REVISION = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -48,29 +49,6 @@ VERIFY_TIMEOUT_S = 600
 
 
 # ---------------------------------------------------------------- weights and checksums
-
-
-def pickle_files(folder: Path) -> list[str]:
-    """Names (relative to ``folder``) of the pickle-format files in it, recursively."""
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
-
-
-def require_safetensors(folder: str | os.PathLike) -> list[Path]:
-    """The safetensors weight files of a saved model folder, or a one-line refusal.
-
-    Raises:
-        ECGDistillError: the folder holds no ``*.safetensors`` (naming any pickle
-            checkpoint found: those are refused, never unpickled).
-    """
-    folder = Path(folder)
-    weights = sorted(folder.glob("*.safetensors"))
-    if not weights:
-        found = pickle_files(folder) if folder.is_dir() else []
-        what = (f" (found {', '.join(found)}: pickle weights are refused, only safetensors "
-                f"are read)") if found else ""
-        raise ECGDistillError(f"{folder}: no model.safetensors{what}")
-    return weights
 
 
 def _folder_files(folder: Path) -> list[str]:
@@ -154,8 +132,6 @@ def _check_predictions(folder: Path, report: dict[str, Any]) -> None:
     import torch
     from safetensors import safe_open
     from transformers import AutoModel
-
-    import students  # noqa: F401  (registers the student classes with AutoModel)
 
     model = AutoModel.from_pretrained(folder, use_safetensors=True).eval()
     samples = folder / SAMPLES

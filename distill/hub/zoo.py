@@ -20,9 +20,21 @@ from typing import Any
 import numpy as np
 import torch
 
+import teachers
 from distill.core.errors import RecipeError
-from distill.core.io import replace_folder
+from distill.core.io import atomic_dir
+from distill.core.layout import ModelId, RunLayout
+from distill.data.dataset import load_ptbxl
+from distill.data.render import RenderConfig, render_batch
+from distill.data.synth import GENERATOR_VERSION, patient_id_range
+from distill.data.tools import write_synthetic
+from distill.engine.accel import machine_description
+from distill.engine.factory import teacher_class
+from distill.engine.jobs import load_job_data, teacher_inputs
+from distill.metrics.classification import macro_auc
+from distill.metrics.scoring import predict
 from distill.recipe import Recipe
+from teachers import zoo
 
 # The check set: records no zoo corpus or quickstart set contains (their own seed and
 # patient ids), scored by the packed teacher and stated on its card; a test re-scores it.
@@ -33,10 +45,6 @@ CHECK_TOLERANCE = 0.01
 def check_set_data(info: dict[str, Any], classes: list[str], cache_dir: Path | None = None):
     """The card's check set: (images uint8 [N, 3, H, W], labels [N, C]), generated,
     loaded and rendered through the same code as a recipe's synthetic data."""
-    from distill.data.dataset import load_ptbxl
-    from distill.data.render import RenderConfig, render_batch
-    from distill.data.tools import write_synthetic
-
     spec = info["check_set"]
     render = info["render"]
     with tempfile.TemporaryDirectory(prefix="ecg-distill-check-") as tmp:
@@ -55,8 +63,6 @@ def check_set_data(info: dict[str, Any], classes: list[str], cache_dir: Path | N
 @torch.no_grad()
 def score_check_set(teacher: torch.nn.Module, info: dict[str, Any]) -> float:
     """Macro AUC of ``teacher`` on the card's check set."""
-    from distill.metrics.classification import macro_auc
-
     teacher.eval()
     classes = list(teacher.id2label.values())
     images, labels = check_set_data(info, classes)
@@ -66,12 +72,8 @@ def score_check_set(teacher: torch.nn.Module, info: dict[str, Any]) -> float:
 
 
 def _fold_auc(teacher, jd, split: str, progress: bool) -> float:
-    from distill.run.compare import predict
-    from distill.metrics.classification import macro_auc
-    from distill.engine.jobs import teacher_inputs
-
-    dataset = jd.data.split(split, {"teacher": jd.views["teacher"]}, extras={"image": jd.images})
-    index, probs = predict(teacher, dataset, teacher_inputs("vlm"), batch_size=64,
+    dataset = jd.data.split(split, {"teacher": jd.views["teacher"]}, extras=jd.teacher_extras())
+    index, probs = predict(teacher, dataset, teacher_inputs(jd.recipe), batch_size=64,
                            progress=progress, desc=f"scoring the {split} fold")
     return macro_auc(np.asarray(jd.data.labels)[index], probs)  # index: record positions
 
@@ -154,14 +156,9 @@ def pack(recipe: Recipe, recipe_path: str | os.PathLike, *, name: str | None = N
         RecipeError: no complete teacher run, a non-image teacher, or an existing target
             without ``force``.
     """
-    import teachers
-    from distill.data.synth import GENERATOR_VERSION, patient_id_range
-    from distill.engine.jobs import TEACHER_DIR, load_job_data
-    from distill.engine.train import machine_description
-    from teachers import zoo
-
-    if recipe.teacher.kind != "vlm":
-        raise RecipeError("teacher.kind: zoo pack ships image (vlm) teachers only")
+    if not teacher_class(recipe).reads_images():
+        raise RecipeError(f"teacher.kind: zoo pack ships image teachers only (a "
+                          f"{recipe.teacher.kind} teacher reads signals)")
     if recipe.data.path is not None:
         raise RecipeError("data.path: a zoo teacher is trained on the synthetic corpus "
                           "(data.path: null), whose generator its card records")
@@ -170,16 +167,16 @@ def pack(recipe: Recipe, recipe_path: str | os.PathLike, *, name: str | None = N
     if target.exists() and not force:
         raise RecipeError(f"{target} exists; pass --force to replace it")
     run_dir = recipe.run_dir
-    best = run_dir / TEACHER_DIR / "best"
-    metrics_path = run_dir / TEACHER_DIR / "metrics.json"
+    layout = RunLayout(run_dir)
+    job_dir = layout.job_dir(ModelId.teacher())
+    best = layout.teacher_best
+    metrics_path = job_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     if not metrics.get("complete") or not (best / "teacher.json").is_file():
-        raise RecipeError(f"no complete teacher run in {run_dir / TEACHER_DIR}; run "
+        raise RecipeError(f"no complete teacher run in {job_dir}; run "
                           f"`ecg-distill teacher {recipe_path}` first (--resume continues it)")
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         trained = teachers.load(best, train_mode="full")
         trained.backbone.to(torch.float16)
         trained.save_pretrained(tmp)
@@ -195,9 +192,9 @@ def pack(recipe: Recipe, recipe_path: str | os.PathLike, *, name: str | None = N
             results[split] = {"records": int(len(jd.data.splits[split])), "macro_auc": auc}
             print(f"{name}: {split} macro AUC {auc:.4f} ({results[split]['records']} records)")
         syn = recipe.data.synthetic
-        stages = run_dir / "stages"
-        data_seconds = json.loads((stages / "data.json").read_text()).get("seconds", 0.0) \
-            if (stages / "data.json").is_file() else 0.0
+        marker = layout.marker("data")
+        data_seconds = json.loads(marker.read_text()).get("seconds", 0.0) \
+            if marker.is_file() else 0.0
         history = metrics.get("history", [])
         train_seconds = float(sum(r.get("train_seconds", 0.0) for r in history))
         seen = sum(r.get("train_records_per_s", 0.0) * r.get("train_seconds", 0.0)
@@ -241,9 +238,5 @@ def pack(recipe: Recipe, recipe_path: str | os.PathLike, *, name: str | None = N
         (tmp / zoo.CARD_FILE).write_text(json.dumps(info, indent=1) + "\n")
         (tmp / "README.md").write_text(_card_text(name, info))
         zoo.verify(tmp)
-        replace_folder(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {target} ({sum(f.stat().st_size for f in target.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
     return info

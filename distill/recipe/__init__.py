@@ -1,3 +1,34 @@
-from distill.recipe.schema import *  # noqa: F401,F403  (temporary during the move)
-from distill.recipe.schema import (Recipe, load_recipe, recipe_from_dict, read_yaml,  # noqa: F401
-                                   write_resolved, apply_overrides, parse_override)
+"""Recipes: the schema (:mod:`distill.recipe.schema`) and loading (:mod:`distill.recipe.load`)."""
+
+from distill.recipe.load import (
+    apply_overrides,
+    load_recipe,
+    parse_override,
+    read_yaml,
+    recipe_from_dict,
+    write_resolved,
+)
+from distill.recipe.schema import (
+    AblationConfig,
+    AugmentConfig,
+    DataConfig,
+    DistillConfig,
+    EvaluateConfig,
+    ExportConfig,
+    FoldsConfig,
+    ImageConfig,
+    QuantizeConfig,
+    Recipe,
+    StudentConfig,
+    SyntheticConfig,
+    TeacherConfig,
+    TrainConfig,
+    ViewConfig,
+    default_weights,
+)
+
+__all__ = ["AblationConfig", "AugmentConfig", "DataConfig", "DistillConfig", "EvaluateConfig",
+           "ExportConfig", "FoldsConfig", "ImageConfig", "QuantizeConfig", "Recipe",
+           "StudentConfig", "SyntheticConfig", "TeacherConfig", "TrainConfig", "ViewConfig",
+           "apply_overrides", "default_weights", "load_recipe", "parse_override", "read_yaml",
+           "recipe_from_dict", "write_resolved"]

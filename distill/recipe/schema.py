@@ -1,31 +1,32 @@
-"""Typed recipes: YAML plus ``key.sub=value`` overrides, validated strictly before any work.
+"""The recipe's schema: one dataclass per section, each field with its type, range and help.
 
 A recipe says everything a run does: the data, the teacher, the students, the distillation
-objective, training, quantization and export. ``load_recipe`` reads the YAML, applies the
-command-line overrides, and builds the dataclasses below; an unknown key, a wrong type or an
-out-of-range value stops it with one line naming the key path::
+objective, training, quantization and export. :mod:`distill.recipe.load` reads the YAML,
+applies the command-line overrides and builds these dataclasses; an unknown key, a wrong
+type or an out-of-range value stops it with one line naming the key path::
 
     unknown key 'data.samplng_rate'; did you mean 'data.sampling_rate'?
 
-Sections that later stages consume are declared here in full so that a recipe is checked
-as a whole, before hours of training begin.
+Names that registries own are checked against them, not repeated here: student families
+and sizes (:mod:`students`), teacher kinds (:mod:`teachers`) and loss families
+(:mod:`distill.losses`, whose config dataclasses are the ``distill.<loss>`` sections).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from distill.core.schema import build, field_names, spec, to_dict, unknown_key
-from distill.core.leads import lead_indices
+import students
+import teachers
 from distill.core.errors import DataError, RecipeError
-from distill.core.io import atomic_write_text
+from distill.core.leads import lead_indices
+from distill.core.schema import closest, spec, to_dict, unknown_key
+from distill.losses import loss_families
 
 Task = Literal["all", "diagnostic", "subdiagnostic", "superdiagnostic", "form", "rhythm"]
 
@@ -134,7 +135,8 @@ class DataConfig:
 class TeacherConfig:
     """The large model distilled from (adapters come with the models stage)."""
 
-    kind: Literal["vlm", "signal"] = spec("vlm", help="image-text VLM or speech-style signal encoder")
+    kind: str = spec("vlm", help="the adapter kind (teachers.KINDS): vlm (image-text) or signal "
+                                 "(speech-style encoder)")
     name_or_path: str = spec("tiny", help="hub id, local folder, or 'tiny' (built locally)")
     train_mode: Literal["full", "lora", "head", "frozen"] = spec(
         "full", help="how the teacher is adapted to the labels")
@@ -156,54 +158,126 @@ class TeacherConfig:
     lr: float | None = spec(None, help="teacher learning rate (null = train.lr)", gt=0, lt=1)
     batch_size: int | None = spec(None, help="teacher batch size (null = train.batch_size)", ge=1)
 
+    def validate(self, path: str) -> None:
+        _check_choice(f"{path}.kind" if path else "kind", self.kind, teachers.KINDS)
+
 
 @dataclass
 class StudentConfig:
     """One compact student: a family and a size preset."""
 
-    family: Literal["xresnet1d", "leadformer"] = spec("xresnet1d", help="student architecture")
-    size: Literal["tiny", "small", "base"] = spec("tiny", help="size preset")
+    family: str = spec("xresnet1d", help="student architecture (students.FAMILIES)")
+    size: str = spec("tiny", help="size preset (students.SIZES)")
     view: ViewConfig = spec(default_factory=ViewConfig)
     epochs: int | None = spec(None, help="this student's epochs (null = train.epochs)", ge=1)
     lr: float | None = spec(None, help="this student's learning rate (null = train.lr); "
                                        "transformers from scratch want less than CNNs",
                             gt=0, lt=1)
 
+    def validate(self, path: str) -> None:
+        _check_choice(f"{path}.family", self.family, students.FAMILIES)
+        _check_choice(f"{path}.size", self.size, students.SIZES)
 
-@dataclass
-class LossWeights:
-    """Weights λ of the distillation terms; a term of weight 0 is not computed."""
 
-    kd: float = spec(1.0, ge=0)
-    mhca: float = spec(1.0, ge=0)
-    ot: float = spec(1.0, ge=0)
-    relation: float = spec(1.0, ge=0)
+def _check_choice(path: str, value: str, choices: Sequence[str]) -> None:
+    """The one-line error of a name outside a registry (with the closest name)."""
+    if value not in choices:
+        hint = closest(value, list(choices))
+        extra = f"; did you mean {hint!r}?" if hint else ""
+        raise RecipeError(f"{path}: {value!r} is not one of "
+                          f"{', '.join(repr(c) for c in choices)}{extra}")
+
+
+def default_weights() -> dict[str, float]:
+    """λ of every registered loss family at its default (EVL-ECG's four terms: 1)."""
+    return {f.name: float(f.default_weight) for f in loss_families()}
+
+
+def _loss_sections() -> dict[str, type]:
+    return {f.name: f.config for f in loss_families()}
+
+
+# the distill section before the per-loss sections (0.1): flat key -> (loss, field)
+LEGACY_DISTILL_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
+    "temperature": (("kd", "temperature"),),
+    "ot_reg": (("ot", "reg"),),
+    "ot_iters": (("ot", "iters"),),
+    "lead_prior": (("ot", "lead_prior"),),
+    "mhca_heads": (("mhca", "heads"),),
+    "align_dim": (("mhca", "dim"), ("ot", "dim")),
+    "relation_criterion": (("relation", "criterion"),),
+    "batch_rkd": (("relation", "batch_rkd"),),
+}
 
 
 @dataclass
 class DistillConfig:
-    """L = (1 - alpha) * L_task + alpha * sum_i lambda_i * L_i (EVL-ECG)."""
+    """L = (1 - alpha) * L_task + alpha * sum_i lambda_i * L_i (EVL-ECG).
+
+    Besides ``alpha`` and ``weights``, every registered loss family has a section of its
+    own, ``distill.<loss>``, whose keys are the fields of its config dataclass (e.g.
+    ``distill.kd.temperature``, ``distill.ot.reg``).
+    """
+
+    __sections__ = "losses"
 
     alpha: float = spec(0.5, help="share of the distillation terms", ge=0, le=1)
-    weights: LossWeights = spec(default_factory=LossWeights)
-    temperature: float = spec(2.0, help="KD temperature", gt=0)
-    ot_reg: float = spec(0.05, help="entropic regularisation of the OT loss", gt=0)
-    ot_iters: int = spec(50, help="Sinkhorn iterations", ge=1)
-    lead_prior: float = spec(0.0, help="OT cost added where token leads differ", ge=0)
-    mhca_heads: int = spec(4, help="heads of the cross-attention alignment", ge=1)
-    align_dim: int = spec(128, help="common width of the projected features (mhca, ot)", ge=1)
-    relation_criterion: Literal["smooth_l1", "mse"] = spec("smooth_l1")
-    batch_rkd: bool = spec(False, help="also match batch-level RKD distances/angles of pooled")
+    weights: dict[str, float] = spec(default_factory=default_weights,
+                                     help="lambda of each loss family; a term of weight 0 is "
+                                          "not computed")
+    losses: dict[str, Any] = spec(default_factory=dict,
+                                  help="one section per loss family: distill.<loss>.<key>")
+
+    @classmethod
+    def section_types(cls) -> dict[str, type]:
+        return _loss_sections()
 
     def validate(self, path: str) -> None:
-        w = self.weights
-        if w.relation > 0 and w.mhca == 0 and w.ot == 0:
-            raise RecipeError(f"{path}.weights.relation: relation matching compares the student "
-                              f"with the teacher tokens aligned to it; give {path}.weights.mhca "
-                              f"or {path}.weights.ot a weight > 0, or set it to 0")
-        if self.align_dim % self.mhca_heads:
-            raise RecipeError(f"{path}.align_dim: {self.align_dim} is not a multiple of "
-                              f"{path}.mhca_heads={self.mhca_heads}")
+        families = {f.name: f for f in loss_families()}
+        for name, value in self.weights.items():
+            if name not in families:
+                raise unknown_key(f"{path}.weights", name, list(families))
+            if value < 0:
+                raise RecipeError(f"{path}.weights.{name}: must be >= 0, got {value}")
+        for name, fam in families.items():
+            needs = fam.requires_any
+            if self.weights.get(name, 0) > 0 and needs and not any(
+                    self.weights.get(n, 0) > 0 for n in needs):
+                raise RecipeError(
+                    f"{path}.weights.{name}: {_requirement(name, needs)}; give "
+                    + " or ".join(f"{path}.weights.{n}" for n in needs)
+                    + " a weight > 0, or set it to 0")
+
+    def hash_dict(self) -> dict[str, Any]:
+        """The section as stage hashes and job fingerprints see it: in the flat layout of
+        0.1 (:data:`LEGACY_DISTILL_KEYS`) whenever the settings can be written in it, so
+        runs made before the per-loss sections keep their hashes and resume; otherwise
+        the section as it is."""
+        out = to_dict(self)
+        legacy: dict[str, Any] = {"alpha": self.alpha, "weights": dict(self.weights)}
+        used: dict[str, set[str]] = {}
+        for key, targets in LEGACY_DISTILL_KEYS.items():
+            values = {to_dict(getattr(self.losses[n], f)) for n, f in targets
+                      if n in self.losses}
+            if len(values) != 1 or len(targets) != sum(n in self.losses for n, _ in targets):
+                return out
+            legacy[key] = values.pop()
+            for n, f in targets:
+                used.setdefault(n, set()).add(f)
+        if set(self.losses) != set(used) or set(self.weights) != set(used):
+            return out
+        for name, config in self.losses.items():
+            default = to_dict(type(config)())
+            if any(v != default[k] for k, v in to_dict(config).items() if k not in used[name]):
+                return out
+        return legacy
+
+
+def _requirement(name: str, needs: Sequence[str]) -> str:
+    if name == "relation":
+        return ("relation matching compares the student with the teacher tokens aligned to "
+                "it")
+    return f"the {name} term reads what {' or '.join(needs)} computes"
 
 
 @dataclass
@@ -245,16 +319,41 @@ class EvaluateConfig:
     latency_repeats: int = spec(5, help="timed forward passes per batch size", ge=1)
 
 
-ABLATIONS = ("no_mhca", "no_ot", "no_relation", "kd_only")
-
-
 @dataclass
 class AblationConfig:
-    """Distillation with terms removed, for one student (the report's ablation table)."""
+    """Distillation with terms removed, for one student (the report's ablation table).
 
-    runs: list[Literal["no_mhca", "no_ot", "no_relation", "kd_only"]] = spec(
-        default_factory=list, help="which ablations to train (empty = none)")
+    An ablation is a weight override: ``no_<loss>`` sets that family's weight to 0,
+    ``<loss>_only`` every other family's (a term whose ``requires_any`` terms are all gone
+    goes with them).
+    """
+
+    runs: list[str] = spec(default_factory=list,
+                           help="which ablations to train: no_<loss> or <loss>_only (empty = none)")
     student: int = spec(0, help="index into students of the ablated student", ge=0)
+
+    def validate(self, path: str) -> None:
+        names = [f.name for f in loss_families()]
+        valid = [f"no_{n}" for n in names] + [f"{n}_only" for n in names]
+        for i, run in enumerate(self.runs):
+            _check_choice(f"{path}.runs.{i}", run, valid)
+
+    @staticmethod
+    def weights(name: str, weights: dict[str, float]) -> dict[str, float]:
+        """The weights of ablation ``name`` (see the class docstring)."""
+        out = dict(weights)
+        if name.startswith("no_"):
+            out[name[3:]] = 0.0
+        elif name.endswith("_only"):
+            keep = name[:-len("_only")]
+            out = {k: (v if k == keep else 0.0) for k, v in out.items()}
+        else:
+            raise RecipeError(f"ablations.runs: unknown ablation {name!r}")
+        for fam in loss_families():
+            if (fam.name in out and fam.requires_any
+                    and not any(out.get(n, 0) > 0 for n in fam.requires_any)):
+                out[fam.name] = 0.0
+        return out
 
 
 @dataclass
@@ -313,6 +412,13 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def hash_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` with the ``distill`` section as :meth:`DistillConfig.hash_dict`
+        gives it (what stage hashes and job fingerprints read)."""
+        out = self.to_dict()
+        out["distill"] = self.distill.hash_dict()
+        return out
+
 
 def _check_leads(leads: Sequence[str] | None, path: str) -> None:
     if leads is None:
@@ -321,125 +427,3 @@ def _check_leads(leads: Sequence[str] | None, path: str) -> None:
         lead_indices(leads)
     except DataError as exc:
         raise RecipeError(f"{path}: {exc}") from None
-
-
-# ---------------------------------------------------------------- overrides
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"train.epochs=3"`` -> (["train", "epochs"], 3); the value is read as YAML."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise RecipeError(f"override {text!r}: expected key.path=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
-
-
-def _schema_at(cls: Any, parts: list[str], full: str) -> None:
-    """Check an override's key path against the schema, so a typo names the closest key."""
-    import typing
-
-    tp: Any = cls
-    walked: list[str] = []
-    for part in parts:
-        origin = typing.get_origin(tp)
-        if origin in (list, tuple):
-            if not part.isdigit():
-                raise RecipeError(f"override '{full}': '{'.'.join(walked)}' is a list; use an index")
-            tp = typing.get_args(tp)[0]
-        elif dataclasses.is_dataclass(tp):
-            names = field_names(tp)
-            if part not in names:
-                raise unknown_key(".".join(walked), part, names)
-            tp = typing.get_type_hints(tp)[part]
-            args = [a for a in typing.get_args(tp) if a is not type(None)]
-            if typing.get_origin(tp) is not list and len(args) == 1 and dataclasses.is_dataclass(args[0]):
-                tp = args[0]
-        else:
-            raise RecipeError(f"override '{full}': '{'.'.join(walked)}' has no sub-keys")
-        walked.append(part)
-
-
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Set each ``key.path=value`` in the raw recipe dict (lists indexed by number)."""
-    for text in overrides:
-        parts, value = parse_override(text)
-        _schema_at(Recipe, parts, text.partition("=")[0])
-        node: Any = data
-        for i, part in enumerate(parts[:-1]):
-            if isinstance(node, list):
-                idx = int(part)
-                if idx >= len(node):
-                    raise RecipeError(f"override '{text}': index {idx} out of range "
-                                      f"({'.'.join(parts[:i])} has {len(node)})")
-                node = node[idx]
-                continue
-            if node.get(part) is None:
-                node[part] = [] if parts[i + 1].isdigit() else {}
-            node = node[part]
-        last = parts[-1]
-        if isinstance(node, list):
-            idx = int(last)
-            if idx >= len(node):
-                raise RecipeError(f"override '{text}': index {idx} out of range")
-            node[idx] = value
-        else:
-            node[last] = value
-    return data
-
-
-# ---------------------------------------------------------------- loading
-
-
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """The raw mapping in a recipe file, with a one-line error for a bad file."""
-    p = Path(path)
-    if not p.is_file():
-        raise RecipeError(f"{p}: recipe file not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise RecipeError(f"{p}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise RecipeError(f"{p}: a recipe must be a mapping of sections, got {type(data).__name__}")
-    return dict(data)
-
-
-def recipe_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Recipe:
-    """Build a validated Recipe from a mapping plus overrides."""
-    raw = _merge(to_dict(Recipe()), data)
-    return build(Recipe, apply_overrides(raw, overrides))
-
-
-def _merge(base: dict[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
-    """``data`` laid over the defaults: mappings merge key by key, anything else replaces."""
-    out = dict(base)
-    for key, value in data.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
-    """Read, override and validate a recipe file; the name defaults to the file's stem."""
-    data = read_yaml(path)
-    data.setdefault("name", Path(path).stem)
-    try:
-        return recipe_from_dict(data, overrides)
-    except RecipeError as exc:
-        raise RecipeError(f"{path}: {exc}") from None
-
-
-def write_resolved(recipe: Recipe, run_dir: str | os.PathLike | None = None) -> Path:
-    """Write the resolved recipe (every default filled in) as ``recipe.yaml`` in the run folder."""
-    folder = Path(run_dir) if run_dir is not None else recipe.run_dir
-    return atomic_write_text(folder / "recipe.yaml", recipe.to_yaml())

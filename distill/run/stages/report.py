@@ -20,18 +20,24 @@ import json
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModel
 
-from distill.core.leads import STANDARD_LEADS
+import students  # noqa: F401  (registers the student classes with AutoModel)
 from distill.core.io import atomic_write_text
-
-FIG_DIR = "figures"
+from distill.core.layout import TEACHER, TRAINED_KINDS, ModelId, RunLayout
+from distill.core.leads import STANDARD_LEADS
+from distill.engine.factory import build_objective, student_key, student_name
+from distill.engine.jobs import OBJECTIVE_FILE, JobData, load_frozen_teacher, teacher_inputs
+from distill.metrics.footprint import format_count
+from distill.metrics.results import load_results
+from distill.run.stage import TRAINED, RunContext, Stage, distill_stage_settings
 
 
 def _plt():
-    import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -54,8 +60,6 @@ def _fmt(iv: dict[str, float] | None, signed: bool = False) -> str:
 
 
 def _count(n: float) -> str:
-    from distill.metrics.footprint import format_count
-
     return format_count(n)
 
 
@@ -83,7 +87,7 @@ def ablation_table(results: dict[str, Any]) -> str | None:
     if not rows:
         return None
     student = rows[0][1]["student"]
-    full = results["models"].get(f"distill {student}")
+    full = results["models"].get(ModelId.parse(rows[0][0]).as_kind("distill").name)
     out = ["| variant | macro AUC [95% CI] | Δ full recipe [CI] | Δ baseline [CI] |",
            "|---|---|---|---|"]
     if full:
@@ -188,9 +192,10 @@ def _read_log(path: Path) -> list[dict[str, float]]:
 
 
 def plot_training_curves(run_dir: Path, path: Path) -> Path | None:
-    logs = {"teacher": _read_log(run_dir / "teacher" / "log.csv")}
-    for kind in ("baseline", "distill"):
-        for folder in sorted((run_dir / kind).glob("*")):
+    layout = RunLayout(run_dir)
+    logs = {TEACHER: _read_log(layout.job_dir(ModelId.teacher()) / "log.csv")}
+    for kind in TRAINED_KINDS[:2]:  # baseline, distill
+        for folder in layout.trained(kind):
             logs[f"{kind} {folder.name}"] = _read_log(folder / "log.csv")
     logs = {k: v for k, v in logs.items() if v}
     if not logs:
@@ -273,29 +278,20 @@ def plot_spectrum(spectra: dict[str, np.ndarray], path: Path) -> Path:
     return _save(plt, fig, path)
 
 
-def token_figures(jd, run_dir: Path, fig_dir: Path, records: int = 32) -> dict[str, Any]:
+def token_figures(jd: JobData, run_dir: Path, fig_dir: Path, records: int = 32) -> dict[str, Any]:
     """The transport-plan and spectrum figures: tokens of a few test records from the
     teacher and every distilled student. Returns what was drawn (or why not)."""
-    from safetensors.torch import load_file
-    from transformers import AutoModel
-
-    import students  # noqa: F401
-    from distill.engine.factory import build_objective, student_name
-    from distill.engine.jobs import OBJECTIVE_FILE, load_frozen_teacher, student_folder, student_key
-
     recipe = jd.recipe
-    extras = {"image": jd.images} if recipe.teacher.kind == "vlm" else None
-    test = jd.data.split("test", jd.views, extras=extras)
+    layout = RunLayout(run_dir)
+    test = jd.data.split("test", jd.views, extras=jd.teacher_extras())
     batch = torch.utils.data.default_collate([test[i] for i in range(min(records, len(test)))])
     teacher = load_frozen_teacher(jd, run_dir)
-    from distill.engine.jobs import teacher_inputs
-
     with torch.no_grad():
-        t_out = teacher(**teacher_inputs(recipe.teacher.kind)(batch))
+        t_out = teacher(**teacher_inputs(recipe)(batch))
     spectra = {"teacher": singular_values(t_out.tokens)}
     drawn: dict[str, Any] = {}
     for spec in recipe.students:
-        folder = run_dir / "distill" / student_folder(spec) / "best"
+        folder = layout.model_dir(ModelId.student("distill", spec))
         if not folder.exists():
             continue
         model = AutoModel.from_pretrained(folder).eval()
@@ -303,7 +299,8 @@ def token_figures(jd, run_dir: Path, fig_dir: Path, records: int = 32) -> dict[s
             s_out = model(signal=batch[student_key(spec)])
         spectra[f"distilled {student_name(spec)}"] = singular_values(s_out.tokens)
         objective_path = folder / OBJECTIVE_FILE
-        if "plan" in drawn or recipe.distill.weights.ot <= 0 or not objective_path.exists():
+        if ("plan" in drawn or recipe.distill.weights.get("ot", 0) <= 0
+                or not objective_path.exists()):
             continue
         objective = build_objective(recipe, s_out.tokens.shape[-1], t_out.tokens.shape[-1])
         objective.load_state_dict(load_file(str(objective_path)), strict=False)
@@ -321,12 +318,11 @@ def token_figures(jd, run_dir: Path, fig_dir: Path, records: int = 32) -> dict[s
     return drawn
 
 
-def write_report(jd, run_dir: Path) -> Path:
+def write_report(jd: JobData, run_dir: Path) -> Path:
     """``report.md`` and the figures, from ``results.json`` and the job logs."""
-    from distill.run.compare import load_results
-
     results = load_results(run_dir)
-    fig_dir = run_dir / FIG_DIR
+    layout = RunLayout(run_dir)
+    fig_dir = layout.figures_dir
     fig_dir.mkdir(parents=True, exist_ok=True)
     plot_auc_vs_params(results, fig_dir / "auc_vs_params.png")
     curves = plot_training_curves(run_dir, fig_dir / "training_curves.png")
@@ -359,4 +355,14 @@ def write_report(jd, run_dir: Path) -> Path:
     else:
         lines += [f"No transport plan: {tokens['plan_missing']}.", ""]
     lines += ["![singular-value spectrum](figures/spectrum.png)", ""]
-    return atomic_write_text(run_dir / "report.md", "\n".join(lines))
+    return atomic_write_text(layout.report_file, "\n".join(lines))
+
+
+def run(ctx: RunContext) -> dict[str, Any]:
+    path = write_report(ctx.job_data(), ctx.run_dir)
+    print(f"report: {path}")
+    return {"report": str(path)}
+
+
+STAGE = Stage("report", "write report.md and the figures", (*TRAINED, "quantize"), run,
+              ("report.md", "figures"), main_only=True, settings=distill_stage_settings)

@@ -1,0 +1,41 @@
+"""The ``data`` stage: generate the synthetic default if needed, decode and cache the
+signals, serve one record through every consumer's view, and render and cache the
+teacher's images when it reads images."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distill.data.load import data_folder, load_data
+from distill.data.tools import describe_data
+from distill.engine.factory import consumer_views
+from distill.engine.jobs import teacher_images
+from distill.run.stage import RunContext, Stage
+
+
+def run(ctx: RunContext) -> dict[str, Any]:
+    recipe = ctx.recipe
+    folder = data_folder(recipe.data, progress=ctx.progress)
+    data = load_data(recipe.data, progress=ctx.progress, folder=folder)
+    print(describe_data(data, folder))
+    # Serve one record through every consumer's view now, so a bad view fails here.
+    views = consumer_views(recipe)
+    item = data.split("train", views)[0]
+    for name in views:
+        print(f"view {name}: {list(item[name].shape)} (leads x samples)")
+    summary: dict[str, Any] = {
+        "folder": str(folder), "task": data.task, "classes": list(data.classes),
+        "records": int(len(data.ecg_ids)), "sampling_rate": data.sampling_rate,
+        "splits": {s: int(len(ix)) for s, ix in data.splits.items()},
+        "fingerprint": data.fingerprint,
+        "views": {name: list(item[name].shape) for name in views},
+    }
+    images = teacher_images(recipe, data, progress=ctx.progress)
+    if images is not None:
+        summary["images"] = {"shape": list(images.shape),
+                             "patch_size": recipe.data.image.patch_size}
+    return summary
+
+
+STAGE = Stage("data", "decode and cache the signals (generating the synthetic default if "
+                      "needed) and render the teacher's images", ("data", "teacher.kind"), run)

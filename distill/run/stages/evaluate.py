@@ -1,0 +1,166 @@
+"""The ``evaluate`` stage: every model of a run on the test fold, with intervals and costs;
+and ``ecg-distill eval``, one saved student on any PTB-XL-layout folder.
+
+For the teacher, each student's label-only baseline, each distilled student and each
+ablation, predictions on the validation and test folds are computed once and kept
+(``eval/<model>/predictions.npz``); then, under the PTB-XL protocol
+(:mod:`distill.metrics.classification`), on the same bootstrap resamples of the test fold
+for every model (:mod:`distill.metrics.scoring`):
+
+* macro AUC [CI], per-label AUC, macro F-max, sample-wise accuracy at thresholds chosen on
+  the validation fold;
+* paired differences: each student minus the teacher, each distilled student minus its
+  baseline, each ablation minus the full distillation of its student;
+* size (parameters, MB on disk), memory (weights + peak activations at batch 1 and 64) and
+  CPU latency per record at batch 1 and 64 (:func:`distill.metrics.footprint.footprint`).
+
+Everything lands in ``results.json`` in the run folder, the report's single source.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel
+
+import students  # noqa: F401  (registers the student classes with AutoModel)
+from distill.core.errors import ECGDistillError
+from distill.core.io import require_safetensors
+from distill.core.layout import TEACHER, ModelId, RunLayout
+from distill.data.dataset import SignalView, load_ptbxl
+from distill.engine.factory import student_key
+from distill.engine.jobs import JobData, load_frozen_teacher, teacher_inputs
+from distill.metrics.classification import bootstrap_samples
+from distill.metrics.results import write_results
+from distill.metrics.scoring import Candidate, evaluate_candidates, model_metrics, predict
+from distill.run.stage import TRAINED, RunContext, Stage, distill_stage_settings
+from students.preprocess import scaler_from_config
+
+
+def run_candidates(jd: JobData, run_dir: Path) -> list[Candidate]:
+    """The teacher, every baseline and distilled student, and every ablation of a run,
+    from what the training stages saved."""
+    recipe = jd.recipe
+    layout = RunLayout(run_dir)
+    t_folder = None if recipe.teacher.train_mode == "frozen" else layout.teacher_best
+    out = [Candidate(ModelId.teacher(), t_folder, lambda: load_frozen_teacher(jd, run_dir),
+                     teacher_inputs(recipe), TEACHER)]
+    for spec in recipe.students:
+        for kind in ("baseline", "distill"):
+            out.append(student_candidate(layout, ModelId.student(kind, spec), spec))
+    if recipe.ablations.runs:
+        spec = recipe.students[recipe.ablations.student]
+        for run in recipe.ablations.runs:
+            out.append(student_candidate(layout, ModelId.student("ablation", spec, run), spec))
+    return out
+
+
+def student_candidate(layout: RunLayout, model: ModelId, spec, load=None) -> Candidate:
+    """A saved student as the evaluation sees it: loaded from its folder, reading its view."""
+    folder = layout.model_dir(model)
+    key = student_key(spec)
+    return Candidate(model, folder, load or (lambda: AutoModel.from_pretrained(folder)),
+                     lambda b, k=key: {"signal": b[k]}, key)
+
+
+def example_inputs(jd: JobData, cand: Candidate, model: nn.Module,
+                   batch: int) -> dict[str, torch.Tensor]:
+    """Random inputs for a candidate's footprint: the teacher's own (its adapter knows its
+    input), a student's 10-second records of its view."""
+    g = torch.Generator().manual_seed(0)
+    if cand.model.kind == TEACHER:
+        return model.example_inputs(batch, g)
+    view = jd.views[cand.view]
+    n_leads = len(view.lead_index())
+    rate = view.sampling_rate or jd.data.sampling_rate
+    return {"signal": torch.randn(batch, n_leads, int(round(rate * 10.0)), generator=g)}
+
+
+def evaluate_run(jd: JobData, run_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Evaluate every model of the run and write ``results.json``; its content."""
+    recipe = jd.recipe
+    layout = RunLayout(run_dir)
+    splits = {s: jd.data.split(s, jd.views, extras=jd.teacher_extras()) for s in ("val", "test")}
+    labels = {s: jd.data.labels[np.sort(jd.data.splits[s])] for s in ("val", "test")}
+    ev = recipe.evaluate
+    results = evaluate_candidates(
+        run_candidates(jd, run_dir), splits, labels, list(jd.classes), bootstrap=ev.bootstrap,
+        seed=ev.seed, level=ev.level, repeats=ev.latency_repeats,
+        make_inputs=lambda c, m, b: example_inputs(jd, c, m, b),
+        predictions_path=layout.predictions, progress=progress,
+        batch_size=recipe.train.batch_size)
+    results["recipe"] = recipe.name
+    results["task"] = jd.data.task
+    results["records"] = {s: int(len(ix)) for s, ix in jd.data.splits.items()}
+    write_results(run_dir, results)
+    return results
+
+
+def run(ctx: RunContext) -> dict[str, Any]:
+    results = evaluate_run(ctx.job_data(), ctx.run_dir, progress=ctx.progress)
+    for name, m in results["models"].items():
+        auc = m["macro_auc"]
+        print(f"{name:<28} macro AUC {auc['value']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}]")
+    return {"results": str(ctx.layout.results_file),
+            "macro_auc": {n: m["macro_auc"]["value"] for n, m in results["models"].items()}}
+
+
+STAGE = Stage("evaluate", "evaluate every model on the test fold (bootstrap intervals, size, "
+                          "memory, latency)", TRAINED, run, ("eval", "results.json"),
+              main_only=True, settings=distill_stage_settings)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_folder: str | Path, *,
+                        task: str = "superdiagnostic", split: str = "test",
+                        bootstrap: int = 1000, seed: int = 0, level: float = 0.95,
+                        batch_size: int = 64, cache_dir: str | None = None,
+                        progress: bool = True) -> dict[str, Any]:
+    """Evaluate a saved student on a PTB-XL-layout folder (``ecg-distill eval``).
+
+    The student's config says what it reads (leads, rate, labels) and how its inputs are
+    scaled (``normalization``, stored at training time), so any folder in the PTB-XL
+    layout can be scored: the labels of ``task`` are mapped onto the student's classes,
+    and decision thresholds are chosen on fold 9 (when ``split`` is "test").
+
+    Returns:
+        {"checkpoint", "data", "split", "records", "classes", metrics (as in results.json)}.
+
+    Raises:
+        ECGDistillError: not a student folder, a pickle checkpoint, or labels the data lack.
+    """
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "teacher.json").exists():
+        raise ECGDistillError(f"{checkpoint}: a teacher folder; `ecg-distill eval` scores saved "
+                              f"students (teachers are evaluated by `ecg-distill run`)")
+    if not (checkpoint / "config.json").exists():
+        raise ECGDistillError(f"{checkpoint}: no config.json; not a saved student folder")
+    require_safetensors(checkpoint)
+    config = AutoConfig.from_pretrained(checkpoint)
+    model = AutoModel.from_pretrained(checkpoint, use_safetensors=True).eval()
+    classes = [config.id2label[i] for i in range(config.num_labels)]
+    rate = int(config.sampling_rate)
+    data = load_ptbxl(data_folder, task=task, sampling_rate=100 if rate <= 100 else 500,
+                      classes=classes, cache_dir=cache_dir, progress=progress)
+    norm = getattr(config, "normalization", None)
+    if norm:
+        data.scaler = scaler_from_config(config)
+    view = {"signal": SignalView(leads=tuple(config.leads), sampling_rate=rate)}
+    inputs = (lambda b: {"signal": b["signal"]})
+    chosen = data.split(split, view)
+    index, probs = predict(model, chosen, inputs, batch_size=batch_size, progress=progress)
+    labels = data.labels[index]
+    if split == "test" and "val" in data.splits and len(data.splits["val"]):
+        v_index, v_probs = predict(model, data.split("val", view), inputs, batch_size=batch_size)
+        val_labels = data.labels[v_index]
+    else:  # no validation fold: thresholds from the evaluated records themselves
+        v_probs, val_labels = probs, labels
+    samples = bootstrap_samples(labels, bootstrap, seed)
+    metrics = model_metrics(labels, probs, val_labels, v_probs, samples, level, classes)
+    return {"checkpoint": str(checkpoint), "data": str(data_folder), "split": split,
+            "task": task, "records": int(len(index)), "classes": classes,
+            "normalization": "stored" if norm else "fitted on this folder's train folds",
+            "bootstrap": {"resamples": bootstrap, "seed": seed, "level": level}, **metrics}

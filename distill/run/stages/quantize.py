@@ -1,0 +1,148 @@
+"""The ``quantize`` stage: every trained student (label-only baseline and distilled) in every
+``quantize.formats`` (bitsandbytes int8, nf4, fp4; :mod:`distill.compress.quantize`),
+each scored and measured beside its fp32 model, and the teacher's memory at each
+precision (``quantized.json``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import teachers
+from distill.compress.quantize import QuantizeError, load_student, quantize_folder
+from distill.core.io import atomic_write_text
+from distill.core.layout import QUANTIZED_DIR, QUANTIZED_FILE, ModelId, RunLayout
+from distill.engine.factory import build_teacher
+from distill.engine.jobs import JobData
+from distill.metrics.footprint import peak_activation_bytes, weights_bytes
+from distill.metrics.scoring import evaluate_candidates
+from distill.run.stage import TRAINED, RunContext, Stage, distill_stage_settings
+from distill.run.stages.evaluate import example_inputs, student_candidate
+
+TEACHER_PRECISIONS: tuple[str, ...] = ("none", "8bit", "4bit")
+
+
+def quantize_run(jd: JobData, run_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """The ``quantize`` stage: every trained student (label-only baseline and distilled) in
+    every ``quantize.formats``.
+
+    Each variant is written to ``quantized/<kind>-<family>-<size>-<format>/`` and reloaded from
+    there (the folder a device would load); then each fp32 student and its variants are
+    scored on the same bootstrap resamples of the test fold (macro AUC [CI], the paired
+    difference to fp32) and measured side by side in this one process (size on disk,
+    memory, CPU latency at batch 1 and 64). The teacher's memory at each precision
+    (fp32, 8-bit, 4-bit) is measured too. Everything goes to ``quantized.json``.
+    """
+    recipe = jd.recipe
+    layout = RunLayout(run_dir)
+    q = recipe.quantize
+    candidates: list = []
+    summaries: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    for kind, spec in ((k, s) for s in recipe.students for k in ("baseline", "distill")):
+        fp32 = ModelId.student(kind, spec)
+        source = layout.model_dir(fp32)
+        fp32_name = fp32.name
+        variants = []
+        for fmt in q.formats:
+            model = ModelId.student(kind, spec, fmt)
+            out = layout.model_dir(model)
+            try:
+                result = quantize_folder(source, fmt, out, double_quant=q.double_quant,
+                                         force=True)
+            except QuantizeError as exc:
+                skipped[f"{fp32_name} {fmt}"] = str(exc)
+                print(f"{fp32_name} {fmt}: not quantized ({exc})")
+                continue
+            name = model.name
+            print(f"{name}: {result.plan.fraction:.0%} of the parameters quantized, "
+                  f"{result.file_ratio:.2f}x smaller on disk (quantized part "
+                  f"{result.part_ratio:.2f}x)")
+            summaries[name] = result.to_dict()
+            variants.append(student_candidate(layout, model, spec,
+                                              load=lambda f=out: load_student(f)))
+        if variants:
+            candidates.append(student_candidate(layout, fp32, spec,
+                                                load=lambda f=source: load_student(f)))
+            candidates += variants
+    results: dict[str, Any] = {"formats": list(q.formats), "double_quant": q.double_quant,
+                               "models": {}, "reference": {}, "skipped": skipped}
+    if candidates:
+        views = {c.view: jd.views[c.view] for c in candidates}
+        splits = {s: jd.data.split(s, views) for s in ("val", "test")}
+        labels = {s: jd.data.labels[np.sort(jd.data.splits[s])] for s in ("val", "test")}
+        ev = recipe.evaluate
+        scored = evaluate_candidates(
+            candidates, splits, labels, list(jd.classes), bootstrap=ev.bootstrap, seed=ev.seed,
+            level=ev.level, repeats=ev.latency_repeats,
+            make_inputs=lambda c, m, b: example_inputs(jd, c, m, b),
+            predictions_path=lambda m: layout.predictions(m, quantized_stage=True),
+            progress=progress,
+            batch_size=recipe.train.batch_size)
+        for name, entry in scored["models"].items():
+            if entry["kind"] == "quantized":
+                entry["quantization"] = summaries[name]
+                results["models"][name] = entry
+            else:
+                results["reference"][name] = entry
+        results["bootstrap"] = scored["bootstrap"]
+    results["teacher_memory"] = teacher_memory(jd, run_dir)
+    atomic_write_text(layout.quantized_file, json.dumps(results, indent=1))
+    return results
+
+
+def teacher_memory(jd: JobData, run_dir: Path,
+                   precisions: Sequence[str] = TEACHER_PRECISIONS) -> dict[str, Any]:
+    """The run's teacher loaded at each precision: weights MB (with bitsandbytes' scales)
+    and weights + peak activations at batch 1, on the CPU. A precision that cannot load
+    here records its error instead."""
+    recipe = jd.recipe
+    best = RunLayout(run_dir).teacher_best
+    out: dict[str, Any] = {}
+    for precision in precisions:
+        try:
+            if recipe.teacher.train_mode != "frozen" and (best / "teacher.json").exists():
+                teacher = teachers.load(best, load_in=precision, train_mode="frozen")
+            else:
+                teacher = build_teacher(recipe, jd.classes, load_in=precision,
+                                        train_mode="frozen")
+        except (ValueError, RuntimeError, ImportError, OSError) as exc:
+            out[precision] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+            continue
+        teacher = teacher.eval()
+        weights = weights_bytes(teacher)
+        peak = peak_activation_bytes(teacher,
+                                     teacher.example_inputs(1, torch.Generator().manual_seed(0)))
+        out[precision] = {"weights_mb": weights / 1e6, "peak_memory_mb": (weights + peak) / 1e6,
+                          "parameters_quantized": teacher.quantized}
+        del teacher
+    return out
+
+
+def run(ctx: RunContext) -> dict[str, Any]:
+    if not ctx.recipe.quantize.formats:
+        print("no quantized variants in the recipe (quantize.formats is empty)")
+        return {}
+    results = quantize_run(ctx.job_data(), ctx.run_dir, progress=ctx.progress)
+    for name, m in results["models"].items():
+        auc, d = m["macro_auc"], m["vs_fp32"]
+        print(f"{name:<28} macro AUC {auc['value']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}]"
+              f", vs fp32 {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+    for precision, m in results["teacher_memory"].items():
+        if "error" in m:
+            print(f"teacher {precision}: {m['error']}")
+        else:
+            print(f"teacher {precision}: weights {m['weights_mb']:.1f} MB")
+    return {"results": str(ctx.layout.quantized_file),
+            "macro_auc": {n: m["macro_auc"]["value"] for n, m in results["models"].items()}}
+
+
+STAGE = Stage("quantize", "quantize every trained student (quantize.formats) and measure each "
+                          "variant beside its fp32 model; the teacher's memory per precision",
+              (*TRAINED, "quantize"), run, (QUANTIZED_DIR, QUANTIZED_FILE), main_only=True,
+              settings=distill_stage_settings)
