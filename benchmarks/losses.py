@@ -15,7 +15,7 @@ All three get the same cost matrices (the loss's projections, L2 normalisation, 
 distances), so the timings compare the solvers plus the backward through the cost. POT's
 are computed the plain way (``ot_cost``); the loss computes the same matrices to rounding,
 in the teacher's space where D = d makes the fixed teacher projection an isometry (see
-``distill/losses/transport.py``); the printed value differences include that. The loss's
+``docs/ot-solver.md``); the printed value differences include that. The loss's
 aux outputs "barycentric" and "student_tokens" are then computed on first access, so the
 loss is also timed with every aux entry read, as the training objective does.
 
@@ -25,8 +25,6 @@ Run: ``python benchmarks/losses.py [--threads 2] [--repeats 5]``
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import statistics
 import sys
 import time
@@ -41,12 +39,11 @@ import torch
 import torch.nn.functional as F
 
 import students
-from distill.losses import LOSSES
-from distill.losses.transport import OTLeadMatching, sinkhorn_log_batched, squared_distances
 from distill.core.contract import ECGModelOutput
+from distill.losses import LossFamily, loss_families
+from distill.losses.sinkhorn import sinkhorn_log_batched, squared_distances
+from distill.losses.transport import OTLeadMatching
 from distill.metrics.footprint import signal_batch
-
-FAMILIES = ("kd", "alignment", "transport", "relation")
 
 
 def ot_cost(loss: OTLeadMatching, xs: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
@@ -194,8 +191,9 @@ def student_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Call
     return step
 
 
-def loss_step(name: str, args: argparse.Namespace) -> Callable[[], None]:
-    """Forward+backward of registered loss ``name`` on random B x N_s / N_t x D outputs."""
+def loss_step(family: LossFamily, args: argparse.Namespace) -> Callable[[], None]:
+    """Forward+backward of a registered loss (its default configuration) on random
+    B x N_s / N_t x D outputs."""
     g = torch.Generator().manual_seed(1)
     b, n_s, n_t, d = args.batch, args.ns, args.nt, args.dim
 
@@ -206,10 +204,7 @@ def loss_step(name: str, args: argparse.Namespace) -> Callable[[], None]:
                               pooled=torch.randn(b, d, generator=g).requires_grad_())
 
     s, t = out(n_s), out(n_t)
-    cls = LOSSES[name]
-    params = inspect.signature(cls.__init__).parameters
-    dims = {k: d for k in ("student_dim", "teacher_dim") if k in params}
-    loss = cls(**dims)
+    loss = family.build(student_dim=d, teacher_dim=d)
     context = {"ot.barycentric": torch.randn(b, n_s, d, generator=g),
                "ot.plan": torch.full((b, n_s, n_t), 1.0 / (n_s * n_t))}
     batch = {"labels": (torch.rand(b, 5, generator=g) > 0.7).float()}
@@ -227,21 +222,17 @@ def loss_step(name: str, args: argparse.Namespace) -> Callable[[], None]:
 
 def relative_costs(args: argparse.Namespace) -> None:
     skipped = []
-    for family in FAMILIES:
-        try:
-            importlib.import_module(f"distill.losses.{family}")
-        except ImportError as exc:  # a family written in parallel may not exist yet
-            skipped.append(f"{family} ({type(exc).__name__}: {exc})")
     cases: dict[str, Callable[[], None]] = {}
     batch = signal_batch(args.batch)
     for family, size in (("leadformer", "tiny"), ("xresnet1d", "small")):
         model = students.create(family, size, num_labels=5)
         cases[f"student {family}/{size}"] = student_step(model, batch)
-    for name in sorted(LOSSES):
+    for family in loss_families():  # every registered loss (discovered), in running order
+        name = family.name
         try:
-            cases[f"loss {name}"] = loss_step(name, args)
+            cases[f"loss {name}"] = loss_step(family, args)
             cases[f"loss {name}"]()
-        except (TypeError, ValueError, KeyError, RuntimeError) as exc:  # unknown signature
+        except (TypeError, ValueError, KeyError, RuntimeError) as exc:  # needs other inputs
             cases.pop(f"loss {name}", None)
             skipped.append(f"{name} ({type(exc).__name__}: {exc})")
     t = side_by_side(cases, args.repeats)

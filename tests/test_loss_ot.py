@@ -4,6 +4,7 @@ prior, padding, batch-versus-loop, and numerical safety at small reg and large s
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import ot
@@ -11,15 +12,16 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from distill.losses import build_loss
-from distill.losses.transport import (
-    OTLeadMatching,
-    _sinkhorn_no_graph,
-    lead_prior_cost,
-    log_marginal,
-    squared_distances,
-)
 from distill.core.contract import ECGModelOutput
+from distill.losses import build_loss, loss_family, sinkhorn
+from distill.losses.sinkhorn import (
+    log_marginal,
+    sinkhorn_log_batched,
+    sinkhorn_scaling,
+    squared_distances,
+    zero_potentials,
+)
+from distill.losses.transport import OTConfig, OTLeadMatching, lead_prior_cost
 
 
 @pytest.fixture(autouse=True)
@@ -153,20 +155,20 @@ def test_fast_path_has_the_iterates_of_the_unrolled_and_the_exact_paths() -> Non
     cost = fast.aux["cost"]
     log_a, log_b = (log_marginal(m, None, 3, m.shape[1], torch.float64, cost.device)
                     for m in (m_s, m_t))
-    u0 = torch.where(torch.isneginf(log_a), log_a, torch.zeros_like(log_a))
-    exact, _, _ = _sinkhorn_no_graph(-cost / 0.02, u0, log_a, log_b, 40, floor=float("inf"))
+    exact, _, _ = sinkhorn_scaling(-cost / 0.02, zero_potentials(log_a), log_a, log_b, 40,
+                                   floor=float("inf"))
     torch.testing.assert_close(exact, fast.aux["plan"], rtol=1e-10, atol=1e-14)
 
 
 def solve(cost: torch.Tensor, reg: float, iters: int, mask_s: torch.Tensor | None = None,
           mask_t: torch.Tensor | None = None, **kw) -> tuple[torch.Tensor, dict]:
-    """``_sinkhorn_no_graph`` from zero potentials on [B, N, M] costs: (plan, stats)."""
+    """``sinkhorn_scaling`` from zero potentials on [B, N, M] costs: (plan, stats)."""
     b_sz, n, m = cost.shape
     log_a = log_marginal(mask_s, None, b_sz, n, cost.dtype, cost.device)
     log_b = log_marginal(mask_t, None, b_sz, m, cost.dtype, cost.device)
-    u0 = torch.where(torch.isneginf(log_a), log_a, torch.zeros_like(log_a))
     stats: dict = {}
-    plan, _, _ = _sinkhorn_no_graph(-cost / reg, u0, log_a, log_b, iters, stats=stats, **kw)
+    plan, _, _ = sinkhorn_scaling(-cost / reg, zero_potentials(log_a), log_a, log_b, iters,
+                                  stats=stats, **kw)
     return plan, stats
 
 
@@ -241,6 +243,7 @@ def orthogonal_teacher(loss: OTLeadMatching, scale: float, seed: int) -> None:
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     with torch.no_grad():
         loss.teacher_proj.weight.copy_(scale * q)
+    loss.check_teacher_isometry()  # the buffer was written in place
 
 
 def plain(loss: OTLeadMatching) -> OTLeadMatching:
@@ -319,8 +322,16 @@ def test_teacher_space_is_used_only_for_a_square_isometry() -> None:
     assert OTLeadMatching(6, 8, dim=8).double().teacher_isometry(torch.float64) is None
     loss = OTLeadMatching(6, 8, dim=8)
     assert loss.teacher_isometry(torch.float32) is not None
+    original = copy.deepcopy(loss.state_dict())
     with torch.no_grad():  # a changed buffer is checked again
         loss.teacher_proj.weight[0, 0] += 1e-3
+    assert loss.teacher_isometry(torch.float32) is not None  # in place: not seen until ...
+    loss.check_teacher_isometry()  # ... checked on request (the buffer is not trained)
+    assert loss.teacher_isometry(torch.float32) is None
+    perturbed = copy.deepcopy(loss.state_dict())
+    loss.load_state_dict(original)  # load_state_dict checks again by itself
+    assert loss.teacher_isometry(torch.float32) is not None
+    loss.load_state_dict(perturbed)
     assert loss.teacher_isometry(torch.float32) is None
     xs, xt = tokens(2, 5, 6, seed=46, dtype=torch.float32), tokens(2, 7, 8, seed=47,
                                                                     dtype=torch.float32)
@@ -569,3 +580,70 @@ def test_projections_cannot_collapse_the_loss_to_zero() -> None:
     first, last = sum(values[:20]) / 20, sum(values[-20:]) / 20
     assert last > 0.8 * first and last > 1.0, (first, last)
     assert not any(p.requires_grad for n, p in loss.named_parameters() if "teacher" in n)
+
+
+# ----------------------------------------------------------------------------- solver module
+
+
+def test_public_solver_entry_equals_pot_with_and_without_a_graph() -> None:
+    """``sinkhorn_log_batched`` runs ``sinkhorn_unrolled`` on a cost that requires grad and
+    ``sinkhorn_scaling`` otherwise: the same plans and potentials, POT's plans."""
+    cost = normalized_cost(3, 6, 9, 4, seed=60)
+    m_s = lengths_mask([6, 4, 5], 6)
+    log_a = log_marginal(m_s, None, 3, 6, cost.dtype, cost.device)
+    log_b = log_marginal(None, None, 3, 9, cost.dtype, cost.device)
+    plan, u, v = sinkhorn_log_batched(cost, 0.05, 30, log_a, log_b)
+    leaf = cost.clone().requires_grad_()
+    g_plan, g_u, g_v = sinkhorn_log_batched(leaf, 0.05, 30, log_a, log_b)
+    assert g_plan.requires_grad and not plan.requires_grad
+    torch.testing.assert_close(plan, g_plan.detach(), rtol=1e-10, atol=1e-14)
+    # the plan is exp(-C/ε + u + v) in both (a padded token has u = -inf and no mass)
+    for p, uu, vv in ((plan, u, v), (g_plan.detach(), g_u.detach(), g_v.detach())):
+        torch.testing.assert_close(p, (-cost / 0.05 + uu[:, :, None] + vv[:, None, :]).exp(),
+                                   rtol=1e-9, atol=1e-14)
+    for r, ls in enumerate([6, 4, 5]):
+        pot_plan, _ = pot_sinkhorn(cost[r, :ls].numpy(), 0.05, 30)
+        np.testing.assert_allclose(plan[r, :ls].numpy(), pot_plan, rtol=1e-5, atol=1e-14)
+    assert torch.equal(zero_potentials(log_a).isneginf(), ~m_s)
+    assert (zero_potentials(log_a)[m_s] == 0).all()
+
+
+def test_solver_module_registers_no_loss() -> None:
+    assert "register_loss" not in vars(sinkhorn)
+    assert all(loss_family(name).cls.__module__ != sinkhorn.__name__
+               for name in ("kd", "mhca", "ot", "relation"))
+
+
+def test_ot_config_is_the_recipe_section_and_the_constructor_takes_its_fields() -> None:
+    assert OTConfig() == OTConfig(dim=128, reg=0.05, iters=50, lead_prior=0.0, normalize=True,
+                                  project=True, grad="envelope")
+    family = loss_family("ot")
+    assert family.config is OTConfig and family.cls is OTLeadMatching
+    config = OTConfig(dim=16, reg=0.1, iters=20, lead_prior=0.2)
+    torch.manual_seed(3)
+    direct = OTLeadMatching(student_dim=6, teacher_dim=16, **dataclasses.asdict(config))
+    torch.manual_seed(3)
+    built = family.build(config, student_dim=6, teacher_dim=16)
+    assert built.config == direct.config == config
+    for (k, a), (_, b) in zip(direct.state_dict().items(), built.state_dict().items()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match=r"^reg: must be > 0, got 0"):
+        OTConfig(reg=0)
+    with pytest.raises(ValueError, match=r"^grad: must be one of 'envelope', 'unrolled'"):
+        OTConfig(grad="implicit")
+
+
+def test_teacher_isometry_follows_dtype_and_device_conversions() -> None:
+    """The buffer replaced by ``.double()`` / ``.float()`` is checked again at first use."""
+    loss = OTLeadMatching(6, 8, dim=8)
+    q32, _ = loss.teacher_isometry(torch.float32)
+    loss.double()  # float32 QR values, now judged in float64 rounding units
+    assert loss.teacher_isometry(torch.float64) is None
+    orthogonal_teacher(loss, scale=1.3, seed=61)
+    q64, q_over_s = loss.teacher_isometry(torch.float64)
+    assert q64 is loss.teacher_proj.weight and q64.dtype == torch.float64
+    torch.testing.assert_close(q_over_s, loss.teacher_proj.weight / 1.3, rtol=1e-12, atol=0)
+    loss.float()
+    q, _ = loss.teacher_isometry(torch.float32)
+    assert q is loss.teacher_proj.weight and q.dtype == torch.float32
+    assert not torch.equal(q, q32)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import sys
 
 import numpy as np
 import pytest
@@ -10,8 +12,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import LossOutput, build_loss, register_loss
-from distill.losses.alignment import MHCAAlignment
+import distill.losses
+from distill.core.contract import ECGModelOutput
+from distill.core.errors import RecipeError
+from distill.core.schema import build as build_section
+from distill.losses import (
+    LOSSES,
+    LossFamily,
+    LossOutput,
+    build_loss,
+    discover,
+    loss_class,
+    loss_families,
+    loss_family,
+    register_loss,
+)
+from distill.losses.alignment import MHCAAlignment, MHCAConfig
 from distill.losses.kd import KDConfig, MultiLabelKD
 from distill.losses.objective import (
     DistillationObjective,
@@ -19,9 +35,18 @@ from distill.losses.objective import (
     build_objective,
     term_order,
 )
-from distill.losses.relation import RelationMatching, pairwise_distances
-from distill.core.contract import ECGModelOutput
-from distill.recipe import LossWeights
+from distill.losses.relation import RelationConfig, RelationMatching, pairwise_distances
+from distill.losses.transport import OTConfig, OTLeadMatching
+
+
+@dataclasses.dataclass
+class LossWeights:
+    """Weights given as a dataclass (as a recipe section may hold them)."""
+
+    kd: float = 1.0
+    mhca: float = 1.0
+    ot: float = 1.0
+    relation: float = 1.0
 
 
 def make_out(batch: int = 3, tokens: int = 6, dim: int = 8, classes: int = 5, *,
@@ -130,9 +155,10 @@ def test_kd_batch_equals_per_record_loop(mode: str) -> None:
 
 
 def test_kd_config_is_validated() -> None:
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match=r"^temperature: must be > 0, got 0.0$"):
         KDConfig(temperature=0.0)
-    with pytest.raises(ValueError, match="mode must be one of binary, softmax"):
+    with pytest.raises(ValueError, match=r"^mode: must be one of 'binary', 'softmax', got "
+                                         r"'sigmoid'$"):
         MultiLabelKD(mode="sigmoid")
     with pytest.raises(ValueError, match="same labels"):
         MultiLabelKD()(make_out(classes=3), make_out(classes=4), {})
@@ -228,8 +254,12 @@ def test_mhca_values_are_fixed_so_the_target_cannot_collapse() -> None:
 def test_mhca_rejects_wrong_widths_and_bad_config() -> None:
     with pytest.raises(ValueError, match="built for widths student 8 / teacher 10"):
         MHCAAlignment(8, 10, dim=8, heads=2)(make_out(dim=9), make_out(dim=10), {})
-    with pytest.raises(ValueError, match="multiple of heads"):
+    with pytest.raises(ValueError, match=r"^mhca.dim: 10 must be a multiple of heads"):
         MHCAAlignment(8, 10, dim=10, heads=4)
+    with pytest.raises(ValueError, match=r"^heads: must be >= 1, got 0$"):
+        MHCAAlignment(8, 10, dim=8, heads=0)
+    with pytest.raises(ValueError, match=r"^dropout: must be < 1, got 1.0$"):
+        MHCAConfig(dropout=1.0)
 
 
 # ----------------------------------------------------------------------------- relation
@@ -334,8 +364,13 @@ def test_relation_reads_mhca_first_then_ot_and_detaches_the_teacher() -> None:
     message = "relation: the token relation needs .* enable mhca or ot"
     with pytest.raises(ValueError, match=message):
         loss(x, None, {}, {})
-    with pytest.raises(ValueError, match="enable token_relation, batch_rkd or both"):
+    with pytest.raises(ValueError, match="^relation.token_relation: enable token_relation, "
+                                         "batch_rkd or both$"):
         RelationMatching(token_relation=False)
+    with pytest.raises(ValueError, match="^criterion: must be one of 'smooth_l1', 'mse'"):
+        RelationMatching(criterion="l1")
+    with pytest.raises(ValueError, match="^angle_weight: must be >= 0"):
+        RelationConfig(angle_weight=-1.0)
 
 
 # ----------------------------------------------------------------------------- objective
@@ -405,14 +440,18 @@ def test_objective_with_alpha_zero_is_plain_bce_and_calls_nothing() -> None:
 
 
 def test_objective_and_registry_errors() -> None:
+    message = "unknown loss 'otl'; did you mean 'ot'? (known: kd, mhca, ot, relation)"
     with pytest.raises(ValueError) as info:
         build_objective(0.5, {"kd": 1.0, "otl": 1.0}, 8, 8)
-    assert str(info.value) == "unknown loss 'otl'; known: kd, mhca, ot, relation"
+    assert str(info.value) == message
+    with pytest.raises(ValueError) as info:  # configured but not weighted: refused as well
+        build_objective(0.5, {"kd": 1.0}, 8, 8, otl={"reg": 0.1})
+    assert str(info.value) == message
     with pytest.raises(ValueError) as info:
         build_loss("otl")
-    assert str(info.value) == "unknown loss 'otl'; known: kd, mhca, ot, relation"
+    assert str(info.value) == message
     with pytest.raises(ValueError) as info:
-        register_loss("kd")(type("AnotherKD", (nn.Module,), {}))
+        register_loss("kd", config=KDConfig)(type("AnotherKD", (nn.Module,), {}))
     assert str(info.value) == "loss 'kd' is already registered by MultiLabelKD"
     assert isinstance(build_loss("kd", temperature=4.0), MultiLabelKD)
     with pytest.raises(ValueError, match=r"no loss module for weighted term\(s\) \['mhca'\]"):
@@ -449,3 +488,227 @@ def test_relation_after_ot_when_mhca_is_off() -> None:
     torch.testing.assert_close(out.terms["relation"], direct.value.detach())
     out.total.backward()
     assert s.tokens.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+BUILT_INS = ("kd", "mhca", "ot", "relation")
+
+
+def test_discovery_finds_the_four_built_ins_with_their_configs_and_places() -> None:
+    discover()
+    discover()  # idempotent
+    assert set(BUILT_INS) <= set(LOSSES.names())
+    expected = {"kd": (MultiLabelKD, KDConfig, 10, ()),
+                "mhca": (MHCAAlignment, MHCAConfig, 20, ()),
+                "ot": (OTLeadMatching, OTConfig, 30, ()),
+                "relation": (RelationMatching, RelationConfig, 90, ("mhca", "ot"))}
+    for name, (cls, config, order, requires) in expected.items():
+        family = loss_family(name)
+        assert isinstance(family, LossFamily) and family.name == name
+        assert (family.cls, family.config, family.order, family.requires_any) == \
+            (cls, config, order, requires)
+        assert family.default_weight == 1.0 and cls.loss_name == name
+        assert loss_class(name) is cls
+    assert [f.name for f in loss_families() if f.name in BUILT_INS] == list(BUILT_INS)
+
+
+def test_discovery_imports_a_new_module_of_the_package(tmp_path, monkeypatch) -> None:
+    """A new file in the package that calls register_loss is found by discover() alone."""
+    (tmp_path / "zz_probe_loss.py").write_text('''
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distill.core.schema import spec
+from distill.losses import LossOutput, check_fields, register_loss
+
+
+@dataclass
+class ProbeConfig:
+    scale: float = spec(1.0, help="a factor", gt=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@register_loss("zz_probe", config=ProbeConfig, order=40)
+class ProbeLoss(nn.Module):
+    def __init__(self, student_dim: int, *, scale: float = 1.0) -> None:
+        super().__init__()
+        self.config = ProbeConfig(scale=scale)
+        self.student_dim = student_dim
+
+    def forward(self, student_out, teacher_out, batch=None, context=None):
+        return LossOutput(student_out.logits.sum() * 0 + self.config.scale, {})
+''')
+    monkeypatch.setattr(distill.losses, "__path__", [*distill.losses.__path__, str(tmp_path)])
+    try:
+        assert "zz_probe" not in LOSSES
+        discover()
+        family = loss_family("zz_probe")
+        assert (family.order, family.default_weight, family.dims) == (40, 0.0, ("student_dim",))
+        assert [f.name for f in loss_families()] == ["kd", "mhca", "ot", "zz_probe", "relation"]
+        objective = build_objective(0.5, {"relation": 1.0, "zz_probe": 2.0, "mhca": 1.0}, 8, 10,
+                                    zz_probe={"scale": 3.0}, mhca={"dim": 8, "heads": 2})
+        assert list(objective.losses) == ["mhca", "zz_probe", "relation"]
+        assert objective.losses["zz_probe"].student_dim == 8  # it asked for this width only
+        assert objective.active_terms == ["mhca", "zz_probe", "relation"]
+        discover()  # importing again registers nothing twice
+    finally:
+        LOSSES.unregister("zz_probe")
+        sys.modules.pop("distill.losses.zz_probe_loss", None)
+
+
+def test_registering_a_duplicate_or_a_mismatched_loss_fails() -> None:
+    @dataclasses.dataclass
+    class TmpConfig:
+        k: int = 1
+
+    class Tmp(nn.Module):
+        def __init__(self, *, k: int = 1) -> None:
+            super().__init__()
+
+    try:
+        register_loss("zz_tmp", config=TmpConfig)(Tmp)
+        with pytest.raises(ValueError, match="^loss 'zz_tmp' is already registered by Tmp$"):
+            register_loss("zz_tmp", config=TmpConfig)(Tmp)
+    finally:
+        LOSSES.unregister("zz_tmp")
+    with pytest.raises(ValueError, match="^loss 'ot' is already registered by OTLeadMatching"):
+        register_loss("ot", config=OTConfig)(OTLeadMatching)
+
+    class Other(nn.Module):
+        def __init__(self, *, j: int = 1) -> None:
+            super().__init__()
+
+    class Default(nn.Module):
+        def __init__(self, *, k: int = 2) -> None:
+            super().__init__()
+
+    with pytest.raises(TypeError, match=r"takes \['j'\], its config TmpConfig has fields \['k'\]"):
+        register_loss("zz_tmp", config=TmpConfig)(Other)
+    with pytest.raises(TypeError, match="default k=2, config TmpConfig says 1"):
+        register_loss("zz_tmp", config=TmpConfig)(Default)
+    with pytest.raises(TypeError, match="config must be a dataclass"):
+        register_loss("zz_tmp", config=dict)(Tmp)
+    assert "zz_tmp" not in LOSSES
+
+
+def test_unknown_loss_suggests_the_closest_name() -> None:
+    with pytest.raises(ValueError) as info:
+        loss_family("otl")
+    assert str(info.value) == "unknown loss 'otl'; did you mean 'ot'? (known: kd, mhca, ot, " \
+                              "relation)"
+    with pytest.raises(ValueError, match=r"^unknown loss 'xyz' \(known: kd, mhca, ot, relation\)"):
+        loss_family("xyz")
+
+
+def test_build_order_is_kd_mhca_ot_relation_and_keeps_the_published_initialisation() -> None:
+    """Parameters draw from the global RNG in build order: kd, mhca, ot, relation, whatever
+    the order of the weights; the values are those of the published runs."""
+    torch.manual_seed(0)
+    objective = build_objective(0.5, {"relation": 1.0, "ot": 1.0, "mhca": 1.0, "kd": 1.0}, 8,
+                                12, mhca={"dim": 8, "heads": 2}, ot={"dim": 12})
+    assert list(objective.losses) == ["kd", "mhca", "ot", "relation"]
+    assert objective.active_terms == ["kd", "mhca", "ot", "relation"]
+    assert term_order(["relation", "ot", "mhca", "kd"]) == ["kd", "mhca", "ot", "relation"]
+    torch.manual_seed(0)
+    by_hand = {"kd": MultiLabelKD(), "mhca": MHCAAlignment(8, 12, dim=8, heads=2),
+               "ot": OTLeadMatching(8, 12, dim=12), "relation": RelationMatching()}
+    for name, loss in by_hand.items():
+        for key, value in loss.state_dict().items():
+            assert torch.equal(objective.losses[name].state_dict()[key], value), (name, key)
+    published = {"mhca.value_proj": -3.7530865017, "mhca.student_proj.weight": -1.345813524,
+                 "mhca.student_proj.bias": 0.4016784756, "mhca.query.weight": -1.3168847179,
+                 "mhca.query.bias": 1.1452082479, "mhca.key.weight": -2.1939205949,
+                 "mhca.key.bias": 0.0588593401, "ot.student_proj.weight": 1.6750374567,
+                 "ot.teacher_proj.weight": 3.1998935773}  # sums, from the release before 0.2
+    state = objective.losses.state_dict()
+    assert set(state) == set(published)
+    for key, value in published.items():
+        np.testing.assert_allclose(state[key].double().sum().item(), value, rtol=1e-6,
+                                   atol=1e-7, err_msg=key)
+
+
+def test_a_term_needs_one_of_its_requirements_weighted() -> None:
+    message = r"^objective: 'relation' needs one of mhca, ot weighted > 0"
+    with pytest.raises(ValueError, match=message):
+        build_objective(0.5, {"kd": 1.0, "mhca": 0.0, "relation": 1.0}, 8, 8)
+    with pytest.raises(ValueError, match=message):  # absent counts as unweighted
+        build_objective(0.5, {"relation": 1.0}, 8, 8)
+    with pytest.raises(ValueError, match=message):
+        DistillationObjective(0.5, {"relation": 1.0}, {"relation": RelationMatching()})
+    # one of them is enough; and with alpha = 0 or relation unweighted nothing runs
+    assert set(build_objective(0.5, {"ot": 1.0, "relation": 1.0}, 8, 8, ot={"dim": 8}).losses) \
+        == {"ot", "relation"}
+    assert list(build_objective(0.0, {"relation": 1.0}, 8, 8).losses) == []
+    assert list(build_objective(0.5, {"kd": 1.0, "relation": 0.0}, 8, 8).losses) == ["kd"]
+
+
+def test_config_instances_build_the_same_objective_as_mappings() -> None:
+    torch.manual_seed(7)
+    s = make_out(3, tokens=5, dim=8, classes=4, seed=50, requires_grad=True)
+    t = make_out(3, tokens=9, dim=12, classes=4, seed=51)
+    labels = torch.randint(0, 2, (3, 4)).float()
+    weights = {"kd": 0.5, "mhca": 1.0, "ot": 0.7, "relation": 0.3}
+    configs = {"kd": KDConfig(temperature=3.0, mode="softmax"),
+               "mhca": MHCAConfig(dim=16, heads=2, dropout=0.0),
+               "ot": OTConfig(dim=12, reg=0.1, iters=20, lead_prior=0.2),
+               "relation": RelationConfig(criterion="mse", batch_rkd=True)}
+    results = []
+    for as_mapping in (False, True):
+        given = {k: dataclasses.asdict(v) if as_mapping else v for k, v in configs.items()}
+        torch.manual_seed(0)
+        objective = build_objective(0.4, weights, 8, 12, **given)
+        assert {k: loss.config for k, loss in objective.losses.items()} == configs
+        out = objective(s, t, {"labels": labels})
+        grads = torch.autograd.grad(out.total, [s.tokens, *objective.parameters()])
+        results.append((objective.state_dict(), out, grads))
+    (state_a, out_a, grads_a), (state_b, out_b, grads_b) = results
+    assert list(state_a) == list(state_b)
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert torch.equal(out_a.total, out_b.total)
+    assert all(torch.equal(out_a.terms[k], out_b.terms[k]) for k in out_a.terms)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    # a config of another family, or an unknown key, is refused
+    with pytest.raises(TypeError, match="kd: expected a KDConfig or a mapping, got OTConfig"):
+        build_objective(0.5, {"kd": 1.0}, 8, 8, kd=OTConfig())
+    with pytest.raises(RecipeError, match=r"^unknown key 'ot.regg'; did you mean 'ot.reg'\?$"):
+        build_objective(0.5, {"kd": 1.0}, 8, 8, ot={"regg": 0.1})
+
+
+def test_each_config_is_a_recipe_section_with_the_recipe_defaults() -> None:
+    """Plain field types, help text and ranges on every field; the recipe's defaults; and the
+    strict schema converter builds and checks them."""
+    defaults = {"kd": {"temperature": 2.0}, "mhca": {"dim": 128, "heads": 4},
+                "ot": {"dim": 128, "reg": 0.05, "iters": 50, "lead_prior": 0.0},
+                "relation": {"criterion": "smooth_l1", "batch_rkd": False}}
+    for name, values in defaults.items():
+        family = loss_family(name)
+        config = family.config()
+        assert {k: getattr(config, k) for k in values} == values
+        for f in dataclasses.fields(family.config):
+            assert f.metadata.get("help"), (name, f.name)
+        assert build_section(family.config, {}, f"distill.{name}") == config
+        # the constructor takes exactly the fields (plus the widths it needs)
+        loss = family.cls(**{k: 8 for k in family.dims}, **dataclasses.asdict(config))
+        assert loss.config == config
+        assert family.build(student_dim=8, teacher_dim=8).config == config
+    assert build_section(MHCAConfig, {"dim": 64, "heads": 8}, "distill.mhca") == \
+        MHCAConfig(dim=64, heads=8)
+    with pytest.raises(RecipeError, match=r"^distill.mhca.dim: 10 must be a multiple of heads "
+                                          r"\(distill.mhca.heads=4\)$"):
+        build_section(MHCAConfig, {"dim": 10}, "distill.mhca")
+    with pytest.raises(RecipeError, match=r"^distill.ot.reg: must be > 0, got 0.0$"):
+        build_section(OTConfig, {"reg": 0.0}, "distill.ot")
+    with pytest.raises(RecipeError, match=r"^distill.kd.mode: 'sofmax' is not one of 'binary', "
+                                          r"'softmax'; did you mean 'softmax'\?$"):
+        build_section(KDConfig, {"mode": "sofmax"}, "distill.kd")
+    with pytest.raises(RecipeError, match=r"^distill.relation.token_relation: enable"):
+        build_section(RelationConfig, {"token_relation": False}, "distill.relation")
+    with pytest.raises(RecipeError, match=r"^unknown key 'distill.ot.iter'; did you mean "
+                                          r"'distill.ot.iters'\?$"):
+        build_section(OTConfig, {"iter": 5}, "distill.ot")

@@ -37,23 +37,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import LossOutput, register_loss
+from distill.core.errors import RecipeError
+from distill.core.schema import spec
+from distill.losses import LossOutput, check_fields, register_loss
 
 
 @dataclass
 class MHCAConfig:
-    """Configuration of the cross-attention alignment term."""
+    """Configuration of the cross-attention alignment term (the recipe section
+    ``distill.mhca``)."""
 
-    dim: int = 128  # common width of projected student tokens, keys and values
-    heads: int = 4  # attention heads; dim must be divisible by heads
-    dropout: float = 0.0  # dropout on the attention weights (training only)
+    dim: int = spec(128, help="common width of projected student tokens, keys and values; "
+                    "a multiple of heads", ge=1)
+    heads: int = spec(4, help="attention heads", ge=1)
+    dropout: float = spec(0.0, help="dropout on the attention weights (training only)",
+                          ge=0, lt=1)
 
     def __post_init__(self) -> None:
-        if self.dim < 1 or self.heads < 1 or self.dim % self.heads:
-            raise ValueError(f"mhca: dim ({self.dim}) must be a positive multiple of heads "
-                             f"({self.heads})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"mhca: dropout must lie in [0, 1), got {self.dropout}")
+        check_fields(self)
+
+    def validate(self, path: str) -> None:
+        """Cross-field rule: ``dim`` splits evenly into ``heads``."""
+        if self.dim % self.heads:
+            raise RecipeError(f"{path}.dim: {self.dim} must be a multiple of heads "
+                              f"({path}.heads={self.heads})")
 
 
 def semi_orthogonal(rows: int, cols: int, generator: torch.Generator | None = None
@@ -77,7 +84,7 @@ def semi_orthogonal(rows: int, cols: int, generator: torch.Generator | None = No
     return q.T.contiguous()  # (rows, cols): orthonormal rows, a projection keeps unit variance
 
 
-@register_loss("mhca")
+@register_loss("mhca", config=MHCAConfig, default_weight=1.0, order=20)
 class MHCAAlignment(nn.Module):
     """Multi-head cross-attention alignment of student tokens to teacher tokens (EVL-ECG).
 
@@ -96,6 +103,7 @@ class MHCAAlignment(nn.Module):
                  dropout: float = 0.0) -> None:
         super().__init__()
         self.config = MHCAConfig(dim=dim, heads=heads, dropout=dropout)
+        self.config.validate("mhca")
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
         self.student_proj = nn.Linear(student_dim, dim)  # W_s: student tokens → common width
         self.query = nn.Linear(dim, dim)  # W_q

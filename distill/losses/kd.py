@@ -22,23 +22,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import LossOutput, register_loss
-
-KD_MODES = ("binary", "softmax")
+from distill.core.schema import spec
+from distill.losses import LossOutput, check_fields, register_loss
 
 
 @dataclass
 class KDConfig:
-    """Configuration of the logit-distillation term."""
+    """Configuration of the logit-distillation term (the recipe section ``distill.kd``)."""
 
-    temperature: float = 2.0  # softening T > 0; the loss is scaled by T² (Hinton 2015)
-    mode: Literal["binary", "softmax"] = "binary"  # binary: per-label Bernoulli KL (multi-label)
+    temperature: float = spec(2.0, help="softening T; the loss is scaled by T² (Hinton 2015)",
+                              gt=0)
+    mode: Literal["binary", "softmax"] = spec(
+        "binary", help="binary: per-label Bernoulli KL (multi-label); softmax: classic KD")
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"kd: temperature must be > 0, got {self.temperature}")
-        if self.mode not in KD_MODES:
-            raise ValueError(f"kd: mode must be one of {', '.join(KD_MODES)}, got {self.mode!r}")
+        check_fields(self)
 
 
 def binary_kd_per_label(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -82,7 +80,7 @@ def softmax_kd_per_record(student_logits: torch.Tensor, teacher_logits: torch.Te
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1) * temperature**2  # (B,)
 
 
-@register_loss("kd")
+@register_loss("kd", config=KDConfig, default_weight=1.0, order=10)
 class MultiLabelKD(nn.Module):
     """Temperature-scaled logit distillation (Hinton 2015), per label for multi-label tasks.
 

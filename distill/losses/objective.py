@@ -2,17 +2,18 @@
 
     L = (1 − α)·L_task + α·Σ_i λ_i·L_i,    L_task = BCE-with-logits(student logits, labels)
 
-The terms run in the order kd, mhca, ot, relation (any other registered loss before
-relation), passing one ``context`` dict along, so relation matching reads the teacher tokens
-that mhca (or ot) aligned to the student's instead of computing them again. A term whose
-weight λ_i is 0, or every term when α = 0, is not called at all: no time, no memory, and its
-learnable parts are not even built by ``build_objective``.
+The terms are built and run in the registry's order (``LossFamily.order``: kd, mhca, ot,
+any other registered loss, relation last), passing one ``context`` dict along, so relation
+matching reads the teacher tokens that mhca (or ot) aligned to the student's instead of
+computing them again. The build order matters beyond that: the losses' learnable parts draw
+their initial values from the global RNG in that order. A term whose weight λ_i is 0, or
+every term when α = 0, is not called at all: no time, no memory, and its learnable parts
+are not even built by ``build_objective``. See ``docs/architecture.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -20,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import loss_class
+from distill.losses import LOSSES, discover, loss_family
 
-TERM_ORDER = ("kd", "mhca", "ot", "relation")  # relation last: it reads the others' context
+UNREGISTERED_ORDER = 50  # where a loss module not in the registry runs (register_loss's default)
 
 
 class ObjectiveOutput(NamedTuple):
@@ -40,19 +41,18 @@ class ObjectiveOutput(NamedTuple):
 
 
 def term_order(names: list[str]) -> list[str]:
-    """Names in running order: kd, mhca, ot, then unknown ones (as given), relation last."""
+    """Names in building/running order: by the registry's ``order`` (kd 10, mhca 20, ot 30,
+    relation 90), ties by name; a name not in the registry ranks at ``UNREGISTERED_ORDER``."""
+    discover()
 
-    def rank(item: tuple[int, str]) -> tuple[float, int]:
-        position, name = item
-        if name in TERM_ORDER:
-            return TERM_ORDER.index(name), position
-        return TERM_ORDER.index("relation") - 0.5, position
+    def rank(name: str) -> tuple[int, str]:
+        return (LOSSES[name].order if name in LOSSES else UNREGISTERED_ORDER), name
 
-    return [name for _, name in sorted(enumerate(names), key=rank)]
+    return sorted(names, key=rank)
 
 
 def _as_dict(weights: Mapping[str, float] | Any) -> dict[str, float]:
-    """Accept a mapping or a dataclass (the recipe's ``LossWeights``)."""
+    """Accept a mapping or a dataclass whose fields are the loss names."""
     if dataclasses.is_dataclass(weights) and not isinstance(weights, type):
         return {k: float(v) for k, v in dataclasses.asdict(weights).items()}
     return {k: float(v) for k, v in dict(weights).items()}
@@ -63,7 +63,8 @@ class DistillationObjective(nn.Module):
 
     Args:
         alpha: share of the distillation terms, in [0, 1].
-        weights: λ_i by loss name (a mapping or the recipe's ``LossWeights``), each ≥ 0.
+        weights: λ_i by loss name (a mapping, or a dataclass whose fields are the names),
+            each ≥ 0.
         losses: the loss modules by name; every name with λ > 0 must have one (modules for
             zero-weight names may be present and are never called).
 
@@ -85,16 +86,20 @@ class DistillationObjective(nn.Module):
         if missing:
             raise ValueError(f"objective: no loss module for weighted term(s) {missing}; "
                              f"modules given: {sorted(losses)}")
+        check_requirements(alpha, weights)
         self.alpha = float(alpha)
         self.weights = weights
         self.losses = nn.ModuleDict(dict(losses))
+        self._order = (tuple(weights), term_order(list(weights)))  # (names, running order)
 
     @property
     def active_terms(self) -> list[str]:
         """The distillation terms that run, in running order (λ > 0 and α > 0)."""
         if self.alpha == 0.0:
             return []
-        return term_order([k for k, v in self.weights.items() if v > 0])
+        if self._order[0] != tuple(self.weights):  # weights given new names since
+            self._order = (tuple(self.weights), term_order(list(self.weights)))
+        return [k for k in self._order[1] if self.weights[k] > 0]
 
     def forward(self, student_out: Any, teacher_out: Any,
                 batch: Mapping[str, Any]) -> ObjectiveOutput:
@@ -126,7 +131,8 @@ class DistillationObjective(nn.Module):
 
     @classmethod
     def build(cls, alpha: float, weights: Mapping[str, float] | Any, student_dim: int,
-              teacher_dim: int, **loss_configs: Mapping[str, Any]) -> DistillationObjective:
+              teacher_dim: int, **loss_configs: Mapping[str, Any] | Any
+              ) -> DistillationObjective:
         """Same as :func:`build_objective`."""
         return build_objective(alpha, weights, student_dim, teacher_dim, **loss_configs)
 
@@ -134,48 +140,69 @@ class DistillationObjective(nn.Module):
         return f"alpha={self.alpha}, weights={self.weights}"
 
 
+def check_requirements(alpha: float, weights: Mapping[str, float]) -> None:
+    """Every active registered term (λ > 0, α > 0) has one of its ``requires_any`` active.
+
+    Raises:
+        ValueError: ``objective: 'relation' needs one of mhca, ot weighted > 0 ...``.
+    """
+    if alpha <= 0:
+        return
+    discover()
+    for name, weight in weights.items():
+        if weight <= 0 or name not in LOSSES:
+            continue
+        needs = LOSSES[name].requires_any
+        if needs and not any(weights.get(other, 0.0) > 0 for other in needs):
+            raise ValueError(f"objective: '{name}' needs one of {', '.join(needs)} weighted "
+                             f"> 0 (it reads their results), but all are 0 or absent; give one "
+                             f"of them a weight > 0, or set {name}'s weight to 0")
+
+
 def build_objective(alpha: float, weights: Mapping[str, float] | Any, student_dim: int,
-                    teacher_dim: int, **loss_configs: Mapping[str, Any]) -> DistillationObjective:
+                    teacher_dim: int, **loss_configs: Mapping[str, Any] | Any
+                    ) -> DistillationObjective:
     """Build the objective and the registered losses it needs.
 
-    Only terms with λ > 0 (and α > 0) are built. A loss whose constructor takes
-    ``student_dim`` / ``teacher_dim`` (mhca, ot's projections) receives the token widths.
+    Only terms with λ > 0 (and α > 0) are built, in the registry's order (which fixes the
+    order in which their parameters draw from the global RNG). A loss whose constructor
+    takes ``student_dim`` / ``teacher_dim`` (mhca, ot's projections) receives the widths.
 
     Args:
         alpha: share of the distillation terms.
-        weights: λ by loss name, e.g. ``{"kd": 1, "mhca": 1, "ot": 0, "relation": 1}``.
+        weights: λ by loss name, e.g. ``{"kd": 1, "mhca": 1, "ot": 0, "relation": 1}`` (a
+            mapping, or a dataclass whose fields are the names).
         student_dim: D_s, width of the student's tokens.
         teacher_dim: D_t, width of the teacher's tokens.
-        **loss_configs: keyword configuration per loss name, e.g.
-            ``kd={"temperature": 4.0}, mhca={"dim": 64, "heads": 2}``.
+        **loss_configs: each loss's configuration, a mapping of its config's fields or the
+            config dataclass itself, e.g. ``kd={"temperature": 4.0}``,
+            ``mhca=MHCAConfig(dim=64, heads=2)``. Configurations of unweighted terms are
+            checked (keys, ranges) but nothing is built.
 
     Returns:
         DistillationObjective; its ``.parameters()`` are the losses' learnable parts.
 
     Raises:
-        ValueError: for an unknown loss name (``unknown loss 'otl'; known: ...``).
+        ValueError: an unknown loss name, weighted or configured (``unknown loss 'otl';
+            did you mean 'ot'? (known: ...)``); a term whose ``requires_any`` are all
+            unweighted; an unknown config key or a bad value.
     """
     weights = _as_dict(weights)
-    for name in [*weights, *loss_configs]:
-        loss_class(name)  # an unknown name fails here, whether weighted or configured
+    families = {name: loss_family(name) for name in [*weights, *loss_configs]}
+    check_requirements(alpha, weights)
+    configs = {name: families[name].make_config(config) for name, config in loss_configs.items()}
     active = [k for k, v in weights.items() if v > 0] if alpha > 0 else []
     losses: dict[str, nn.Module] = {}
     for name in term_order(active):
-        cls = loss_class(name)
-        config = dict(loss_configs.get(name, {}))
-        params = inspect.signature(cls.__init__).parameters
-        if "student_dim" in params:
-            config.setdefault("student_dim", student_dim)
-        if "teacher_dim" in params:
-            config.setdefault("teacher_dim", teacher_dim)
-        losses[name] = cls(**config)
+        losses[name] = families[name].build(configs.get(name), student_dim=student_dim,
+                                            teacher_dim=teacher_dim)
     return DistillationObjective(alpha, weights, losses)
 
 
 __all__ = [
-    "TERM_ORDER",
     "DistillationObjective",
     "ObjectiveOutput",
     "build_objective",
+    "check_requirements",
     "term_order",
 ]

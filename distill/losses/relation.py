@@ -35,34 +35,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import LossOutput, register_loss
+from distill.core.errors import RecipeError
+from distill.core.schema import spec
+from distill.losses import LossOutput, check_fields, register_loss
 
 ALIGNED_SOURCES = ("mhca.attended", "ot.barycentric")  # in order of preference
-CRITERIA = ("smooth_l1", "mse")
 
 
 @dataclass
 class RelationConfig:
-    """Configuration of the relation-matching term."""
+    """Configuration of the relation-matching term (the recipe section
+    ``distill.relation``)."""
 
-    criterion: Literal["smooth_l1", "mse"] = "smooth_l1"  # elementwise ℓ (Huber as in RKD)
-    distance_weight: float = 1.0  # λ_D, token distance matrices (per record)
-    angle_weight: float = 2.0  # λ_A, token cosine matrices (RKD's 1:2 distance:angle ratio)
-    token_relation: bool = True  # the per-record token form (needs mhca or ot before it)
-    batch_rkd: bool = False  # add RKD on the batch's pooled embeddings
-    rkd_distance_weight: float = 25.0  # Park et al. 2019
-    rkd_angle_weight: float = 50.0  # Park et al. 2019
+    criterion: Literal["smooth_l1", "mse"] = spec(
+        "smooth_l1", help="elementwise loss on the relation matrices (smooth_l1: Huber, as RKD)")
+    distance_weight: float = spec(1.0, help="λ_D of the per-record token distance matrices",
+                                  ge=0)
+    angle_weight: float = spec(2.0, help="λ_A of the per-record token cosine matrices (RKD's "
+                               "1:2 distance:angle ratio)", ge=0)
+    token_relation: bool = spec(True, help="the per-record token form (reads the teacher "
+                                "tokens that mhca or ot aligned to the student's)")
+    batch_rkd: bool = spec(False, help="also match batch-level RKD distances/angles of the "
+                           "pooled embeddings (Park et al. 2019)")
+    rkd_distance_weight: float = spec(25.0, help="weight of the RKD distance loss (Park 2019)",
+                                      ge=0)
+    rkd_angle_weight: float = spec(50.0, help="weight of the RKD angle loss (Park 2019)", ge=0)
 
     def __post_init__(self) -> None:
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"relation: criterion must be one of {', '.join(CRITERIA)}, "
-                             f"got {self.criterion!r}")
-        weights = (self.distance_weight, self.angle_weight, self.rkd_distance_weight,
-                   self.rkd_angle_weight)
-        if any(w < 0 for w in weights):
-            raise ValueError(f"relation: weights must be >= 0, got {weights}")
+        check_fields(self)
+
+    def validate(self, path: str) -> None:
+        """Cross-field rule: at least one of the two forms is on."""
         if not (self.token_relation or self.batch_rkd):
-            raise ValueError("relation: enable token_relation, batch_rkd or both")
+            raise RecipeError(f"{path}.token_relation: enable token_relation, batch_rkd or both")
 
 
 def elementwise(criterion: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -176,7 +181,8 @@ def rkd_angle(student: torch.Tensor, teacher: torch.Tensor, *,
     return elementwise(criterion, angles(student), angles(teacher)).mean()
 
 
-@register_loss("relation")
+@register_loss("relation", config=RelationConfig, default_weight=1.0, order=90,
+               requires_any=("mhca", "ot"))
 class RelationMatching(nn.Module):
     """Geometric relation matching (EVL-ECG) with an optional batch-level RKD (Park 2019).
 
@@ -198,6 +204,7 @@ class RelationMatching(nn.Module):
             criterion=criterion, distance_weight=distance_weight, angle_weight=angle_weight,
             token_relation=token_relation, batch_rkd=batch_rkd,
             rkd_distance_weight=rkd_distance_weight, rkd_angle_weight=rkd_angle_weight)
+        self.config.validate("relation")
 
     @staticmethod
     def aligned_teacher(context: dict[str, Any] | None) -> tuple[str, torch.Tensor]:
