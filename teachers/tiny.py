@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from distill.core.io import atomic_dir
 from distill.data.cache import default_cache_dir
 from teachers.conv_tower import EcgConvTowerConfig
 
@@ -285,23 +285,16 @@ def tiny_folder(kind: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     if target.exists():  # an incomplete folder (a build cut short): set it aside
         shutil.rmtree(target.rename(root / f".{name}-broken-{os.getpid()}"), ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    try:
+    with atomic_dir(target, replace=False) as tmp:  # another process's finished build is kept
         build(tmp)
         if not _complete(tmp):
             # transformers writes weights from the main process only once torch.distributed
             # is set up; build presets on the main process (main_process_first)
             raise RuntimeError(f"building the tiny {kind} preset wrote no weights to {tmp}; "
                                f"under several processes, build it on the main one first")
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first: keep its build
-            deadline = time.monotonic() + 60
-            while not _complete(target) and time.monotonic() < deadline:
-                time.sleep(0.1)  # its rename may still be completing
-            if not _complete(target):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    deadline = time.monotonic() + 60
+    while not _complete(target) and time.monotonic() < deadline:
+        time.sleep(0.1)  # another process's rename may still be completing
+    if not _complete(target):
+        raise RuntimeError(f"building the tiny {kind} preset: {target} is incomplete")
     return target

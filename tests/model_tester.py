@@ -11,9 +11,8 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -50,7 +49,6 @@ class ModelCase:
     trainable: Callable[[nn.Module], set[str]] | None = None
     expect_lead_tokens: bool = False
     tolerance: float = 1e-5
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def case_id(case: ModelCase) -> str:

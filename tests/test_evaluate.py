@@ -120,7 +120,7 @@ def test_paired_difference(case) -> None:
 def test_folder_bytes_counts_the_backbone_a_head_only_teacher_loads(tmp_path) -> None:
     """A teacher adapted in ``head`` mode saves only its head; its size on disk is the head
     plus the backbone it loads from (a shipped teacher or a folder), not the head alone."""
-    from distill.run.compare import folder_bytes
+    from distill.metrics.footprint import folder_bytes
 
     backbone = tmp_path / "backbone-source"
     backbone.mkdir()

@@ -52,7 +52,7 @@ def _entry(kind: str, folder: Path, auc: float, classes: list[str], **extra) -> 
 
 
 def _predictions(model, data, folder: Path) -> None:
-    from distill.run.compare import predict
+    from distill.metrics.scoring import predict
     from distill.data.dataset import SignalView
 
     view = {"signal": SignalView(leads=tuple(model.config.leads),
@@ -72,7 +72,7 @@ def make_fake_run(root: Path, teacher: str = "PKUDigitalHealth/PULSE-7B") -> Pat
 
     import students
     from distill.engine.jobs import normalization
-    from distill.run.pipeline import load_data
+    from distill.data.load import load_data
     from distill.recipe import recipe_from_dict, write_resolved
 
     more_tests = {11: ({"NORM": 100.0}, 10), 12: ({"IMI": 100.0}, 10), 13: ({"CLBBB": 100.0}, 10)}
@@ -85,7 +85,7 @@ def make_fake_run(root: Path, teacher: str = "PKUDigitalHealth/PULSE-7B") -> Pat
         "export": {"license": "apache-2.0"}, "evaluate": {"bootstrap": 20}})
     run = recipe.run_dir
     write_resolved(recipe, run)
-    data = load_data(recipe, progress=False)
+    data = load_data(recipe.data, progress=False)
     classes = list(data.classes)
     torch.manual_seed(0)
     model = students.create("leadformer", "tiny", num_labels=len(classes),
@@ -170,7 +170,7 @@ def test_default_export_writes_every_distilled_and_quantized_model(exported, fak
     assert res["folder"] == "quantized/leadformer-tiny-int8" and res["classes"][0] == "CD"
     assert str(fake_run) not in (exported[QFOLDER] / "results.json").read_text()
 
-    from distill.hub.publish import sha256_file
+    from distill.core.hashing import sha256_file
 
     lines = (exported[FOLDER] / "checksums.sha256").read_text().splitlines()
     assert len(lines) == len(expected) - 1
@@ -616,7 +616,7 @@ def test_export_a_real_tiny_run(tmp_path) -> None:
          "data": {"synthetic": {"records": 120, "seed": 3}, "cache_dir": str(tmp_path / "cache")},
          "teacher": {"kind": "vlm", "name_or_path": "tiny", "train_mode": "full", "epochs": 1},
          "students": [{"family": "leadformer", "size": "tiny", "view": {"sampling_rate": 50}}],
-         "distill": {"align_dim": 32, "mhca_heads": 2, "ot_iters": 10},
+         "distill": {"mhca": {"dim": 32, "heads": 2}, "ot": {"dim": 32, "iters": 10}},
          "train": {"epochs": 1, "batch_size": 32},
          "quantize": {"formats": []},  # (quantized folders: the fake run's tests; this saves 20 s)
          "export": {"enabled": False},  # exported below by the command, not the run's stage

@@ -76,7 +76,7 @@ def test_objective_from_the_recipe_trains_student_and_alignment() -> None:
 
     recipe = quickstart("teacher.name_or_path=tiny", "teacher.train_mode=full",
                         "distill.weights.ot=0", "distill.weights.relation=1",
-                        "distill.align_dim=32", "distill.mhca_heads=2")
+                        "distill.mhca.dim=32", "distill.mhca.heads=2")
     teacher = build_teacher(recipe, CLASSES).eval()
     student = build_student(recipe, recipe.students[0], CLASSES).train()
     rng = np.random.default_rng(1)
@@ -92,8 +92,8 @@ def test_objective_from_the_recipe_trains_student_and_alignment() -> None:
     assert set(out.terms) == {"task", "kd", "mhca", "relation"}  # ot has weight 0
     d = recipe.distill
     expected = (1 - d.alpha) * out.terms["task"] + d.alpha * (
-        d.weights.kd * out.terms["kd"] + d.weights.mhca * out.terms["mhca"]
-        + d.weights.relation * out.terms["relation"])
+        d.weights["kd"] * out.terms["kd"] + d.weights["mhca"] * out.terms["mhca"]
+        + d.weights["relation"] * out.terms["relation"])
     torch.testing.assert_close(out.total.detach(), expected)
     out.total.backward()
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
@@ -101,10 +101,26 @@ def test_objective_from_the_recipe_trains_student_and_alignment() -> None:
     assert learnable and all(p.grad is not None for p in learnable)
 
 
-def test_align_dim_must_split_into_heads() -> None:
-    with pytest.raises(RecipeError, match="distill.align_dim: 30 is not a multiple of "
-                                          "distill.mhca_heads=4"):
-        quickstart("distill.align_dim=30")
+def test_mhca_dim_must_split_into_heads() -> None:
+    with pytest.raises(RecipeError, match=r"distill\.mhca\.dim: 30 must be a multiple of heads "
+                                          r"\(distill\.mhca\.heads=4\)"):
+        quickstart("distill.mhca.dim=30")
+
+
+def test_legacy_flat_distill_keys_still_load_into_the_loss_sections() -> None:
+    """0.1 recipes wrote distill.temperature, distill.align_dim ...: they still load (with a
+    warning), into the loss families' sections, and hash as before."""
+    with pytest.warns(FutureWarning, match="distill.align_dim is now distill.mhca.dim"):
+        old = quickstart("distill.align_dim=64", "distill.ot_reg=0.1", "distill.temperature=3")
+    new = quickstart("distill.mhca.dim=64", "distill.ot.dim=64", "distill.ot.reg=0.1",
+                     "distill.kd.temperature=3")
+    assert old == new and old.distill.losses["ot"].dim == 64
+    flat = old.distill.hash_dict()
+    assert flat["align_dim"] == 64 and flat["ot_reg"] == 0.1 and flat["temperature"] == 3.0
+    assert set(flat) == {"alpha", "weights", "temperature", "ot_reg", "ot_iters", "lead_prior",
+                         "mhca_heads", "align_dim", "relation_criterion", "batch_rkd"}
+    # a setting the flat layout cannot write: the section as it is
+    assert "mhca" in quickstart("distill.mhca.dim=64").distill.hash_dict()
 
 
 def test_a_shipped_teacher_of_another_kind_is_refused() -> None:

@@ -12,7 +12,10 @@ import pytest
 import wfdb
 
 import distill.data.synth as synth
+import distill.data.tools as data_tools
 import distill.run.pipeline as pipeline
+import distill.run.stages.data as data_stage
+from distill.data.load import load_data, synthetic_folder
 from distill.cli import main
 from distill.core.errors import DataError, RecipeError
 from distill.engine.factory import consumer_views
@@ -43,14 +46,14 @@ def test_run_generates_loads_renders_and_resumes(recipe, tmp_path, monkeypatch, 
     assert summary["images"]["shape"] == [60, 3, 112, 112]
     assert load_recipe(run_dir / "recipe.yaml") == recipe
     # the synthetic set was generated once, in the cache, in the PTB-XL layout
-    folder = pipeline.synthetic_folder(recipe)
+    folder = synthetic_folder(recipe.data)
     assert (folder / "ptbxl_database.csv").exists() and (folder / "records100").is_dir()
 
     # a complete stage is skipped: nothing is generated or loaded again
     def boom(*_a, **_k):
         raise AssertionError("stage should have been skipped")
 
-    monkeypatch.setattr(pipeline, "load_data", boom)
+    monkeypatch.setattr(data_stage, "load_data", boom)
     assert pipeline.run_pipeline(recipe, progress=False, stages=DATA) == {"data": "skip"}
     assert "[data] complete, skipped" in capsys.readouterr().out
     # --force redoes it
@@ -111,11 +114,11 @@ def test_synth_command_refuses_to_overwrite_and_replaces_atomically(tmp_path, mo
         real(path, 5, seed=3, sampling_rates=(100,), progress=False)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(synth, "generate_ptbxl", failing)
+    monkeypatch.setattr(data_tools, "generate_ptbxl", failing)
     assert main(["data", "synth", str(out), "--records", "30", "--force", "--quiet"]) == 130
     assert (out / "ptbxl_database.csv").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["syn"]  # no temporary folder left
-    monkeypatch.setattr(synth, "generate_ptbxl", real)
+    monkeypatch.setattr(data_tools, "generate_ptbxl", real)
     assert main(["data", "synth", str(out), "--records", "30", "--rates", "100", "--force",
                  "--quiet"]) == 0
     assert (out / "ptbxl_database.csv").read_bytes() != before
@@ -172,7 +175,7 @@ def test_cinc_folder_runs_through_the_pipeline(tmp_path) -> None:
     recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [
         "data.format=cinc", f"data.path={REPO / 'tests/data/real-ecg/cinc2021-ptbxl-500hz'}",
         f"data.cache_dir={tmp_path / 'cache'}", "data.scaler=none", "data.min_samples=1"])
-    data = pipeline.load_data(recipe, progress=False)
+    data = load_data(recipe.data, progress=False)
     assert data.task == "snomed" and data.store.shape[1:] == (12, 1000)
     # min_samples=1 keeps only the SNOMED codes that more than one record carries
     assert (data.labels.sum(axis=0) > 1).all()
@@ -204,8 +207,9 @@ def test_data_info_prints_split_table(recipe, tmp_path) -> None:
     assert lines[1].split() == ["class", "train", "val", "test"]
     records = [int(x) for x in lines[2].split()[1:]]
     assert sum(records) == 60 and all(r > 0 for r in records)
-    header = wfdb.rdheader(str(pipeline.synthetic_folder(load_recipe(
-        REPO / "recipes" / "quickstart.yaml", args[3:5])) / "records100" / "00000" / "00001_lr"))
+    header = wfdb.rdheader(str(synthetic_folder(load_recipe(
+        REPO / "recipes" / "quickstart.yaml", args[3:5]).data) / "records100" / "00000"
+        / "00001_lr"))
     assert header.fs == 100 and header.sig_name[3] == "AVR"
 
 

@@ -120,7 +120,7 @@ def test_plan_quantizes_linears_keeps_head_and_says_convs_stay_fp32() -> None:
 def test_round_trip_restores_the_quantized_model(tmp_path, fmt, double) -> None:
     from transformers import AutoModel
 
-    from distill.compress.quantize import bnb_config
+    from distill.core.bnb import bnb_config
 
     source = _student(tmp_path)
     out = tmp_path / f"q-{fmt}"
@@ -248,7 +248,7 @@ def test_quant_state_bytes_count_every_tensor_once(tmp_path, fmt, double) -> Non
     and still counted when a release renames the fields (stand-in states)."""
     from types import SimpleNamespace
 
-    from distill.compress.quantize import quantized_weights_extra_bytes
+    from distill.metrics.footprint import quantized_weights_extra_bytes
 
     quantize_folder(_student(tmp_path), fmt, tmp_path / fmt, double_quant=double)
     model = load_student(tmp_path / fmt)
@@ -296,5 +296,5 @@ def test_quant_state_bytes_count_every_tensor_once(tmp_path, fmt, double) -> Non
 
     codes = nn.Module()  # integer codes with their scales kept somewhere unknown
     codes.w = nn.Parameter(torch.zeros(4, dtype=torch.uint8), requires_grad=False)
-    with pytest.raises(QuantizeError, match=r"^w: stored as torch.uint8 codes but no scales"):
+    with pytest.raises(ECGDistillError, match=r"^w: stored as torch.uint8 codes but no scales"):
         quantized_weights_extra_bytes(codes)

@@ -30,7 +30,8 @@ def tiny_recipe(root: Path) -> Path:
         "students": [{"family": "xresnet1d", "size": "tiny"},
                      {"family": "leadformer", "size": "tiny"}],
         "distill": {"alpha": 0.5, "weights": {"kd": 1.0, "mhca": 1.0, "ot": 1.0, "relation": 1.0},
-                    "align_dim": 32, "mhca_heads": 2, "ot_iters": 20, "lead_prior": 0.5},
+                    "mhca": {"dim": 32, "heads": 2},
+                    "ot": {"dim": 32, "iters": 20, "lead_prior": 0.5}},
         "ablations": {"student": 1, "runs": ["kd_only"]},
         "train": {"epochs": 2, "batch_size": 32, "lr": 0.003},
         "evaluate": {"bootstrap": 50, "latency_repeats": 1},
@@ -164,7 +165,7 @@ def test_distillation_from_a_4bit_lora_teacher(tmp_path) -> None:
 
 
 def test_eval_refuses_teachers_pickles_and_wrong_tasks(tmp_path) -> None:
-    from distill.run.compare import evaluate_checkpoint
+    from distill.run.stages.evaluate import evaluate_checkpoint
     from distill.core.errors import ECGDistillError
 
     (tmp_path / "t").mkdir()

@@ -40,7 +40,7 @@ def recipe_dict(root: Path, cache: Path, **sections) -> dict:
         "teacher": {"kind": "vlm", "name_or_path": "tiny", "train_mode": "frozen"},
         "students": [{"family": "xresnet1d", "size": "tiny"}],
         "distill": {"alpha": 0.5, "weights": {"kd": 1.0, "mhca": 1.0, "ot": 1.0, "relation": 1.0},
-                    "align_dim": 32, "mhca_heads": 2, "ot_iters": 20},
+                    "mhca": {"dim": 32, "heads": 2}, "ot": {"dim": 32, "iters": 20}},
         "train": {"epochs": 3, "batch_size": 16, "lr": 0.003, "checkpoint_every": 4},
     }
     for key, value in sections.items():
@@ -327,12 +327,12 @@ def test_cross_configuration_and_live_teacher_distillation(tmp_path, shared_cach
 def test_augmented_items_are_reproducible_and_rendered_from_the_augmented_record(small) -> None:
     from distill.data.augment import SignalAugment
     from distill.data.render import render_12lead
-    from distill.engine.factory import render_config
+    from distill.data.load import render_config
 
     recipe, jd = small
     aug = SignalAugment(noise=0.05, amplitude=0.2, shift=1.0)
     views = {"teacher": jd.views["teacher"]}
-    split = jd.data.split("train", views, transform=aug, render=render_config(recipe), seed=3)
+    split = jd.data.split("train", views, transform=aug, render=render_config(recipe.data), seed=3)
     first, again = split[0], split[0]
     assert torch.equal(first["teacher"], again["teacher"])
     split.set_epoch(1)
@@ -342,7 +342,7 @@ def test_augmented_items_are_reproducible_and_rendered_from_the_augmented_record
     rng = np.random.default_rng((3, 1, k))
     x = aug(np.asarray(jd.data.signal(k)), jd.data.sampling_rate, rng)
     assert torch.equal(other["image"], torch.from_numpy(
-        render_12lead(x, jd.data.sampling_rate, render_config(recipe))))
+        render_12lead(x, jd.data.sampling_rate, render_config(recipe.data))))
     plain = jd.data.split("train", views)[0]
     assert not torch.allclose(plain["teacher"], first["teacher"])
     with pytest.raises(Exception, match="extra 'labels' clashes"):
@@ -482,7 +482,7 @@ def test_each_job_gets_its_own_accelerator_settings(tmp_path, monkeypatch,
     from accelerate.state import AcceleratorState, GradientState
 
     from distill.recipe import TrainConfig
-    from distill.engine.train import make_accelerator, process_state
+    from distill.engine.accel import make_accelerator, process_state
 
     if not private_helper:
         for cls in (AcceleratorState, GradientState):

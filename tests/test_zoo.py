@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 import distill.data.synth as synth
 import distill.run.pipeline as pipeline
+from distill.data.load import load_data
 import students
 import teachers
 from distill.core.errors import DataError, RecipeError
@@ -108,8 +109,8 @@ def test_pack_writes_a_checked_fp16_teacher_with_its_card(packed) -> None:
     assert info["files"] == zoo.file_hashes(out)
     zoo.verify(out)
     assert set(info["results"]) == {"val", "test"}
-    assert info["results"]["test"]["records"] == len(pipeline.load_data(
-        recipe, progress=False).splits["test"])
+    assert info["results"]["test"]["records"] == len(load_data(
+        recipe.data, progress=False).splits["test"])
     assert info["corpus"]["patient_ids"][0] == 100001
     assert info["command"].startswith("ecg-distill teacher little.yaml")
     assert info["runs"][0]["train_seconds"] > 0

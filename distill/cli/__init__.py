@@ -125,8 +125,8 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
     from distill.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    data = load_data(recipe, progress=not args.quiet)
-    print(describe_data(data, data_folder(recipe, progress=False)))
+    data = load_data(recipe.data, progress=not args.quiet)
+    print(describe_data(data, data_folder(recipe.data, progress=False)))
     return 0
 
 

@@ -1,1 +1,2 @@
-"""(package)"""
+"""Layer 6: compression (docs/architecture.md): bitsandbytes quantization plans and the
+conversion of a saved student."""

@@ -1,7 +1,7 @@
 """The one output contract every teacher and student returns, and its checks.
 
 Losses and the trainer only ever see ``ECGModelOutput``, so any teacher/student pair works
-together (DESIGN.md, "The contracts")::
+together (docs/architecture.md, "The output contract")::
 
     logits       [B, C]     one logit per label (multi-label: sigmoid, never softmax)
     tokens       [B, N, D]  token features for feature-level distillation

@@ -2,7 +2,7 @@
 
 Because the teacher and the student see the same augmented record, the teacher's input
 changes every epoch when augmentation is on: distillation then runs the teacher live
-instead of reading its cached outputs (DESIGN.md, "Teachers").
+instead of reading its cached outputs (docs/architecture.md, "How a record flows").
 """
 
 from __future__ import annotations

@@ -29,8 +29,6 @@ from distill.data import synth_physiology as phys
 from distill.data.parallel import chunk_ranges, chunk_size, data_workers, map_chunks
 from distill.core.errors import DataError
 
-SUPERCLASSES = ("NORM", "MI", "STTC", "CD", "HYP")
-
 # Rows of PTB-XL's scp_statements.csv for every code the generator can emit.
 SCP_STATEMENTS_CSV = """\
 ,description,diagnostic,form,rhythm,diagnostic_class,diagnostic_subclass,Statement Category,SCP-ECG Statement Description,AHA code,aECG REFID,CDISC Code,DICOM Code

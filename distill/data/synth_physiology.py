@@ -23,7 +23,6 @@ FS_BASE = 500
 DURATION_S = 10.0
 MARGIN_S = 0.2  # synthesised on both sides so decimation filters have no edge effects
 N_BASE = int(round((DURATION_S + 2 * MARGIN_S) * FS_BASE))
-INDEPENDENT_LEADS = ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6")
 
 # Precordial electrodes: angle in the horizontal plane from +x towards +z, inferior
 # component and lead-field gain (chest electrodes sit closer to the heart than limb ones).

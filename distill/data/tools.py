@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from distill.core.errors import DataError
-from distill.core.io import replace_folder
+from distill.core.io import atomic_dir
 from distill.data.synth import generate_ptbxl
 from distill.data.records import read_record
 from distill.data.render import RenderConfig, render_12lead
@@ -40,15 +39,9 @@ def write_synthetic(out: str | os.PathLike, *, records: int, seed: int,
         raise DataError(f"{target}: folder is not empty; pass --force to replace it")
     if records < 1:
         raise DataError(f"--records must be at least 1, got {records}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(target) as tmp:
         summary = generate_ptbxl(tmp, records, seed=seed, sampling_rates=tuple(sampling_rates),
                                  progress=progress, first_patient_id=first_patient_id)
-        replace_folder(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 

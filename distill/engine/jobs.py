@@ -34,7 +34,7 @@ from distill.data.load import cache_root, load_data, render_config
 from distill.data.render import cached_images
 from distill.engine.accel import process_state
 from distill.engine.factory import (build_objective, build_student, build_teacher, consumer_views,
-                                    saved_teacher_folder, student_key, student_name, teacher_class)
+                                    saved_teacher_folder, student_key, teacher_class)
 from distill.engine.teacher_cache import TeacherOutputs, cache_key, teacher_outputs, weights_hash
 from distill.engine.train import TrainJob
 from distill.recipe import AblationConfig, Recipe, StudentConfig
@@ -212,7 +212,8 @@ def load_frozen_teacher(jd: JobData, run_dir: Path) -> nn.Module:
         with process_state().main_process_first():
             teacher = build_teacher(recipe, jd.classes)
         saved = saved_teacher_folder(recipe.teacher.name_or_path) is not None
-        if not saved and recipe.distill.weights.kd > 0 and recipe.distill.alpha > 0:
+        if (not saved and recipe.distill.weights.get("kd", 0) > 0
+                and recipe.distill.alpha > 0):
             print(f"warning: teacher.train_mode is frozen and {recipe.teacher.name_or_path} is "
                   f"not a saved teacher, so its classification head is untrained: the kd term "
                   f"distils random logits (train it with train_mode: head, or point "

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from distill.data.cache import default_cache_dir
 from distill.core.errors import ECGDistillError
+from distill.core.io import atomic_dir
 from distill.core.progress import progress_bar
 
 CACHE_VERSION = 1
@@ -160,8 +161,9 @@ def teacher_outputs(teacher: nn.Module, dataset: Dataset,
     n = len(dataset)
     teacher.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    tmp = root / f".{PREFIX}-{key}.{os.getpid()}.tmp"
-    try:
+    # another process that finished the same key first wins (its entry is complete and
+    # identical in content); a rebuild, or an unreadable entry, is replaced
+    with atomic_dir(folder, replace=rebuild or load_outputs(folder) is None) as tmp:
         for dtype in (np.float16, np.float32):
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -174,28 +176,7 @@ def teacher_outputs(teacher: nn.Module, dataset: Dataset,
         meta = {"key": key, "records": n, "token_leads": leads, "storage": np.dtype(dtype).name,
                 "version": CACHE_VERSION}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        _publish(tmp, folder, replace=rebuild)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     loaded = load_outputs(folder)
     if loaded is None:
         raise ECGDistillError(f"teacher cache {folder}: written but unreadable")
     return loaded
-
-
-def _publish(tmp: Path, folder: Path, replace: bool) -> None:
-    """Rename the finished entry into place. Another process that finished the same key
-    first wins (its entry is complete and identical in content); ``replace`` swaps out an
-    existing entry (a rebuild), moving it aside before deleting it."""
-    if folder.exists() and not replace and load_outputs(folder) is not None:
-        return
-    old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
-    if folder.exists():
-        folder.rename(old)
-    try:
-        tmp.rename(folder)
-    except OSError:
-        if load_outputs(folder) is None:  # not a concurrent writer's complete entry
-            raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)

@@ -47,7 +47,7 @@ from transformers import get_cosine_schedule_with_warmup
 from distill.engine import checkpoint as ckpt
 from distill.core.errors import ECGDistillError
 from distill.metrics.classification import label_aucs, macro_auc
-from distill.core.io import atomic_write_text, replace_folder
+from distill.core.io import atomic_dir, atomic_write_text
 from distill.core.progress import progress_bar
 from distill.engine.accel import machine_description, make_accelerator, process_state  # noqa: F401
 from distill.recipe import TrainConfig
@@ -510,13 +510,10 @@ def _save_best(accelerator, model: nn.Module, job: TrainJob, best_dir: Path,
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        tmp = best_dir.with_name(f".{best_dir.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        job.save_model(unwrapped, tmp, state_dict)
-        np.savez(tmp / "val_predictions.npz", index=result.index, probs=result.probs,
-                 labels=result.labels)
-        replace_folder(tmp, best_dir)
+        with atomic_dir(best_dir) as tmp:
+            job.save_model(unwrapped, tmp, state_dict)
+            np.savez(tmp / "val_predictions.npz", index=result.index, probs=result.probs,
+                     labels=result.labels)
     accelerator.wait_for_everyone()
 
 

@@ -241,6 +241,8 @@ def quantized_weights_extra_bytes(model: nn.Module) -> int:
                       {k: v for k, v in vars(module).items() if not k.startswith("_")}]
             found = [t for t in tensors(beside) if t.data_ptr() != p.data_ptr()]
             if not found:
+                import bitsandbytes  # only to name its version
+
                 raise ECGDistillError(f"{name}: stored as {p.dtype} codes but no scales or "
                                     f"quant state found beside it (bitsandbytes "
                                     f"{bitsandbytes.__version__}); its memory cannot be "

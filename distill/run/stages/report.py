@@ -16,7 +16,6 @@ Figures (``figures/`` in the run folder):
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
