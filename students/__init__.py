@@ -17,18 +17,27 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+import importlib
+import pkgutil
+
+from transformers import PreTrainedModel
 
 from students._common import ECGStudentConfig, ECGStudentModel, check_signal, describe_input
 from students._registry import SIZES, check_options, families, get_preset, preset_names
 from students.leadformer import LeadFormerConfig, LeadFormerModel
 from students.xresnet1d import XResNet1dConfig, XResNet1dModel
 
-FAMILIES: tuple[str, ...] = families()
 
-for _config, _model in ((XResNet1dConfig, XResNet1dModel), (LeadFormerConfig, LeadFormerModel)):
-    AutoConfig.register(_config.model_type, _config, exist_ok=True)
-    AutoModel.register(_config, _model, exist_ok=True)
+def discover() -> None:
+    """Import every public module of this package, so that each family's registration runs
+    (a new family is one module: its presets, its dials and its AutoModel pair)."""
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+discover()
+FAMILIES: tuple[str, ...] = families()
 
 
 def presets() -> list[tuple[str, str]]:
@@ -78,5 +87,5 @@ def create(family: str, size: str = "tiny", *, num_labels: int,
 __all__ = [
     "FAMILIES", "SIZES", "ECGStudentConfig", "ECGStudentModel", "LeadFormerConfig",
     "LeadFormerModel", "XResNet1dConfig", "XResNet1dModel", "check_signal", "create",
-    "describe_input", "presets",
+    "describe_input", "discover", "families", "presets",
 ]

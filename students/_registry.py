@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 
 SIZES: tuple[str, ...] = ("tiny", "small", "base")
 
@@ -18,9 +18,15 @@ _PRESETS: dict[tuple[str, str], PresetFn] = {}
 _OPTIONS: dict[str, frozenset[str]] = {}  # family -> the keywords its presets accept
 
 
-def register_family(family: str, config_class: type, dials: tuple[str, ...]) -> None:
+def register_family(family: str, config_class: type, dials: tuple[str, ...],
+                    model_class: type | None = None) -> None:
     """Declare what a family's presets accept: its builder ``dials`` and its own config
-    fields (those of the ECG configs, not transformers' generic ones)."""
+    fields (those of the ECG configs, not transformers' generic ones); with
+    ``model_class``, also register the pair with ``AutoConfig`` / ``AutoModel`` so a saved
+    student reloads with ``AutoModel.from_pretrained``."""
+    if model_class is not None:
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModel.register(config_class, model_class, exist_ok=True)
     generic = {f.name for f in dataclasses.fields(PreTrainedConfig)}
     fields = {f.name for f in dataclasses.fields(config_class)} - generic
     _OPTIONS[family] = frozenset(fields | set(dials))

@@ -245,7 +245,8 @@ def _create_leadformer(*, width: int, depth: int, num_latents: int,
 
 
 register_family("leadformer", LeadFormerConfig,
-                dials=("width", "depth", "num_latents", "patch_seconds"))
+                dials=("width", "depth", "num_latents", "patch_seconds"),
+                model_class=LeadFormerModel)
 
 
 @register_preset("leadformer", "tiny")

@@ -241,7 +241,8 @@ def _create_xresnet1d(*, depth: int, width: int, **kwargs: Any) -> XResNet1dMode
     return XResNet1dModel(XResNet1dConfig(**{**fields, **kwargs}))
 
 
-register_family("xresnet1d", XResNet1dConfig, dials=("depth", "width"))
+register_family("xresnet1d", XResNet1dConfig, dials=("depth", "width"),
+                model_class=XResNet1dModel)
 
 
 @register_preset("xresnet1d", "tiny")

@@ -222,3 +222,16 @@ def test_every_shipped_recipe_dry_runs(recipe_path: Path, tmp_path: Path, capsys
     assert set(plan) == {s.name for s in pipeline.STAGES}
     assert f"run folder: {tmp_path}/{recipe.name}" in capsys.readouterr().out
     assert not (tmp_path / recipe.name).exists()  # a dry run writes nothing
+
+
+def test_stage_hashes_of_the_quickstart_are_those_of_0_1() -> None:
+    """Runs made before the layering (0.1: the flat ``distill`` section, the monolithic
+    pipeline) keep their stage hashes, so their folders resume with nothing redone. The
+    values are the markers of a quickstart run made with 0.1 (e787dac)."""
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml")
+    made_by_0_1 = {"data": "3cf2b7999244132b", "teacher": "219ba5c454b52e61",
+                   "teacher_cache": "219ba5c454b52e61", "baseline": "a165ecd7d039202d",
+                   "distill": "c5392016d2db5714", "ablation": "c57eaba144f2e940",
+                   "evaluate": "85de39e53b5ac3b5", "quantize": "ce1564251b501e31",
+                   "report": "ce1564251b501e31", "export": "79a2682b72a409df"}
+    assert {s.name: pipeline.stage_hash(s, recipe) for s in pipeline.STAGES} == made_by_0_1

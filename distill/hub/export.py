@@ -131,7 +131,8 @@ def model_source(run_dir: Path, name: str, entry: dict[str, Any]) -> Path:
 
 def export_run(run_dir: str | os.PathLike, *, models: Sequence[str] | None = None,
                out: str | os.PathLike | None = None, force: bool = False,
-               samples: int = N_SAMPLES, progress: bool = True, data: Any = None) -> list[Path]:
+               samples: int = N_SAMPLES, progress: bool = True, data: Any = None,
+               recipe: Any = None) -> list[Path]:
     """Export models of a finished run as verified, hub-ready folders.
 
     Args:
@@ -145,6 +146,8 @@ def export_run(run_dir: str | os.PathLike, *, models: Sequence[str] | None = Non
         progress: progress bars.
         data: the run's data set, already loaded (the run's export stage passes it);
             default: loaded from the run's recipe.
+        recipe: the run's recipe (the export stage passes it); default: the run folder's
+            ``recipe.yaml``.
 
     Returns:
         The exported folders.
@@ -168,7 +171,8 @@ def export_run(run_dir: str | os.PathLike, *, models: Sequence[str] | None = Non
                               + (f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""))
     if not layout.recipe_file.is_file():
         raise ECGDistillError(f"{run_dir}: no recipe.yaml; not a run folder")
-    recipe = recipe_from_dict(read_yaml(layout.recipe_file))
+    if recipe is None:
+        recipe = recipe_from_dict(read_yaml(layout.recipe_file))
     sources = {name: model_source(run_dir, name, results["models"][name]) for name in names}
     for src in sources.values():
         require_safetensors(src)

@@ -175,7 +175,7 @@ class StudentConfig:
                             gt=0, lt=1)
 
     def validate(self, path: str) -> None:
-        _check_choice(f"{path}.family", self.family, students.FAMILIES)
+        _check_choice(f"{path}.family", self.family, students.families())
         _check_choice(f"{path}.size", self.size, students.SIZES)
 
 

@@ -16,7 +16,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         print("export.enabled is false: no hub-ready folders written")
         return {}
     folders = export_run(ctx.run_dir, force=True, progress=ctx.progress,
-                         data=ctx.job_data().data)
+                         data=ctx.job_data().data, recipe=ctx.recipe)
     for folder in folders:
         print(f"exported {folder} (verified in a fresh process)")
     return {"folders": [str(f) for f in folders]}

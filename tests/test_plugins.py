@@ -1,6 +1,6 @@
-"""A new loss family is one new module: its file registers the loss and its config
-dataclass, and the recipe, the objective and the ablations take it up with no edit
-anywhere else (docs/architecture.md, "Adding a loss")."""
+"""A new loss family, or a new student family, is one new module: its file registers
+itself, and the recipe, the objective, the ablations and the model factory take it up with
+no edit anywhere else (docs/architecture.md, "Losses" and "Models")."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import pytest
 import torch
 
 import distill.losses
+import students
+from students import _registry
 from distill.core.contract import ECGModelOutput
 from distill.core.errors import RecipeError
-from distill.engine.factory import build_objective
+from distill.engine.factory import build_objective, build_student
 from distill.engine.jobs import ablation_recipe
 from distill.recipe import recipe_from_dict
 
@@ -105,3 +107,68 @@ def test_without_the_module_the_name_is_unknown() -> None:
         recipe_from_dict({"distill": {"weights": {"toy": 1.0}}})
     with pytest.raises(RecipeError, match=r"ablations\.runs\.0: 'no_toy' is not one of"):
         recipe_from_dict({"ablations": {"runs": ["no_toy"]}})
+
+
+STUDENT = textwrap.dedent('''
+    """A toy student family: per-lead means of the signal, a linear classifier."""
+    from torch import nn
+
+    from students._common import ECGStudentConfig, ECGStudentModel
+    from students._registry import register_family, register_preset
+
+
+    class ToyStudentConfig(ECGStudentConfig):
+        model_type = "ecg_toy_student"
+
+
+    class ToyStudentModel(ECGStudentModel):
+        config_class = ToyStudentConfig
+        family = "toystudent"
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.classifier = nn.Linear(len(config.leads), config.num_labels)
+            self.post_init()
+
+        def forward_features(self, signal):
+            tokens = signal.mean(dim=-1, keepdim=True)  # (B, L, 1): one token per lead
+            return tokens, torch.tensor(list(self.config.lead_ids))
+
+        def forward_head(self, tokens, pre_logits=False):
+            pooled = tokens[..., 0]
+            return pooled if pre_logits else self.classifier(pooled)
+
+
+    import torch
+
+    register_family("toystudent", ToyStudentConfig, dials=(), model_class=ToyStudentModel)
+
+
+    @register_preset("toystudent", "tiny")
+    def tiny(**config):
+        return ToyStudentModel(ToyStudentConfig(**config))
+''')
+
+
+@pytest.fixture
+def toy_student_family(tmp_path, monkeypatch):
+    """The toy student module on the students package's path; removed again afterwards."""
+    (tmp_path / "toystudent.py").write_text(STUDENT)
+    monkeypatch.setattr(students, "__path__", [*students.__path__, str(tmp_path)])
+    students.discover()
+    yield
+    _registry._PRESETS.pop(("toystudent", "tiny"), None)
+    _registry._OPTIONS.pop("toystudent", None)
+    sys.modules.pop("students.toystudent", None)
+
+
+def test_a_new_student_module_is_a_family_the_recipe_accepts(toy_student_family) -> None:
+    recipe = recipe_from_dict({"students": [{"family": "toystudent", "size": "tiny",
+                                             "view": {"leads": ["I", "II"]}}]})
+    model = build_student(recipe, recipe.students[0], ["A", "B", "C"])
+    out = model(signal=torch.ones(2, 2, 1000))
+    assert out.logits.shape == (2, 3) and out.tokens.shape == (2, 2, 1)
+    assert out.token_leads.tolist() == [0, 1]
+    with pytest.raises(RecipeError, match=r"students\.0\.family: 'toystudnt' is not one of "
+                                          r".*did you mean 'toystudent'\?"):
+        recipe_from_dict({"students": [{"family": "toystudnt", "size": "tiny"}]})
