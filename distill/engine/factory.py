@@ -8,6 +8,7 @@ reads the view of the data the recipe gives it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,8 +71,6 @@ def build_teacher(recipe: Recipe, classes: Sequence[str], **changes: Any):
     mode and the adapter's recipe settings (for an image teacher, the render size and
     layout). ``changes`` replace fields of the ``teacher`` section (``load_in``,
     ``train_mode``)."""
-    import dataclasses
-
     t = dataclasses.replace(recipe.teacher, **changes) if changes else recipe.teacher
     cls = teacher_class(recipe)
     saved = saved_teacher_folder(t.name_or_path)

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from distill.data.cache import default_cache_dir
 from distill.core.errors import ECGDistillError
+from distill.core.hashing import stable_hash
 from distill.core.io import atomic_dir
 from distill.core.progress import progress_bar
 
@@ -63,8 +64,7 @@ def cache_key(teacher: nn.Module, data_fingerprint: str, inputs: Mapping[str, An
         "inputs": dict(inputs),
         "version": CACHE_VERSION,
     }
-    blob = json.dumps(params, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:20]
+    return stable_hash(params, length=20)
 
 
 @dataclass
