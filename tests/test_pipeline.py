@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import wfdb
+import yaml
 
 import distill.data.synth as synth
 import distill.data.tools as data_tools
@@ -235,3 +236,22 @@ def test_stage_hashes_of_the_quickstart_are_those_of_0_1() -> None:
                    "evaluate": "85de39e53b5ac3b5", "quantize": "ce1564251b501e31",
                    "report": "ce1564251b501e31", "export": "79a2682b72a409df"}
     assert {s.name: pipeline.stage_hash(s, recipe) for s in pipeline.STAGES} == made_by_0_1
+
+
+def test_a_0_1_recipe_yaml_that_says_the_same_is_rewritten_not_kept(tmp_path) -> None:
+    """A 0.1 run folder's recipe.yaml (flat distill keys) is the same recipe: rewritten in the
+    current layout with no recipe.1.yaml; a different one is still kept."""
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [f"output_dir={tmp_path}"])
+    old = recipe.to_dict()
+    d = old["distill"]
+    old["distill"] = {"alpha": d["alpha"], "weights": d["weights"],
+                      "temperature": d["kd"]["temperature"], "ot_reg": d["ot"]["reg"],
+                      "align_dim": d["mhca"]["dim"]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    pipeline._write_recipe(recipe, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+    assert (tmp_path / "recipe.yaml").read_text() == recipe.to_yaml()
+    changed = load_recipe(REPO / "recipes" / "quickstart.yaml",
+                          [f"output_dir={tmp_path}", "distill.alpha=0.3"])
+    pipeline._write_recipe(changed, tmp_path)
+    assert (tmp_path / "recipe.1.yaml").read_text() == recipe.to_yaml()

@@ -179,3 +179,16 @@ def test_synthetic_rates_must_hold_the_served_rate() -> None:
         recipe_from_dict({}, ["data.synthetic.rates=[100]", "data.sampling_rate=500"])
     with pytest.raises(RecipeError, match=r"data.synthetic.rates: 250 is not a PTB-XL rate"):
         recipe_from_dict({}, ["data.synthetic.rates=[250]"])
+
+
+def test_a_0_1_key_that_disagrees_with_its_new_key_is_refused() -> None:
+    with pytest.raises(RecipeError, match=r"distill\.temperature: 4 disagrees with "
+                                          r"distill\.kd\.temperature: 2"):
+        recipe_from_dict({"distill": {"temperature": 4, "kd": {"temperature": 2}}})
+
+
+def test_an_ablation_that_leaves_no_term_is_refused() -> None:
+    with pytest.raises(RecipeError, match=r"^ablations\.runs\.0: relation_only leaves no "
+                                          r"distillation term weighted"):
+        recipe_from_dict({"ablations": {"runs": ["relation_only"]}})
+    assert recipe_from_dict({"ablations": {"runs": ["kd_only", "no_ot"]}}).ablations.runs

@@ -425,8 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command not in ("validate", "models"):
-        _quiet_libraries()
+    _quiet_libraries()  # every command loads transformers (the recipe checks its registries)
     try:
         return args.func(args)
     except ECGDistillError as exc:

@@ -14,7 +14,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from distill.core.errors import ECGDistillError
@@ -42,31 +42,55 @@ def replace_folder(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     return final
 
 
+TMP_INFIX = ".tmp-"  # atomic_dir's temporary folders: ".<name>.tmp-<random>"
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
+def atomic_dir(final: str | os.PathLike, *, replace: bool = True,
+               keep: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """A fresh temporary folder beside ``final``, renamed to ``final`` when the block ends
-    without an error (:func:`replace_folder`); on an error it is deleted and ``final`` is
-    untouched.
+    without an error; on an error it is deleted and ``final`` is untouched.
 
     Args:
         final: the folder to write.
-        replace: whether an existing ``final`` is replaced; with False, a ``final`` that
-            appeared meanwhile (another process finished first) is kept and the new one
-            dropped.
+        replace: whether an existing ``final`` is replaced (moved aside, deleted once the
+            new one is in place: :func:`replace_folder`). With False, a ``final`` that
+            exists when the block ends (another process finished first) is kept and the
+            new folder dropped.
+        keep: called with an existing ``final`` when the block ends; True keeps it (a
+            complete entry another process wrote) even when ``replace`` is set.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TMP_INFIX}", dir=final.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # as mkdir would make it (mkdtemp makes 0700)
+
+    def kept() -> bool:
+        return not replace or (keep is not None and keep(final))
+
     try:
         yield tmp
-        if replace or not final.exists():
-            try:
+        if final.exists():
+            if not kept():
                 replace_folder(tmp, final)
+        else:
+            try:
+                os.rename(tmp, final)  # never moves aside what another process just wrote
             except OSError:
-                if replace or not final.exists():
+                if not final.exists():
                     raise
+                if not kept():
+                    replace_folder(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def stale_temporaries(final: str | os.PathLike) -> list[Path]:
+    """Temporary folders :func:`atomic_dir` left beside ``final`` (a killed writer's)."""
+    final = Path(final)
+    return sorted(final.parent.glob(f".{final.name}{TMP_INFIX}*"))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -28,9 +28,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from distill.core.errors import ECGDistillError
+
 TEACHER = "teacher"
 TRAINED_KINDS = ("baseline", "distill", "ablation")  # students trained by the run
 KINDS = (TEACHER, *TRAINED_KINDS)
+
+
+class ModelNameError(ECGDistillError, ValueError):
+    """A string that is not the name of a model of a run."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,7 @@ class ModelId:
                 return cls(parts[0], family, size, parts[2] if len(parts) == 3 else None)
         except (IndexError, ValueError):
             pass
-        raise ValueError(f"{name!r} is not a model name of a run (e.g. 'teacher', "
+        raise ModelNameError(f"{name!r} is not a model name of a run (e.g. 'teacher', "
                          f"'distill xresnet1d/tiny', 'ablation no_ot xresnet1d/tiny', "
                          f"'distill leadformer/tiny nf4')")
 

@@ -269,7 +269,6 @@ class ECGSplit(Dataset):
                 v = resample(v, fs, rate)
             item[name] = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
         if self.render is not None:
-
             item["image"] = torch.from_numpy(render_12lead(x, fs, self.render))
         for name, arr in self.extras.items():
             item[name] = torch.from_numpy(np.array(arr[k]))

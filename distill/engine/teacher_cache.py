@@ -163,7 +163,8 @@ def teacher_outputs(teacher: nn.Module, dataset: Dataset,
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     # another process that finished the same key first wins (its entry is complete and
     # identical in content); a rebuild, or an unreadable entry, is replaced
-    with atomic_dir(folder, replace=rebuild or load_outputs(folder) is None) as tmp:
+    with atomic_dir(folder, keep=None if rebuild else (lambda f: load_outputs(f) is not None)
+                    ) as tmp:
         for dtype in (np.float16, np.float32):
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)

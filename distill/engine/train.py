@@ -47,7 +47,7 @@ from transformers import get_cosine_schedule_with_warmup
 from distill.engine import checkpoint as ckpt
 from distill.core.errors import ECGDistillError
 from distill.metrics.classification import label_aucs, macro_auc
-from distill.core.io import atomic_dir, atomic_write_text
+from distill.core.io import atomic_dir, atomic_write_text, stale_temporaries
 from distill.core.progress import progress_bar
 from distill.engine.accel import machine_description, make_accelerator, process_state  # noqa: F401
 from distill.recipe import TrainConfig
@@ -282,6 +282,8 @@ def _check_checkpoints(accelerator, out_dir: Path, job: TrainJob, resume: bool) 
                               f"to continue it, or --force {job.stage} to start over")
     if accelerator.is_main_process:
         ckpt.clean_partial(root)
+        for stale in stale_temporaries(out_dir / "best"):  # a save killed half-way
+            shutil.rmtree(stale, ignore_errors=True)
     return found
 
 

@@ -205,7 +205,7 @@ def write_folder(folder: Path, *, name: str, results: dict[str, Any], source: Pa
     if missing:
         raise ECGDistillError(f"{source / 'config.json'}: no {', '.join(missing)}; a published "
                               f"student must say what it reads and how inputs are scaled")
-    shutil.copyfile(run_dir / "recipe.yaml", folder / "recipe.yaml")
+    shutil.copyfile(RunLayout(run_dir).recipe_file, folder / "recipe.yaml")
     summary = {"model": name, **_run_relative(entry, run_dir),
                **{k: results.get(k) for k in ("classes", "task", "recipe", "test_records",
                                                "bootstrap")}}

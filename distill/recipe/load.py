@@ -142,6 +142,10 @@ def _legacy_distill(data: Mapping[str, Any]) -> Mapping[str, Any]:
             sub = moved.setdefault(loss, {})
             if not isinstance(sub, dict):
                 raise RecipeError(f"distill.{loss}: expected a mapping, got {sub!r}")
+            if key in sub and sub[key] != section[old]:
+                raise RecipeError(f"distill.{old}: {section[old]!r} disagrees with "
+                                  f"distill.{loss}.{key}: {sub[key]!r} (the same setting; "
+                                  f"keep distill.{loss}.{key})")
             sub.setdefault(key, section[old])
     return {**data, "distill": moved}
 

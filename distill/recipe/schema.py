@@ -392,6 +392,11 @@ class Recipe:
         if self.ablations.runs and self.ablations.student >= len(self.students):
             raise RecipeError(f"{at}ablations.student: {self.ablations.student}, but the "
                               f"recipe has {len(self.students)} student(s)")
+        for i, name in enumerate(self.ablations.runs):
+            weights = AblationConfig.weights(name, self.distill.weights)
+            if not any(v > 0 for v in weights.values()):
+                raise RecipeError(f"{at}ablations.runs.{i}: {name} leaves no distillation term "
+                                  f"weighted (it would train the label-only baseline again)")
         names = [f"{s.family}/{s.size}" for s in self.students]
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup:

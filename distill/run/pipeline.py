@@ -40,17 +40,18 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from distill.core.errors import RecipeError
+from distill.core.errors import ECGDistillError, RecipeError
 from distill.core.hashing import stable_hash
 from distill.core.io import atomic_write_text
 from distill.core.layout import RunLayout
 from distill.core.schema import closest
 from distill.engine.accel import process_state
-from distill.recipe import Recipe, write_resolved
+from distill.recipe import Recipe, read_yaml, recipe_from_dict, write_resolved
 from distill.run.stage import RunContext, Stage
 from distill.run.stages import STAGE_NAMES, STAGES
 
@@ -177,10 +178,22 @@ def _clear(stage: Stage, run_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def _same_recipe(path: Path, recipe: Recipe) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return recipe_from_dict(read_yaml(path)) == recipe
+    except ECGDistillError:
+        return False
+
+
 def _write_recipe(recipe: Recipe, run_dir: Path) -> None:
-    """Write recipe.yaml; a different earlier one is kept as recipe.N.yaml, never lost."""
+    """Write recipe.yaml; a different earlier one is kept as recipe.N.yaml, never lost (one
+    that says the same in an older layout, such as 0.1's flat ``distill`` keys, is
+    rewritten in the current one)."""
     current = RunLayout(run_dir).recipe_file
-    if current.exists() and current.read_text() != recipe.to_yaml():
+    if current.exists() and current.read_text() != recipe.to_yaml() \
+            and not _same_recipe(current, recipe):
         n = 1
         while (run_dir / f"recipe.{n}.yaml").exists():
             n += 1
