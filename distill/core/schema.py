@@ -34,9 +34,12 @@ _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 def spec(default: Any = _MISSING, *, help: str = "", ge: float | None = None,
          le: float | None = None, gt: float | None = None, lt: float | None = None,
-         default_factory: Any = _MISSING) -> Any:
-    """A dataclass field with help text and an inclusive/exclusive numeric range."""
-    meta = {"help": help, "ge": ge, "le": le, "gt": gt, "lt": lt}
+         default_factory: Any = _MISSING, since: str | None = None) -> Any:
+    """A dataclass field with help text and an inclusive/exclusive numeric range.
+
+    ``since``: the version that added the field; :func:`to_hash_dict` leaves it out while
+    it holds its default, so hashes of settings made before it existed do not change."""
+    meta = {"help": help, "ge": ge, "le": le, "gt": gt, "lt": lt, "since": since}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -225,6 +228,33 @@ def build(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
     check = getattr(obj, "validate", None)
     if callable(check):
         check(path)
+    return obj
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not _MISSING else f.default
+
+
+def to_hash_dict(obj: Any) -> Any:
+    """:func:`to_dict` less the fields added after a hash was first taken (``since``) that
+    hold their default: what stage hashes and job fingerprints read."""
+    if dataclasses.is_dataclass(obj):
+        holder = getattr(obj, "__sections__", None)
+        out = {}
+        for f in dataclasses.fields(obj):
+            if f.name == holder:
+                continue
+            value = getattr(obj, f.name)
+            if f.metadata.get("since") and to_dict(value) == to_dict(_default(f)):
+                continue
+            out[f.name] = to_hash_dict(value)
+        if holder:
+            out.update({k: to_hash_dict(v) for k, v in getattr(obj, holder).items()})
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [to_hash_dict(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: to_hash_dict(v) for k, v in obj.items()}
     return obj
 
 

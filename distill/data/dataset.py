@@ -416,7 +416,8 @@ def load_ptbxl(root: str | Path, *, task: str = "superdiagnostic", sampling_rate
                folds: Mapping[str, Sequence[int]] | None = None, min_samples: int = 0,
                scaler: str = "global", on_bad_record: str = "error",
                cache_dir: str | Path | None = None, progress: bool = True,
-               duration: float = 10.0, classes: Sequence[str] | None = None) -> ECGData:
+               duration: float = 10.0, classes: Sequence[str] | None = None,
+               keep_unlabeled: bool = False) -> ECGData:
     """Load a PTB-XL-layout folder with the benchmark's labels, folds and scaler.
 
     Args:
@@ -434,6 +435,9 @@ def load_ptbxl(root: str | Path, *, task: str = "superdiagnostic", sampling_rate
         progress: show a tqdm bar while decoding for the first time.
         duration: seconds per record; longer records are cropped, shorter zero-padded.
         classes: a fixed class list instead of the classes present.
+        keep_unlabeled: keep the records without a label of ``task`` (all-zero label
+            rows; the benchmark drops them): a transfer set's records, whose labels are
+            never read.
 
     Returns:
         An :class:`ECGData` with signals [N, 12, duration * sampling_rate].
@@ -455,26 +459,39 @@ def load_ptbxl(root: str | Path, *, task: str = "superdiagnostic", sampling_rate
         progress=progress, source_fs=source_rate, strict_length=True)
     good = db[~bad]
     labels, cls, keep = ptbxl.aggregate_labels(good, statements, task, min_samples, classes)
+    settings: dict[str, Any] = {"min_samples": min_samples}
+    if keep_unlabeled:
+        labels = _unlabeled_rows_kept(labels, keep)
+        keep = np.ones(len(keep), dtype=bool)
+        settings["keep_unlabeled"] = True
     rows = np.flatnonzero(~bad)[keep].astype(np.int64)
     kept = db.iloc[rows]
     return _finish(store, rows, labels, cls, kept.index.to_numpy(np.int64),
                    [str(f) for f in kept[column]], kept["strat_fold"].to_numpy(np.int64),
                    kept, folds=folds, scaler=scaler, sampling_rate=sampling_rate,
-                   store_key=store_key, task=task, settings={"min_samples": min_samples},
+                   store_key=store_key, task=task, settings=settings,
                    cache_dir=cache_dir)
+
+
+def _unlabeled_rows_kept(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Labels [K, C] of the kept rows of ``keep`` [N] -> [N, C] with zeros elsewhere."""
+    full = np.zeros((len(keep), labels.shape[1]), dtype=labels.dtype)
+    full[keep] = labels
+    return full
 
 
 def load_cinc(folder: str | Path, *, sampling_rate: int = 100, duration: float = 10.0,
               classes: Sequence[str] | None = None, min_samples: int = 0,
               folds: Mapping[str, Sequence[int]] | None = None, n_folds: int = 10,
               scaler: str = "global", on_bad_record: str = "error",
-              cache_dir: str | Path | None = None, progress: bool = True) -> ECGData:
+              cache_dir: str | Path | None = None, progress: bool = True,
+              keep_unlabeled: bool = False) -> ECGData:
     """Load a PhysioNet/CinC folder (``.hea`` + ``.mat``, recursively) with SNOMED labels.
 
     Folds are assigned by :func:`cinc.hash_folds` (deterministic from the record name);
     ``folds`` maps split names onto them as for PTB-XL. Records without any label in
     ``classes`` (default: the sorted codes present, less those carried by ``min_samples``
-    records or fewer) are dropped. ``ecg_ids`` are the
+    records or fewer) are dropped, unless ``keep_unlabeled``. ``ecg_ids`` are the
     records' positions in the sorted scan. Other arguments as :func:`load_ptbxl`.
     """
     folder = Path(folder)
@@ -491,13 +508,16 @@ def load_cinc(folder: str | Path, *, sampling_rate: int = 100, duration: float =
         frequent = labels.sum(axis=0) > min_samples
         labels, cls = labels[:, frequent], [c for c, f in zip(cls, frequent) if f]
     keep = labels.sum(axis=1) > 0
+    settings: dict[str, Any] = {"n_folds": n_folds, "min_samples": min_samples}
+    if keep_unlabeled:
+        keep = np.ones(len(keep), dtype=bool)
+        settings["keep_unlabeled"] = True
     rows = good[keep].astype(np.int64)
     kept = table.iloc[rows]
     return _finish(store, rows, labels[keep], cls, rows.copy(), list(kept["path"]),
                    cinc.hash_folds(list(kept["path"]), n_folds), kept, folds=folds,
                    scaler=scaler, sampling_rate=sampling_rate, store_key=store_key,
-                   task="snomed", settings={"n_folds": n_folds, "min_samples": min_samples},
-                   cache_dir=cache_dir)
+                   task="snomed", settings=settings, cache_dir=cache_dir)
 
 
 __all__ = ["SignalView", "Scaler", "ECGData", "ECGSplit", "load_ptbxl", "load_cinc",

@@ -27,16 +27,31 @@ def cache_root(data: Any) -> Path:
     return Path(data.cache_dir) if data.cache_dir else default_cache_dir()
 
 
+def synthetic_set_folder(root: Path, *, records: int, seed: int, first_patient_id: int = 1,
+                         rates: tuple[int, ...] = (100, 500), progress: bool = True,
+                         create: bool = True) -> Path:
+    """The cached synthetic set of these settings under ``root`` (shared by every run that
+    asks for it), generated on first use unless ``create`` is False."""
+    name = f"ptbxl-n{records}-seed{seed}"
+    if first_patient_id != 1:
+        name += f"-pid{first_patient_id}"
+    if sorted(rates) != [100, 500]:
+        name += "-" + "-".join(f"{r}hz" for r in sorted(set(rates)))
+    folder = root / "synthetic" / f"{name}-v{SYNTHETIC_VERSION}"
+    if create and not (folder / "ptbxl_database.csv").exists():
+        write_synthetic(folder, records=records, seed=seed, force=True, progress=progress,
+                        sampling_rates=tuple(sorted(set(rates))),
+                        first_patient_id=first_patient_id)
+    return folder
+
+
 def synthetic_folder(data: Any) -> Path:
     """Where a ``data`` section's synthetic set lives: shared by every run with the same
     settings."""
     syn = data.synthetic
-    name = f"ptbxl-n{syn.records}-seed{syn.seed}"
-    if syn.first_patient_id != 1:
-        name += f"-pid{syn.first_patient_id}"
-    if sorted(syn.rates) != [100, 500]:
-        name += "-" + "-".join(f"{r}hz" for r in sorted(set(syn.rates)))
-    return cache_root(data) / "synthetic" / f"{name}-v{SYNTHETIC_VERSION}"
+    return synthetic_set_folder(cache_root(data), records=syn.records, seed=syn.seed,
+                                first_patient_id=syn.first_patient_id, rates=tuple(syn.rates),
+                                create=False)
 
 
 def data_folder(data: Any, progress: bool = True) -> Path:
@@ -46,13 +61,10 @@ def data_folder(data: Any, progress: bool = True) -> Path:
         if not folder.is_dir():
             raise DataError(f"data.path: folder {folder} does not exist")
         return folder
-    folder = synthetic_folder(data)
-    if not (folder / "ptbxl_database.csv").exists():
-        syn = data.synthetic
-        write_synthetic(folder, records=syn.records, seed=syn.seed, force=True, progress=progress,
-                        sampling_rates=tuple(sorted(set(syn.rates))),
-                        first_patient_id=syn.first_patient_id)
-    return folder
+    syn = data.synthetic
+    return synthetic_set_folder(cache_root(data), records=syn.records, seed=syn.seed,
+                                first_patient_id=syn.first_patient_id, rates=tuple(syn.rates),
+                                progress=progress)
 
 
 def load_data(data: Any, progress: bool = True, folder: Path | None = None) -> ECGData:

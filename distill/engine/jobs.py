@@ -31,7 +31,10 @@ from distill.core.schema import to_dict
 from distill.data.augment import SignalAugment
 from distill.data.cache import ArrayCache
 from distill.data.load import cache_root, load_data, render_config
+from distill.data.dataset import ECGSplit
 from distill.data.render import cached_images
+from distill.data.transfer import (Flagged, MixedSet, labeled_training_rows, load_transfer,
+                                   unlabeled_training_rows)
 from distill.engine.accel import process_state
 from distill.engine.factory import (build_objective, build_student, build_teacher, consumer_views,
                                     saved_teacher_folder, student_key, teacher_class)
@@ -49,10 +52,21 @@ class JobData:
     data: Any  # ECGData
     views: dict[str, Any]  # consumer name -> SignalView
     images: np.ndarray | None  # uint8 [N, 3, H, W] memmap for an image teacher
+    # data.label_fraction: the training records whose labels the students see, and the rest
+    labeled_rows: np.ndarray | None = None  # None: every training record
+    unlabeled_rows: np.ndarray | None = None
+    transfer: Any = None  # ECGData of the extra transfer records (distill.transfer), or None
+    transfer_images: np.ndarray | None = None
 
     @property
     def classes(self) -> list[str]:
         return list(self.data.classes)
+
+    @property
+    def mixed(self) -> bool:
+        """Whether students train on a labeled subset and/or with transfer records (else
+        on the whole training split, as 0.1 did)."""
+        return self.labeled_rows is not None or self.transfer is not None
 
     @property
     def teacher_class(self) -> type[teachers.TeacherAdapter]:
@@ -76,8 +90,16 @@ def load_job_data(recipe: Recipe, progress: bool = True, data: Any = None) -> Jo
     """Load the recipe's data (cached; or use ``data``, already loaded) and, for an image
     teacher, its rendered images."""
     data = data if data is not None else load_data(recipe.data, progress=progress)
-    return JobData(recipe=recipe, data=data, views=consumer_views(recipe),
-                   images=teacher_images(recipe, data, progress=progress))
+    jd = JobData(recipe=recipe, data=data, views=consumer_views(recipe),
+                 images=teacher_images(recipe, data, progress=progress))
+    fraction = recipe.data.label_fraction
+    if fraction < 1.0:
+        jd.labeled_rows = labeled_training_rows(data, fraction, recipe.seed)
+        jd.unlabeled_rows = unlabeled_training_rows(data, fraction, recipe.seed)
+    jd.transfer = load_transfer(recipe.data, recipe.distill.transfer, data, progress=progress)
+    if jd.transfer is not None:
+        jd.transfer_images = teacher_images(recipe, jd.transfer, progress=progress)
+    return jd
 
 
 def augmentation(recipe: Recipe) -> SignalAugment:
@@ -129,8 +151,12 @@ def teacher_settings(recipe: Recipe) -> dict[str, Any]:
 
 
 def student_settings(recipe: Recipe) -> dict[str, Any]:
-    """What a student's training depends on besides its own spec, the data and the teacher."""
-    return {"seed": recipe.seed, "train": train_settings(recipe)}
+    """What a student's training depends on besides its own spec, the data and the teacher
+    (the labeled share only when below 1, so runs made before it existed keep theirs)."""
+    out: dict[str, Any] = {"seed": recipe.seed, "train": train_settings(recipe)}
+    if recipe.data.label_fraction < 1.0:
+        out["label_fraction"] = recipe.data.label_fraction
+    return out
 
 
 def distill_settings(recipe: Recipe) -> dict[str, Any]:
@@ -152,9 +178,10 @@ def _spec_key(spec: StudentConfig) -> dict[str, Any]:
     return {k: v for k, v in to_dict(spec).items() if not (k in ("epochs", "lr") and v is None)}
 
 
-def _teacher_split(jd: JobData, train: bool):
+def _teacher_split(jd: JobData, train: bool, images: np.ndarray | None = None):
     """(views, extras, render, transform) of a split carrying the teacher's input: the
-    cached images, or images drawn live from the augmented record when augmenting."""
+    cached images (``images``, default the data's), or images drawn live from the
+    augmented record when augmenting."""
     recipe = jd.recipe
     aug = augmentation(recipe)
     live = train and aug.active
@@ -165,7 +192,7 @@ def _teacher_split(jd: JobData, train: bool):
         if live:
             render = render_config(recipe.data)
         else:
-            extra["image"] = jd.images
+            extra["image"] = jd.images if images is None else images
     return views, extra, render, (aug if live else None)
 
 
@@ -231,23 +258,48 @@ def load_frozen_teacher(jd: JobData, run_dir: Path) -> nn.Module:
 
 
 def _student_sets(jd: JobData, spec: StudentConfig, extras: Mapping[str, Any] | None = None,
-                  with_teacher: bool = False) -> dict[str, Any]:
+                  with_teacher: bool = False, distill: bool = False,
+                  transfer_extras: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train and validation sets of a student's view. The training set may also carry the
     teacher's cached outputs (``extras``) or, with ``with_teacher``, the teacher's own input
-    (for a live teacher); validation reads the student's view alone."""
+    (for a live teacher); validation reads the student's view alone.
+
+    With ``data.label_fraction`` < 1 a student trains on the labeled subset only (the
+    baseline) or (``distill``) on it and the transfer records: the training records whose
+    labels are hidden and the extra records of ``distill.transfer`` (with the teacher's
+    outputs on them, ``transfer_extras``), each item flagged ``labeled`` 1 or 0."""
     recipe = jd.recipe
     key = student_key(spec)
-    views = {key: jd.views[key]}
-    render, transform, extra = None, None, dict(extras or {})
-    if with_teacher:
-        t_views, t_extras, render, transform = _teacher_split(jd, True)
-        views.update(t_views)
-        extra.update(t_extras)
-    elif augmentation(recipe).active:
-        transform = augmentation(recipe)
-    return {"train": jd.data.split("train", views, extras=extra, render=render,
-                                   transform=transform, seed=recipe.seed),
-            "val": jd.data.split("val", {key: jd.views[key]}, seed=recipe.seed)}
+
+    def part(data: Any, rows: np.ndarray | None, arrays: Mapping[str, Any] | None,
+             images: np.ndarray | None) -> ECGSplit:
+        views = {key: jd.views[key]}
+        render, transform, extra = None, None, dict(arrays or {})
+        if with_teacher:
+            t_views, t_extras, render, transform = _teacher_split(jd, True, images)
+            views.update(t_views)
+            extra.update(t_extras)
+        elif augmentation(recipe).active:
+            transform = augmentation(recipe)
+        if rows is None:
+            return data.split("train", views, extras=extra, render=render, transform=transform,
+                              seed=recipe.seed)
+        return ECGSplit(data, rows, views, extras=extra, render=render, transform=transform,
+                        seed=recipe.seed)
+
+    val = jd.data.split("val", {key: jd.views[key]}, seed=recipe.seed)
+    labeled = part(jd.data, jd.labeled_rows, extras, jd.images)
+    if not jd.mixed or not distill:
+        return {"train": labeled, "val": val}
+    parts = [Flagged(labeled, labeled=True)]
+    t = recipe.distill.transfer
+    if t.rest and jd.unlabeled_rows is not None and len(jd.unlabeled_rows):
+        parts.append(Flagged(part(jd.data, jd.unlabeled_rows, extras, jd.images), labeled=False))
+    if jd.transfer is not None:
+        everything = np.arange(len(jd.transfer), dtype=np.int64)
+        parts.append(Flagged(part(jd.transfer, everything, transfer_extras, jd.transfer_images),
+                             labeled=False))
+    return {"train": MixedSet(parts), "val": val}
 
 
 def baseline_job(jd: JobData, spec: StudentConfig) -> TrainJob:
@@ -284,9 +336,11 @@ class DistillationModule(nn.Module):
         self.objective = objective
 
     def forward(self, signal: torch.Tensor, teacher_out: ECGModelOutput | None,
-                labels: torch.Tensor):
-        """-> ObjectiveOutput(total, terms, aux) of the batch."""
-        return self.objective(self.student(signal=signal), teacher_out, {"labels": labels})
+                labels: torch.Tensor, labeled: torch.Tensor | None = None):
+        """-> ObjectiveOutput(total, terms, aux) of the batch; ``labeled`` [B] marks the
+        records whose labels the task term may read (None: all)."""
+        batch = {"labels": labels} if labeled is None else {"labels": labels, "labeled": labeled}
+        return self.objective(self.student(signal=signal), teacher_out, batch)
 
 
 def cached_teacher_output(batch: Mapping[str, Any], token_leads: torch.Tensor) -> ECGModelOutput:
@@ -298,7 +352,8 @@ def cached_teacher_output(batch: Mapping[str, Any], token_leads: torch.Tensor) -
 
 
 def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
-                cache: TeacherOutputs | None, model_id: ModelId | None = None) -> TrainJob:
+                cache: TeacherOutputs | None, model_id: ModelId | None = None,
+                transfer_cache: TeacherOutputs | None = None) -> TrainJob:
     """A student trained with the recipe's objective against the frozen teacher.
 
     Args:
@@ -309,6 +364,8 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
             teacher live.
         model_id: the model trained (default the student's distillation; an ablation names
             its own).
+        transfer_cache: the teacher's outputs on the extra transfer records (with
+            ``cache``, when the recipe has them).
     """
     recipe = jd.recipe
     set_seed(recipe.seed)
@@ -316,7 +373,11 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
     key = student_key(spec)
     t_inputs = teacher_inputs(recipe)
     extras = cache.extras() if cache is not None else None
-    sets = _student_sets(jd, spec, extras=extras, with_teacher=cache is None)
+    if cache is not None and jd.transfer is not None and transfer_cache is None:
+        raise ValueError("distill_job: the recipe has extra transfer records; pass the "
+                         "teacher's outputs on them (transfer_cache)")
+    sets = _student_sets(jd, spec, extras=extras, with_teacher=cache is None, distill=True,
+                         transfer_extras=transfer_cache.extras() if transfer_cache else None)
     probe = sets["train"][0]
     with torch.no_grad():
         s_dim = student.eval()(signal=probe[key][None]).tokens.shape[-1]
@@ -336,7 +397,7 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
             return teacher(**{k: v.to(device["value"]) for k, v in t_inputs(batch).items()})
 
     def loss_fn(model: nn.Module, batch: Mapping[str, Any]):
-        out = model(batch[key], teacher_out(batch), batch["labels"])
+        out = model(batch[key], teacher_out(batch), batch["labels"], batch.get("labeled"))
         return out.total, out.terms
 
     def logits_fn(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -349,6 +410,10 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
             teacher.to(dev)
 
     teacher_id = cache.key if cache is not None else weights_hash(teacher)
+    if transfer_cache is not None:
+        teacher_id = f"{teacher_id}+{transfer_cache.key}"
+    elif jd.transfer is not None:
+        teacher_id = f"{teacher_id}+{jd.transfer.fingerprint}"
     model_id = model_id or ModelId.student("distill", spec)
     return TrainJob(
         name=model_id.name, stage=model_id.kind, model=module, train_set=sets["train"],
@@ -390,21 +455,25 @@ def _sub(state_dict: dict[str, Any] | None, prefix: str) -> dict[str, Any] | Non
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-def teacher_cache_key(jd: JobData, teacher: nn.Module) -> str:
-    """The cache key of this teacher's outputs on this data with these input settings."""
+def teacher_cache_key(jd: JobData, teacher: nn.Module, data: Any = None) -> str:
+    """The cache key of this teacher's outputs on this data (default the run's) with these
+    input settings."""
     recipe = jd.recipe
+    data = jd.data if data is None else data
     inputs: dict[str, Any] = {"kind": recipe.teacher.kind}
     if jd.teacher_class.reads_images():
         inputs["render"] = dataclasses.asdict(render_config(recipe.data))
     else:
         inputs["view"] = dataclasses.asdict(jd.views["teacher"])
-    return cache_key(teacher, jd.data.fingerprint, inputs)
+    return cache_key(teacher, data.fingerprint, inputs)
 
 
 def build_teacher_cache(jd: JobData, teacher: nn.Module, progress: bool = True,
-                        batch_size: int | None = None, rebuild: bool = False):
-    """The teacher's outputs on every record, from the cache or computed now (on this
-    process's device: the GPU when there is one)."""
+                        batch_size: int | None = None, rebuild: bool = False,
+                        transfer: bool = False):
+    """The teacher's outputs on every record (with ``transfer``, on every extra transfer
+    record), from the cache or computed now (on this process's device: the GPU when there
+    is one)."""
     device = process_state().device
     if getattr(teacher, "quantized", False):  # placed by bitsandbytes when loaded
         device = next(teacher.parameters()).device
@@ -413,8 +482,10 @@ def build_teacher_cache(jd: JobData, teacher: nn.Module, progress: bool = True,
 
     recipe = jd.recipe
     views = {"teacher": jd.views["teacher"]}
-    dataset = jd.data.split("all", views, extras=jd.teacher_extras())
+    data, images = (jd.transfer, jd.transfer_images) if transfer else (jd.data, jd.images)
+    dataset = data.split("all", views, extras={"image": images} if images is not None else None)
     return teacher_outputs(teacher, dataset, teacher_inputs(recipe),
-                           key=teacher_cache_key(jd, teacher), cache_dir=recipe.data.cache_dir,
+                           key=teacher_cache_key(jd, teacher, data),
+                           cache_dir=recipe.data.cache_dir,
                            batch_size=batch_size or recipe.train.batch_size, progress=progress,
                            rebuild=rebuild, device=device)

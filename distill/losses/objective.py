@@ -109,7 +109,10 @@ class DistillationObjective(nn.Module):
             student_out: the student's ECGModelOutput (``logits`` [B, C], ``tokens``, ...).
             teacher_out: the teacher's ECGModelOutput (or its cached equivalent); may be
                 None when α = 0.
-            batch: holds ``labels`` [B, C] (0/1).
+            batch: holds ``labels`` [B, C] (0/1) and, when the batch mixes in transfer
+                records, ``labeled`` [B] (1 for a labeled record, 0 for a transfer record):
+                the task term is then the mean over the labeled records only (0 when none);
+                the distillation terms always read every record.
 
         Returns:
             ObjectiveOutput(total, terms, aux).
@@ -117,7 +120,14 @@ class DistillationObjective(nn.Module):
         logits = student_out.logits  # (B, C)
         labels = batch["labels"].to(device=logits.device, dtype=logits.dtype)  # (B, C)
         # the task term is always computed: it is cheap and the first thing anyone logs
-        task = F.binary_cross_entropy_with_logits(logits, labels)
+        labeled = batch.get("labeled")
+        if labeled is None:
+            task = F.binary_cross_entropy_with_logits(logits, labels)
+        else:  # transfer records (labeled = 0) never reach the label term
+            mask = labeled.to(device=logits.device, dtype=logits.dtype)  # (B,)
+            per_record = F.binary_cross_entropy_with_logits(logits, labels,
+                                                            reduction="none").mean(dim=1)
+            task = (per_record * mask).sum() / mask.sum().clamp(min=1.0)
         terms = {"task": task.detach()}
         aux: dict[str, torch.Tensor] = {}
         total = (1.0 - self.alpha) * task if self.alpha < 1.0 else task.new_zeros(())

@@ -25,7 +25,8 @@ import students
 import teachers
 from distill.core.errors import DataError, RecipeError
 from distill.core.leads import lead_indices
-from distill.core.schema import closest, spec, to_dict, unknown_key
+from distill.data.synth import patient_id_range
+from distill.core.schema import closest, spec, to_dict, to_hash_dict, unknown_key
 from distill.losses import loss_families
 
 Task = Literal["all", "diagnostic", "subdiagnostic", "superdiagnostic", "form", "rhythm"]
@@ -120,6 +121,10 @@ class DataConfig:
     cache_dir: str | None = spec(None, help="decoded-signal/image cache; null = $ECG_DISTILL_CACHE "
                                             "or ~/.cache/ecg-distill")
     image: ImageConfig = spec(default_factory=ImageConfig)
+    label_fraction: float = spec(
+        1.0, help="students see the labels of this share of the training patients (a "
+                  "stratified, patient-grouped, seeded subset; the teacher sees all); the rest "
+                  "join distill.transfer", gt=0, le=1, since="0.2")
 
     def validate(self, path: str) -> None:
         _check_leads(self.leads, f"{path}.leads")
@@ -197,6 +202,36 @@ def _loss_sections() -> dict[str, type]:
     return {f.name: f.config for f in loss_families()}
 
 
+@dataclass
+class TransferConfig:
+    """Unlabeled records for the distillation terms: their labels, if any, are never read.
+
+    A distillation batch draws from the labeled training records and the transfer records
+    shuffled together (so it holds both in the proportion of the two sets); the label term
+    averages over the batch's labeled records only, every distillation term over all.
+    """
+
+    rest: bool = spec(True, help="the training records whose labels data.label_fraction "
+                                 "hides join the transfer set")
+    path: str | None = spec(None, help="a folder of extra records (data.format's layout)")
+    synthetic: int = spec(0, help="extra synthetic records generated for the transfer set",
+                          ge=0, le=1_000_000)
+    seed: int = spec(1, help="seed of the synthetic transfer records", ge=0)
+    first_patient_id: int | None = spec(
+        None, help="lowest patient id of the synthetic transfer records; null = just above "
+                   "the labeled synthetic set's", ge=1)
+
+    def validate(self, path: str) -> None:
+        if self.path is not None and self.synthetic:
+            raise RecipeError(f"{path}.path and {path}.synthetic: give one source of extra "
+                              f"records")
+
+    @property
+    def extra(self) -> bool:
+        """Whether records outside the labeled data set join."""
+        return self.path is not None or self.synthetic > 0
+
+
 # the distill section before the per-loss sections (0.1): flat key -> (loss, field)
 LEGACY_DISTILL_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
     "temperature": (("kd", "temperature"),),
@@ -227,6 +262,7 @@ class DistillConfig:
                                           "not computed")
     losses: dict[str, Any] = spec(default_factory=dict,
                                   help="one section per loss family: distill.<loss>.<key>")
+    transfer: TransferConfig = spec(default_factory=TransferConfig, since="0.2")
 
     @classmethod
     def section_types(cls) -> dict[str, type]:
@@ -253,7 +289,9 @@ class DistillConfig:
         0.1 (:data:`LEGACY_DISTILL_KEYS`) whenever the settings can be written in it, so
         runs made before the per-loss sections keep their hashes and resume; otherwise
         the section as it is."""
-        out = to_dict(self)
+        out = to_hash_dict(self)
+        if set(out) - {"alpha", "weights"} - set(self.losses):  # a setting 0.1 did not have
+            return out
         legacy: dict[str, Any] = {"alpha": self.alpha, "weights": dict(self.weights)}
         used: dict[str, set[str]] = {}
         for key, targets in LEGACY_DISTILL_KEYS.items():
@@ -397,6 +435,15 @@ class Recipe:
             if not any(v > 0 for v in weights.values()):
                 raise RecipeError(f"{at}ablations.runs.{i}: {name} leaves no distillation term "
                                   f"weighted (it would train the label-only baseline again)")
+        t = self.distill.transfer
+        if t.synthetic and t.first_patient_id is not None and self.data.path is None:
+            lo, hi = patient_id_range(self.data.synthetic.records,
+                                      self.data.synthetic.first_patient_id)
+            t_lo, t_hi = patient_id_range(t.synthetic, t.first_patient_id)
+            if t_lo <= hi and lo <= t_hi:
+                raise RecipeError(f"{at}distill.transfer.first_patient_id: patient ids "
+                                  f"{t_lo}-{t_hi} overlap the labeled set's {lo}-{hi}; the "
+                                  f"transfer records must come from other patients")
         names = [f"{s.family}/{s.size}" for s in self.students]
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup:
@@ -420,7 +467,7 @@ class Recipe:
     def hash_dict(self) -> dict[str, Any]:
         """:meth:`to_dict` with the ``distill`` section as :meth:`DistillConfig.hash_dict`
         gives it (what stage hashes and job fingerprints read)."""
-        out = self.to_dict()
+        out = to_hash_dict(self)
         out["distill"] = self.distill.hash_dict()
         return out
 

@@ -70,6 +70,11 @@ def stage_hash(stage: Stage, recipe: Recipe) -> str:
     """The hash of what a stage depends on: its recipe sections (as
     :meth:`Recipe.hash_dict` writes them) and its settings."""
     d = recipe.hash_dict()
+    for dotted in stage.ignores:
+        *path, last = dotted.split(".")
+        node = _section(d, ".".join(path)) if path else d
+        if isinstance(node, dict):
+            node.pop(last, None)
     parts = {k: _section(d, k) for k in stage.depends_on}
     if stage.settings is not None:
         parts["settings"] = stage.settings(recipe)

@@ -46,6 +46,11 @@ class Stage:
     collective: bool = False  # every process takes part (training); else main first
     main_only: bool = False  # only the main process runs it (the others wait)
     settings: Callable[[Recipe], dict[str, Any]] | None = None  # more hashed settings
+    ignores: tuple[str, ...] = ()  # dotted keys inside depends_on that do not concern it
+
+
+# what only the students read: the teacher's stages ignore it
+STUDENT_ONLY = ("data.label_fraction",)
 
 
 def teacher_stage_settings(recipe: Recipe) -> dict[str, Any]:
@@ -63,5 +68,5 @@ def distill_stage_settings(recipe: Recipe) -> dict[str, Any]:
 
 # the recipe sections every stage after training depends on
 TRAINED = ("data", "teacher", "students", "distill", "ablations", "evaluate")
-__all__ = ["TRAINED", "RunContext", "Stage", "distill_settings", "distill_stage_settings",
+__all__ = ["STUDENT_ONLY", "TRAINED", "RunContext", "Stage", "distill_settings", "distill_stage_settings",
            "student_stage_settings", "teacher_stage_settings"]

@@ -10,7 +10,7 @@ from distill.data.load import data_folder, load_data
 from distill.data.tools import describe_data
 from distill.engine.factory import consumer_views
 from distill.engine.jobs import teacher_images
-from distill.run.stage import RunContext, Stage
+from distill.run.stage import STUDENT_ONLY, RunContext, Stage
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
@@ -38,4 +38,5 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
 
 STAGE = Stage("data", "decode and cache the signals (generating the synthetic default if "
-                      "needed) and render the teacher's images", ("data", "teacher.kind"), run)
+                      "needed) and render the teacher's images", ("data", "teacher.kind"), run,
+              ignores=STUDENT_ONLY)

@@ -11,7 +11,7 @@ from distill.core.layout import TEACHER, ModelId
 from distill.engine.accel import process_state
 from distill.engine.jobs import augmentation, build_teacher_cache, load_frozen_teacher, \
     teacher_job
-from distill.run.stage import RunContext, Stage, teacher_stage_settings
+from distill.run.stage import STUDENT_ONLY, RunContext, Stage, teacher_stage_settings
 from distill.run.stages.train import fit_job
 
 
@@ -36,16 +36,25 @@ def run_cache(ctx: RunContext) -> dict[str, Any]:
     jd = ctx.job_data()
     # every process runs this stage, the main one first: only it recomputes on --force
     rebuild = "teacher_cache" in ctx.force and process_state().is_main_process
-    cache = build_teacher_cache(jd, load_frozen_teacher(jd, ctx.run_dir), progress=ctx.progress,
-                                rebuild=rebuild)
+    teacher = load_frozen_teacher(jd, ctx.run_dir)
+    cache = build_teacher_cache(jd, teacher, progress=ctx.progress, rebuild=rebuild)
     print(f"teacher outputs: {cache.folder} (tokens {list(cache.tokens.shape)}, "
           f"{cache.tokens.dtype})")
-    return {"folder": str(cache.folder), "key": cache.key, "tokens": list(cache.tokens.shape),
-            "storage": str(cache.tokens.dtype)}
+    summary = {"folder": str(cache.folder), "key": cache.key, "tokens": list(cache.tokens.shape),
+               "storage": str(cache.tokens.dtype)}
+    if jd.transfer is not None:
+        extra = build_teacher_cache(jd, teacher, progress=ctx.progress, rebuild=rebuild,
+                                    transfer=True)
+        print(f"teacher outputs on the transfer records: {extra.folder} "
+              f"({len(extra.logits)} records)")
+        summary["transfer"] = {"folder": str(extra.folder), "key": extra.key,
+                               "records": int(len(extra.logits))}
+    return summary
 
 
 TEACHER_STAGE = Stage("teacher", "fine-tune the teacher on the labels (full, lora or head)",
                       ("data",), run_teacher, (TEACHER,), collective=True,
-                      settings=teacher_stage_settings)
+                      settings=teacher_stage_settings, ignores=STUDENT_ONLY)
 CACHE_STAGE = Stage("teacher_cache", "compute the frozen teacher's outputs on every record once",
-                    ("data",), run_cache, settings=teacher_stage_settings)
+                    ("data",), run_cache, settings=teacher_stage_settings,
+                    ignores=STUDENT_ONLY)

@@ -43,14 +43,18 @@ def _summary(metrics: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 
 def _teacher_and_cache(ctx: RunContext):
-    """The frozen teacher and its cached outputs (None when augmentation runs it live)."""
+    """The frozen teacher, its cached outputs and those on the extra transfer records
+    (None when augmentation runs it live, or when there are none)."""
     jd = ctx.job_data()
     teacher = load_frozen_teacher(jd, ctx.run_dir)
-    cache = None
+    cache = transfer = None
     if not augmentation(ctx.recipe).active:
         with process_state().main_process_first():
             cache = build_teacher_cache(jd, teacher, progress=ctx.progress)
-    return teacher, cache
+            if jd.transfer is not None:
+                transfer = build_teacher_cache(jd, teacher, progress=ctx.progress,
+                                               transfer=True)
+    return teacher, cache, transfer
 
 
 def run_baseline(ctx: RunContext) -> dict[str, Any]:
@@ -63,8 +67,9 @@ def run_baseline(ctx: RunContext) -> dict[str, Any]:
 
 def run_distill(ctx: RunContext) -> dict[str, Any]:
     jd = ctx.job_data()
-    teacher, cache = _teacher_and_cache(ctx)
-    return {student_name(s): fit_job(ctx, distill_job(jd, s, teacher, cache),
+    teacher, cache, transfer = _teacher_and_cache(ctx)
+    return {student_name(s): fit_job(ctx, distill_job(jd, s, teacher, cache,
+                                                      transfer_cache=transfer),
                                      ctx.layout.job_dir(ModelId.student("distill", s)),
                                      epochs=s.epochs, lr=s.lr)
             for s in ctx.recipe.students}
@@ -77,12 +82,12 @@ def run_ablation(ctx: RunContext) -> dict[str, Any]:
         return {}
     jd = ctx.job_data()
     spec = recipe.students[recipe.ablations.student]
-    teacher, cache = _teacher_and_cache(ctx)
+    teacher, cache, transfer = _teacher_and_cache(ctx)
     out = {}
     for name in recipe.ablations.runs:
         model = ModelId.student("ablation", spec, name)
         job = distill_job(dataclasses.replace(jd, recipe=ablation_recipe(recipe, name)), spec,
-                          teacher, cache, model_id=model)
+                          teacher, cache, model_id=model, transfer_cache=transfer)
         out[name] = fit_job(ctx, job, ctx.layout.job_dir(model), epochs=spec.epochs, lr=spec.lr)
     return out
 
