@@ -48,6 +48,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     stages = TRAIN_COMMANDS[args.command][0] if args.command in TRAIN_COMMANDS else None
+    seeds, fractions = getattr(args, "seeds", None), getattr(args, "label_fractions", None)
+    if args.command == "run" and (seeds or fractions or recipe.sweep.seeds
+                                  or recipe.sweep.label_fractions):
+        from distill.run.sweep import run_sweep
+
+        run_sweep(recipe, seeds, fractions, dry_run=args.dry_run, progress=not args.quiet,
+                  force=args.force)
+        return 0
     # `run` is the resumable pipeline: it continues an interrupted training job of the same
     # settings by itself; the single training commands do so when asked (--resume)
     run_pipeline(recipe, force=args.force, dry_run=args.dry_run, progress=not args.quiet,
@@ -284,6 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a recipe: each stage writes under the run folder and is "
                                    "skipped on rerun when complete.")
     _add_run_args(p)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
+                   help="run the whole recipe once per seed (RUN/labels-<f>/seed-<s>/) and "
+                        "summarize over seeds (sweep.md)")
+    p.add_argument("--label-fractions", type=float, nargs="+", default=None, metavar="F",
+                   help="run it once per label fraction too (data.label_fraction) and draw "
+                        "the learning curve")
     for name, (stages, text) in TRAIN_COMMANDS.items():
         p = sub.add_parser(name, help=text,
                            description=f"{text[0].upper()}{text[1:]}. Runs the stages "

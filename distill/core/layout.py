@@ -236,6 +236,10 @@ class RunLayout:
         q = model.quantized if quantized_stage is None else quantized_stage
         return self.eval_dir(q) / model.folder_name / "predictions.npz"
 
+    def sweep_point(self, fraction: float, seed: int) -> Path:
+        """The run folder of one point of a sweep (``distill.run.sweep``)."""
+        return self.root / f"labels-{fraction:g}" / f"seed-{seed}"
+
     def export_folder(self, model: ModelId, root: str | os.PathLike | None = None) -> Path:
         return Path(root if root is not None else self.export_dir) / model.folder_name
 

@@ -18,7 +18,7 @@ sample-wise (subset) accuracy on the test fold with them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -237,4 +237,33 @@ def paired_difference(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.nda
     """metric(a) - metric(b), both scored on the same resamples (a paired bootstrap)."""
     draws = _draws(labels, scores_a, samples, metric) - _draws(labels, scores_b, samples, metric)
     value = metric(labels, scores_a) - metric(labels, scores_b)
+    return _interval(value, draws, level)
+
+
+def over_seeds(labels: np.ndarray, scores_a: Sequence[np.ndarray],
+               scores_b: Sequence[np.ndarray] | None, samples: np.ndarray, *, seed: int = 0,
+               level: float = 0.95) -> Interval:
+    """Macro AUC of a model trained with several seeds (``scores_a``: one score matrix per
+    seed), or the paired difference a − b (``scores_b``, the same seeds in the same order),
+    with one interval for both sources of variation.
+
+    The value is the mean over seeds on all records. Each draw takes one bootstrap
+    resample of the test records (``samples``, shared by every model) and a resample of
+    the seeds, with replacement, and averages the per-seed values of that test resample
+    over the drawn seeds (a two-level bootstrap: training randomness and test sampling
+    together); the interval is the percentile interval of the draws.
+    """
+    n = len(scores_a)
+    if n < 1 or (scores_b is not None and len(scores_b) != n):
+        raise ValueError(f"over_seeds: {n} seed(s) for a, "
+                         f"{None if scores_b is None else len(scores_b)} for b")
+    per_seed = np.stack([_draws(labels, s, samples, macro_auc) for s in scores_a])  # (S, B)
+    value = float(np.mean([macro_auc(labels, s) for s in scores_a]))
+    if scores_b is not None:
+        per_seed = per_seed - np.stack([_draws(labels, s, samples, macro_auc)
+                                        for s in scores_b])
+        value -= float(np.mean([macro_auc(labels, s) for s in scores_b]))
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, n, size=(per_seed.shape[1], n))  # (B, S): seeds drawn per resample
+    draws = per_seed[picks, np.arange(per_seed.shape[1])[:, None]].mean(axis=1)
     return _interval(value, draws, level)

@@ -20,6 +20,7 @@ from distill.recipe.schema import (
     QuantizeConfig,
     Recipe,
     StudentConfig,
+    SweepConfig,
     SyntheticConfig,
     TeacherConfig,
     TrainConfig,
@@ -29,6 +30,6 @@ from distill.recipe.schema import (
 
 __all__ = ["AblationConfig", "AugmentConfig", "DataConfig", "DistillConfig", "EvaluateConfig",
            "ExportConfig", "FoldsConfig", "ImageConfig", "QuantizeConfig", "Recipe",
-           "StudentConfig", "SyntheticConfig", "TeacherConfig", "TrainConfig", "ViewConfig",
+           "StudentConfig", "SweepConfig", "SyntheticConfig", "TeacherConfig", "TrainConfig", "ViewConfig",
            "apply_overrides", "default_weights", "load_recipe", "parse_override", "read_yaml",
            "recipe_from_dict", "write_resolved"]

@@ -409,6 +409,18 @@ class ExportConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Runs of the whole recipe over seeds and label fractions (``ecg-distill run``'s
+    ``--seeds`` / ``--label-fractions`` override it); empty = one run."""
+
+    seeds: list[int] = spec(default_factory=list, help="one run per seed (its own folder)",
+                            ge=0)
+    label_fractions: list[float] = spec(default_factory=list,
+                                        help="one run per label fraction (data.label_fraction)",
+                                        gt=0, le=1)
+
+
+@dataclass
 class Recipe:
     """A whole run. ``output_dir`` may use ``{name}``."""
 
@@ -424,6 +436,7 @@ class Recipe:
     ablations: AblationConfig = spec(default_factory=AblationConfig)
     quantize: QuantizeConfig = spec(default_factory=QuantizeConfig)
     export: ExportConfig = spec(default_factory=ExportConfig)
+    sweep: SweepConfig = spec(default_factory=SweepConfig, since="0.2")
 
     def validate(self, path: str) -> None:
         at = f"{path}." if path else ""
