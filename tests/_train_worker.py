@@ -29,7 +29,9 @@ def main() -> None:
     jd = load_job_data(recipe, progress=False)
     teacher = load_frozen_teacher(jd, recipe.run_dir)
     cache = build_teacher_cache(jd, teacher, progress=False)
-    job = distill_job(jd, recipe.students[0], teacher, cache)
+    transfer = (build_teacher_cache(jd, teacher, progress=False, transfer=True)
+                if jd.transfer is not None else None)
+    job = distill_job(jd, recipe.students[0], teacher, cache, transfer_cache=transfer)
 
     def on_step(step: int) -> None:
         if step == args.kill_at:

@@ -128,6 +128,30 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, shared_cache) 
                       load_file(killed / "best" / "model.safetensors"))
 
 
+def test_a_label_scarce_run_with_transfer_records_resumes_exactly(tmp_path, shared_cache) -> None:
+    """The mixed training set (labeled subset, hidden-label records, synthetic transfer
+    records) is drawn in the same order after a SIGKILL and a resume."""
+    recipe = write_recipe(tmp_path, recipe_dict(
+        tmp_path, shared_cache, train={"epochs": 2, "checkpoint_every": 3},
+        data={"synthetic": {"records": 240, "seed": 0}, "cache_dir": str(shared_cache),
+              "label_fraction": 0.5},
+        distill={"alpha": 0.5, "mhca": {"dim": 32, "heads": 2}, "ot": {"dim": 32, "iters": 20},
+                 "transfer": {"synthetic": 32, "seed": 3}}))
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert _run_worker(recipe, straight).returncode == 0
+    steps = json.loads((straight / "metrics.json").read_text())["steps"]
+    kill_at = steps // 2 + 1  # mid-epoch 2, after a checkpoint
+    assert _run_worker(recipe, killed, "--kill-at", str(kill_at)).returncode == -signal.SIGKILL
+    proc = _run_worker(recipe, killed, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from step_" in proc.stdout
+    a, b = _last_checkpoint(straight), _last_checkpoint(killed)
+    assert a.name == b.name
+    _assert_same_tree(load_file(a / "model.safetensors"), load_file(b / "model.safetensors"))
+    ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (straight, killed))
+    assert timeless(ma["history"]) == timeless(mb["history"])
+
+
 def timeless(history: list[dict]) -> list[dict]:
     """Epoch rows without the wall-clock fields (seconds, records per second)."""
     return [{k: v for k, v in row.items() if "seconds" not in k and "per_s" not in k}
