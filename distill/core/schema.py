@@ -238,37 +238,26 @@ def _default(f: dataclasses.Field) -> Any:
 def to_hash_dict(obj: Any) -> Any:
     """:func:`to_dict` less the fields added after a hash was first taken (``since``) that
     hold their default: what stage hashes and job fingerprints read."""
+    return to_dict(obj, hashing=True)
+
+
+def to_dict(obj: Any, *, hashing: bool = False) -> Any:
+    """A dataclass tree as plain lists and dicts (what YAML writes back); with ``hashing``,
+    as :func:`to_hash_dict`."""
     if dataclasses.is_dataclass(obj):
         holder = getattr(obj, "__sections__", None)
         out = {}
         for f in dataclasses.fields(obj):
-            if f.name == holder:
-                continue
             value = getattr(obj, f.name)
-            if f.metadata.get("since") and to_dict(value) == to_dict(_default(f)):
+            if f.name == holder or (hashing and f.metadata.get("since")
+                                    and to_dict(value) == to_dict(_default(f))):
                 continue
-            out[f.name] = to_hash_dict(value)
+            out[f.name] = to_dict(value, hashing=hashing)
         if holder:
-            out.update({k: to_hash_dict(v) for k, v in getattr(obj, holder).items()})
+            out.update({k: to_dict(v, hashing=hashing) for k, v in getattr(obj, holder).items()})
         return out
     if isinstance(obj, (list, tuple)):
-        return [to_hash_dict(v) for v in obj]
+        return [to_dict(v, hashing=hashing) for v in obj]
     if isinstance(obj, Mapping):
-        return {k: to_hash_dict(v) for k, v in obj.items()}
-    return obj
-
-
-def to_dict(obj: Any) -> Any:
-    """A dataclass tree as plain lists and dicts (what YAML writes back)."""
-    if dataclasses.is_dataclass(obj):
-        holder = getattr(obj, "__sections__", None)
-        out = {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-               if f.name != holder}
-        if holder:
-            out.update({k: to_dict(v) for k, v in getattr(obj, holder).items()})
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, Mapping):
-        return {k: to_dict(v) for k, v in obj.items()}
+        return {k: to_dict(v, hashing=hashing) for k, v in obj.items()}
     return obj
