@@ -248,10 +248,10 @@ def test_a_0_1_recipe_yaml_that_says_the_same_is_rewritten_not_kept(tmp_path) ->
                       "temperature": d["kd"]["temperature"], "ot_reg": d["ot"]["reg"],
                       "align_dim": d["mhca"]["dim"]}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
-    pipeline._write_recipe(recipe, tmp_path)
+    pipeline.write_run_recipe(recipe, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
     assert (tmp_path / "recipe.yaml").read_text() == recipe.to_yaml()
     changed = load_recipe(REPO / "recipes" / "quickstart.yaml",
                           [f"output_dir={tmp_path}", "distill.alpha=0.3"])
-    pipeline._write_recipe(changed, tmp_path)
+    pipeline.write_run_recipe(changed, tmp_path)
     assert (tmp_path / "recipe.1.yaml").read_text() == recipe.to_yaml()

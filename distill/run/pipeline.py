@@ -56,7 +56,7 @@ from distill.run.stage import RunContext, Stage
 from distill.run.stages import STAGE_NAMES, STAGES
 
 __all__ = ["STAGES", "STAGE_NAMES", "RunContext", "Stage", "run_pipeline", "stage_hash",
-           "stage_status"]
+           "stage_status", "write_run_recipe"]
 
 
 def _section(recipe_dict: dict[str, Any], dotted: str) -> Any:
@@ -143,7 +143,7 @@ def run_pipeline(recipe: Recipe, *, force: Sequence[str] = (), dry_run: bool = F
     with quiet:
         state.wait_for_everyone()  # every process has read the markers before any changes
         if state.is_main_process:
-            _write_recipe(recipe, run_dir)
+            write_run_recipe(recipe, run_dir)
         ctx = RunContext(recipe=recipe, run_dir=run_dir, progress=progress, resume=resume,
                          force=tuple(force))
         for stage in selected:
@@ -192,7 +192,7 @@ def _same_recipe(path: Path, recipe: Recipe) -> bool:
         return False
 
 
-def _write_recipe(recipe: Recipe, run_dir: Path) -> None:
+def write_run_recipe(recipe: Recipe, run_dir: Path) -> None:
     """Write recipe.yaml; a different earlier one is kept as recipe.N.yaml, never lost (one
     that says the same in an older layout, such as 0.1's flat ``distill`` keys, is
     rewritten in the current one)."""

@@ -35,8 +35,8 @@ from distill.core.layout import TEACHER, ModelId, RunLayout
 from distill.data.load import load_data
 from distill.metrics.classification import bootstrap_samples, over_seeds
 from distill.metrics.results import load_results
-from distill.recipe import Recipe, write_resolved
-from distill.run.pipeline import run_pipeline
+from distill.recipe import Recipe
+from distill.run.pipeline import run_pipeline, write_run_recipe
 
 SWEEP_FILE = "sweep.json"
 SWEEP_REPORT = "sweep.md"
@@ -72,7 +72,7 @@ def run_sweep(recipe: Recipe, seeds: Sequence[int] | None = None,
     """Run every point of the sweep (each resumable) and summarize; the summary."""
     fractions, seeds = sweep_grid(recipe, seeds, fractions)
     if not dry_run:
-        write_resolved(recipe, recipe.run_dir)
+        write_run_recipe(recipe, recipe.run_dir)  # a different earlier one is kept
     for fraction in fractions:
         for seed in seeds:
             point = point_recipe(recipe, fraction, seed)
