@@ -107,11 +107,10 @@ def summarize(recipe: Recipe, fractions: Sequence[float], seeds: Sequence[int],
                            "points": {}}
     for fraction in fractions:
         layouts = [RunLayout(root.sweep_point(fraction, s)) for s in seeds]
-        names = [set(load_results(lay.root)["models"]) for lay in layouts]
-        common = [n for n in load_results(layouts[0].root)["models"] if all(n in s for s in names)]
+        results = [load_results(lay.root)["models"] for lay in layouts]
+        common = [n for n in results[0] if all(n in r for r in results)]
         probs = {n: [_test_predictions(lay, n, test) for lay in layouts] for n in common}
-        per_seed = {n: [load_results(lay.root)["models"][n]["macro_auc"]["value"]
-                        for lay in layouts] for n in common}
+        per_seed = {n: [r[n]["macro_auc"]["value"] for r in results] for n in common}
 
         def interval(a: str, b: str | None = None) -> dict[str, float]:
             return over_seeds(labels, probs[a], None if b is None else probs[b], samples,
