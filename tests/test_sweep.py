@@ -81,3 +81,14 @@ def test_a_sweep_runs_every_point_and_summarizes(tmp_path, capsys) -> None:
     assert main(["run", str(path), "--quiet", "--seeds", "0", "1",
                  "--label-fractions", "0.5", "1"]) == 0
     assert capsys.readouterr().out.count("complete, skipped") >= 4 * 5
+
+
+def test_overrides_after_the_list_options_go_with_the_recipe(tmp_path, capsys) -> None:
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"name": "o", "output_dir": str(tmp_path / "{name}")}))
+    assert main(["run", str(path), "--dry-run", "--seeds", "3", "4", "seed=9",
+                 "--label-fractions", "0.5", "train.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "== label fraction 0.5, seed 3" in out and "== label fraction 0.5, seed 4" in out

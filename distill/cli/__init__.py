@@ -432,6 +432,12 @@ def _quiet_libraries() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"] and {"--seeds", "--label-fractions"} & set(argv):
+        # `run R --seeds 0 1 train.epochs=2`: the list options would take the override as
+        # one of their numbers; every KEY=VALUE goes with the recipe instead
+        settings = [a for a in argv[2:] if "=" in a and not a.startswith("-")]
+        argv = [*argv[:2], *settings, *(a for a in argv[2:] if a not in settings)]
     # overrides may also follow the options (`run R --dry-run train.epochs=2`)
     args, extra = parser.parse_known_args(argv)
     if extra:
