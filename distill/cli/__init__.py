@@ -289,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("run", help="run a recipe's stages in order (resumable)",
+                       allow_abbrev=False,
                        description="Run a recipe: each stage writes under the run folder and is "
                                    "skipped on rerun when complete.")
     _add_run_args(p)
@@ -433,13 +434,16 @@ def _quiet_libraries() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["run"] and {"--seeds", "--label-fractions"} & set(argv):
-        # `run R --seeds 0 1 train.epochs=2`: the list options would take the override as
-        # one of their numbers; every KEY=VALUE goes with the recipe instead
-        settings = [a for a in argv[2:] if "=" in a and not a.startswith("-")]
-        argv = [*argv[:2], *settings, *(a for a in argv[2:] if a not in settings)]
+    settings: list[str] = []
+    if argv[:1] == ["run"]:
+        # `run R --seeds 0 1 train.epochs=2`: a list option would take the override as one of
+        # its numbers; every KEY=VALUE is set aside and joins the recipe's overrides
+        settings = [a for a in argv[1:] if "=" in a and not a.startswith("-")]
+        argv = [a for a in argv if a not in settings]
     # overrides may also follow the options (`run R --dry-run train.epochs=2`)
     args, extra = parser.parse_known_args(argv)
+    if settings:
+        args.overrides = [*args.overrides, *settings]
     if extra:
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]

@@ -96,9 +96,13 @@ def load_job_data(recipe: Recipe, progress: bool = True, data: Any = None) -> Jo
     if fraction < 1.0:
         jd.labeled_rows = labeled_training_rows(data, fraction, recipe.seed)
         jd.unlabeled_rows = unlabeled_training_rows(data, fraction, recipe.seed)
-    jd.transfer = load_transfer(recipe.data, recipe.distill.transfer, data, progress=progress)
-    if jd.transfer is not None:
-        jd.transfer_images = teacher_images(recipe, jd.transfer, progress=progress)
+    # generated, decoded and rendered once: by the main process first, the others then
+    # read its caches (every process must see the same records)
+    with process_state().main_process_first():
+        jd.transfer = load_transfer(recipe.data, recipe.distill.transfer, data,
+                                    progress=progress)
+        if jd.transfer is not None:
+            jd.transfer_images = teacher_images(recipe, jd.transfer, progress=progress)
     return jd
 
 

@@ -263,7 +263,7 @@ def over_seeds(labels: np.ndarray, scores_a: Sequence[np.ndarray],
         per_seed = per_seed - np.stack([_draws(labels, s, samples, macro_auc)
                                         for s in scores_b])
         value -= float(np.mean([macro_auc(labels, s) for s in scores_b]))
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, 1])  # not the stream of the test resamples
     picks = rng.integers(0, n, size=(per_seed.shape[1], n))  # (B, S): seeds drawn per resample
     draws = per_seed[picks, np.arange(per_seed.shape[1])[:, None]].mean(axis=1)
     return _interval(value, draws, level)

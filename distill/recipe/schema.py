@@ -449,6 +449,11 @@ class Recipe:
                 raise RecipeError(f"{at}ablations.runs.{i}: {name} leaves no distillation term "
                                   f"weighted (it would train the label-only baseline again)")
         t = self.distill.transfer
+        if t.path is not None and self.data.path is not None and \
+                Path(t.path).expanduser().resolve() == Path(self.data.path).expanduser().resolve():
+            raise RecipeError(f"{at}distill.transfer.path: {t.path} is data.path itself; its "
+                              f"validation and test records would reach distillation (give a "
+                              f"folder of other records)")
         if t.synthetic and t.first_patient_id is not None and self.data.path is None:
             lo, hi = patient_id_range(self.data.synthetic.records,
                                       self.data.synthetic.first_patient_id)

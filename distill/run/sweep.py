@@ -36,6 +36,7 @@ from distill.data.load import load_data
 from distill.metrics.classification import bootstrap_samples, over_seeds
 from distill.metrics.results import load_results
 from distill.recipe import Recipe
+from distill.engine.accel import process_state
 from distill.run.pipeline import run_pipeline, write_run_recipe
 
 SWEEP_FILE = "sweep.json"
@@ -61,8 +62,10 @@ def sweep_grid(recipe: Recipe, seeds: Sequence[int] | None = None,
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad:
         raise RecipeError(f"--label-fractions: {bad[0]} is not in (0, 1]")
-    if len(set(seeds)) != len(seeds) or len(set(fractions)) != len(fractions):
-        raise RecipeError("--seeds / --label-fractions: each value once")
+    names = [f"{f:g}" for f in fractions]  # the points' folder names
+    if len(set(seeds)) != len(seeds) or len(set(names)) != len(names):
+        raise RecipeError("--seeds / --label-fractions: each value once (fractions are told "
+                          "apart by 6 significant digits)")
     return sorted(fractions), seeds
 
 
@@ -71,7 +74,8 @@ def run_sweep(recipe: Recipe, seeds: Sequence[int] | None = None,
               progress: bool = True, force: Sequence[str] = ()) -> dict[str, Any] | None:
     """Run every point of the sweep (each resumable) and summarize; the summary."""
     fractions, seeds = sweep_grid(recipe, seeds, fractions)
-    if not dry_run:
+    state = process_state()
+    if not dry_run and state.is_main_process:
         write_run_recipe(recipe, recipe.run_dir)  # a different earlier one is kept
     for fraction in fractions:
         for seed in seeds:
@@ -80,7 +84,10 @@ def run_sweep(recipe: Recipe, seeds: Sequence[int] | None = None,
             run_pipeline(point, dry_run=dry_run, progress=progress, resume=True, force=force)
     if dry_run:
         return None
-    return summarize(recipe, fractions, seeds, progress=progress)
+    summary = summarize(recipe, fractions, seeds, progress=progress) \
+        if state.is_main_process else None
+    state.wait_for_everyone()
+    return summary
 
 
 def _test_predictions(layout: RunLayout, name: str, test: np.ndarray) -> np.ndarray:
