@@ -75,6 +75,11 @@ def test_a_sweep_runs_every_point_and_summarizes(tmp_path, capsys) -> None:
     assert distilled["vs_baseline"]["low"] <= distilled["vs_baseline"]["value"] \
         <= distilled["vs_baseline"]["high"]
     assert (root / "figures" / "learning_curve.png").stat().st_size > 1000
+    # the fractions of one seed share its teacher's stages (linked, not retrained)
+    for s in (0, 1):
+        a, b = (root / f"labels-{f}" / f"seed-{s}" / "stages" / "teacher_cache.json"
+                for f in ("0.5", "1"))
+        assert json.loads(a.read_text()) == json.loads(b.read_text())
     assert "## Label fraction 0.5" in (root / "sweep.md").read_text()
     # a second call finds every point complete and only summarizes again
     capsys.readouterr()

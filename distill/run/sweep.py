@@ -15,13 +15,16 @@ Then :func:`summarize` writes, at the top of the run folder:
   label fraction for every baseline and distilled student, the teacher as a line.
 
 A point that is complete is skipped as in any run; an interrupted sweep continues where
-it stopped.
+it stopped. The points of one seed share its teacher: the first fraction's point trains it,
+the others link to it (:func:`share_teacher`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,11 +40,12 @@ from distill.metrics.classification import bootstrap_samples, over_seeds
 from distill.metrics.results import load_results
 from distill.recipe import Recipe
 from distill.engine.accel import process_state
-from distill.run.pipeline import run_pipeline, write_run_recipe
+from distill.run.pipeline import STAGES, run_pipeline, stage_status, write_run_recipe
 
 SWEEP_FILE = "sweep.json"
 SWEEP_REPORT = "sweep.md"
 CURVE = "learning_curve.png"
+TEACHER_STAGES = ("data", "teacher", "teacher_cache")  # what no label fraction changes
 
 
 def point_recipe(recipe: Recipe, fraction: float, seed: int) -> Recipe:
@@ -81,6 +85,9 @@ def run_sweep(recipe: Recipe, seeds: Sequence[int] | None = None,
         for seed in seeds:
             point = point_recipe(recipe, fraction, seed)
             print(f"== label fraction {fraction:g}, seed {seed}: {point.run_dir}")
+            if not dry_run and state.is_main_process and fraction != fractions[0]:
+                share_teacher(point_recipe(recipe, fractions[0], seed), point)
+            state.wait_for_everyone()
             run_pipeline(point, dry_run=dry_run, progress=progress, resume=True, force=force)
     if dry_run:
         return None
@@ -88,6 +95,34 @@ def run_sweep(recipe: Recipe, seeds: Sequence[int] | None = None,
         if state.is_main_process else None
     state.wait_for_everyone()
     return summary
+
+
+def share_teacher(source: Recipe, target: Recipe) -> bool:
+    """Give ``target`` (a point of the same seed, another label fraction) the finished
+    teacher of ``source``: the teacher never sees the label fraction, so the stages up to
+    its outputs are the same (their hashes ignore ``data.label_fraction``). The teacher's
+    folder is hard-linked (copied where links cannot be made) and the stage markers copied;
+    the pipeline then checks the hashes and skips those stages. Nothing of ``target`` is
+    replaced. Whether it shared."""
+    src, dst = RunLayout(source.run_dir), RunLayout(target.run_dir)
+    teacher = ModelId.teacher()
+    stages = [s for s in STAGES if s.name in TEACHER_STAGES]
+    if any(stage_status(s, source, src.root) != "done" for s in stages) \
+            or any(dst.marker(s.name).exists() for s in stages) or dst.job_dir(teacher).exists():
+        return False
+    if src.job_dir(teacher).is_dir():
+        def link(a: str, b: str) -> None:
+            try:
+                os.link(a, b)
+            except OSError:
+                shutil.copy2(a, b)
+
+        shutil.copytree(src.job_dir(teacher), dst.job_dir(teacher), copy_function=link)
+    for s in stages:
+        dst.marker(s.name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src.marker(s.name), dst.marker(s.name))
+    print(f"teacher of {src.root} shared (the label fraction does not concern it)")
+    return True
 
 
 def _test_predictions(layout: RunLayout, name: str, test: np.ndarray) -> np.ndarray:
