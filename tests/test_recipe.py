@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from distill.core.errors import RecipeError
-from distill.recipe import Recipe, load_recipe, recipe_from_dict, write_resolved
+from distill.recipe import AblationConfig, Recipe, load_recipe, recipe_from_dict, write_resolved
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted([*(REPO / "recipes").glob("*.yaml"),
@@ -192,3 +192,17 @@ def test_an_ablation_that_leaves_no_term_is_refused() -> None:
                                           r"distillation term weighted"):
         recipe_from_dict({"ablations": {"runs": ["relation_only"]}})
     assert recipe_from_dict({"ablations": {"runs": ["kd_only", "no_ot"]}}).ablations.runs
+
+
+def test_a_with_ablation_turns_on_a_term_the_recipe_leaves_off() -> None:
+    weights = {"kd": 1.0, "mhca": 1.0, "ot": 0.5, "relation": 0.0}
+    assert AblationConfig.weights("with_relation", weights) == {**weights, "relation": 1.0}
+    assert AblationConfig.weights("no_ot", weights) == {**weights, "ot": 0.0}
+    recipe = recipe_from_dict({"distill": {"weights": {"relation": 0.0}},
+                               "ablations": {"runs": ["with_relation"]}})
+    assert recipe.ablations.runs == ["with_relation"]
+    with pytest.raises(RecipeError, match=r"^ablations\.runs\.0: with_ot, but distill\.weights\.ot "
+                                          r"is already on"):
+        recipe_from_dict({"ablations": {"runs": ["with_ot"]}})
+    with pytest.raises(RecipeError, match=r"^ablations\.runs\.0: .*with_bogus"):
+        recipe_from_dict({"ablations": {"runs": ["with_bogus"]}})

@@ -363,16 +363,20 @@ class AblationConfig:
 
     An ablation is a weight override: ``no_<loss>`` sets that family's weight to 0,
     ``<loss>_only`` every other family's (a term whose ``requires_any`` terms are all gone
-    goes with them).
+    goes with them), and ``with_<loss>`` turns on a family the recipe leaves off, at its
+    registered default weight (1 where that is 0): the way to measure a term the recipe
+    does not use.
     """
 
     runs: list[str] = spec(default_factory=list,
-                           help="which ablations to train: no_<loss> or <loss>_only (empty = none)")
+                           help="which ablations to train: no_<loss>, <loss>_only or with_<loss> "
+                                "(empty = none)")
     student: int = spec(0, help="index into students of the ablated student", ge=0)
 
     def validate(self, path: str) -> None:
         names = [f.name for f in loss_families()]
-        valid = [f"no_{n}" for n in names] + [f"{n}_only" for n in names]
+        valid = ([f"no_{n}" for n in names] + [f"{n}_only" for n in names]
+                 + [f"with_{n}" for n in names])
         for i, run in enumerate(self.runs):
             _check_choice(f"{path}.runs.{i}", run, valid)
 
@@ -385,6 +389,12 @@ class AblationConfig:
         elif name.endswith("_only"):
             keep = name[:-len("_only")]
             out = {k: (v if k == keep else 0.0) for k, v in out.items()}
+        elif name.startswith("with_"):
+            fam = next((f for f in loss_families() if f.name == name[5:]), None)
+            if fam is None:
+                raise RecipeError(f"ablations.runs: unknown loss in ablation {name!r}")
+            if out.get(fam.name, 0.0) <= 0:
+                out[fam.name] = fam.default_weight if fam.default_weight > 0 else 1.0
         else:
             raise RecipeError(f"ablations.runs: unknown ablation {name!r}")
         for fam in loss_families():
@@ -448,6 +458,10 @@ class Recipe:
             if not any(v > 0 for v in weights.values()):
                 raise RecipeError(f"{at}ablations.runs.{i}: {name} leaves no distillation term "
                                   f"weighted (it would train the label-only baseline again)")
+            if name.startswith("with_") and self.distill.weights.get(name[5:], 0.0) > 0:
+                raise RecipeError(f"{at}ablations.runs.{i}: {name}, but distill.weights."
+                                  f"{name[5:]} is already on (it would train the full recipe "
+                                  f"again; use no_{name[5:]})")
         t = self.distill.transfer
         if t.path is not None and self.data.path is not None and \
                 Path(t.path).expanduser().resolve() == Path(self.data.path).expanduser().resolve():
