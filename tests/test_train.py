@@ -128,11 +128,15 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, shared_cache) 
                       load_file(killed / "best" / "model.safetensors"))
 
 
-def test_a_label_scarce_run_with_transfer_records_resumes_exactly(tmp_path, shared_cache) -> None:
+@pytest.mark.parametrize("augment", [{}, {"noise": 0.05, "shift": 0.5, "views": 2}],
+                         ids=["plain", "augmented-views"])
+def test_a_label_scarce_run_with_transfer_records_resumes_exactly(tmp_path, shared_cache,
+                                                                  augment) -> None:
     """The mixed training set (labeled subset, hidden-label records, synthetic transfer
-    records) is drawn in the same order after a SIGKILL and a resume."""
+    records) is drawn in the same order after a SIGKILL and a resume; with fixed augmented
+    views, each record's view in each epoch, and the teacher's cached outputs on it, too."""
     recipe = write_recipe(tmp_path, recipe_dict(
-        tmp_path, shared_cache, train={"epochs": 2, "checkpoint_every": 3},
+        tmp_path, shared_cache, train={"epochs": 2, "checkpoint_every": 3, "augment": augment},
         data={"synthetic": {"records": 240, "seed": 0}, "cache_dir": str(shared_cache),
               "label_fraction": 0.5},
         distill={"alpha": 0.5, "mhca": {"dim": 32, "heads": 2}, "ot": {"dim": 32, "iters": 20},
@@ -323,7 +327,8 @@ def test_teacher_cache_matches_the_teacher_and_follows_its_weights(small, monkey
 @pytest.mark.slow
 def test_cross_configuration_and_live_teacher_distillation(tmp_path, shared_cache, capsys) -> None:
     """A 12-lead image teacher at 100 Hz, a lead-I student at 50 Hz; then with augmentation,
-    the teacher run live on images drawn from the augmented records."""
+    the teacher run live on images drawn from the augmented records, and cached on fixed
+    augmented views."""
     d = recipe_dict(tmp_path, shared_cache,
                     students=[{"family": "leadformer", "size": "tiny",
                                "view": {"leads": ["I"], "sampling_rate": 50}}],
@@ -344,6 +349,14 @@ def test_cross_configuration_and_live_teacher_distillation(tmp_path, shared_cach
                  "--quiet", "--force", "distill"]) == 0
     out = capsys.readouterr().out
     assert "runs it live instead of reading a cache" in out
+    metrics = json.loads((run / "distill" / "leadformer-tiny" / "metrics.json").read_text())
+    assert metrics["complete"] and np.isfinite(metrics["best"]["train_kd"])
+
+    # with fixed views the teacher is cached on each view (augmented, then rendered)
+    assert main(["distill", str(recipe), "train.augment.noise=0.05", "train.augment.shift=0.5",
+                 "train.augment.views=2", "--quiet", "--force", "distill"]) == 0
+    stages = json.loads((run / "stages" / "teacher_cache.json").read_text())
+    assert len(stages["summary"]["views"]) == 2 and stages["summary"]["tokens"][1:] == [196, 64]
     metrics = json.loads((run / "distill" / "leadformer-tiny" / "metrics.json").read_text())
     assert metrics["complete"] and np.isfinite(metrics["best"]["train_kd"])
 

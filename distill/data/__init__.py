@@ -16,7 +16,7 @@ _LAZY = {
     **dict.fromkeys(["ArrayCache", "default_cache_dir", "fingerprint"], "distill.data.cache"),
     **dict.fromkeys(["hash_folds", "label_matrix", "parse_comments", "scan_folder"],
                     "distill.data.cinc"),
-    **dict.fromkeys(["BAD_RECORD_MODES", "SCALERS", "ECGData", "ECGSplit", "KeptRows", "Scaler",
+    **dict.fromkeys(["BAD_RECORD_MODES", "SCALERS", "ECGData", "ECGSplit", "KeptRows", "PerDraw", "Scaler",
                      "SignalView", "load_cinc", "load_ptbxl"], "distill.data.dataset"),
     **dict.fromkeys(["NUM_LEADS", "STANDARD_LEADS", "lead_index", "lead_indices",
                      "standard_order"], "distill.core.leads"),

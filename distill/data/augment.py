@@ -1,8 +1,10 @@
 """Signal augmentation applied to a record before every consumer's view is cut from it.
 
 Because the teacher and the student see the same augmented record, the teacher's input
-changes every epoch when augmentation is on: distillation then runs the teacher live
-instead of reading its cached outputs (docs/architecture.md, "How a record flows").
+changes every epoch when augmentation draws afresh: distillation then runs the teacher live.
+With ``train.augment.views`` = K the draws are K fixed views per record instead (an
+``ECGSplit``'s ``draws``), and the teacher's outputs on each view are cached
+(docs/architecture.md, "How a record flows").
 """
 
 from __future__ import annotations

@@ -39,7 +39,10 @@ from distill.data.render import render_12lead
 SCALERS = ("global", "per_lead", "none")
 BAD_RECORD_MODES = ("error", "skip")
 _STORE_VERSION = 1  # bump when the decoding changes, so old cache entries are not trusted
-_RESERVED = ("labels", "index", "ecg_id")
+_RESERVED = ("labels", "index", "ecg_id", "draw")
+# the streams of fixed augmentation draws (ECGSplit ``draws``): a draw's own random numbers,
+# and the pick of a record's draw in an epoch; 4-tuples, so never equal to an epoch key
+_DRAW_STREAM, _PICK_STREAM = 0xD4A3, 0x91C4
 
 
 @dataclass(frozen=True)
@@ -185,10 +188,11 @@ class ECGData:
 
     def split(self, name: str, views: Mapping[str, SignalView] | None = None, *,
               extras: Mapping[str, Any] | None = None, transform: Any = None,
-              render: Any = None, seed: int = 0) -> ECGSplit:
+              render: Any = None, seed: int = 0, draws: int = 0,
+              draw: int | None = None) -> ECGSplit:
         """A torch Dataset over split ``name`` (``"all"`` = every record, unless a split
         of that name exists). ``views`` default: ``{"signal": SignalView()}``; ``extras``,
-        ``transform``, ``render`` and ``seed``: see :class:`ECGSplit`."""
+        ``transform``, ``render``, ``seed``, ``draws`` and ``draw``: see :class:`ECGSplit`."""
         if name in self.splits:
             indices = self.splits[name]
         elif name == "all":
@@ -196,7 +200,26 @@ class ECGData:
         else:
             raise DataError(f"unknown split {name!r}; have {', '.join(self.splits)} (and 'all')")
         return ECGSplit(self, indices, views, extras=extras, transform=transform, render=render,
-                        seed=seed)
+                        seed=seed, draws=draws, draw=draw)
+
+
+class PerDraw:
+    """A per-record extra with one array per fixed augmentation draw (for example the
+    teacher's outputs on each of K augmented draws): an :class:`ECGSplit` item reads
+    ``arrays[d][index]`` for the item's draw ``d``."""
+
+    def __init__(self, arrays: Sequence[Any]) -> None:
+        if not arrays:
+            raise DataError("PerDraw needs at least one array")
+        if len({len(a) for a in arrays}) != 1:
+            raise DataError(f"PerDraw arrays differ in length: {[len(a) for a in arrays]}")
+        self.arrays = list(arrays)
+
+    def __len__(self) -> int:
+        return len(self.arrays[0])
+
+    def at(self, draw: int, index: int) -> np.ndarray:
+        return np.array(self.arrays[draw][index])
 
 
 class ECGSplit(Dataset):
@@ -215,12 +238,21 @@ class ECGSplit(Dataset):
     cut (augmentation); ``rng`` is a numpy Generator seeded by (``seed``, epoch, index),
     so an item is the same whenever it is drawn in the same epoch (resumable, and the same
     in every data-loader worker). :meth:`set_epoch` selects the epoch.
+
+    With ``draws`` = K > 0 the augmentation comes from K fixed draws per record instead:
+    draw ``d`` of record ``index`` is seeded by (``seed``, a draw stream, d, index), and the
+    draw an item uses in an epoch is picked by a generator seeded by (``seed``, a pick
+    stream, epoch, index), so it too depends on nothing but the epoch (resume stays
+    exact). The item carries ``draw`` (int), and a :class:`PerDraw` extra gives the row of
+    that draw: this is how a student reads the teacher's cached outputs on the very
+    augmented record it sees. ``draw`` pins every item to one draw (to compute such a
+    cache).
     """
 
     def __init__(self, data: ECGData, indices: np.ndarray,
                  views: Mapping[str, SignalView] | None = None, *,
                  extras: Mapping[str, Any] | None = None, transform: Any = None,
-                 render: Any = None, seed: int = 0):
+                 render: Any = None, seed: int = 0, draws: int = 0, draw: int | None = None):
         self.data = data
         self.indices = np.asarray(indices, dtype=np.int64)
         self.views = dict(views) if views is not None else {"signal": SignalView()}
@@ -229,8 +261,18 @@ class ECGSplit(Dataset):
         self.render = render
         self.seed = seed
         self.epoch = 0
+        self.draws = int(draws)
+        self.draw = draw
         if not self.views:
             raise DataError("a split needs at least one view")
+        if self.draws < 0 or (draw is not None and not 0 <= draw < self.draws):
+            raise DataError(f"draw {draw} of {draws} fixed augmentation draws")
+        if self.draws and transform is None:
+            raise DataError("fixed augmentation draws need a transform (the augmentation)")
+        for name, arr in self.extras.items():
+            if isinstance(arr, PerDraw) and len(arr.arrays) != self.draws:
+                raise DataError(f"extra {name!r} has {len(arr.arrays)} draws, the split "
+                                f"{self.draws}")
         self._leads = {}
         taken = set(_RESERVED) | ({"image"} if render is not None else set())
         for name in self.extras:
@@ -253,12 +295,23 @@ class ECGSplit(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def draw_of(self, index: int) -> int | None:
+        """The fixed draw record ``index`` uses in the current epoch (None without draws)."""
+        if not self.draws:
+            return None
+        if self.draw is not None:
+            return self.draw
+        pick = np.random.default_rng((self.seed, _PICK_STREAM, self.epoch, index))
+        return int(pick.integers(self.draws))
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
         k = int(self.indices[i])
         x = np.asarray(self.data.signal(k))
         fs = self.data.sampling_rate
+        d = self.draw_of(k)
         if self.transform is not None:
-            rng = np.random.default_rng((self.seed, self.epoch, k))
+            rng = np.random.default_rng((self.seed, self.epoch, k) if d is None
+                                        else (self.seed, _DRAW_STREAM, d, k))
             x = np.asarray(self.transform(x, fs, rng), dtype=np.float32)
         item: dict[str, torch.Tensor | int] = {}
         for name, view in self.views.items():
@@ -271,10 +324,13 @@ class ECGSplit(Dataset):
         if self.render is not None:
             item["image"] = torch.from_numpy(render_12lead(x, fs, self.render))
         for name, arr in self.extras.items():
-            item[name] = torch.from_numpy(np.array(arr[k]))
+            item[name] = torch.from_numpy(arr.at(d, k) if isinstance(arr, PerDraw)
+                                          else np.array(arr[k]))
         item["labels"] = torch.from_numpy(self.data.labels[k].copy())
         item["index"] = k
         item["ecg_id"] = int(self.data.ecg_ids[k])
+        if d is not None:
+            item["draw"] = d
         return item
 
 

@@ -38,7 +38,8 @@ from distill.data.transfer import (Flagged, MixedSet, labeled_training_rows, loa
 from distill.engine.accel import process_state
 from distill.engine.factory import (build_objective, build_student, build_teacher, consumer_views,
                                     saved_teacher_folder, student_key, teacher_class)
-from distill.engine.teacher_cache import TeacherOutputs, cache_key, teacher_outputs, weights_hash
+from distill.engine.teacher_cache import (DrawnOutputs, TeacherOutputs, cache_key, teacher_outputs,
+                                          weights_hash)
 from distill.engine.train import TrainJob
 from distill.recipe import AblationConfig, Recipe, StudentConfig
 from teachers import zoo
@@ -111,6 +112,18 @@ def augmentation(recipe: Recipe) -> SignalAugment:
     return SignalAugment(noise=a.noise, amplitude=a.amplitude, shift=a.shift)
 
 
+def augment_draws(recipe: Recipe) -> int:
+    """K, the fixed augmented views per record the students draw from (and the teacher's
+    outputs are cached on); 0 when augmentation is off or draws afresh every epoch."""
+    return recipe.train.augment.views if augmentation(recipe).active else 0
+
+
+def teacher_runs_live(recipe: Recipe) -> bool:
+    """Whether distillation runs the teacher on every batch (augmentation drawn afresh each
+    epoch) instead of reading its cached outputs."""
+    return augmentation(recipe).active and not augment_draws(recipe)
+
+
 def normalization(data: Any) -> dict[str, Any]:
     """The data set's scaler as a JSON-able dict (stored in every student's config, so a
     saved student carries the statistics its inputs must be scaled with)."""
@@ -134,10 +147,13 @@ RESULT_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "gr
 def train_settings(recipe: Recipe, teacher: bool = False) -> dict[str, Any]:
     """The training settings a job's result depends on; for the teacher, with its own
     ``teacher.epochs`` / ``teacher.lr`` when set. Fingerprints and stage hashes use these,
-    so changing a bookkeeping setting never invalidates finished training."""
-    d = to_dict(recipe.train)
+    so changing a bookkeeping setting never invalidates finished training. The teacher's
+    training draws its augmentation afresh every epoch, so ``augment.views`` (the students'
+    fixed draws) is not among its settings."""
+    d = to_dict(recipe.train, hashing=True)
     out = {k: d[k] for k in RESULT_KEYS}
     if teacher:
+        out["augment"] = {k: v for k, v in out["augment"].items() if k != "views"}
         t = recipe.teacher
         out["epochs"] = t.epochs if t.epochs is not None else out["epochs"]
         out["lr"] = t.lr if t.lr is not None else out["lr"]
@@ -271,25 +287,30 @@ def _student_sets(jd: JobData, spec: StudentConfig, extras: Mapping[str, Any] | 
     With ``data.label_fraction`` < 1 a student trains on the labeled subset only (the
     baseline) or (``distill``) on it and the transfer records: the training records whose
     labels are hidden and the extra records of ``distill.transfer`` (with the teacher's
-    outputs on them, ``transfer_extras``), each item flagged ``labeled`` 1 or 0."""
+    outputs on them, ``transfer_extras``), each item flagged ``labeled`` 1 or 0.
+
+    With ``train.augment.views`` = K every training item is one of K fixed augmented draws
+    of its record (baseline and distillation alike); the cached teacher outputs are then
+    per draw (:class:`~distill.data.dataset.PerDraw`), read at the item's draw."""
     recipe = jd.recipe
     key = student_key(spec)
 
     def part(data: Any, rows: np.ndarray | None, arrays: Mapping[str, Any] | None,
              images: np.ndarray | None) -> ECGSplit:
         views = {key: jd.views[key]}
-        render, transform, extra = None, None, dict(arrays or {})
+        render, transform, extra, draws = None, None, dict(arrays or {}), 0
         if with_teacher:
             t_views, t_extras, render, transform = _teacher_split(jd, True, images)
             views.update(t_views)
             extra.update(t_extras)
         elif augmentation(recipe).active:
             transform = augmentation(recipe)
+            draws = augment_draws(recipe)
         if rows is None:
             return data.split("train", views, extras=extra, render=render, transform=transform,
-                              seed=recipe.seed)
+                              seed=recipe.seed, draws=draws)
         return ECGSplit(data, rows, views, extras=extra, render=render, transform=transform,
-                        seed=recipe.seed)
+                        seed=recipe.seed, draws=draws)
 
     val = jd.data.split("val", {key: jd.views[key]}, seed=recipe.seed)
     labeled = part(jd.data, jd.labeled_rows, extras, jd.images)
@@ -356,16 +377,18 @@ def cached_teacher_output(batch: Mapping[str, Any], token_leads: torch.Tensor) -
 
 
 def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
-                cache: TeacherOutputs | None, model_id: ModelId | None = None,
-                transfer_cache: TeacherOutputs | None = None) -> TrainJob:
+                cache: TeacherOutputs | DrawnOutputs | None, model_id: ModelId | None = None,
+                transfer_cache: TeacherOutputs | DrawnOutputs | None = None) -> TrainJob:
     """A student trained with the recipe's objective against the frozen teacher.
 
     Args:
         jd: the loaded data.
         spec: the student.
-        teacher: the frozen teacher (used live when ``cache`` is None, i.e. augmentation).
-        cache: :class:`distill.engine.teacher_cache.TeacherOutputs`, or None to run the
-            teacher live.
+        teacher: the frozen teacher (used live when ``cache`` is None: augmentation drawn
+            afresh every epoch).
+        cache: :class:`distill.engine.teacher_cache.TeacherOutputs` (per draw,
+            :class:`~distill.engine.teacher_cache.DrawnOutputs`, with
+            ``train.augment.views``), or None to run the teacher live.
         model_id: the model trained (default the student's distillation; an ablation names
             its own).
         transfer_cache: the teacher's outputs on the extra transfer records (with
@@ -380,6 +403,12 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
     if cache is not None and jd.transfer is not None and transfer_cache is None:
         raise ValueError("distill_job: the recipe has extra transfer records; pass the "
                          "teacher's outputs on them (transfer_cache)")
+    draws = augment_draws(recipe)
+    for c in (cache, transfer_cache):
+        if c is not None and len(getattr(c, "draws", ())) != draws:
+            raise ValueError(f"distill_job: the recipe draws {draws} augmented views per "
+                             f"record; the teacher outputs given cover "
+                             f"{len(getattr(c, 'draws', ()))}")
     sets = _student_sets(jd, spec, extras=extras, with_teacher=cache is None, distill=True,
                          transfer_extras=transfer_cache.extras() if transfer_cache else None)
     probe = sets["train"][0]
@@ -459,9 +488,10 @@ def _sub(state_dict: dict[str, Any] | None, prefix: str) -> dict[str, Any] | Non
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-def teacher_cache_key(jd: JobData, teacher: nn.Module, data: Any = None) -> str:
+def teacher_cache_key(jd: JobData, teacher: nn.Module, data: Any = None,
+                      draw: int | None = None) -> str:
     """The cache key of this teacher's outputs on this data (default the run's) with these
-    input settings."""
+    input settings; with ``draw``, on that fixed augmented draw of every record."""
     recipe = jd.recipe
     data = jd.data if data is None else data
     inputs: dict[str, Any] = {"kind": recipe.teacher.kind}
@@ -469,15 +499,19 @@ def teacher_cache_key(jd: JobData, teacher: nn.Module, data: Any = None) -> str:
         inputs["render"] = dataclasses.asdict(render_config(recipe.data))
     else:
         inputs["view"] = dataclasses.asdict(jd.views["teacher"])
+    if draw is not None:
+        inputs["augment"] = {**dataclasses.asdict(augmentation(recipe)), "seed": recipe.seed,
+                             "draw": draw}
     return cache_key(teacher, data.fingerprint, inputs)
 
 
 def build_teacher_cache(jd: JobData, teacher: nn.Module, progress: bool = True,
                         batch_size: int | None = None, rebuild: bool = False,
-                        transfer: bool = False):
+                        transfer: bool = False) -> TeacherOutputs | DrawnOutputs:
     """The teacher's outputs on every record (with ``transfer``, on every extra transfer
     record), from the cache or computed now (on this process's device: the GPU when there
-    is one)."""
+    is one). With ``train.augment.views`` = K, its outputs on each of the K fixed augmented
+    draws of every record (the signal augmented, then rendered for an image teacher)."""
     device = process_state().device
     if getattr(teacher, "quantized", False):  # placed by bitsandbytes when loaded
         device = next(teacher.parameters()).device
@@ -487,9 +521,20 @@ def build_teacher_cache(jd: JobData, teacher: nn.Module, progress: bool = True,
     recipe = jd.recipe
     views = {"teacher": jd.views["teacher"]}
     data, images = (jd.transfer, jd.transfer_images) if transfer else (jd.data, jd.images)
-    dataset = data.split("all", views, extras={"image": images} if images is not None else None)
-    return teacher_outputs(teacher, dataset, teacher_inputs(recipe),
-                           key=teacher_cache_key(jd, teacher, data),
-                           cache_dir=recipe.data.cache_dir,
-                           batch_size=batch_size or recipe.train.batch_size, progress=progress,
-                           rebuild=rebuild, device=device)
+    common = dict(cache_dir=recipe.data.cache_dir, progress=progress, rebuild=rebuild,
+                  batch_size=batch_size or recipe.train.batch_size, device=device)
+    draws = augment_draws(recipe)
+    if not draws:
+        dataset = data.split("all", views,
+                             extras={"image": images} if images is not None else None)
+        return teacher_outputs(teacher, dataset, teacher_inputs(recipe),
+                               key=teacher_cache_key(jd, teacher, data), **common)
+    render = render_config(recipe.data) if jd.teacher_class.reads_images() else None
+    out = []
+    for d in range(draws):
+        dataset = data.split("all", views, transform=augmentation(recipe), render=render,
+                             seed=recipe.seed, draws=draws, draw=d)
+        out.append(teacher_outputs(teacher, dataset, teacher_inputs(recipe),
+                                   key=teacher_cache_key(jd, teacher, data, draw=d),
+                                   desc=f"teacher outputs, view {d + 1}/{draws}", **common))
+    return DrawnOutputs(out)

@@ -11,8 +11,12 @@ turns each later epoch into a read. The entry is a folder in the data cache::
 
 ``key`` hashes the teacher's weights (every tensor of its state dict), its class and
 settings, the data set's fingerprint and the teacher's input settings (the render
-configuration or the signal view), so a changed teacher or data set never reads a stale
-entry. The folder is written under a temporary name and renamed into place when complete.
+configuration or the signal view, and with fixed augmentation draws the augmentation, the
+seed and the draw), so a changed teacher or data set never reads a stale entry. The folder
+is written under a temporary name and renamed into place when complete.
+
+With ``train.augment.views`` = K there is one entry per draw, gathered in
+:class:`DrawnOutputs`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from distill.data.cache import default_cache_dir
+from distill.data.dataset import PerDraw
 from distill.core.errors import ECGDistillError
 from distill.core.hashing import stable_hash
 from distill.core.io import atomic_dir
@@ -84,6 +89,35 @@ class TeacherOutputs:
                 "teacher.pooled": self.pooled}
 
 
+@dataclass
+class DrawnOutputs:
+    """The teacher's outputs on K fixed augmented draws of every record: one
+    :class:`TeacherOutputs` per draw, read by a split with ``draws`` = K."""
+
+    draws: list[TeacherOutputs]
+
+    def __post_init__(self) -> None:
+        if not self.draws:
+            raise ECGDistillError("DrawnOutputs needs at least one draw")
+
+    @property
+    def key(self) -> str:
+        return stable_hash([d.key for d in self.draws], length=20)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.draws[0].tokens
+
+    @property
+    def token_leads(self) -> torch.Tensor:
+        return self.draws[0].token_leads
+
+    def extras(self) -> dict[str, PerDraw]:
+        """Per-record, per-draw arrays for ``ECGData.split(extras=..., draws=K)``."""
+        names = self.draws[0].extras()
+        return {n: PerDraw([d.extras()[n] for d in self.draws]) for n in names}
+
+
 def load_outputs(folder: Path) -> TeacherOutputs | None:
     """A complete entry, or None when absent or unreadable (then it is rebuilt)."""
     try:
@@ -104,11 +138,12 @@ class _Overflow(Exception):
 
 
 def _fill(teacher: nn.Module, loader: DataLoader, inputs_fn: Callable, folder: Path,
-          n: int, dtype: np.dtype, device: torch.device, progress: bool) -> list[int]:
+          n: int, dtype: np.dtype, device: torch.device, progress: bool,
+          desc: str = "teacher outputs") -> list[int]:
     """Run the teacher over every record, writing the three arrays; the token leads."""
     arrays: dict[str, np.ndarray] = {}
     leads: list[int] = []
-    with progress_bar(total=n, desc="teacher outputs", unit="ecg", enabled=progress) as bar, \
+    with progress_bar(total=n, desc=desc, unit="ecg", enabled=progress) as bar, \
             torch.no_grad():
         for batch in loader:
             out = teacher(**{k: v.to(device) for k, v in inputs_fn(batch).items()})
@@ -136,7 +171,8 @@ def teacher_outputs(teacher: nn.Module, dataset: Dataset,
                     inputs_fn: Callable[[Mapping[str, Any]], dict[str, torch.Tensor]], *,
                     key: str, cache_dir: str | os.PathLike | None = None,
                     batch_size: int = 64, device: torch.device | str = "cpu",
-                    progress: bool = True, rebuild: bool = False) -> TeacherOutputs:
+                    progress: bool = True, rebuild: bool = False,
+                    desc: str = "teacher outputs") -> TeacherOutputs:
     """Load the teacher's outputs for every record of ``dataset``, computing them once.
 
     Args:
@@ -148,6 +184,7 @@ def teacher_outputs(teacher: nn.Module, dataset: Dataset,
         batch_size: records per forward pass.
         device: where the teacher runs.
         progress: a tqdm bar while computing.
+        desc: the bar's label.
         rebuild: compute the outputs again even if the entry exists.
 
     Returns:
@@ -170,7 +207,7 @@ def teacher_outputs(teacher: nn.Module, dataset: Dataset,
             tmp.mkdir(parents=True)
             try:
                 leads = _fill(teacher, loader, inputs_fn, tmp, n, dtype, torch.device(device),
-                              progress)
+                              progress, desc)
                 break
             except _Overflow:  # a feature beyond fp16's range: store float32 instead
                 continue

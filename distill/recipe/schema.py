@@ -320,12 +320,23 @@ def _requirement(name: str, needs: Sequence[str]) -> str:
 
 @dataclass
 class AugmentConfig:
-    """Signal augmentation before every view is cut (all 0 = off; when on, distillation
-    runs the teacher live, since its input changes every epoch)."""
+    """Signal augmentation before every view is cut (all 0 = off). With ``views`` = 0 every
+    epoch draws afresh and distillation runs the teacher live on each draw; with
+    ``views`` = K the students draw one of K fixed augmented views of each record per epoch
+    (the same for baseline and distillation) and the teacher's outputs on all K are cached
+    once, so distillation never runs the teacher."""
 
     noise: float = spec(0.0, help="std of added Gaussian noise, mV", ge=0)
     amplitude: float = spec(0.0, help="amplitude jitter: scale drawn from [1-a, 1+a]", ge=0, lt=1)
     shift: float = spec(0.0, help="largest circular time shift, seconds", ge=0)
+    views: int = spec(0, help="fixed augmented views per record whose teacher outputs are "
+                              "cached (0 = a fresh draw every epoch, teacher run live)",
+                      ge=0, since="0.2")
+
+    def validate(self, path: str) -> None:
+        if self.views and not (self.noise or self.amplitude or self.shift):
+            raise RecipeError(f"{path}.views: {self.views}, but no augmentation is on "
+                              f"({path}.noise, amplitude and shift are all 0)")
 
 
 @dataclass

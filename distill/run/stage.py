@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from distill.core.layout import RunLayout
-from distill.engine.jobs import JobData, distill_settings, load_job_data, student_settings, \
-    teacher_settings
+from distill.core.schema import to_dict
+from distill.engine.jobs import JobData, augment_draws, distill_settings, load_job_data, \
+    student_settings, teacher_settings
 from distill.recipe import Recipe
 
 
@@ -57,6 +58,15 @@ def teacher_stage_settings(recipe: Recipe) -> dict[str, Any]:
     return teacher_settings(recipe)
 
 
+def cache_stage_settings(recipe: Recipe) -> dict[str, Any]:
+    """The teacher's settings and, with fixed augmented views, the students' augmentation
+    (the cache holds the teacher's outputs on those views)."""
+    out = teacher_settings(recipe)
+    if augment_draws(recipe):
+        out["augment"] = to_dict(recipe.train.augment, hashing=True)
+    return out
+
+
 def student_stage_settings(recipe: Recipe) -> dict[str, Any]:
     return student_settings(recipe)
 
@@ -68,5 +78,6 @@ def distill_stage_settings(recipe: Recipe) -> dict[str, Any]:
 
 # the recipe sections every stage after training depends on
 TRAINED = ("data", "teacher", "students", "distill", "ablations", "evaluate")
-__all__ = ["STUDENT_ONLY", "TRAINED", "RunContext", "Stage", "distill_settings", "distill_stage_settings",
+__all__ = ["STUDENT_ONLY", "TRAINED", "RunContext", "Stage", "cache_stage_settings",
+           "distill_settings", "distill_stage_settings",
            "student_stage_settings", "teacher_stage_settings"]

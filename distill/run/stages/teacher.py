@@ -9,9 +9,11 @@ from typing import Any
 
 from distill.core.layout import TEACHER, ModelId
 from distill.engine.accel import process_state
-from distill.engine.jobs import augmentation, build_teacher_cache, load_frozen_teacher, \
-    teacher_job
-from distill.run.stage import STUDENT_ONLY, RunContext, Stage, teacher_stage_settings
+from distill.engine.jobs import build_teacher_cache, load_frozen_teacher, teacher_job, \
+    teacher_runs_live
+from distill.engine.teacher_cache import DrawnOutputs, TeacherOutputs
+from distill.run.stage import STUDENT_ONLY, RunContext, Stage, cache_stage_settings, \
+    teacher_stage_settings
 from distill.run.stages.train import fit_job
 
 
@@ -28,27 +30,40 @@ def run_teacher(ctx: RunContext) -> dict[str, Any]:
                    cfg=cfg)
 
 
+def _entries(cache: TeacherOutputs | DrawnOutputs) -> list[TeacherOutputs]:
+    return cache.draws if isinstance(cache, DrawnOutputs) else [cache]
+
+
 def run_cache(ctx: RunContext) -> dict[str, Any]:
-    if augmentation(ctx.recipe).active:
-        print("train.augment is on: the teacher's input changes every epoch, so distillation "
-              "runs it live instead of reading a cache")
+    if teacher_runs_live(ctx.recipe):
+        print("train.augment is on with views: 0: the teacher's input changes every epoch, so "
+              "distillation runs it live instead of reading a cache (train.augment.views: K "
+              "caches it on K fixed augmented views per record)")
         return {"live": True}
     jd = ctx.job_data()
     # every process runs this stage, the main one first: only it recomputes on --force
     rebuild = "teacher_cache" in ctx.force and process_state().is_main_process
     teacher = load_frozen_teacher(jd, ctx.run_dir)
     cache = build_teacher_cache(jd, teacher, progress=ctx.progress, rebuild=rebuild)
-    print(f"teacher outputs: {cache.folder} (tokens {list(cache.tokens.shape)}, "
-          f"{cache.tokens.dtype})")
-    summary = {"folder": str(cache.folder), "key": cache.key, "tokens": list(cache.tokens.shape),
-               "storage": str(cache.tokens.dtype)}
+    entries = _entries(cache)
+    for e in entries:
+        print(f"teacher outputs: {e.folder} (tokens {list(e.tokens.shape)}, {e.tokens.dtype})")
+    summary: dict[str, Any] = {"folder": str(entries[0].folder), "key": cache.key,
+                               "tokens": list(cache.tokens.shape),
+                               "storage": str(cache.tokens.dtype)}
+    if len(entries) > 1 or isinstance(cache, DrawnOutputs):
+        summary["views"] = [str(e.folder) for e in entries]
     if jd.transfer is not None:
         extra = build_teacher_cache(jd, teacher, progress=ctx.progress, rebuild=rebuild,
                                     transfer=True)
-        print(f"teacher outputs on the transfer records: {extra.folder} "
-              f"({len(extra.logits)} records)")
-        summary["transfer"] = {"folder": str(extra.folder), "key": extra.key,
-                               "records": int(len(extra.logits))}
+        extras = _entries(extra)
+        for e in extras:
+            print(f"teacher outputs on the transfer records: {e.folder} "
+                  f"({len(e.logits)} records)")
+        summary["transfer"] = {"folder": str(extras[0].folder), "key": extra.key,
+                               "records": int(len(extras[0].logits))}
+        if isinstance(extra, DrawnOutputs):
+            summary["transfer"]["views"] = [str(e.folder) for e in extras]
     return summary
 
 
@@ -56,5 +71,5 @@ TEACHER_STAGE = Stage("teacher", "fine-tune the teacher on the labels (full, lor
                       ("data",), run_teacher, (TEACHER,), collective=True,
                       settings=teacher_stage_settings, ignores=STUDENT_ONLY)
 CACHE_STAGE = Stage("teacher_cache", "compute the frozen teacher's outputs on every record once",
-                    ("data",), run_cache, settings=teacher_stage_settings,
+                    ("data",), run_cache, settings=cache_stage_settings,
                     ignores=STUDENT_ONLY)

@@ -13,8 +13,8 @@ from typing import Any
 from distill.core.layout import ModelId
 from distill.engine.accel import process_state
 from distill.engine.factory import student_name
-from distill.engine.jobs import (ablation_recipe, augmentation, baseline_job, build_teacher_cache,
-                                 distill_job, load_frozen_teacher)
+from distill.engine.jobs import (ablation_recipe, baseline_job, build_teacher_cache, distill_job,
+                                 load_frozen_teacher, teacher_runs_live)
 from distill.engine.train import TrainJob, fit
 from distill.run.stage import RunContext, Stage, distill_stage_settings, student_stage_settings
 
@@ -48,7 +48,7 @@ def _teacher_and_cache(ctx: RunContext):
     jd = ctx.job_data()
     teacher = load_frozen_teacher(jd, ctx.run_dir)
     cache = transfer = None
-    if not augmentation(ctx.recipe).active:
+    if not teacher_runs_live(ctx.recipe):
         with process_state().main_process_first():
             cache = build_teacher_cache(jd, teacher, progress=ctx.progress)
             if jd.transfer is not None:
