@@ -35,6 +35,8 @@ def tiny_recipe(root: Path) -> Path:
         "ablations": {"student": 1, "runs": ["kd_only"]},
         "train": {"epochs": 2, "batch_size": 32, "lr": 0.003},
         "evaluate": {"bootstrap": 50, "latency_repeats": 1},
+        "quantize": {"formats": ["int8", "nf4", "onnx", "onnx-int8", "onnx-int4"],
+                     "calibration_records": 64},
     }
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(d, sort_keys=False))
@@ -90,35 +92,60 @@ def test_run_killed_between_stages_continues_and_writes_every_artefact(tmp_path,
             assert img.size[0] > 300 and img.size[1] > 200
         assert f"figures/{fig}.png" in report
 
-    # the quantize stage: every distilled student in int8 and nf4 where its layers allow
+    # the quantize stage: every trained student in every format its layers allow
     quantized = json.loads((run / "quantized.json").read_text())
+    variants = ("xresnet1d/tiny int8", "leadformer/tiny int8", "leadformer/tiny nf4",
+                "xresnet1d/tiny onnx", "leadformer/tiny onnx", "xresnet1d/tiny onnx-int8",
+                "leadformer/tiny onnx-int8", "leadformer/tiny onnx-int4")
     assert set(quantized["models"]) == {f"{kind} {s}" for kind in ("baseline", "distill")
-                                        for s in ("xresnet1d/tiny int8", "leadformer/tiny int8",
-                                                  "leadformer/tiny nf4")}
+                                        for s in variants}
     assert "no layer of this model can be quantized to nf4" in \
         quantized["skipped"]["distill xresnet1d/tiny nf4"]
+    assert "onnxruntime has no 4-bit convolution" in \
+        quantized["skipped"]["distill xresnet1d/tiny onnx-int4"]
     for name, m in quantized["models"].items():
         d = m["vs_fp32"]
         assert d["low"] <= d["value"] <= d["high"]
         ref = quantized["reference"][m["fp32"]]
+        if m["format"].startswith("onnx"):  # the source model's count (batch norms included)
+            assert m["parameters"] == ref["parameters"]
+        if m["format"] == "onnx":  # the same weights, run by onnxruntime: the same scores
+            assert abs(d["value"]) < 1e-3 and m["quantization"]["max_abs_diff"] <= 1e-4
+            assert "onnxruntime" in m["memory_method"]
+            continue
         assert m["disk_mb"] < ref["disk_mb"] and m["weights_mb"] < ref["weights_mb"]
-        assert json.loads((Path(m["folder"]) / "config.json").read_text())["quantization_config"]
-        assert m["quantization"]["ratio_part"] > (3 if m["format"] == "int8" else 5)
+        if m["format"].startswith("onnx"):
+            assert (Path(m["folder"]) / "model.onnx").is_file()
+        else:
+            assert json.loads((Path(m["folder"]) / "config.json").read_text())[
+                "quantization_config"]
+        assert m["quantization"]["ratio_part"] > (5 if m["format"] in ("nf4", "onnx-int4")
+                                                  else 3)
     # the fp32 rows measured beside the variants score what the evaluate stage scored
     assert quantized["reference"]["distill leadformer/tiny"]["macro_auc"] == \
         pytest.approx(results["models"]["distill leadformer/tiny"]["macro_auc"])
     mem = quantized["teacher_memory"]
     assert mem["4bit"]["weights_mb"] < mem["8bit"]["weights_mb"] < mem["none"]["weights_mb"]
     assert "Quantized students" in report and "| distill leadformer/tiny nf4 | nf4 |" in report
+    assert "| distill xresnet1d/tiny onnx-int8 | onnx-int8 |" in report
     assert "| distill leadformer/tiny | fp32 |" in report
     assert "Teacher memory by precision" in report
     # the export stage: one verified hub-ready folder per distilled student and variant
     exported = sorted(p.name for p in (run / "export").iterdir())
     assert exported == sorted(["distill_xresnet1d-tiny", "distill_leadformer-tiny",
                                "distill_xresnet1d-tiny_int8", "distill_leadformer-tiny_int8",
-                               "distill_leadformer-tiny_nf4"])
+                               "distill_leadformer-tiny_nf4", "distill_xresnet1d-tiny_onnx",
+                               "distill_leadformer-tiny_onnx", "distill_xresnet1d-tiny_onnx-int8",
+                               "distill_leadformer-tiny_onnx-int8",
+                               "distill_leadformer-tiny_onnx-int4"])
     for name in exported:
         assert (run / "export" / name / "checksums.sha256").exists()
+    onnx_export = run / "export" / "distill_leadformer-tiny_onnx-int8"
+    assert (onnx_export / "model.onnx").is_file()
+    assert not (onnx_export / "model.safetensors").exists()
+    # the ONNX card's snippet scores a raw record with numpy, scipy, wfdb and onnxruntime only
+    _run_onnx_snippet(run / "export" / "distill_xresnet1d-tiny_onnx",
+                      next((tmp_path / "cache" / "synthetic").iterdir()), tmp_path)
 
     # ecg-distill eval on the same folder reproduces the run's numbers for a student
     data = next((tmp_path / "cache" / "synthetic").iterdir())
@@ -137,6 +164,34 @@ def test_run_killed_between_stages_continues_and_writes_every_artefact(tmp_path,
                  "--bootstrap", "50", "--out", str(out_json), "--quiet"]) == 0
     assert json.loads(out_json.read_text())["macro_auc"] == pytest.approx(
         quantized["models"]["distill leadformer/tiny nf4"]["macro_auc"])
+
+
+def _run_onnx_snippet(folder: Path, data: Path, tmp_path: Path) -> None:
+    """The card's snippet, with MODEL and RECORD set, in a fresh interpreter that may not
+    import ecg-distill or torch: it prints the run's stored probabilities of the record."""
+    import re
+
+    from safetensors.numpy import load_file
+
+    from distill.hub.model_card import card_snippet
+
+    samples = load_file(folder / "samples.safetensors")
+    ecg_id = int(samples["ecg_id"][0])
+    record = next(data.glob(f"records100/*/{ecg_id:05d}_lr.hea")).with_suffix("")
+    code = card_snippet((folder / "README.md").read_text())
+    code = re.sub(r'^MODEL = ".*"', f"MODEL = {str(folder / 'model.onnx')!r}", code,
+                  flags=re.MULTILINE)
+    code = re.sub(r'^RECORD = ".*"', f"RECORD = {str(record)!r}", code, flags=re.MULTILINE)
+    code += ("\nimport sys\nbad = sorted(m for m in sys.modules if m.split('.')[0] in "
+             "('distill', 'students', 'teachers', 'torch', 'transformers'))\n"
+             "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = dict(line.split() for line in proc.stdout.strip().splitlines())
+    assert list(printed) == ["CD", "HYP", "MI", "NORM", "STTC"]
+    for got, want in zip(printed.values(), samples["probabilities"][0].tolist()):
+        assert float(got) == pytest.approx(want, abs=1e-3)
 
 
 @pytest.mark.slow

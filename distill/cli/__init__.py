@@ -200,7 +200,7 @@ def _cmd_export(args) -> int:
     from distill.hub.export import export_run
 
     folders = export_run(args.run, models=args.model, out=args.out, force=args.force,
-                         samples=args.samples, progress=not args.quiet)
+                         samples=args.samples, progress=not args.quiet, formats=args.format)
     for folder in folders:
         print(f"wrote {folder} (verified in a fresh process)")
     return 0
@@ -211,7 +211,8 @@ def _cmd_verify(args) -> int:
 
     report = verify_folder(args.folder)
     n = len((Path(args.folder) / MANIFEST).read_text().splitlines())
-    print(f"{args.folder}: ok: {n} files match {MANIFEST}; loads with AutoModel; "
+    loader = "onnxruntime" if (Path(args.folder) / "model.onnx").is_file() else "AutoModel"
+    print(f"{args.folder}: ok: {n} files match {MANIFEST}; loads with {loader}; "
           f"{report['samples']} stored test predictions reproduced "
           f"(max |difference| {report['max_abs_diff']:.1e}, tolerance {report['atol']:.0e})")
     return 0
@@ -243,6 +244,11 @@ def add_export_commands(sub) -> None:
                         'default: every distilled student and quantized variant)')
     p.add_argument("--out", default=None, metavar="DIR",
                    help="where the model folders go (default RUN/export)")
+    p.add_argument("--format", action="append", metavar="FMT",
+                   choices=["fp32", "int8", "nf4", "fp4", "onnx", "onnx-int8", "onnx-int4"],
+                   help="only the distilled models in this format (repeatable): fp32, a "
+                        "bitsandbytes variant (int8, nf4, fp4) or an ONNX one (onnx, "
+                        "onnx-int8, onnx-int4), as the quantize stage made them")
     p.add_argument("--force", action="store_true", help="replace existing export folders")
     p.add_argument("--samples", type=int, default=4,
                    help="test records stored to verify predictions (default 4)")

@@ -158,6 +158,12 @@ def _split_student(text: str) -> tuple[str, str]:
 STAGES_DIR = "stages"
 EVAL_DIR = "eval"
 QUANTIZED_DIR = "quantized"
+ONNX_FORMATS: tuple[str, ...] = ("onnx", "onnx-int8", "onnx-int4")
+
+
+def is_onnx_format(fmt: str | None) -> bool:
+    """Whether a variant format is run by onnxruntime (a folder with ``model.onnx``)."""
+    return fmt in ONNX_FORMATS
 EXPORT_DIR = "export"
 FIGURES_DIR = "figures"
 RECIPE_FILE = "recipe.yaml"

@@ -5,7 +5,8 @@
 
     config.json           the student's config: id2label, leads, sampling_rate,
                           input_samples, normalization (+ quantization_config if quantized)
-    model.safetensors     the weights, as saved (never a pickle)
+    model.safetensors     the weights, as saved (never a pickle); an ONNX variant ships
+                          model.onnx instead (the input contract in its metadata)
     quantization.json     (quantized variants) the quantize stage's summary
     README.md             the model card: hub metadata (license, tags, datasets, base_model =
                           the teacher, model-index with the test macro AUC and its interval),
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
+from distill.compress.onnx import ONNX_FILE, is_onnx_folder
 from distill.core.errors import ECGDistillError
 from distill.core.io import atomic_dir, atomic_write_text, require_safetensors
 from distill.core.layout import ModelId, RunLayout
@@ -89,12 +91,25 @@ def _run_relative(value: Any, run_dir: Path) -> Any:
     return value
 
 
-def select_models(results: dict[str, Any], names: Sequence[str] | None = None) -> list[str]:
+def select_models(results: dict[str, Any], names: Sequence[str] | None = None,
+                  formats: Sequence[str] | None = None) -> list[str]:
     """The models to export: ``names`` (model names or their folder names), or every
-    distilled student and quantized variant."""
+    distilled student and quantized variant; with ``formats``, only those in these formats
+    ("fp32" for the students themselves, or a variant's format: int8, nf4, onnx,
+    onnx-int8 ...)."""
     models = results["models"]
     if not names:
         chosen = [n for n in models if ModelId.parse(n).fp32.kind == "distill"]
+        if formats:
+            chosen = [n for n in chosen if (ModelId.parse(n).variant or "fp32") in formats]
+            if not chosen:
+                made = sorted({ModelId.parse(n).variant or "fp32" for n in models})
+                raise ECGDistillError(
+                    f"--format {' '.join(formats)}: no distilled model of the run in that "
+                    f"format (it has {', '.join(made)}); variants are made by the quantize "
+                    f"stage: add the format to quantize.formats and run it, e.g. `ecg-distill "
+                    f"run RECIPE 'quantize.formats=[{', '.join(f for f in formats if f != 'fp32')}]'`")
+            return chosen
         if not chosen:
             raise ECGDistillError(f"no distilled or quantized model in the results (have "
                                   f"{', '.join(models)}); name one with --model")
@@ -132,7 +147,7 @@ def model_source(run_dir: Path, name: str, entry: dict[str, Any]) -> Path:
 def export_run(run_dir: str | os.PathLike, *, models: Sequence[str] | None = None,
                out: str | os.PathLike | None = None, force: bool = False,
                samples: int = N_SAMPLES, progress: bool = True, data: Any = None,
-               recipe: Any = None) -> list[Path]:
+               recipe: Any = None, formats: Sequence[str] | None = None) -> list[Path]:
     """Export models of a finished run as verified, hub-ready folders.
 
     Args:
@@ -148,6 +163,7 @@ def export_run(run_dir: str | os.PathLike, *, models: Sequence[str] | None = Non
             default: loaded from the run's recipe.
         recipe: the run's recipe (the export stage passes it); default: the run folder's
             ``recipe.yaml``.
+        formats: export only the models in these formats (see :func:`select_models`).
 
     Returns:
         The exported folders.
@@ -163,7 +179,7 @@ def export_run(run_dir: str | os.PathLike, *, models: Sequence[str] | None = Non
         raise ECGDistillError(f"--samples {samples}: at least one test record is stored, to "
                               f"check the exported model reproduces the run's predictions")
     results = load_results(run_dir)
-    names = select_models(results, models)
+    names = select_models(results, models, formats)
     targets = {name: layout.export_folder(ModelId.parse(name), out) for name in names}
     existing = [str(t) for t in targets.values() if t.exists()]
     if existing and not force:
@@ -175,7 +191,8 @@ def export_run(run_dir: str | os.PathLike, *, models: Sequence[str] | None = Non
         recipe = recipe_from_dict(read_yaml(layout.recipe_file))
     sources = {name: model_source(run_dir, name, results["models"][name]) for name in names}
     for src in sources.values():
-        require_safetensors(src)
+        if not is_onnx_folder(src):
+            require_safetensors(src)
     if data is None:
         data = load_data(recipe.data, progress=progress)
     # every folder is written and verified before any is renamed into place
@@ -194,7 +211,9 @@ def write_folder(folder: Path, *, name: str, results: dict[str, Any], source: Pa
                  run_dir: Path, recipe, data, samples: int = N_SAMPLES) -> None:
     """Write every file of one export folder into ``folder`` (see the module docstring)."""
     entry = results["models"][name]
-    for f in require_safetensors(source):
+    onnx_model = is_onnx_folder(source)
+    weights = [source / ONNX_FILE] if onnx_model else require_safetensors(source)
+    for f in weights:
         if f.name not in TRAINING_ONLY:
             shutil.copyfile(f, folder / f.name)
     for extra in (*SHIPPED, *(p.name for p in source.glob("*.safetensors.index.json"))):
@@ -210,8 +229,10 @@ def write_folder(folder: Path, *, name: str, results: dict[str, Any], source: Pa
                **{k: results.get(k) for k in ("classes", "task", "recipe", "test_records",
                                                "bootstrap")}}
     atomic_write_text(folder / "results.json", json.dumps(summary, indent=1))
+    quantized = bool(config.get("quantization_config")) or \
+        entry.get("format") in ("onnx-int8", "onnx-int4")
     _write_samples(folder / SAMPLES, sample_records(data, config, run_dir, name, entry, samples),
-                   atol=ATOL["quantized" if config.get("quantization_config") else "fp32"])
+                   atol=ATOL["quantized" if quantized else "fp32"])
     model_card(name, entry, results, recipe, config).save(folder / "README.md")
     write_manifest(folder)
 

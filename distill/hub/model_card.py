@@ -16,7 +16,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from distill.core.layout import ModelId
+from distill.core.layout import ModelId, is_onnx_format
 from distill.core.leads import STANDARD_LEADS
 
 LIBRARY = "transformers"
@@ -45,6 +45,43 @@ with torch.no_grad():
     probs = torch.sigmoid(model(signal=signal).logits)[0]  # multi-label: one sigmoid per label
 for i, p in enumerate(probs.tolist()):
     print(f"{{model.config.id2label[i]:<8}} {{p:.3f}}")
+'''
+
+
+def onnx_usage_snippet(record: str) -> str:
+    """Python that scores one WFDB record with the folder's ``model.onnx`` using numpy, scipy,
+    wfdb and onnxruntime only (no ecg-distill, no torch): it reads the input contract stored
+    in the file's metadata and prepares the record as training did (``MODEL`` and ``RECORD``
+    are its only settings)."""
+    return f'''import json
+
+import numpy as np
+import onnxruntime as ort
+import wfdb
+from fractions import Fraction
+from scipy.signal import resample_poly
+
+MODEL = "model.onnx"  # this folder's model.onnx
+RECORD = "{record}"  # a WFDB record in mV: its path without .hea/.dat
+
+session = ort.InferenceSession(MODEL, providers=["CPUExecutionProvider"])
+contract = json.loads(session.get_modelmeta().custom_metadata_map["ecg_distill.contract"])
+inp, out = contract["input"], contract["output"]
+rec = wfdb.rdrecord(RECORD)
+names = [n.upper() for n in rec.sig_name]
+x = np.stack([rec.p_signal[:, names.index(lead.upper())] for lead in inp["leads"]])  # (L, T) mV
+norm = inp["normalization"]
+if norm["kind"] != "none":  # the training scaler, per standard lead
+    rows = [norm["lead_order"].split().index(lead) for lead in inp["leads"]]
+    x = (x - np.asarray(norm["mean"])[rows, None]) / np.asarray(norm["std"])[rows, None]
+ratio = Fraction(inp["sampling_rate"]) / Fraction(rec.fs).limit_denominator(10_000)
+if ratio != 1:  # polyphase resampling, as in training
+    x = resample_poly(x, ratio.numerator, ratio.denominator, axis=-1)
+n = inp["shape"][2]
+x = np.pad(x[:, :n], ((0, 0), (0, max(0, n - x.shape[1]))))  # crop or zero-pad to n samples
+logits = session.run(["logits"], {{"signal": x[None].astype(np.float32)}})[0][0]
+for name, p in zip(out["classes"], 1 / (1 + np.exp(-logits))):  # one sigmoid per label
+    print(f"{{name:<8}} {{p:.3f}}")
 '''
 
 
@@ -100,10 +137,13 @@ def model_card(name: str, entry: dict[str, Any], results: dict[str, Any], recipe
     quant = entry.get("kind") == "quantized"
     fmt = entry.get("format")
     tags = [*TAGS, str(task), entry.get("student", "").split("/")[0] or "student"]
-    if quant:
+    if is_onnx_format(fmt):
+        tags += ["onnx", "onnxruntime", str(fmt)]
+    elif quant:
         tags += ["bitsandbytes", "8-bit" if fmt == "int8" else "4-bit", str(fmt)]
     data = ModelCardData(
-        license=recipe.export.license, library_name=LIBRARY, tags=tags,
+        license=recipe.export.license, library_name="onnx" if is_onnx_format(fmt) else LIBRARY,
+        tags=tags,
         datasets=[dataset_id(recipe)],
         base_model=teacher if _HUB_ID.match(teacher) and not Path(teacher).exists() else None,
         metrics=["roc_auc"], model_name=folder_name,
@@ -118,7 +158,9 @@ def model_card(name: str, entry: dict[str, Any], results: dict[str, Any], recipe
     if data.base_model is None:
         data.teacher = teacher  # not a hub id (a local or built-in teacher): named, not linked
     ref = model_ref or recipe.export.publish_repo or f"your-org/{folder_name}"
-    body = _body(name, entry, results, recipe, config, level, usage_snippet(ref, DEFAULT_RECORD))
+    snippet = (onnx_usage_snippet(DEFAULT_RECORD) if is_onnx_format(fmt)
+               else usage_snippet(ref, DEFAULT_RECORD))
+    body = _body(name, entry, results, recipe, config, level, snippet)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
@@ -138,6 +180,7 @@ def _body(name: str, entry: dict[str, Any], results: dict[str, Any], recipe,
     norm = config["normalization"]
     seconds = config["input_samples"] / config["sampling_rate"]
     quant = entry.get("kind") == "quantized"
+    onnx_fmt = is_onnx_format(entry.get("format"))
     lines = [
         f"# {name}",
         "",
@@ -149,7 +192,17 @@ def _body(name: str, entry: dict[str, Any], results: dict[str, Any], recipe,
         + f"on {_data_description(recipe)}, task `{results.get('task')}`: one sigmoid per "
           f"label ({', '.join(classes)}).",
     ]
-    if quant:
+    if onnx_fmt:
+        what = {"onnx": "exported to ONNX (fp32)",
+                "onnx-int8": "exported to ONNX and quantized to static int8 (QDQ, per-channel "
+                             "int8 weights, convolutions included, activations calibrated on "
+                             "training records)",
+                "onnx-int4": "exported to ONNX with 4-bit weights in its MatMul layers "
+                             "(onnxruntime MatMulNBits)"}[entry["format"]]
+        lines += ["", (f"`{entry.get('fp32')}` {what}: `model.onnx` runs with onnxruntime "
+                       f"alone, and its metadata (`ecg_distill.contract`) states the input it "
+                       f"expects.")]
+    elif quant:
         lines += ["", (f"Quantized to **{entry.get('format')}** with bitsandbytes from "
                        f"`{entry.get('fp32')}`; it loads through the `quantization_config` in "
                        f"`config.json` (bitsandbytes must be installed).")]
@@ -162,7 +215,9 @@ def _body(name: str, entry: dict[str, Any], results: dict[str, Any], recipe,
          f"lead order {norm.get('lead_order', 'standard')}); "
          "`students.preprocess.prepare_record` applies all of this to a WFDB record."),
         "", "## Usage", "",
-        ("Needs the `ecg-distill` package installed (it defines the student classes and the "
+        ("Needs only numpy, scipy, wfdb and onnxruntime (no ecg-distill, no PyTorch)."
+         if onnx_fmt else
+         "Needs the `ecg-distill` package installed (it defines the student classes and the "
          "preprocessing)."), "",
         "```python", snippet.rstrip("\n"), "```",
         "", (f"## Test-fold results ({results.get('test_records')} records, {level:.0%} "
@@ -186,7 +241,8 @@ def _body(name: str, entry: dict[str, Any], results: dict[str, Any], recipe,
             f"{c} {'–' if v is None else f'{v:.3f}'}" for c, v in label_auc.items()) + "."]
     lines += [
         "", "## Files", "",
-        "`model.safetensors` (weights), `config.json`, "
+        ("`model.onnx` (the graph and its weights), `config.json` (the PyTorch student's "
+         "config), " if onnx_fmt else "`model.safetensors` (weights), `config.json`, ")
         + ("`quantization.json` (what was quantized, sizes), " if quant else "")
         + "`recipe.yaml` (the run's recipe), "
         "`results.json` (this model's results), `samples.safetensors` (a few test inputs and "

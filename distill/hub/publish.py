@@ -8,7 +8,8 @@ no token, hub access switched off) and checks that
    format) and no file outside it is present (no pickle weights anywhere);
 2. the config carries what a user needs (labels, leads, rate, input length, scaling);
 3. the model loads with ``AutoModel.from_pretrained(folder)`` after ``import students``
-   (a quantized folder through its ``quantization_config``);
+   (a quantized folder through its ``quantization_config``), or, for an ONNX folder
+   (``model.onnx``), with onnxruntime;
 4. it reproduces the run's stored test predictions for the records kept in
    ``samples.safetensors`` (their inputs and expected probabilities).
 
@@ -37,6 +38,7 @@ from distill.core.errors import ECGDistillError
 from distill.core.hashing import sha256_file
 from distill.core.io import PICKLE_SUFFIXES, atomic_write_text, pickle_files, require_safetensors  # noqa: F401
 import students  # noqa: F401  (registers the student classes with AutoModel)
+from distill.compress.onnx import ONNX_FILE, OnnxStudent, is_onnx_folder, read_contract
 
 MANIFEST = "checksums.sha256"
 SAMPLES = "samples.safetensors"
@@ -118,7 +120,8 @@ def check_folder(folder: str | os.PathLike) -> dict[str, Any]:
         if missing:
             problems.append(f"config.json: missing {', '.join(missing)}")
         report["quantized"] = bool(config.get("quantization_config"))
-        require_safetensors(folder)
+        if not is_onnx_folder(folder):
+            require_safetensors(folder)
         _check_predictions(folder, report)
     except Exception as exc:  # noqa: BLE001 - loading fails in many ways: report, not crash
         first = (str(exc).strip().splitlines() or [""])[0]
@@ -133,7 +136,11 @@ def _check_predictions(folder: Path, report: dict[str, Any]) -> None:
     from safetensors import safe_open
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(folder, use_safetensors=True).eval()
+    if is_onnx_folder(folder):
+        model = OnnxStudent(folder)
+        report["quantized"] = read_contract(folder / ONNX_FILE)["format"] != "onnx"
+    else:
+        model = AutoModel.from_pretrained(folder, use_safetensors=True).eval()
     samples = folder / SAMPLES
     if not samples.is_file():
         report["problems"].append(f"{SAMPLES}: missing; nothing to reproduce")

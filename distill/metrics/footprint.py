@@ -26,7 +26,6 @@ import students
 from distill.core.contract import model_inputs
 from distill.core.errors import ECGDistillError
 from teachers import weight_folders
-import students
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
@@ -169,7 +168,7 @@ def folder_bytes(folder: Path | None) -> int | None:
         return None
 
     def weights(root: Path) -> int:
-        return sum(p.stat().st_size for p in root.rglob("*.safetensors")
+        return sum(p.stat().st_size for p in (*root.rglob("*.safetensors"), *root.rglob("*.onnx"))
                    if p.name != "objective.safetensors")
 
     return sum(weights(root) for root in weight_folders(folder))
@@ -185,16 +184,27 @@ def footprint(model: nn.Module, make_inputs: Callable[[int], dict[str, torch.Ten
         "latency_ms": {batch: ms per record}}; memory is weights + peak activations;
         latency is the fastest of ``repeats`` timed passes (the least disturbed by other
         work on the machine; a median moves with the load of a shared CPU).
+
+        A model run outside PyTorch (an ONNX student: it has ``peak_memory_bytes``) reports
+        its own parameter count, stored tensor bytes and peak memory, measured in a fresh
+        process (``memory_method`` says so).
     """
     model = model.to("cpu").eval()
-    weights = weights_bytes(model)
+    external = hasattr(model, "peak_memory_bytes")
+    weights = model.weights_nbytes() if external else weights_bytes(model)
     disk = folder_bytes(folder)
-    out: dict[str, Any] = {"parameters": count_parameters(model),
+    out: dict[str, Any] = {"parameters": (model.num_parameters if external
+                                          else count_parameters(model)),
                            "disk_mb": None if disk is None else disk / 1e6,
-                           "weights_mb": weights / 1e6, "peak_memory_mb": {}, "latency_ms": {}}
+                           "weights_mb": weights / 1e6, "peak_memory_mb": {}, "latency_ms": {},
+                           "memory_method": ("process peak RSS growth (onnxruntime)" if external
+                                             else "weights + peak activations (torch profiler)")}
     for b in batch_sizes:
         inputs = make_inputs(b)
-        out["peak_memory_mb"][str(b)] = (weights + peak_activation_bytes(model, inputs)) / 1e6
+        if external:
+            out["peak_memory_mb"][str(b)] = model.peak_memory_bytes(**inputs) / 1e6
+        else:
+            out["peak_memory_mb"][str(b)] = (weights + peak_activation_bytes(model, inputs)) / 1e6
         out["latency_ms"][str(b)] = latency(model, lambda _, x=inputs: x, b, repeats=repeats,
                                             warmup=0, statistic=min) * 1e3
     return out

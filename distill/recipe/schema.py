@@ -417,8 +417,15 @@ class AblationConfig:
 
 @dataclass
 class QuantizeConfig:
-    formats: list[Literal["int8", "nf4", "fp4"]] = spec(default_factory=lambda: ["int8", "nf4"])
+    """Quantized variants of every trained student: bitsandbytes (int8, nf4, fp4: Linear
+    layers, for GPU serving and big models) and ONNX with onnxruntime (onnx: the fp32
+    graph; onnx-int8: static int8 with convolutions; onnx-int4: 4-bit weight-only MatMul)."""
+
+    formats: list[Literal["int8", "nf4", "fp4", "onnx", "onnx-int8", "onnx-int4"]] = spec(
+        default_factory=lambda: ["int8", "nf4"])
     double_quant: bool = spec(False)
+    calibration_records: int = spec(256, help="training records that calibrate onnx-int8's "
+                                              "activation ranges", ge=1, since="0.2")
 
 
 @dataclass

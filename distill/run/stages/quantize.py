@@ -1,5 +1,6 @@
 """The ``quantize`` stage: every trained student (label-only baseline and distilled) in every
-``quantize.formats`` (bitsandbytes int8, nf4, fp4; :mod:`distill.compress.quantize`),
+``quantize.formats`` (bitsandbytes int8, nf4, fp4: :mod:`distill.compress.quantize`; ONNX
+fp32, static int8 and 4-bit weight-only with onnxruntime: :mod:`distill.compress.onnx`),
 each scored and measured beside its fp32 model, and the teacher's memory at each
 precision (``quantized.json``)."""
 
@@ -14,10 +15,12 @@ import numpy as np
 import torch
 
 import teachers
+from distill.compress.onnx import FORMATS as ONNX_FORMATS
+from distill.compress.onnx import OnnxStudent, export_onnx, is_onnx_folder, quantize_onnx
 from distill.compress.quantize import QuantizeError, load_student, quantize_folder
 from distill.core.io import atomic_write_text
 from distill.core.layout import QUANTIZED_DIR, QUANTIZED_FILE, ModelId, RunLayout
-from distill.engine.factory import build_teacher
+from distill.engine.factory import build_teacher, student_key
 from distill.engine.jobs import JobData
 from distill.metrics.footprint import peak_activation_bytes, weights_bytes
 from distill.metrics.scoring import evaluate_candidates
@@ -53,19 +56,23 @@ def quantize_run(jd: JobData, run_dir: Path, progress: bool = True) -> dict[str,
             model = ModelId.student(kind, spec, fmt)
             out = layout.model_dir(model)
             try:
-                result = quantize_folder(source, fmt, out, double_quant=q.double_quant,
-                                         force=True)
+                if fmt in ONNX_FORMATS:
+                    summary = onnx_variant(jd, layout, kind, spec, fmt)
+                    load = lambda f=out: OnnxStudent(f)  # noqa: E731
+                else:
+                    summary = quantize_folder(source, fmt, out, double_quant=q.double_quant,
+                                              force=True).to_dict()
+                    load = lambda f=out: load_student(f)  # noqa: E731
             except QuantizeError as exc:
                 skipped[f"{fp32_name} {fmt}"] = str(exc)
                 print(f"{fp32_name} {fmt}: not quantized ({exc})")
                 continue
             name = model.name
-            print(f"{name}: {result.plan.fraction:.0%} of the parameters quantized, "
-                  f"{result.file_ratio:.2f}x smaller on disk (quantized part "
-                  f"{result.part_ratio:.2f}x)")
-            summaries[name] = result.to_dict()
-            variants.append(student_candidate(layout, model, spec,
-                                              load=lambda f=out: load_student(f)))
+            print(f"{name}: {summary['fraction']:.0%} of the parameters quantized, "
+                  f"{summary['ratio_file']:.2f}x smaller on disk (quantized part "
+                  f"{summary['ratio_part']:.2f}x)")
+            summaries[name] = summary
+            variants.append(student_candidate(layout, model, spec, load=load))
         if variants:
             candidates.append(student_candidate(layout, fp32, spec,
                                                 load=lambda f=source: load_student(f)))
@@ -94,6 +101,33 @@ def quantize_run(jd: JobData, run_dir: Path, progress: bool = True) -> dict[str,
     results["teacher_memory"] = teacher_memory(jd, run_dir)
     atomic_write_text(layout.quantized_file, json.dumps(results, indent=1))
     return results
+
+
+def student_records(jd: JobData, spec, split: str, n: int, seed: int) -> np.ndarray:
+    """float32 [n, leads, samples]: ``n`` records of ``split`` in the student's view (scaled,
+    at its rate), drawn without replacement with ``seed`` (all of them when fewer)."""
+    key = student_key(spec)
+    data = jd.data.split(split, {key: jd.views[key]})
+    rows = np.random.default_rng(seed).permutation(len(data))[:n]
+    return np.stack([data[int(i)][key].numpy() for i in np.sort(rows)])
+
+
+def onnx_variant(jd: JobData, layout: RunLayout, kind: str, spec, fmt: str) -> dict[str, Any]:
+    """The student's ONNX variant ``fmt``: the fp32 export (``onnx``, checked against
+    PyTorch on validation records), made first when a quantized format needs it, or its
+    static int8 / 4-bit weight-only quantization (:mod:`distill.compress.onnx`)."""
+    q, seed = jd.recipe.quantize, jd.recipe.evaluate.seed
+    fp32 = layout.model_dir(ModelId.student(kind, spec, "onnx"))
+    check = student_records(jd, spec, "val", 32, seed)
+    if fmt == "onnx" or not is_onnx_folder(fp32):
+        summary = export_onnx(layout.model_dir(ModelId.student(kind, spec)), fp32, check,
+                              force=True)
+        if fmt == "onnx":
+            return summary
+    calibration = (student_records(jd, spec, "train", q.calibration_records, seed)
+                   if fmt == "onnx-int8" else None)
+    return quantize_onnx(fp32, fmt, layout.model_dir(ModelId.student(kind, spec, fmt)),
+                         calibration, check=check, force=True)
 
 
 def teacher_memory(jd: JobData, run_dir: Path,

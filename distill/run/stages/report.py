@@ -124,10 +124,15 @@ def quantization_table(results: dict[str, Any]) -> str | None:
                             f"{s['ratio_file']:.2f}x / {s['ratio_part']:.2f}x",
                             _fmt(m.get("vs_fp32"), True)))
             notes += [f"{name}: {n}" for n in s["notes"]
-                      if "convolution" in n or "no layer" in n]
+                      if "convolution" in n or "no layer" in n or "Gemm" in n]
     for name, why in q.get("skipped", {}).items():
         notes.append(f"{name}: not quantized ({why})")
-    text = "Quantized students (bitsandbytes; Linear layers only, the output layer in fp32):\n\n"
+    text = ("Quantized students (bitsandbytes int8/nf4/fp4: Linear layers only, the output "
+            "layer in fp32; onnx: the fp32 graph run by onnxruntime; onnx-int8: static int8 "
+            "QDQ with per-channel weights, convolutions included; onnx-int4: 4-bit weights of "
+            "MatMul nodes). Memory of an ONNX variant is the peak resident memory a fresh "
+            "onnxruntime process adds to load and run it (runtime included), of a PyTorch "
+            "model its weights plus peak activations:\n\n")
     text += "\n".join(rows)
     if notes:
         text += "\n\n" + "\n".join(f"- {n}" for n in dict.fromkeys(notes))
