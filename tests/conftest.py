@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +131,18 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("ECG_DISTILL_CACHE", None)
     else:
         os.environ["ECG_DISTILL_CACHE"] = old
+
+
+def run_card_snippet(card: str, model: str, record: str, cwd: Path, after: str = "") -> dict:
+    """A model card's usage snippet with its MODEL and RECORD set (and ``after`` appended),
+    run in a fresh interpreter: {label: printed probability}."""
+    from distill.hub.model_card import card_snippet
+
+    code = card_snippet(card)
+    assert re.search(r'^MODEL = ".*"', code, flags=re.MULTILINE)
+    code = re.sub(r'^MODEL = ".*"', f"MODEL = {model!r}", code, flags=re.MULTILINE)
+    code = re.sub(r'^RECORD = ".*"', f"RECORD = {record!r}", code, flags=re.MULTILINE)
+    proc = subprocess.run([sys.executable, "-c", code + after], capture_output=True, text=True,
+                          cwd=cwd, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {k: float(v) for k, v in (line.split() for line in proc.stdout.strip().splitlines())}

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import RECORDS, make_ptbxl
+from conftest import RECORDS, make_ptbxl, run_card_snippet
 
 from distill.cli import main
 from distill.core.errors import ECGDistillError
@@ -151,7 +151,7 @@ def test_default_export_writes_every_distilled_and_quantized_model(exported, fak
     assert sorted(exported) == [FOLDER, QFOLDER]  # not the teacher, not the baseline
     assert exported[FOLDER].parent == fake_run / "export"
     expected = {"config.json", "model.safetensors", "README.md", "recipe.yaml", "results.json",
-                "samples.safetensors", "checksums.sha256"}
+                "samples.safetensors", "checksums.sha256", "modeling_ecg_student.py"}
     assert {p.name for p in exported[FOLDER].iterdir()} == expected  # no objective, no npz
     assert {p.name for p in exported[QFOLDER].iterdir()} == expected | {"quantization.json"}
     assert not list((fake_run / "export").glob(".*"))  # no temporary folder left
@@ -219,20 +219,12 @@ def test_card_snippet_runs_as_written_in_a_fresh_process(exported, fake_run, tmp
     the model's output on the record as preprocessed by the training data path."""
     from safetensors.torch import load_file
 
-    from distill.hub.model_card import card_snippet
-
     folder = exported[FOLDER]
     samples = load_file(folder / "samples.safetensors")
     ecg_id = int(samples["ecg_id"][0])
-    code = card_snippet((folder / "README.md").read_text())
     record = fake_run.parent.parent / "ptbxl" / "records100" / "00000" / f"{ecg_id:05d}_lr"
-    assert re.search(r'^MODEL = ".*"', code, flags=re.MULTILINE)
-    code = re.sub(r'^MODEL = ".*"', f"MODEL = {str(folder)!r}", code, flags=re.MULTILINE)
-    code = re.sub(r'^RECORD = ".*"', f"RECORD = {str(record)!r}", code, flags=re.MULTILINE)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    printed = dict(line.split() for line in proc.stdout.strip().splitlines())
+    printed = run_card_snippet((folder / "README.md").read_text(), str(folder), str(record),
+                               tmp_path)
     assert list(printed) == ["CD", "HYP", "MI", "NORM", "STTC"]
 
     # the first stored test record: the snippet's probabilities are the run's stored ones
@@ -274,7 +266,7 @@ def test_verify_command_loads_the_folder_in_a_fresh_process(exported, capsys) ->
     # (the fixture's export verified the quantized folder in a fresh process too)
     assert main(["verify", str(exported[FOLDER])]) == 0
     out = capsys.readouterr().out
-    assert "ok: 6 files match checksums.sha256; loads with AutoModel; 4 stored test " in out
+    assert "ok: 7 files match checksums.sha256; loads with AutoModel; 4 stored test " in out
 
 
 def test_verification_catches_changed_files(exported, tmp_path) -> None:
@@ -636,3 +628,53 @@ def test_export_a_real_tiny_run(tmp_path) -> None:
     for i, ecg_id in enumerate(samples["ecg_id"].tolist()):
         got = prepare_record(db / files[ecg_id], config)[0]
         torch.testing.assert_close(got, samples["signal"][i], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", [FOLDER, QFOLDER])
+def test_an_exported_folder_loads_in_an_environment_without_ecg_distill(exported, name,
+                                                                        tmp_path) -> None:
+    """A fresh virtual environment whose only packages are this one's installed libraries
+    (torch, transformers, bitsandbytes ...; not ecg-distill, whose editable install is a
+    .pth hook that a path added this way does not run): the folder's own code loads with
+    trust_remote_code and reproduces the stored predictions."""
+    import site
+
+    from distill.hub.portable import MODELING_FILE
+
+    folder = exported[name]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "modeling_ecg_student.LeadFormerConfig",
+                                  "AutoModel": "modeling_ecg_student.LeadFormerModel"}
+    code_text = (folder / MODELING_FILE).read_text()
+    assert not re.search(r"^\s*(from|import) (distill|students|teachers)\b", code_text,
+                         flags=re.MULTILINE)
+    assert MODELING_FILE in (folder / "checksums.sha256").read_text()
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    target = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    (Path(target) / "installed.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    probe = f"""
+import importlib.util, json
+for name in ("distill", "students", "teachers"):
+    assert importlib.util.find_spec(name) is None, name + " is importable"
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel
+folder = {str(folder)!r}
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+s = load_file(folder + "/samples.safetensors")
+with torch.no_grad():
+    p = torch.sigmoid(model(signal=s["signal"]).logits.float())
+print(json.dumps({{"diff": float((p - s["probabilities"]).abs().max()),
+                  "module": type(model).__module__}}))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf-modules")
+    proc = subprocess.run([str(python), "-c", probe], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["module"].startswith("transformers_modules")
+    assert out["diff"] <= (1e-2 if name == QFOLDER else 1e-4), out

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import run_card_snippet
 from distill.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,26 +170,16 @@ def test_run_killed_between_stages_continues_and_writes_every_artefact(tmp_path,
 def _run_onnx_snippet(folder: Path, data: Path, tmp_path: Path) -> None:
     """The card's snippet, with MODEL and RECORD set, in a fresh interpreter that may not
     import ecg-distill or torch: it prints the run's stored probabilities of the record."""
-    import re
-
     from safetensors.numpy import load_file
-
-    from distill.hub.model_card import card_snippet
 
     samples = load_file(folder / "samples.safetensors")
     ecg_id = int(samples["ecg_id"][0])
     record = next(data.glob(f"records100/*/{ecg_id:05d}_lr.hea")).with_suffix("")
-    code = card_snippet((folder / "README.md").read_text())
-    code = re.sub(r'^MODEL = ".*"', f"MODEL = {str(folder / 'model.onnx')!r}", code,
-                  flags=re.MULTILINE)
-    code = re.sub(r'^RECORD = ".*"', f"RECORD = {str(record)!r}", code, flags=re.MULTILINE)
-    code += ("\nimport sys\nbad = sorted(m for m in sys.modules if m.split('.')[0] in "
+    after = ("\nimport sys\nbad = sorted(m for m in sys.modules if m.split('.')[0] in "
              "('distill', 'students', 'teachers', 'torch', 'transformers'))\n"
              "assert not bad, bad\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    printed = dict(line.split() for line in proc.stdout.strip().splitlines())
+    printed = run_card_snippet((folder / "README.md").read_text(), str(folder / "model.onnx"),
+                               str(record), tmp_path, after)
     assert list(printed) == ["CD", "HYP", "MI", "NORM", "STTC"]
     for got, want in zip(printed.values(), samples["probabilities"][0].tolist()):
         assert float(got) == pytest.approx(want, abs=1e-3)

@@ -7,6 +7,9 @@
                           input_samples, normalization (+ quantization_config if quantized)
     model.safetensors     the weights, as saved (never a pickle); an ONNX variant ships
                           model.onnx instead (the input contract in its metadata)
+    modeling_ecg_student.py  (PyTorch folders) the student's code, self-contained, named in
+                          config.json's auto_map: AutoModel.from_pretrained(folder,
+                          trust_remote_code=True) loads it without ecg-distill
     quantization.json     (quantized variants) the quantize stage's summary
     README.md             the model card: hub metadata (license, tags, datasets, base_model =
                           the teacher, model-index with the test macro AUC and its interval),
@@ -49,6 +52,7 @@ from distill.core.progress import progress_bar
 from distill.data.dataset import SignalView
 from distill.data.load import load_data
 from distill.hub.model_card import model_card
+from distill.hub.portable import write_portable
 from distill.hub.publish import CONFIG_KEYS, SAMPLES, verify_folders, write_manifest
 from distill.metrics.results import load_results
 from distill.recipe import read_yaml, recipe_from_dict
@@ -224,6 +228,8 @@ def write_folder(folder: Path, *, name: str, results: dict[str, Any], source: Pa
     if missing:
         raise ECGDistillError(f"{source / 'config.json'}: no {', '.join(missing)}; a published "
                               f"student must say what it reads and how inputs are scaled")
+    if not onnx_model:  # the model code ships too: loads with torch and transformers alone
+        config = write_portable(folder, config)
     shutil.copyfile(RunLayout(run_dir).recipe_file, folder / "recipe.yaml")
     summary = {"model": name, **_run_relative(entry, run_dir),
                **{k: results.get(k) for k in ("classes", "task", "recipe", "test_records",

@@ -220,6 +220,18 @@ def _body(name: str, entry: dict[str, Any], results: dict[str, Any], recipe,
          "Needs the `ecg-distill` package installed (it defines the student classes and the "
          "preprocessing)."), "",
         "```python", snippet.rstrip("\n"), "```",
+        *([] if onnx_fmt else [
+            "", ("Without ecg-distill (torch and transformers only): the folder ships the "
+                 "student's code, `modeling_ecg_student.py`, named in `config.json`'s "
+                 "`auto_map`, so"), "",
+            "```python",
+            "model = AutoModel.from_pretrained(MODEL, trust_remote_code=True).eval()",
+            "```", "",
+            ("loads it. `trust_remote_code=True` lets transformers import and run that Python "
+             "file from the folder (or the hub repository) with your permissions: read it "
+             "first, and pin the revision you read. Prepare the input as the *Input* section "
+             "says (leads in order, rate, length, scaling)."
+             + (" bitsandbytes must be installed for this quantized variant." if quant else ""))]),
         "", (f"## Test-fold results ({results.get('test_records')} records, {level:.0%} "
              f"bootstrap intervals, {results.get('bootstrap', {}).get('resamples')} resamples)"),
         "", "| metric | value |", "|---|---|",
@@ -242,7 +254,8 @@ def _body(name: str, entry: dict[str, Any], results: dict[str, Any], recipe,
     lines += [
         "", "## Files", "",
         ("`model.onnx` (the graph and its weights), `config.json` (the PyTorch student's "
-         "config), " if onnx_fmt else "`model.safetensors` (weights), `config.json`, ")
+         "config), " if onnx_fmt else "`model.safetensors` (weights), `config.json`, "
+         "`modeling_ecg_student.py` (the model code, for `trust_remote_code`), ")
         + ("`quantization.json` (what was quantized, sizes), " if quant else "")
         + "`recipe.yaml` (the run's recipe), "
         "`results.json` (this model's results), `samples.safetensors` (a few test inputs and "
