@@ -36,8 +36,9 @@ def tiny_recipe(root: Path) -> Path:
         "ablations": {"student": 1, "runs": ["kd_only"]},
         "train": {"epochs": 2, "batch_size": 32, "lr": 0.003},
         "evaluate": {"bootstrap": 50, "latency_repeats": 1},
-        "quantize": {"formats": ["int8", "nf4", "onnx", "onnx-int8", "onnx-int4"],
-                     "calibration_records": 64},
+        "quantize": {"formats": ["int8", "nf4", "onnx", "onnx-int8", "onnx-int4",
+                                 "onnx-int8-qat"],
+                     "calibration_records": 64, "kd_qat": {"epochs": 1}},
     }
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(d, sort_keys=False))
@@ -97,7 +98,8 @@ def test_run_killed_between_stages_continues_and_writes_every_artefact(tmp_path,
     quantized = json.loads((run / "quantized.json").read_text())
     variants = ("xresnet1d/tiny int8", "leadformer/tiny int8", "leadformer/tiny nf4",
                 "xresnet1d/tiny onnx", "leadformer/tiny onnx", "xresnet1d/tiny onnx-int8",
-                "leadformer/tiny onnx-int8", "leadformer/tiny onnx-int4")
+                "leadformer/tiny onnx-int8", "leadformer/tiny onnx-int4",
+                "xresnet1d/tiny onnx-int8-qat", "leadformer/tiny onnx-int8-qat")
     assert set(quantized["models"]) == {f"{kind} {s}" for kind in ("baseline", "distill")
                                         for s in variants}
     assert "no layer of this model can be quantized to nf4" in \
@@ -122,6 +124,10 @@ def test_run_killed_between_stages_continues_and_writes_every_artefact(tmp_path,
                 "quantization_config"]
         assert m["quantization"]["ratio_part"] > (5 if m["format"] in ("nf4", "onnx-int4")
                                                   else 3)
+        if m["format"] == "onnx-int8-qat":  # fine-tuned under fake quantization first
+            qat = m["quantization"]["kd_qat"]
+            assert qat["epochs"] == 1 and qat["teacher"] == "self" and qat["best_epoch"] == 1
+            assert (Path(qat["fine_tuned"]) / "model.safetensors").is_file()
     # the fp32 rows measured beside the variants score what the evaluate stage scored
     assert quantized["reference"]["distill leadformer/tiny"]["macro_auc"] == \
         pytest.approx(results["models"]["distill leadformer/tiny"]["macro_auc"])
@@ -138,7 +144,9 @@ def test_run_killed_between_stages_continues_and_writes_every_artefact(tmp_path,
                                "distill_leadformer-tiny_nf4", "distill_xresnet1d-tiny_onnx",
                                "distill_leadformer-tiny_onnx", "distill_xresnet1d-tiny_onnx-int8",
                                "distill_leadformer-tiny_onnx-int8",
-                               "distill_leadformer-tiny_onnx-int4"])
+                               "distill_leadformer-tiny_onnx-int4",
+                               "distill_xresnet1d-tiny_onnx-int8-qat",
+                               "distill_leadformer-tiny_onnx-int8-qat"])
     for name in exported:
         assert (run / "export" / name / "checksums.sha256").exists()
     onnx_export = run / "export" / "distill_leadformer-tiny_onnx-int8"

@@ -245,7 +245,8 @@ def add_export_commands(sub) -> None:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="where the model folders go (default RUN/export)")
     p.add_argument("--format", action="append", metavar="FMT",
-                   choices=["fp32", "int8", "nf4", "fp4", "onnx", "onnx-int8", "onnx-int4"],
+                   choices=["fp32", "int8", "nf4", "fp4", "onnx", "onnx-int8", "onnx-int4",
+                            "onnx-int8-qat"],
                    help="only the distilled models in this format (repeatable): fp32, a "
                         "bitsandbytes variant (int8, nf4, fp4) or an ONNX one (onnx, "
                         "onnx-int8, onnx-int4), as the quantize stage made them")

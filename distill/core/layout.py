@@ -158,7 +158,7 @@ def _split_student(text: str) -> tuple[str, str]:
 STAGES_DIR = "stages"
 EVAL_DIR = "eval"
 QUANTIZED_DIR = "quantized"
-ONNX_FORMATS: tuple[str, ...] = ("onnx", "onnx-int8", "onnx-int4")
+ONNX_FORMATS: tuple[str, ...] = ("onnx", "onnx-int8", "onnx-int4", "onnx-int8-qat")
 
 
 def is_onnx_format(fmt: str | None) -> bool:

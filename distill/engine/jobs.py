@@ -277,7 +277,7 @@ def load_frozen_teacher(jd: JobData, run_dir: Path) -> nn.Module:
 # ---------------------------------------------------------------- students
 
 
-def _student_sets(jd: JobData, spec: StudentConfig, extras: Mapping[str, Any] | None = None,
+def student_sets(jd: JobData, spec: StudentConfig, extras: Mapping[str, Any] | None = None,
                   with_teacher: bool = False, distill: bool = False,
                   transfer_extras: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train and validation sets of a student's view. The training set may also carry the
@@ -333,7 +333,7 @@ def baseline_job(jd: JobData, spec: StudentConfig) -> TrainJob:
     set_seed(recipe.seed)
     student = _student(jd, spec)
     key = student_key(spec)
-    sets = _student_sets(jd, spec)
+    sets = student_sets(jd, spec)
 
     def loss_fn(model: nn.Module, batch: Mapping[str, Any]):
         return model(signal=batch[key], labels=batch["labels"]).loss, {}
@@ -409,7 +409,7 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
             raise ValueError(f"distill_job: the recipe draws {draws} augmented views per "
                              f"record; the teacher outputs given cover "
                              f"{len(getattr(c, 'draws', ()))}")
-    sets = _student_sets(jd, spec, extras=extras, with_teacher=cache is None, distill=True,
+    sets = student_sets(jd, spec, extras=extras, with_teacher=cache is None, distill=True,
                          transfer_extras=transfer_cache.extras() if transfer_cache else None)
     probe = sets["train"][0]
     with torch.no_grad():

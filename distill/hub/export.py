@@ -236,7 +236,7 @@ def write_folder(folder: Path, *, name: str, results: dict[str, Any], source: Pa
                                                "bootstrap")}}
     atomic_write_text(folder / "results.json", json.dumps(summary, indent=1))
     quantized = bool(config.get("quantization_config")) or \
-        entry.get("format") in ("onnx-int8", "onnx-int4")
+        entry.get("format") in ("onnx-int8", "onnx-int4", "onnx-int8-qat")
     _write_samples(folder / SAMPLES, sample_records(data, config, run_dir, name, entry, samples),
                    atol=ATOL["quantized" if quantized else "fp32"])
     model_card(name, entry, results, recipe, config).save(folder / "README.md")

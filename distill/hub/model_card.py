@@ -198,7 +198,11 @@ def _body(name: str, entry: dict[str, Any], results: dict[str, Any], recipe,
                              "int8 weights, convolutions included, activations calibrated on "
                              "training records)",
                 "onnx-int4": "exported to ONNX with 4-bit weights in its MatMul layers "
-                             "(onnxruntime MatMulNBits)"}[entry["format"]]
+                             "(onnxruntime MatMulNBits)",
+                "onnx-int8-qat": "fine-tuned under fake int8 quantization with a "
+                                 "distillation loss (KD + QAT), then exported to ONNX and "
+                                 "quantized to static int8 (QDQ, per-channel weights)"}[
+            entry["format"]]
         lines += ["", (f"`{entry.get('fp32')}` {what}: `model.onnx` runs with onnxruntime "
                        f"alone, and its metadata (`ecg_distill.contract`) states the input it "
                        f"expects.")]

@@ -416,16 +416,31 @@ class AblationConfig:
 
 
 @dataclass
+class KDQATConfig:
+    """Distillation-aware quantization (format ``onnx-int8-qat``): the trained student is
+    fine-tuned under fake int8 quantization with a distillation loss, then exported and
+    quantized like ``onnx-int8`` (distill/compress/qat.py)."""
+
+    epochs: int = spec(2, ge=1)
+    lr: float = spec(1e-4, gt=0, lt=1)
+    alpha: float = spec(0.5, help="weight of the KD term (1 - alpha on the labels)", ge=0, le=1)
+    temperature: float = spec(2.0, gt=0)
+    teacher: Literal["self", "teacher"] = spec(
+        "self", help="soft labels from the student's own fp32 self, or from the run's teacher")
+
+
+@dataclass
 class QuantizeConfig:
     """Quantized variants of every trained student: bitsandbytes (int8, nf4, fp4: Linear
     layers, for GPU serving and big models) and ONNX with onnxruntime (onnx: the fp32
     graph; onnx-int8: static int8 with convolutions; onnx-int4: 4-bit weight-only MatMul)."""
 
-    formats: list[Literal["int8", "nf4", "fp4", "onnx", "onnx-int8", "onnx-int4"]] = spec(
-        default_factory=lambda: ["int8", "nf4"])
+    formats: list[Literal["int8", "nf4", "fp4", "onnx", "onnx-int8", "onnx-int4",
+                          "onnx-int8-qat"]] = spec(default_factory=lambda: ["int8", "nf4"])
     double_quant: bool = spec(False)
     calibration_records: int = spec(256, help="training records that calibrate onnx-int8's "
                                               "activation ranges", ge=1, since="0.2")
+    kd_qat: KDQATConfig = spec(default_factory=lambda: KDQATConfig(), since="0.2")
 
 
 @dataclass

@@ -6,7 +6,9 @@ precision (``quantized.json``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,12 @@ from distill.compress.onnx import OnnxStudent, export_onnx, is_onnx_folder, quan
 from distill.compress.quantize import QuantizeError, load_student, quantize_folder
 from distill.core.io import atomic_write_text
 from distill.core.layout import QUANTIZED_DIR, QUANTIZED_FILE, ModelId, RunLayout
+from distill.compress.qat import kd_qat_job
+from distill.core.schema import to_dict
 from distill.engine.factory import build_teacher, student_key
-from distill.engine.jobs import JobData
+from distill.engine.jobs import JobData, build_teacher_cache, load_frozen_teacher
+from distill.engine.train import fit
+from distill.recipe import AugmentConfig
 from distill.metrics.footprint import peak_activation_bytes, weights_bytes
 from distill.metrics.scoring import evaluate_candidates
 from distill.run.stage import TRAINED, RunContext, Stage, distill_stage_settings
@@ -57,7 +63,7 @@ def quantize_run(jd: JobData, run_dir: Path, progress: bool = True) -> dict[str,
             out = layout.model_dir(model)
             try:
                 if fmt in ONNX_FORMATS:
-                    summary = onnx_variant(jd, layout, kind, spec, fmt)
+                    summary = onnx_variant(jd, layout, kind, spec, fmt, progress)
                     load = lambda f=out: OnnxStudent(f)  # noqa: E731
                 else:
                     summary = quantize_folder(source, fmt, out, double_quant=q.double_quant,
@@ -112,13 +118,17 @@ def student_records(jd: JobData, spec, split: str, n: int, seed: int) -> np.ndar
     return np.stack([data[int(i)][key].numpy() for i in np.sort(rows)])
 
 
-def onnx_variant(jd: JobData, layout: RunLayout, kind: str, spec, fmt: str) -> dict[str, Any]:
+def onnx_variant(jd: JobData, layout: RunLayout, kind: str, spec, fmt: str,
+                 progress: bool = True) -> dict[str, Any]:
     """The student's ONNX variant ``fmt``: the fp32 export (``onnx``, checked against
-    PyTorch on validation records), made first when a quantized format needs it, or its
-    static int8 / 4-bit weight-only quantization (:mod:`distill.compress.onnx`)."""
+    PyTorch on validation records), made first when a quantized format needs it, its
+    static int8 / 4-bit weight-only quantization (:mod:`distill.compress.onnx`), or its
+    distillation-aware int8 (``onnx-int8-qat``: :func:`kd_qat_variant`)."""
     q, seed = jd.recipe.quantize, jd.recipe.evaluate.seed
     fp32 = layout.model_dir(ModelId.student(kind, spec, "onnx"))
     check = student_records(jd, spec, "val", 32, seed)
+    if fmt == "onnx-int8-qat":
+        return kd_qat_variant(jd, layout, kind, spec, check, progress)
     if fmt == "onnx" or not is_onnx_folder(fp32):
         summary = export_onnx(layout.model_dir(ModelId.student(kind, spec)), fp32, check,
                               force=True)
@@ -128,6 +138,56 @@ def onnx_variant(jd: JobData, layout: RunLayout, kind: str, spec, fmt: str) -> d
                    if fmt == "onnx-int8" else None)
     return quantize_onnx(fp32, fmt, layout.model_dir(ModelId.student(kind, spec, fmt)),
                          calibration, check=check, force=True)
+
+
+def kd_qat_variant(jd: JobData, layout: RunLayout, kind: str, spec, check: np.ndarray,
+                   progress: bool = True) -> dict[str, Any]:
+    """``onnx-int8-qat``: fine-tune the student under fake int8 quantization with the
+    distillation loss (:mod:`distill.compress.qat`; checkpoints and ``--resume`` as every
+    training job, under ``quantized/<kind>-<student>-kdqat/``), then export the result and
+    quantize it like ``onnx-int8``."""
+    recipe = jd.recipe
+    q, k, seed = recipe.quantize, recipe.quantize.kd_qat, recipe.evaluate.seed
+    source = layout.model_dir(ModelId.student(kind, spec))
+    work = layout.job_dir(ModelId.student(kind, spec, "kdqat"))
+    teacher_logits = None
+    if k.teacher == "teacher":
+        cache = build_teacher_cache(jd, load_frozen_teacher(jd, layout.root), progress=progress)
+        teacher_logits = np.asarray(getattr(cache, "draws", [cache])[0].logits)
+    job = kd_qat_job(jd, spec, source, alpha=k.alpha, temperature=k.temperature,
+                     teacher_logits=teacher_logits, calibration_records=q.calibration_records,
+                     seed=seed)
+    cfg = dataclasses.replace(recipe.train, augment=AugmentConfig())
+    done = _metrics(work)
+    if done.get("complete") and done.get("fingerprint") == job.fingerprint:
+        print(f"{job.name}: complete in {work}, skipped")
+        best, m = work / "best", done
+    else:
+        if done.get("fingerprint") not in (None, job.fingerprint):
+            shutil.rmtree(work)  # this stage's own output, made with other settings
+        fitted = fit(job, cfg, work, seed=recipe.seed, epochs=k.epochs, lr=k.lr, resume=True,
+                     progress=progress)
+        best, m = fitted.best_folder, fitted.metrics
+    export_onnx(best, work / "onnx", check, force=True)
+    summary = quantize_onnx(work / "onnx", "onnx-int8",
+                            layout.model_dir(ModelId.student(kind, spec, "onnx-int8-qat")),
+                            student_records(jd, spec, "train", q.calibration_records, seed),
+                            check=check, force=True)
+    summary["format"] = "onnx-int8-qat"
+    summary["kd_qat"] = {**to_dict(k), "best_epoch": m.get("best_epoch"),
+                         "best_val_macro_auc": m.get("best_val_macro_auc"),
+                         "fine_tuned": str(best)}
+    summary["notes"].append(f"fine-tuned {k.epochs} epoch(s) under fake int8 quantization "
+                            f"with KD from its {'fp32 self' if k.teacher == 'self' else 'teacher'}"
+                            f" (alpha {k.alpha}, T {k.temperature}) before the int8 conversion")
+    return summary
+
+
+def _metrics(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def teacher_memory(jd: JobData, run_dir: Path,
