@@ -5,6 +5,7 @@ cannot, the runner behaves like a student, and the refusals name the folder."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,8 @@ import pytest
 import torch
 
 import students
-from distill.compress.onnx import (CONTRACT_KEY, ONNX_FILE, OnnxStudent, export_onnx,
-                                   quantize_onnx, read_contract)
+from distill.compress.onnx import (CONTRACT_KEY, ONNX_FILE, OnnxStudent, export_is_current,
+                                   export_onnx, quantize_onnx, read_contract)
 from distill.compress.quantize import SUMMARY_FILE, QuantizeError
 from distill.metrics.footprint import footprint
 
@@ -151,18 +152,39 @@ def test_the_runner_is_measured_like_a_student(exported, records) -> None:
 
 def test_refusals_name_the_folder(exported, records, tmp_path) -> None:
     src, fp32, _ = exported["xresnet1d"]
-    with pytest.raises(QuantizeError, match=rf"{fp32} exists; pass --force"):
+    with pytest.raises(QuantizeError, match=rf"{re.escape(str(fp32))} exists; pass --force"):
         export_onnx(src, fp32, records[:2])
     with pytest.raises(QuantizeError, match=r"ONNX check: records of shape \[N, 12, 1000\] "
                                             r"needed .* got \[2, 12, 500\]"):
         export_onnx(src, tmp_path / "x", records[:2, :, :500])
     with pytest.raises(QuantizeError, match="static int8 needs calibration records"):
         quantize_onnx(fp32, "onnx-int8", tmp_path / "y")
-    with pytest.raises(QuantizeError, match=rf"{src}: no model.onnx; export the student first"):
+    with pytest.raises(QuantizeError, match=rf"{re.escape(str(src))}: no model.onnx; export the "
+                                            rf"student first"):
         quantize_onnx(src, "onnx-int8", tmp_path / "z", records)
     with pytest.raises(QuantizeError, match="unknown ONNX quantization 'onnx-int2'"):
         quantize_onnx(fp32, "onnx-int2", tmp_path / "w", records)
-    with pytest.raises(QuantizeError, match=rf"{tmp_path}: no '{CONTRACT_KEY}' metadata|"
-                                            rf"no model.onnx"):
+    with pytest.raises(QuantizeError, match=rf"^{re.escape(str(tmp_path))}: no model.onnx$"):
         OnnxStudent(tmp_path)
+    bare = tmp_path / "bare.onnx"
+    onnx.save_model(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), str(bare))
+    with pytest.raises(QuantizeError, match=rf"^{re.escape(str(bare))}: no '{CONTRACT_KEY}' "
+                                            rf"metadata"):
+        read_contract(bare)
     assert not any(p.name in ("x", "y", "z", "w") for p in tmp_path.iterdir())
+
+
+def test_a_stale_export_is_recognised(exported, tmp_path) -> None:
+    """The quantized formats reuse the fp32 export only while it was made from the weights
+    the student folder holds now."""
+    import shutil
+
+    src, fp32, _ = exported["leadformer"]
+    assert export_is_current(fp32, src)
+    retrained = tmp_path / "retrained"
+    shutil.copytree(src, retrained)
+    model = students.create("leadformer", "tiny", num_labels=5,
+                            id2label=dict(enumerate(CLASSES)))
+    model.save_pretrained(retrained)  # other weights, same folder layout
+    assert not export_is_current(fp32, retrained)
+    assert not export_is_current(tmp_path, src)  # no export at all

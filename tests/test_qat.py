@@ -64,3 +64,41 @@ def test_gradients_reach_the_latent_weights_through_the_fake_quantizers() -> Non
     linear = next(m for m in model.modules() if isinstance(m, nn.Linear))
     grad = linear.parametrizations.weight.original.grad
     assert grad is not None and grad.abs().sum() > 0  # the straight-through estimator
+
+
+def test_the_fine_tuning_reads_plain_records_and_its_fingerprint_covers_its_settings(
+        tmp_path) -> None:
+    """With augmentation on, KD-QAT still trains and calibrates on the records as the
+    deployed model reads them; its soft labels are the fp32 student's own logits on them;
+    a changed epoch count, rate or training setting is another job (never reused)."""
+    from distill.compress.qat import kd_qat_job
+    from distill.engine.factory import build_student, student_key
+    from distill.engine.jobs import load_job_data
+    from distill.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict({
+        "name": "qat", "output_dir": str(tmp_path / "runs" / "{name}"),
+        "data": {"synthetic": {"records": 120, "seed": 0}, "cache_dir": str(tmp_path / "c")},
+        "teacher": {"kind": "vlm", "name_or_path": "tiny", "train_mode": "frozen"},
+        "students": [{"family": "xresnet1d", "size": "tiny"}],
+        "train": {"batch_size": 16, "augment": {"noise": 0.1, "shift": 0.5, "views": 2}}})
+    jd = load_job_data(recipe, progress=False)
+    spec = recipe.students[0]
+    torch.manual_seed(0)
+    build_student(recipe, spec, jd.classes).save_pretrained(tmp_path / "fp32")
+    kwargs = dict(alpha=0.5, temperature=2.0, epochs=1, lr=1e-4, calibration_records=32)
+    job = kd_qat_job(jd, spec, tmp_path / "fp32", **kwargs)
+    key = student_key(spec)
+    item = job.train_set[0]
+    plain = jd.data.split("train", {key: jd.views[key]})[0]
+    assert "draw" not in item and torch.equal(item[key], plain[key])
+    from distill.compress.quantize import load_student
+
+    with torch.no_grad():
+        own = load_student(tmp_path / "fp32")(signal=plain[key][None]).logits[0]
+    torch.testing.assert_close(item["kd.soft"], own, atol=1e-5, rtol=1e-5)
+    for change in ({"epochs": 2}, {"lr": 1e-3}, {"alpha": 0.9}):
+        assert kd_qat_job(jd, spec, tmp_path / "fp32", **{**kwargs, **change}).fingerprint \
+            != job.fingerprint, change
+    recipe.train.weight_decay = 0.5
+    assert kd_qat_job(jd, spec, tmp_path / "fp32", **kwargs).fingerprint != job.fingerprint

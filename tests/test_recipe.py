@@ -206,3 +206,9 @@ def test_a_with_ablation_turns_on_a_term_the_recipe_leaves_off() -> None:
         recipe_from_dict({"ablations": {"runs": ["with_ot"]}})
     with pytest.raises(RecipeError, match=r"^ablations\.runs\.0: .*with_bogus"):
         recipe_from_dict({"ablations": {"runs": ["with_bogus"]}})
+    # relation needs mhca or ot: with both off, with_relation would change nothing
+    with pytest.raises(RecipeError, match=r"^ablations\.runs\.0: with_relation changes "
+                                          r"nothing"):
+        recipe_from_dict({"distill": {"weights": {"kd": 1.0, "mhca": 0.0, "ot": 0.0,
+                                                  "relation": 0.0}},
+                          "ablations": {"runs": ["with_relation"]}})

@@ -335,7 +335,7 @@ def quantize_onnx(fp32_folder: str | os.PathLike, fmt: str, out: str | os.PathLi
         if fmt == "onnx-int8":
             if calibration is None:
                 raise QuantizeError(f"{fp32_folder}: static int8 needs calibration records")
-            calibration = _check_samples(calibration, config, "calibration")
+            calibration = _check_samples(calibration, config, f"{fp32_folder}: calibration")
             pre = Path(work) / "pre.onnx"
             # shape inference and graph clean-up before quantization (onnxruntime's advice);
             # its symbolic pass trips over the dynamo exporter's shape ops, ONNX's own does not
@@ -390,7 +390,7 @@ def quantize_onnx(fp32_folder: str | os.PathLike, fmt: str, out: str | os.PathLi
                        ratio_part=4 * n / max(1, stored))
         summary["bytes"].update(fp32_part=4 * n, quantized_part=stored)
         if check is not None:
-            check = _check_samples(check, config, "check")
+            check = _check_samples(check, config, f"{fp32_folder}: check")
             a = session(src).run(["logits"], {"signal": check})[0]
             b = session(path).run(["logits"], {"signal": check})[0]
             summary["max_abs_diff_vs_onnx_fp32"] = float(np.abs(a - b).max())
@@ -412,6 +412,19 @@ def _matmul_nbits():
                 root.removeHandler(h)
         root.setLevel(level)
     return matmul_nbits_quantizer
+
+
+def export_is_current(folder: str | os.PathLike, source: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds the ONNX export of the student weights now in ``source``
+    (its contract names their SHA-256): a stale export is never quantized."""
+    folder, source = Path(folder), Path(source)
+    if not is_onnx_folder(folder) or not (source / "model.safetensors").is_file():
+        return False
+    try:
+        made_from = read_contract(folder / ONNX_FILE)["model"]["source_weights_sha256"]
+    except (QuantizeError, KeyError, ValueError):
+        return False
+    return made_from == sha256_file(source / "model.safetensors")
 
 
 def is_onnx_folder(folder: str | os.PathLike) -> bool:

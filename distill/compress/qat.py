@@ -24,6 +24,8 @@ kept), which the ONNX path then exports and quantizes with the calibration as us
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,7 +43,8 @@ from torch.utils.data import DataLoader
 from distill.compress.quantize import load_student
 from distill.core.hashing import stable_hash, sha256_file
 from distill.engine.factory import student_key
-from distill.engine.jobs import JobData, student_sets
+from distill.engine.jobs import JobData, student_sets, train_settings
+from distill.recipe import AugmentConfig
 from distill.engine.train import TrainJob
 from distill.losses.kd import binary_kd_per_label
 
@@ -120,23 +123,35 @@ def logits_on(model: nn.Module, dataset, key: str, n: int, batch_size: int = 64)
     return out
 
 
+def plain_job_data(jd: JobData) -> JobData:
+    """``jd`` with the recipe's augmentation off: KD-QAT fine-tunes and calibrates on the
+    records as the deployed model reads them (as ``onnx-int8`` calibrates), and its soft
+    labels are computed on those same records."""
+    recipe = copy.deepcopy(jd.recipe)
+    recipe.train.augment = AugmentConfig()
+    return dataclasses.replace(jd, recipe=recipe)
+
+
 def kd_qat_job(jd: JobData, spec, source: Path, *, alpha: float, temperature: float,
-               teacher_logits: np.ndarray | None = None, calibration_records: int = 256,
-               seed: int = 0) -> TrainJob:
+               epochs: int, lr: float, teacher_logits: np.ndarray | None = None,
+               calibration_records: int = 256, seed: int = 0) -> TrainJob:
     """The fine-tuning of the fp32 student in ``source`` under fake int8 quantization.
 
     Args:
         jd: the run's data; the training records are the student's label-only training set
-            (with ``data.label_fraction`` < 1, the labeled subset).
+            (with ``data.label_fraction`` < 1, the labeled subset), never augmented.
         spec: the student.
         source: its trained fp32 folder.
         alpha: weight of the KD term (1 - alpha on the labels).
         temperature: KD temperature.
+        epochs, lr: the fine-tuning's (part of the job's fingerprint, with the recipe's
+            other training settings).
         teacher_logits: float32 [N, C] soft targets per record position (the run's
             teacher); None: the fp32 student's own logits.
         calibration_records: training records the activation ranges are observed on.
         seed: the run's seed (which records calibrate).
     """
+    jd = plain_job_data(jd)
     key = student_key(spec)
     student = load_student(source).float()
     n = len(jd.data)
@@ -182,7 +197,9 @@ def kd_qat_job(jd: JobData, spec, source: Path, *, alpha: float, temperature: fl
                                  "temperature": temperature, "soft": soft_from,
                                  "teacher": (None if soft_from == "self" else hashlib.sha256(
                                      np.ascontiguousarray(teacher_logits).tobytes()).hexdigest()),
-                                 "calibration_records": calibration_records, "seed": seed}))
+                                 "calibration_records": calibration_records, "seed": seed,
+                                 "epochs": epochs, "lr": lr,
+                                 "train": train_settings(jd.recipe)}))
 
 
 def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:

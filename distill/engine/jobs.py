@@ -300,6 +300,10 @@ def student_sets(jd: JobData, spec: StudentConfig, extras: Mapping[str, Any] | N
         views = {key: jd.views[key]}
         render, transform, extra, draws = None, None, dict(arrays or {}), 0
         if with_teacher:
+            if augment_draws(recipe):
+                raise ValueError("the teacher runs live only with fresh draws "
+                                 "(train.augment.views: 0); with fixed views pass its cached "
+                                 "outputs on them (build_teacher_cache)")
             t_views, t_extras, render, transform = _teacher_split(jd, True, images)
             views.update(t_views)
             extra.update(t_extras)
@@ -406,9 +410,10 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
     draws = augment_draws(recipe)
     for c in (cache, transfer_cache):
         if c is not None and len(getattr(c, "draws", ())) != draws:
-            raise ValueError(f"distill_job: the recipe draws {draws} augmented views per "
-                             f"record; the teacher outputs given cover "
-                             f"{len(getattr(c, 'draws', ()))}")
+            where = ", ".join(str(e.folder) for e in getattr(c, "draws", [c]))
+            raise ValueError(f"distill_job: train.augment.views is {draws}; the teacher "
+                             f"outputs given ({where}) cover "
+                             f"{len(getattr(c, 'draws', ()))} augmented views per record")
     sets = student_sets(jd, spec, extras=extras, with_teacher=cache is None, distill=True,
                          transfer_extras=transfer_cache.extras() if transfer_cache else None)
     probe = sets["train"][0]

@@ -102,6 +102,9 @@ def select_models(results: dict[str, Any], names: Sequence[str] | None = None,
     ("fp32" for the students themselves, or a variant's format: int8, nf4, onnx,
     onnx-int8 ...)."""
     models = results["models"]
+    if names and formats:
+        raise ECGDistillError("--model and --format together: name the models, or the "
+                              "formats of the distilled models to export, not both")
     if not names:
         chosen = [n for n in models if ModelId.parse(n).fp32.kind == "distill"]
         if formats:

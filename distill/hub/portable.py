@@ -10,7 +10,8 @@ each module's top-level statements as they are written, and leaving out:
 
 * imports of the project's own modules (their names are defined earlier in the file);
 * the registry calls: ``register_family(...)`` and the ``@register_preset`` builders (and
-  the private ``_create_<family>`` they call), which only matter inside ecg-distill;
+  a private helper such as ``_create_<family>`` that only they call), which only matter
+  inside ecg-distill;
 * ``__all__``.
 
 The third-party imports of every module are gathered at the top. A name defined twice
@@ -26,6 +27,7 @@ import ast
 import importlib
 import inspect
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +92,11 @@ def _pieces(module_name: str) -> tuple[list[str], list[tuple[str, str]]]:
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 name = ",".join(getattr(t, "id", "") for t in targets)
             kept.append((name, text))
-    # the private builders only the removed presets call, and what only they use
-    kept = [(n, t) for n, t in kept if n not in removed_builders]
+    # a private helper (``_create_<family>``) that only the removed presets call goes too;
+    # anything else they call (a model class ...) stays
+    unused = {name for name in removed_builders if name.startswith("_") and not any(
+        re.search(rf"\b{re.escape(name)}\b", text) for n, text in kept if n != name)}
+    kept = [(n, t) for n, t in kept if n not in unused]
     return imports, kept
 
 

@@ -495,6 +495,10 @@ class Recipe:
                 raise RecipeError(f"{at}ablations.runs.{i}: {name}, but distill.weights."
                                   f"{name[5:]} is already on (it would train the full recipe "
                                   f"again; use no_{name[5:]})")
+            if name.startswith("with_") and weights == dict(self.distill.weights):
+                raise RecipeError(f"{at}ablations.runs.{i}: {name} changes nothing: "
+                                  f"{name[5:]} needs one of the terms the recipe leaves off "
+                                  f"(it would train the full recipe again)")
         t = self.distill.transfer
         if t.path is not None and self.data.path is not None and \
                 Path(t.path).expanduser().resolve() == Path(self.data.path).expanduser().resolve():

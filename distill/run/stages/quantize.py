@@ -6,7 +6,6 @@ precision (``quantized.json``)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from collections.abc import Sequence
@@ -18,16 +17,16 @@ import torch
 
 import teachers
 from distill.compress.onnx import FORMATS as ONNX_FORMATS
-from distill.compress.onnx import OnnxStudent, export_onnx, is_onnx_folder, quantize_onnx
+from distill.compress.onnx import OnnxStudent, export_is_current, export_onnx, quantize_onnx
 from distill.compress.quantize import QuantizeError, load_student, quantize_folder
 from distill.core.io import atomic_write_text
 from distill.core.layout import QUANTIZED_DIR, QUANTIZED_FILE, ModelId, RunLayout
-from distill.compress.qat import kd_qat_job
+from distill.compress.qat import kd_qat_job, plain_job_data
 from distill.core.schema import to_dict
 from distill.engine.factory import build_teacher, student_key
 from distill.engine.jobs import JobData, build_teacher_cache, load_frozen_teacher
+from distill.engine.accel import process_state
 from distill.engine.train import fit
-from distill.recipe import AugmentConfig
 from distill.metrics.footprint import peak_activation_bytes, weights_bytes
 from distill.metrics.scoring import evaluate_candidates
 from distill.run.stage import TRAINED, RunContext, Stage, distill_stage_settings
@@ -129,9 +128,9 @@ def onnx_variant(jd: JobData, layout: RunLayout, kind: str, spec, fmt: str,
     check = student_records(jd, spec, "val", 32, seed)
     if fmt == "onnx-int8-qat":
         return kd_qat_variant(jd, layout, kind, spec, check, progress)
-    if fmt == "onnx" or not is_onnx_folder(fp32):
-        summary = export_onnx(layout.model_dir(ModelId.student(kind, spec)), fp32, check,
-                              force=True)
+    source = layout.model_dir(ModelId.student(kind, spec))
+    if fmt == "onnx" or not export_is_current(fp32, source):
+        summary = export_onnx(source, fp32, check, force=True)
         if fmt == "onnx":
             return summary
     calibration = (student_records(jd, spec, "train", q.calibration_records, seed)
@@ -148,16 +147,21 @@ def kd_qat_variant(jd: JobData, layout: RunLayout, kind: str, spec, check: np.nd
     quantize it like ``onnx-int8``."""
     recipe = jd.recipe
     q, k, seed = recipe.quantize, recipe.quantize.kd_qat, recipe.evaluate.seed
+    if process_state().num_processes > 1:
+        raise QuantizeError("onnx-int8-qat trains, and the quantize stage runs on the main "
+                            "process only: run it in one process (without accelerate launch)")
     source = layout.model_dir(ModelId.student(kind, spec))
     work = layout.job_dir(ModelId.student(kind, spec, "kdqat"))
     teacher_logits = None
-    if k.teacher == "teacher":
-        cache = build_teacher_cache(jd, load_frozen_teacher(jd, layout.root), progress=progress)
-        teacher_logits = np.asarray(getattr(cache, "draws", [cache])[0].logits)
+    if k.teacher == "teacher":  # its outputs on the plain records (augmentation off)
+        plain = plain_job_data(jd)
+        cache = build_teacher_cache(plain, load_frozen_teacher(plain, layout.root),
+                                    progress=progress)
+        teacher_logits = np.asarray(cache.logits)
     job = kd_qat_job(jd, spec, source, alpha=k.alpha, temperature=k.temperature,
-                     teacher_logits=teacher_logits, calibration_records=q.calibration_records,
-                     seed=seed)
-    cfg = dataclasses.replace(recipe.train, augment=AugmentConfig())
+                     epochs=k.epochs, lr=k.lr, teacher_logits=teacher_logits,
+                     calibration_records=q.calibration_records, seed=seed)
+    cfg = recipe.train
     done = _metrics(work)
     if done.get("complete") and done.get("fingerprint") == job.fingerprint:
         print(f"{job.name}: complete in {work}, skipped")
@@ -165,6 +169,7 @@ def kd_qat_variant(jd: JobData, layout: RunLayout, kind: str, spec, check: np.nd
     else:
         if done.get("fingerprint") not in (None, job.fingerprint):
             shutil.rmtree(work)  # this stage's own output, made with other settings
+        # an interrupted fine-tune of the same job resumes (the stage itself has no --resume)
         fitted = fit(job, cfg, work, seed=recipe.seed, epochs=k.epochs, lr=k.lr, resume=True,
                      progress=progress)
         best, m = fitted.best_folder, fitted.metrics
