@@ -55,7 +55,6 @@ def test_fixed_draws_are_picked_per_epoch_and_reproducible(jd) -> None:
             picked.setdefault(i, []).append(d)
             # whichever epoch draws it, view d of a record is the same augmented record
             assert torch.equal(item["s"], pinned[d][i]["s"])
-            assert torch.equal(item["s"], split[i]["s"])
     assert {d for ds in picked.values() for d in ds} == {0, 1, 2}
     assert any(len(set(ds)) > 1 for ds in picked.values())  # the pick changes with the epoch
     pinned[0].set_epoch(5)  # a pinned split ignores the epoch
@@ -134,8 +133,9 @@ def test_the_teacher_cache_covers_every_view_of_every_record(jd, monkeypatch) ->
     again = build_teacher_cache(jd, teacher, progress=False)
     assert [e.folder for e in again.draws] == [e.folder for e in cache.draws]
     # a cache of another number of views is refused by the job
-    with pytest.raises(ValueError, match="draws 3 augmented views per record; the teacher "
-                                         "outputs given cover 2"):
+    with pytest.raises(ValueError, match=r"train\.augment\.views is 3; the teacher outputs "
+                                         r"given \(.*teacher-outputs-.*\) cover 2 augmented "
+                                         r"views per record"):
         distill_job(jd, spec, teacher, DrawnOutputs(cache.draws[:2]), transfer_cache=transfer)
 
 
