@@ -188,3 +188,20 @@ def test_a_stale_export_is_recognised(exported, tmp_path) -> None:
     model.save_pretrained(retrained)  # other weights, same folder layout
     assert not export_is_current(fp32, retrained)
     assert not export_is_current(tmp_path, src)  # no export at all
+
+
+def test_eval_scores_an_onnx_folder_as_its_pytorch_student(exported, ptbxl_template,
+                                                          tmp_path) -> None:
+    """`ecg-distill eval` on an ONNX folder runs it with onnxruntime on the same inputs the
+    PyTorch folder gets: the same probabilities, so the same scores."""
+    from distill.run.stages.evaluate import evaluate_checkpoint
+
+    src, folder, _ = exported["xresnet1d"]
+    kwargs = dict(split="all", bootstrap=20, cache_dir=str(tmp_path / "cache"), progress=False)
+    a = evaluate_checkpoint(src, ptbxl_template, **kwargs)
+    b = evaluate_checkpoint(folder, ptbxl_template, **kwargs)
+    assert a["records"] == b["records"] > 0
+    assert b["macro_auc"]["value"] == pytest.approx(a["macro_auc"]["value"], abs=1e-6)
+    for label, value in a["label_auc"].items():
+        assert (value is None and b["label_auc"][label] is None) or \
+            b["label_auc"][label] == pytest.approx(value, abs=1e-6)

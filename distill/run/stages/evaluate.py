@@ -28,6 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 import students  # noqa: F401  (registers the student classes with AutoModel)
+from distill.compress.onnx import OnnxStudent, is_onnx_folder
 from distill.core.errors import ECGDistillError
 from distill.core.io import require_safetensors
 from distill.core.layout import TEACHER, ModelId, RunLayout
@@ -138,9 +139,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data_folder: str | Path, *,
                               f"students (teachers are evaluated by `ecg-distill run`)")
     if not (checkpoint / "config.json").exists():
         raise ECGDistillError(f"{checkpoint}: no config.json; not a saved student folder")
-    require_safetensors(checkpoint)
     config = AutoConfig.from_pretrained(checkpoint)
-    model = AutoModel.from_pretrained(checkpoint, use_safetensors=True).eval()
+    if is_onnx_folder(checkpoint):  # an ONNX variant: run by onnxruntime
+        model = OnnxStudent(checkpoint)
+    else:
+        require_safetensors(checkpoint)
+        model = AutoModel.from_pretrained(checkpoint, use_safetensors=True).eval()
     classes = [config.id2label[i] for i in range(config.num_labels)]
     rate = int(config.sampling_rate)
     data = load_ptbxl(data_folder, task=task, sampling_rate=100 if rate <= 100 else 500,
