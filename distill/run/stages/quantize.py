@@ -142,9 +142,10 @@ def onnx_variant(jd: JobData, layout: RunLayout, kind: str, spec, fmt: str,
 def kd_qat_variant(jd: JobData, layout: RunLayout, kind: str, spec, check: np.ndarray,
                    progress: bool = True) -> dict[str, Any]:
     """``onnx-int8-qat``: fine-tune the student under fake int8 quantization with the
-    distillation loss (:mod:`distill.compress.qat`; checkpoints and ``--resume`` as every
-    training job, under ``quantized/<kind>-<student>-kdqat/``), then export the result and
-    quantize it like ``onnx-int8``."""
+    distillation loss (:mod:`distill.compress.qat`; through the shared loop, with its
+    checkpoints, under ``quantized/<kind>-<student>-kdqat/``: an interrupted fine-tune of the
+    same job resumes, a finished one is reused, one of other settings is replaced), then
+    export the result and quantize it like ``onnx-int8``."""
     recipe = jd.recipe
     q, k, seed = recipe.quantize, recipe.quantize.kd_qat, recipe.evaluate.seed
     if process_state().num_processes > 1:
