@@ -97,8 +97,8 @@ def _contract(config: dict[str, Any], fmt: str, source: Path, parameters: int) -
 def _strip(model: onnx.ModelProto) -> None:
     """Make the graph compact: drop the exporter's per-node debugging metadata (stack
     traces, module paths), the intermediate shape annotations (onnxruntime infers them),
-    node names, and give every internal tensor a short name. In a small student these
-    names and annotations are a quarter of the file; no runtime reads them. The graph's
+    node names, and give every internal tensor a short name: in a small student they are
+    a sizeable part of the file, and no runtime reads them. The graph's
     input and output names are kept: they are the contract."""
     g = model.graph
     keep = {v.name for v in g.input} | {v.name for v in g.output}
@@ -158,7 +158,7 @@ def read_contract(path: str | os.PathLike) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
+def _quiet_onnx_tools() -> Iterator[None]:
     """The dynamo exporter logs a line per optional op library it cannot find
     (torchvision) and warns about its own internals, and onnxruntime's quantizer about
     per-channel axes of 1-D tensors; none of it concerns the student."""
@@ -227,7 +227,7 @@ def export_onnx(source: str | os.PathLike, out: str | os.PathLike, samples: np.n
         reference = wrapper(torch.from_numpy(samples)).numpy()
     with atomic_dir(out) as tmp:
         path = tmp / ONNX_FILE
-        with _quiet_exporter(), torch.no_grad():
+        with _quiet_onnx_tools(), torch.no_grad():
             program = torch.onnx.export(
                 wrapper, (example,), input_names=["signal"], output_names=["logits"],
                 dynamic_shapes={"signal": {0: torch.export.Dim("batch")}}, dynamo=True,
@@ -340,7 +340,7 @@ def quantize_onnx(fp32_folder: str | os.PathLike, fmt: str, out: str | os.PathLi
             # shape inference and graph clean-up before quantization (onnxruntime's advice);
             # its symbolic pass trips over the dynamo exporter's shape ops, ONNX's own does not
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-            with _quiet_exporter():
+            with _quiet_onnx_tools():
                 quantize_static(str(pre), str(path), _Reader(calibration),
                                 quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -357,7 +357,7 @@ def quantize_onnx(fp32_folder: str | os.PathLike, fmt: str, out: str | os.PathLi
             nbits = _matmul_nbits()
             q = nbits.MatMulNBitsQuantizer(model, algo_config=nbits.DefaultWeightOnlyQuantConfig(
                 block_size=INT4_BLOCK, is_symmetric=True, bits=4))
-            with _quiet_exporter():
+            with _quiet_onnx_tools():
                 q.process()
             model = q.model.model
             after = _node_types(model)

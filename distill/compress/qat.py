@@ -183,8 +183,7 @@ def kd_qat_job(jd: JobData, spec, source: Path, *, alpha: float, temperature: fl
         if state_dict is not None:
             inner.load_state_dict(state_dict)
         clean = load_student(source).float()
-        trained = {k: v for k, v in _plain_state(inner).items()}
-        clean.load_state_dict(trained)
+        clean.load_state_dict(_plain_state(inner))
         clean.save_pretrained(folder)
 
     return TrainJob(

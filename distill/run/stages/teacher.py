@@ -51,7 +51,7 @@ def run_cache(ctx: RunContext) -> dict[str, Any]:
     summary: dict[str, Any] = {"folder": str(entries[0].folder), "key": cache.key,
                                "tokens": list(cache.tokens.shape),
                                "storage": str(cache.tokens.dtype)}
-    if len(entries) > 1 or isinstance(cache, DrawnOutputs):
+    if isinstance(cache, DrawnOutputs):
         summary["views"] = [str(e.folder) for e in entries]
     if jd.transfer is not None:
         extra = build_teacher_cache(jd, teacher, progress=ctx.progress, rebuild=rebuild,
