@@ -139,11 +139,13 @@ def evaluate_checkpoint(checkpoint: str | Path, data_folder: str | Path, *,
                               f"students (teachers are evaluated by `ecg-distill run`)")
     if not (checkpoint / "config.json").exists():
         raise ECGDistillError(f"{checkpoint}: no config.json; not a saved student folder")
+    onnx = is_onnx_folder(checkpoint)  # an ONNX variant: run by onnxruntime
+    if not onnx:
+        require_safetensors(checkpoint)  # before the config is read: the clearer refusal
     config = AutoConfig.from_pretrained(checkpoint)
-    if is_onnx_folder(checkpoint):  # an ONNX variant: run by onnxruntime
+    if onnx:
         model = OnnxStudent(checkpoint)
     else:
-        require_safetensors(checkpoint)
         model = AutoModel.from_pretrained(checkpoint, use_safetensors=True).eval()
     classes = [config.id2label[i] for i in range(config.num_labels)]
     rate = int(config.sampling_rate)
