@@ -298,3 +298,36 @@ def test_quant_state_bytes_count_every_tensor_once(tmp_path, fmt, double) -> Non
     codes.w = nn.Parameter(torch.zeros(4, dtype=torch.uint8), requires_grad=False)
     with pytest.raises(ECGDistillError, match=r"^w: stored as torch.uint8 codes but no scales"):
         quantized_weights_extra_bytes(codes)
+
+
+def _measured(auc: float, disk_mb: float, b1_ms: float) -> dict:
+    return {"macro_auc": {"value": auc, "low": auc - 0.03, "high": auc + 0.03},
+            "disk_mb": disk_mb, "latency_ms": {"1": b1_ms, "64": b1_ms / 5},
+            "peak_memory_mb": {"1": 1.0, "64": 10.0}}
+
+
+def test_deployment_advice_picks_among_the_lossless_formats_only() -> None:
+    """The report's "which target where": the fastest and the smallest ONNX format among
+    those within the tolerance of fp32; a faster or smaller one that loses AUC is passed over."""
+    from distill.run.stages.report import DEPLOY_TOLERANCE, deployment_advice
+
+    ref = "distill s/tiny"
+    models = {ref: {"kind": "distill", **_measured(0.90, 1.0, 4.0)}}
+    for fmt, auc, mb, ms in [("onnx", 0.900, 1.05, 2.0), ("onnx-int8", 0.899, 0.30, 1.5),
+                             ("onnx-int4", 0.880, 0.20, 1.0),   # smallest and fastest, lossy
+                             ("int8", 0.900, 0.90, 9.0)]:
+        models[f"{ref} {fmt}"] = {"kind": "quantized", "fp32": ref, "format": fmt,
+                                  "vs_fp32": {"value": auc - 0.90, "low": -1, "high": 1},
+                                  **_measured(auc, mb, ms)}
+    results = {"models": models, "quantization": {"reference": {ref: models[ref]}}}
+    text = deployment_advice(results)
+    row = next(line for line in text.splitlines() if line.startswith(f"| {ref} |"))
+    assert "onnx-int8: 1.50 ms/record (2.7x fp32's)" in row
+    assert "onnx-int8: 300 kB (3.3x smaller than fp32)" in row
+    assert "onnx-int4" not in row
+    # nothing lossless in ONNX: fp32 PyTorch is the CPU choice and the edge cell says why
+    for fmt in ("onnx", "onnx-int8"):
+        models[f"{ref} {fmt}"]["vs_fp32"]["value"] = -2 * DEPLOY_TOLERANCE
+    row = next(line for line in deployment_advice(results).splitlines() if line.startswith(f"| {ref} |"))
+    assert "fp32 (PyTorch): 4.00 ms/record (1.0x fp32's)" in row and "none within" in row
+    assert deployment_advice({"models": models, "quantization": {}}) is None

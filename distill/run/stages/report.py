@@ -139,6 +139,51 @@ def quantization_table(results: dict[str, Any]) -> str | None:
     return text
 
 
+#: The largest |ΔAUC| against fp32 (point estimate) at which a variant counts as lossless.
+DEPLOY_TOLERANCE = 0.005
+
+
+def deployment_advice(results: dict[str, Any], tolerance: float = DEPLOY_TOLERANCE) -> str | None:
+    """Which format to deploy where, per student, read from this run's measurements.
+
+    Among the formats whose macro AUC is within ``tolerance`` of the student's fp32 model
+    (fp32 itself included): for a CPU box the one with the lowest batch-1 latency, for the
+    edge (a phone, a wearable: onnxruntime and the file, no PyTorch) the ONNX variant with
+    the smallest file. A GPU server is not measured here, so its advice is stated as such.
+    """
+    q = results.get("quantization")
+    if not q or not q.get("reference"):
+        return None
+    rows = ["| student | CPU box: fastest at batch 1 | edge: smallest ONNX file |",
+            "|---|---|---|"]
+    for ref_name, ref in q["reference"].items():
+        variants = [(m["format"], m) for m in results["models"].values()
+                    if m["kind"] == "quantized" and m.get("fp32") == ref_name]
+        if not variants:
+            continue
+        kept = [("fp32 (PyTorch)", ref)] + [
+            (f, m) for f, m in variants if abs(m["vs_fp32"]["value"]) <= tolerance]
+        fast_name, fast = min(kept, key=lambda c: c[1]["latency_ms"]["1"])
+        cpu = (f"{fast_name}: {fast['latency_ms']['1']:.2f} ms/record "
+               f"({ref['latency_ms']['1'] / fast['latency_ms']['1']:.1f}x fp32's)")
+        onnx = [c for c in kept if c[0].startswith("onnx")]
+        if onnx:
+            small_name, small = min(onnx, key=lambda c: (c[1]["disk_mb"], c[1]["latency_ms"]["1"]))
+            edge = (f"{small_name}: {small['disk_mb'] * 1000:.0f} kB "
+                    f"({ref['disk_mb'] / small['disk_mb']:.1f}x smaller than fp32)")
+        else:
+            edge = f"none within {tolerance} AUC of fp32 (or no ONNX format in the recipe)"
+        rows.append(f"| {ref_name} | {cpu} | {edge} |")
+    if len(rows) == 2:
+        return None
+    return (f"Which target where (formats within {tolerance} macro AUC of fp32 on this test "
+            f"fold; latency measured on this machine's CPU). A GPU server: the fp32 (or fp16) "
+            f"PyTorch folder; students this small are bound by kernel launches, not weights, "
+            f"and bitsandbytes int8/nf4 pays where Linear weights dominate, as for a VLM "
+            f"teacher loaded with `teacher.load_in` (not measured here: no GPU).\n\n"
+            + "\n".join(rows))
+
+
 def teacher_memory_table(results: dict[str, Any]) -> str | None:
     """The teacher's memory at each precision it was loaded in."""
     mem = (results.get("quantization") or {}).get("teacher_memory")
@@ -348,7 +393,7 @@ def write_report(jd: JobData, run_dir: Path) -> Path:
         "",
     ]
     for extra in (ablation_table(results), quantization_table(results),
-                  teacher_memory_table(results)):
+                  deployment_advice(results), teacher_memory_table(results)):
         if extra:
             lines += [extra, ""]
     lines += ["![macro AUC against parameters](figures/auc_vs_params.png)", ""]
