@@ -228,8 +228,10 @@ def test_every_shipped_recipe_dry_runs(recipe_path: Path, tmp_path: Path, capsys
 def test_stage_hashes_of_the_quickstart_are_those_of_0_1() -> None:
     """Runs made before the layering (0.1: the flat ``distill`` section, the monolithic
     pipeline) keep their stage hashes, so their folders resume with nothing redone. The
-    values are the markers of a quickstart run made with 0.1 (e787dac)."""
-    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml")
+    values are the markers of a quickstart run made with 0.1 (e787dac), whose quantize
+    formats were int8 and nf4 (the ONNX formats joined the default later, which rightly
+    redoes the quantize, report and export stages of such a folder)."""
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", ["quantize.formats=[int8, nf4]"])
     made_by_0_1 = {"data": "3cf2b7999244132b", "teacher": "219ba5c454b52e61",
                    "teacher_cache": "219ba5c454b52e61", "baseline": "a165ecd7d039202d",
                    "distill": "c5392016d2db5714", "ablation": "c57eaba144f2e940",

@@ -322,12 +322,12 @@ def test_deployment_advice_picks_among_the_lossless_formats_only() -> None:
     results = {"models": models, "quantization": {"reference": {ref: models[ref]}}}
     text = deployment_advice(results)
     row = next(line for line in text.splitlines() if line.startswith(f"| {ref} |"))
-    assert "onnx-int8: 1.50 ms/record (2.7x fp32's)" in row
+    assert "onnx-int8: 1.50 ms/record (2.7x faster than PyTorch fp32)" in row
     assert "onnx-int8: 300 kB (3.3x smaller than fp32)" in row
     assert "onnx-int4" not in row
     # nothing lossless in ONNX: fp32 PyTorch is the CPU choice and the edge cell says why
     for fmt in ("onnx", "onnx-int8"):
         models[f"{ref} {fmt}"]["vs_fp32"]["value"] = -2 * DEPLOY_TOLERANCE
     row = next(line for line in deployment_advice(results).splitlines() if line.startswith(f"| {ref} |"))
-    assert "fp32 (PyTorch): 4.00 ms/record (1.0x fp32's)" in row and "none within" in row
+    assert "| fp32 (PyTorch): 4.00 ms/record |" in row and "none within" in row
     assert deployment_advice({"models": models, "quantization": {}}) is None

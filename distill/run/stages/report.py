@@ -165,12 +165,16 @@ def deployment_advice(results: dict[str, Any], tolerance: float = DEPLOY_TOLERAN
             (f, m) for f, m in variants if abs(m["vs_fp32"]["value"]) <= tolerance]
         fast_name, fast = min(kept, key=lambda c: c[1]["latency_ms"]["1"])
         cpu = (f"{fast_name}: {fast['latency_ms']['1']:.2f} ms/record "
-               f"({ref['latency_ms']['1'] / fast['latency_ms']['1']:.1f}x fp32's)")
+               f"({ref['latency_ms']['1'] / fast['latency_ms']['1']:.1f}x faster than "
+               f"PyTorch fp32)" if fast is not ref else
+               f"{fast_name}: {fast['latency_ms']['1']:.2f} ms/record")
         onnx = [c for c in kept if c[0].startswith("onnx")]
         if onnx:
             small_name, small = min(onnx, key=lambda c: (c[1]["disk_mb"], c[1]["latency_ms"]["1"]))
-            edge = (f"{small_name}: {small['disk_mb'] * 1000:.0f} kB "
-                    f"({ref['disk_mb'] / small['disk_mb']:.1f}x smaller than fp32)")
+            ratio = ref["disk_mb"] / small["disk_mb"]
+            edge = (f"{small_name}: {small['disk_mb'] * 1000:.0f} kB ("
+                    + (f"{ratio:.1f}x smaller than fp32)" if ratio >= 1.05 else
+                       "the size of fp32's file)"))
         else:
             edge = f"none within {tolerance} AUC of fp32 (or no ONNX format in the recipe)"
         rows.append(f"| {ref_name} | {cpu} | {edge} |")
