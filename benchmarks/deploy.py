@@ -3,15 +3,17 @@ int8 / nf4, and ONNX (onnxruntime) fp32 / static int8 / 4-bit weight-only: file 
 CPU latency at batch 1 and 64, every ratio against PyTorch fp32.
 
 All variants of all students are timed in one run, interleaved (each repeat times every
-variant once, in turn), on the same threads, so their ratios hold on a noisy machine;
+variant once, in a freshly shuffled order; onnxruntime's threads do not spin between
+calls, see ``distill.compress.onnx.session``), on the same threads, so their ratios hold on a noisy machine;
 each figure is the median over the repeats. Latency does not depend on what the weights
 learnt, so the students are freshly initialised (weights scaled as a trained model's) and
 int8 is calibrated on random records; scores of trained students are the quantize
 stage's (``quantized.json``, the report).
 
 File sizes here are of these freshly initialised students; a trained student's ONNX files
-can be larger (the xresnets' int8 graphs by about 20% on the quickstart), so the sizes to
-quote are the quantize stage's.
+can be larger (the xresnets' int8 graphs by about 20% on the quickstart: a fresh network's
+batch norms fold into zero convolution biases, which the export leaves out, a trained
+one's into real ones), so the sizes to quote are the quantize stage's.
 
 Run: ``python benchmarks/deploy.py [--threads 2] [--repeats 15]``
 """
@@ -102,10 +104,13 @@ def main(argv: list[str] | None = None) -> None:
         for k, m in models.items():  # warm-up: lazy initialisation, kernel selection
             once(m, x[1], 2)
             once(m, x[64], 1)
+        order = list(models)
+        shuffle = np.random.default_rng(0)
         for _ in range(args.repeats):
-            for k, m in models.items():
-                times[k][1].append(once(m, x[1], 10))
-                times[k][64].append(once(m, x[64], 1))
+            shuffle.shuffle(order)  # no variant always runs after the same other one
+            for k in order:
+                times[k][1].append(once(models[k], x[1], 10))
+                times[k][64].append(once(models[k], x[64], 1))
         print(f"CPU, {args.threads} threads, 10-second 12-lead records at 100 Hz; medians of "
               f"{args.repeats} interleaved repeats; ratios against PyTorch fp32")
         print(f"{'student':<18}{'format':<11}{'file MB':>9}{'smaller':>9}"

@@ -179,11 +179,17 @@ def _quiet_onnx_tools() -> Iterator[None]:
 
 def session(path: str | os.PathLike, threads: int | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session (``threads``: intra-op threads; default torch's count, so
-    timings compare with PyTorch's on the same cores)."""
+    timings compare with PyTorch's on the same cores).
+
+    Its worker threads do not spin after a call (onnxruntime's default is to spin): a
+    spinning idle session takes cores from whatever runs next in the process, which here is
+    often another model being timed. A service calling one model in a tight loop may gain
+    a little latency by turning spinning back on."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
