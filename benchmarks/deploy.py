@@ -4,8 +4,8 @@ CPU latency at batch 1 and 64, every ratio against PyTorch fp32.
 
 All variants of all students are timed in one run, interleaved (each repeat times every
 variant once, in a freshly shuffled order; onnxruntime's threads do not spin between
-calls, see ``distill.compress.onnx.session``), on the same threads, so their ratios hold on a noisy machine;
-each figure is the median over the repeats. Latency does not depend on what the weights
+calls, see ``distill.compress.onnx.session``), on the same threads, so their ratios hold
+on a noisy machine; each figure is the median over the repeats. Latency does not depend on what the weights
 learnt, so the students are freshly initialised (weights scaled as a trained model's) and
 int8 is calibrated on random records; scores of trained students are the quantize
 stage's (``quantized.json``, the report).

@@ -139,7 +139,8 @@ def quantization_table(results: dict[str, Any]) -> str | None:
     return text
 
 
-#: The largest |ΔAUC| against fp32 (point estimate) at which a variant counts as lossless.
+#: The largest AUC loss against fp32 (point estimate) at which a deployment variant still
+#: counts as lossless; a gain never disqualifies.
 DEPLOY_TOLERANCE = 0.005
 
 
