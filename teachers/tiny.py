@@ -23,6 +23,13 @@ import torch
 
 from distill.core.io import atomic_dir
 from distill.data.cache import default_cache_dir
+from distill.core.vlm import (  # noqa: F401  (re-exported: the presets' shared pieces)
+    ECG_WORDS,
+    IMAGE_TOKEN,
+    PRINTOUT_MEAN,
+    PRINTOUT_STD,
+    build_tiny_tokenizer,
+)
 from teachers.conv_tower import EcgConvTowerConfig
 
 # Bumped whenever a preset's configuration changes, so an old cached build is not reused.
@@ -30,35 +37,6 @@ TINY_VLM_NAME = "tiny-vlm-v2"  # v2: vision initializer_factor 4
 TINY_VLM_SWIN_NAME = "tiny-vlm-swin-v1"
 VLM_SMALL_INIT_NAME = "ecg-vlm-small-init-v3"  # v3: convolutional tower (v1, v2: Swin)
 TINY_SIGNAL_NAME = "tiny-hubert-v1"
-
-IMAGE_TOKEN = "<image>"
-SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN)
-# Enough words for the default prompts; anything else maps to <unk>.
-ECG_WORDS = ["user", "assistant", "system", "what", "which", "are", "is", "the", "a", "an", "of", "this", "these", "in", "on", "and", "or", "with", "diagnoses", "diagnosis", "findings", "rhythm", "ecg", "electrocardiogram", "12", "lead", "leads", "image", "describe", "list", "normal", "abnormal", "sinus", "atrial", "fibrillation", "flutter", "infarction", "myocardial", "ischemia", "hypertrophy", "bundle", "branch", "block", "left", "right", "st", "t", "wave", "elevation", "depression", "qrs", "pr", "qt", "interval", "axis", "rate", "bradycardia", "tachycardia", "conduction", "answer", "please", "shown"]
-PUNCTUATION = (":", "?", ".", ",", "-", "(", ")", "/", "'")
-
-
-def build_tiny_tokenizer():
-    """A small word-level ``PreTrainedTokenizerFast`` over an ECG vocabulary.
-
-    Lower-cases, splits on whitespace and punctuation, prepends ``<s>``; ``<image>`` is a
-    special token so the processor's expanded image markers stay one id each.
-    """
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + tuple(ECG_WORDS) + PUNCTUATION)}
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN},
-        model_max_length=1024)
-
 
 # CLIP's default initialisation (factor 1) leaves a 64-wide, 2-layer tower almost blind to
 # what differs between ECG printouts (mostly white paper): its visual tokens vary across
@@ -68,15 +46,6 @@ def build_tiny_tokenizer():
 # in 100 steps, where factor 1 stays at the priors, 0.51).
 VISION_INIT_FACTOR = 4.0
 TEXT_INIT_RANGE = 0.02
-
-
-# Pixel statistics of the renderer's printouts (RGB, after rescaling to [0, 1]), measured
-# on 200 synthetic 224 x 224 records: mostly white-pink paper, ~5 % ink. Normalising with
-# them puts the paper near 0 and the ink ~3-4 standard deviations below it, so a tower
-# with the default initialisation sees the traces (CLIP's photo statistics, mean 0.48 and
-# std 0.27, leave the paper at +1.9 and shrink what differs between printouts).
-PRINTOUT_MEAN = (0.90, 0.69, 0.68)
-PRINTOUT_STD = (0.21, 0.20, 0.20)
 
 
 def _write_tiny_llava(folder: Path, vision, *, image_size: int, token_stride: int,

@@ -23,7 +23,6 @@ Outputs (the contract of :mod:`distill.core.contract`):
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from typing import Any, ClassVar
@@ -31,12 +30,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from distill.core.vlm import token_grid, visual_tokens
 from distill.data.render import RenderConfig, patch_lead_map
 from teachers.base import TeacherAdapter, layer_index, load_backbone, register_teacher
 from teachers import zoo
 from teachers.tiny import build_tiny_vlm, resolve_tiny
 
-__all__ = ["DEFAULT_PROMPT", "VLMTeacher", "build_tiny_vlm", "visual_tokens"]
+__all__ = ["DEFAULT_PROMPT", "VLMTeacher", "build_tiny_vlm", "token_grid", "visual_tokens"]
 
 DEFAULT_PROMPT = "USER: <image>\nWhat are the diagnoses of this 12-lead ECG? ASSISTANT:"
 TOKEN_SOURCES = ("vision", "language")
@@ -56,51 +56,6 @@ def _render_config(size: int, render: RenderConfig | dict | None) -> RenderConfi
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in (render or {}).items()}
     fields.update(height=size, width=size)
     return RenderConfig(**fields)
-
-
-def token_grid(n_tokens: int, image_size: int) -> tuple[int | None, bool]:
-    """The side of the square token grid behind ``n_tokens`` visual tokens of an
-    ``image_size`` image, and whether one CLS token leads them: a CLIP tower under the
-    "full" strategy gives g * g + 1, a CLS-less tower (Swin, SigLIP) or the "default"
-    strategy g * g. (None, False) when neither is a square grid dividing the image."""
-    for cls in (False, True):
-        g = math.isqrt(max(n_tokens - cls, 0))
-        if g > 0 and g * g == n_tokens - cls and image_size % g == 0:
-            return g, cls
-    return None, False
-
-
-def visual_tokens(out: Any, batch: int, n_tokens: int, width: int) -> torch.Tensor:
-    """The projected visual tokens [B, N, D] of a LLaVA-family forward output, in every
-    form transformers 5.x gives them.
-
-    - ``out.image_outputs.pooler_output`` (5.2x and later; ``image_hidden_states`` is then a
-      deprecated alias announced to mean "hidden states of every layer" from 5.30, so it
-      is read only when ``image_outputs`` is absent);
-    - ``out.image_hidden_states`` (earlier 5.x): a tensor [B, N, D] or [B * N, D];
-    - either of them as a list or tuple of per-image tensors [N, D] (or [1, N, D]).
-
-    Raises:
-        ValueError: no visual tokens in the output, or not B x N tokens of width D (the
-            message names the installed transformers version).
-    """
-    image_outputs = getattr(out, "image_outputs", None)
-    if image_outputs is not None:
-        found = getattr(image_outputs, "pooler_output", None)
-    else:
-        found = getattr(out, "image_hidden_states", None)
-    if isinstance(found, (list, tuple)):
-        parts = [t for t in found if isinstance(t, torch.Tensor)]
-        found = torch.cat([t.reshape(-1, t.shape[-1]) for t in parts]) if parts else None
-    if not isinstance(found, torch.Tensor) or found.numel() != batch * n_tokens * width:
-        import transformers
-
-        shape = None if found is None else tuple(getattr(found, "shape", ()))
-        raise ValueError(f"VLM teacher: expected {batch} x {n_tokens} visual tokens of width "
-                         f"{width} in the model's output, found {shape} (transformers "
-                         f"{transformers.__version__}); use tokens='language' or the locked "
-                         f"transformers version")
-    return found.reshape(batch, n_tokens, width)  # (B, N, D)
 
 
 @register_teacher("vlm")
