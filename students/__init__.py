@@ -3,13 +3,19 @@
 ``create("xresnet1d", "small", num_labels=5)`` builds a model; after ``import students``,
 ``transformers.AutoModel.from_pretrained(folder)`` reloads any saved student.
 
-Families:
+Families reading the signal (``input_names = ("signal",)``):
     xresnet1d   the 1-D residual CNN that leads the PTB-XL benchmark (students/xresnet1d.py)
     leadformer  a lead-token transformer with LAMAE latent attention across leads
                 (students/leadformer.py), Linear-heavy for 8/4-bit quantization
 
-Every student is a ``PreTrainedModel`` with ``input_names = ("signal",)`` whose forward
-returns ``distill.core.contract.ECGModelOutput``.
+Families reading the rendered printout (``input_names = ("image",)``, students/_image.py):
+    vit         a small transformers ViT (students/vit.py)
+    convnext    a small transformers ConvNeXt (students/convnext.py)
+    llava       a small vision-language model, EVL-ECG's own student (students/llava.py):
+                any image-text-to-text model's body, full or LoRA training
+
+Every student is a ``PreTrainedModel`` whose forward returns
+``distill.core.contract.ECGModelOutput``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import pkgutil
 from transformers import PreTrainedModel
 
 from students._common import ECGStudentConfig, ECGStudentModel, check_signal, describe_input
-from students._registry import SIZES, check_options, families, get_preset, preset_names
+from students._image import ECGImageStudentConfig, ECGImageStudentModel
+from students._registry import (SIZES, check_options, families, get_preset, input_names,
+                                preset_names, reads_images)
 from students.leadformer import LeadFormerConfig, LeadFormerModel
 from students.xresnet1d import XResNet1dConfig, XResNet1dModel
 
@@ -85,7 +93,8 @@ def create(family: str, size: str = "tiny", *, num_labels: int,
 
 
 __all__ = [
-    "FAMILIES", "SIZES", "ECGStudentConfig", "ECGStudentModel", "LeadFormerConfig",
-    "LeadFormerModel", "XResNet1dConfig", "XResNet1dModel", "check_signal", "create",
-    "describe_input", "discover", "families", "presets",
+    "FAMILIES", "SIZES", "ECGImageStudentConfig", "ECGImageStudentModel", "ECGStudentConfig",
+    "ECGStudentModel", "LeadFormerConfig", "LeadFormerModel", "XResNet1dConfig",
+    "XResNet1dModel", "check_signal", "create", "describe_input", "discover", "families",
+    "input_names", "presets", "reads_images",
 ]

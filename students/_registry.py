@@ -16,6 +16,7 @@ SIZES: tuple[str, ...] = ("tiny", "small", "base")
 PresetFn = Callable[..., PreTrainedModel]
 _PRESETS: dict[tuple[str, str], PresetFn] = {}
 _OPTIONS: dict[str, frozenset[str]] = {}  # family -> the keywords its presets accept
+_INPUTS: dict[str, tuple[str, ...]] = {}  # family -> what its models read ("signal", "image")
 
 
 def register_family(family: str, config_class: type, dials: tuple[str, ...],
@@ -27,6 +28,8 @@ def register_family(family: str, config_class: type, dials: tuple[str, ...],
     if model_class is not None:
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModel.register(config_class, model_class, exist_ok=True)
+    if model_class is not None:
+        _INPUTS[family] = tuple(getattr(model_class, "input_names", ("signal",)))
     generic = {f.name for f in dataclasses.fields(PreTrainedConfig)}
     fields = {f.name for f in dataclasses.fields(config_class)} - generic
     _OPTIONS[family] = frozenset(fields | set(dials))
@@ -76,3 +79,15 @@ def get_preset(family: str, size: str) -> PresetFn:
 def preset_names() -> list[tuple[str, str]]:
     """Every registered ``(family, size)``, families sorted, sizes tiny -> base."""
     return [(f, s) for f in families() for s in SIZES if (f, s) in _PRESETS]
+
+
+def input_names(family: str) -> tuple[str, ...]:
+    """What a family's models read: ``("signal",)`` or ``("image",)`` (the rendered
+    printout); a family registered without its model class reads the signal."""
+    get_preset(family, next(s for s in SIZES if (family, s) in _PRESETS))  # unknown: ValueError
+    return _INPUTS.get(family, ("signal",))
+
+
+def reads_images(family: str) -> bool:
+    """Whether a family's students read the rendered printout (the data stage renders it)."""
+    return "image" in input_names(family)

@@ -28,6 +28,14 @@ RATE, SECONDS = 100, 10.0
 RELOAD = "import students\nfrom transformers import AutoModel\nmodel = AutoModel.from_pretrained(folder)"
 
 
+def make_image_batch(batch_size: int, size: int = 224) -> dict[str, torch.Tensor]:
+    """A seeded batch of printouts: uint8 images [B, 3, S, S] and 0/1 labels [B, 5]."""
+    gen = torch.Generator().manual_seed(batch_size)
+    return {"image": torch.randint(0, 256, (batch_size, 3, size, size), generator=gen,
+                                   dtype=torch.uint8),
+            "labels": (torch.rand(batch_size, NUM_LABELS, generator=gen) > 0.5).float()}
+
+
 def make_batch(batch_size: int, n_leads: int = 12, samples: int = 1000) -> dict[str, torch.Tensor]:
     """A seeded random batch: signal [B, L, T] in mV-like scale and 0/1 labels [B, 5]."""
     gen = torch.Generator().manual_seed(batch_size)
@@ -40,25 +48,39 @@ def build(family: str, size: str, **overrides):
                            input_seconds=SECONDS, **overrides)
 
 
-def case(family: str, size: str) -> ModelCase:
+SIGNAL_PRESETS = [(f, s) for f, s in students.presets() if not students.reads_images(f)]
+IMAGE_PRESETS = [(f, s) for f, s in students.presets() if students.reads_images(f)]
+
+
+def _lora_trainable(model) -> set[str]:
+    return {n for n, _ in model.named_parameters()
+            if "lora_" in n or "multi_modal_projector" in n or n.startswith("classifier.")}
+
+
+def case(family: str, size: str, **extra) -> ModelCase:
     # The zero-initialised last BN of each residual block (the default) blocks the gradient
     # to the branch convolutions at step 0 by design, so the gradient check would fail for
     # a reason that is not a bug; the contract runs with a small scale there instead (same
     # architecture; as after a few steps), test_xresnet1d_blocks_start_as_identity checks
     # the default.
     overrides = {"residual_init_scale": 0.1} if family == "xresnet1d" else {}
+    overrides.update(extra)
+    image = students.reads_images(family)
     return ModelCase(
-        name=f"{family}-{size}",
+        name=f"{family}-{size}" + ("-lora" if "lora" in extra else ""),
         build=lambda tmp, f=family, s=size: build(f, s, **overrides),
-        make_batch=make_batch,
+        make_batch=make_image_batch if image else make_batch,
         num_labels=NUM_LABELS,
         save=lambda m, f: m.save_pretrained(f),
         reload_code=RELOAD,
         expect_lead_tokens=family == "leadformer",
+        # LoRA: the adapters (random A and B, so both get gradients), the projector, the head
+        trainable=_lora_trainable if "lora" in extra else None,
     )
 
 
-CASES = [case(family, size) for family, size in students.presets()]
+CASES = [case(family, size) for family, size in students.presets()] + [
+    case("llava", "tiny", lora={"r": 4, "alpha": 8, "init_lora_weights": False})]
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -69,14 +91,17 @@ class TestStudents(ModelTester):
 # ---------------------------------------------------------------- registry and sizes
 
 def test_presets_list_every_family_and_size() -> None:
-    assert students.FAMILIES == ("leadformer", "xresnet1d")
+    assert students.FAMILIES == ("convnext", "leadformer", "llava", "vit", "xresnet1d")
     assert students.SIZES == ("tiny", "small", "base")
-    assert students.presets() == [(f, s) for f in students.FAMILIES for s in students.SIZES]
+    assert students.presets() == [(f, s) for f in students.FAMILIES for s in students.SIZES
+                                  if (f, s) != ("llava", "base")]
+    assert [f for f in students.FAMILIES if students.reads_images(f)] == [
+        "convnext", "llava", "vit"]
 
 
 def test_unknown_names_are_refused_with_the_known_ones() -> None:
     with pytest.raises(ValueError, match=re.escape(
-            "unknown student family 'x'; known: leadformer, xresnet1d")):
+            "unknown student family 'x'; known: convnext, leadformer, llava, vit, xresnet1d")):
         students.create("x", num_labels=2)
     with pytest.raises(ValueError, match=re.escape(
             "unknown student size 'huge'; known: tiny, small, base")):
@@ -211,7 +236,7 @@ CLASSES = {"leadformer": (LeadFormerConfig, LeadFormerModel),
            "xresnet1d": (XResNet1dConfig, XResNet1dModel)}
 
 
-@pytest.mark.parametrize("family,size", students.presets())
+@pytest.mark.parametrize("family,size", SIGNAL_PRESETS)
 def test_auto_classes_round_trip_in_process(family: str, size: str, tmp_path: Path) -> None:
     config_cls, model_cls = CLASSES[family]
     model = students.create(family, size, num_labels=3, id2label={0: "a", 1: "b", 2: "c"},
