@@ -27,7 +27,7 @@ from transformers import initialization as init
 
 from distill.core.contract import ECGModelOutput
 from distill.core.vlm import PRINTOUT_MEAN, PRINTOUT_STD
-from distill.data.render import RenderConfig, patch_lead_map
+from distill.data.render_layout import RenderConfig, patch_lead_map
 from students._common import ECGStudentConfig, ECGStudentModel
 
 # RenderConfig fields an image student's config may carry (its height and width are the

@@ -60,6 +60,8 @@ class ConvNeXtStudentModel(ECGImageStudentModel):
 
     config_class = ConvNeXtStudentConfig
     family = "convnext"
+    quant_kept_modules = {"encoder": "ConvNeXt's pointwise Linear layers read 4-D [B, H, W, C] "
+                                     "inputs, which bitsandbytes' int8 matmul does not take"}
 
     def __init__(self, config: ConvNeXtStudentConfig) -> None:
         super().__init__(config)

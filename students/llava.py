@@ -104,6 +104,14 @@ class LlavaStudentModel(ECGImageStudentModel):
 
     config_class = LlavaStudentConfig
     family = "llava"
+    # bitsandbytes quantizes the language model only (as for the VLM teacher): the tower's
+    # Swin layers read 4-D windows, which its int8 matmul does not take, and the tower and
+    # projector are a small share of a real VLM
+    quant_kept_modules = {
+        "vlm.vision_tower": "the vision tower stays in full precision (only the language "
+                            "model is quantized)",
+        "vlm.multi_modal_projector": "the projector stays in full precision (only the "
+                                     "language model is quantized)"}
 
     def __init__(self, config: LlavaStudentConfig) -> None:
         super().__init__(config)

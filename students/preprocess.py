@@ -38,6 +38,8 @@ from distill.core.leads import STANDARD_LEADS, lead_indices
 from distill.core.errors import DataError
 from distill.data.dataset import Scaler
 from distill.data.records import fit_length, read_record, resample
+from distill.data.render import render_12lead
+from distill.data.render_layout import RenderConfig
 
 REQUIRED_FIELDS = ("leads", "sampling_rate", "input_samples")
 
@@ -130,4 +132,39 @@ def prepare_record(record: str | os.PathLike, config: Any) -> torch.Tensor:
     return torch.from_numpy(prepare_signal(rec.signal, rec.fs, config))[None]
 
 
-__all__ = ["prepare_record", "prepare_signal", "scaler_from_config"]
+def printout_config(config: Any) -> RenderConfig:
+    """The printout an image student reads (its ``image_size`` and ``render`` settings)."""
+    size = _field(config, "image_size")
+    if not size:
+        raise DataError("the model config has no 'image_size'; not an image student's config")
+    render = _field(config, "render") or {}
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in render.items()}
+    return RenderConfig(height=int(size), width=int(size), **fields)
+
+
+def prepare_printout_signal(signal: np.ndarray, fs: float, config: Any) -> np.ndarray:
+    """A 12-lead ECG in millivolts (standard order) -> the printout an image student reads,
+    uint8 ``[3, S, S]``: resampled to the rate it was trained on, cropped or zero-padded to
+    its length, and printed with its render settings, as the training data path printed
+    every record (unscaled: a printout shows millivolts)."""
+    x = np.asarray(signal, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] != len(STANDARD_LEADS):
+        raise DataError(f"expected a 12-lead signal [12, T] in the standard order, got "
+                        f"{list(x.shape)}")
+    rate = int(_field(config, "sampling_rate"))
+    if float(fs) != rate:
+        x = resample(x, float(fs), rate)
+    x = fit_length(x, int(_field(config, "input_samples")))
+    return render_12lead(x, rate, printout_config(config))
+
+
+def prepare_printout(record: str | os.PathLike, config: Any) -> torch.Tensor:
+    """Read a WFDB record and print it as an image student's input: a batch of one,
+    uint8 ``[1, 3, S, S]`` (:func:`prepare_printout_signal`). A scanned or photographed
+    printout goes in instead as an RGB uint8 array resized to S x S."""
+    rec = read_record(record)  # (12, T) mV in the standard order
+    return torch.from_numpy(prepare_printout_signal(rec.signal, rec.fs, config))[None]
+
+
+__all__ = ["prepare_printout", "prepare_printout_signal", "prepare_record", "prepare_signal",
+           "printout_config", "scaler_from_config"]

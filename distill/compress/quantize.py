@@ -18,6 +18,10 @@ What is quantized, and what is not (reported in ``quantization.json`` and by
   embeddings;
 * the output layer (``classifier``) stays in fp32, as LLM recipes keep ``lm_head``: it is
   a few thousand parameters and its error lands on the logits unfiltered;
+* a family keeps what its class lists in ``quant_kept_modules`` (module-name prefix ->
+  why): a VLM student's vision tower and projector (only its language model is
+  quantized, as for the VLM teacher), a ConvNeXt's pointwise layers (they read 4-D
+  inputs, which bitsandbytes' int8 matmul does not take);
 * for 4-bit, a Linear whose ``in_features`` is not a multiple of 64 or whose
   ``out_features`` is not a multiple of 32 stays in fp32: on a CPU with AVX512-BF16,
   bitsandbytes repacks 4-bit weights at the first inference pass into tiles of 32 output
@@ -108,8 +112,12 @@ class QuantPlan:
                        f"are convolution weights, which stay in fp32: bitsandbytes quantizes "
                        f"nn.Linear layers only, and no torch-native int8 convolution path is "
                        f"used")
+        by_reason: dict[str, list[str]] = {}
         for name, why in self.kept.items():
-            out.append(f"{name} stays in fp32: {why}")
+            by_reason.setdefault(why, []).append(name)
+        for why, names in by_reason.items():
+            which = names[0] if len(names) == 1 else f"{len(names)} Linear layers ({names[0]} ...)"
+            out.append(f"{which} stay{'s' if len(names) == 1 else ''} in fp32: {why}")
         if not self.quantized:
             out.append(f"no layer of this model can be quantized to {self.format}")
         return out
@@ -124,11 +132,16 @@ def plan(model: nn.Module, fmt: str) -> QuantPlan:
     if fmt not in FORMATS:
         raise QuantizeError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     p = QuantPlan(format=fmt, parameters=count_parameters(model))
+    family_kept = dict(getattr(model, "quant_kept_modules", {}))  # prefix -> why
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             out_f, in_f = module.out_features, module.in_features
+            kept_by = next((why for prefix, why in family_kept.items()
+                            if name == prefix or name.startswith(prefix + ".")), None)
             if name.split(".")[0] in KEPT_MODULES:
                 p.kept[name] = "the output layer is kept in full precision"
+            elif kept_by is not None:
+                p.kept[name] = kept_by
             elif BITS[fmt] == 4 and (in_f % BLOCK_4BIT or out_f % BLOCK_ROWS_4BIT):
                 p.kept[name] = (f"shape {out_f}x{in_f}: bitsandbytes' CPU 4-bit kernel needs "
                                 f"in_features a multiple of {BLOCK_4BIT} and out_features a "
@@ -174,23 +187,18 @@ def load_student(folder: str | os.PathLike) -> nn.Module:
     return AutoModel.from_pretrained(folder, use_safetensors=True).eval()
 
 
-def _stored_bytes(path: Path) -> dict[str, int]:
-    """Bytes of every tensor in a safetensors file, by key (read from its header)."""
-    with path.open("rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
-            if k != "__metadata__"}
-
-
-def part_bytes(path: Path, layers: Sequence[str]) -> int:
-    """Bytes a safetensors file spends on the weights of ``layers`` (weight, its quant
-    state, and LLM.int8's row scales ``SCB``; not the biases)."""
+def part_bytes(state: dict[str, torch.Tensor], layers: Sequence[str]) -> int:
+    """Bytes the saved state of a quantized model spends on the weights of ``layers``
+    (weight, its quant state, and LLM.int8's row scales ``SCB``; not the biases). Read
+    from the model's own ``state_dict`` (what ``save_pretrained`` serializes), by module
+    name: a file may store some models under older key names (transformers 5 writes a
+    LLaVA's ``language_model.layers`` as ``language_model.model.layers``)."""
     total = 0
-    for key, n in _stored_bytes(path).items():
+    for key, tensor in state.items():
         for layer in layers:
             rest = key[len(layer) + 1:] if key.startswith(layer + ".") else None
             if rest is not None and (rest.startswith("weight") or rest == "SCB"):
-                total += n
+                total += tensor.numel() * tensor.element_size()
                 break
     return total
 
@@ -272,7 +280,7 @@ def quantize_folder(source: str | os.PathLike, fmt: str, out: str | os.PathLike,
             fp32_bytes=(source / "model.safetensors").stat().st_size,
             stored_bytes=(tmp / "model.safetensors").stat().st_size,
             part_fp32_bytes=4 * p.quantized_parameters,
-            part_stored_bytes=part_bytes(tmp / "model.safetensors", list(p.quantized)))
+            part_stored_bytes=part_bytes(model.state_dict(), list(p.quantized)))
         summary = {**result.to_dict(), "source": str(source)}
         atomic_write_text(tmp / SUMMARY_FILE, json.dumps(summary, indent=1))
     return result

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,27 @@ def student_name(spec: StudentConfig) -> str:
 def student_key(spec: StudentConfig) -> str:
     """The batch entry holding this student's view."""
     return f"student:{student_name(spec)}"
+
+
+def student_reads_images(spec: StudentConfig) -> bool:
+    """Whether a student reads the rendered printout (an image or VLM student)."""
+    return students.reads_images(spec.family)
+
+
+def reads_images(recipe: Recipe) -> bool:
+    """Whether anything in the recipe reads the rendered printout (its teacher or one of its
+    students): the data stage then renders every record."""
+    return (teacher_class(recipe).reads_images()
+            or any(student_reads_images(s) for s in recipe.students))
+
+
+def student_inputs(spec: StudentConfig) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """Batch -> a student's keyword inputs: its own signal view (``student:<name>``) for a
+    signal student, the rendered printout (``image``) for an image student."""
+    if student_reads_images(spec):
+        return lambda batch: {"image": batch["image"]}
+    key = student_key(spec)
+    return lambda batch: {"signal": batch[key]}
 
 
 def teacher_view(recipe: Recipe) -> SignalView:
@@ -109,11 +130,25 @@ def build_teacher(recipe: Recipe, classes: Sequence[str], **changes: Any):
 
 
 def build_student(recipe: Recipe, spec: StudentConfig, classes: Sequence[str]):
-    """One student of the recipe, reading its own view of the data."""
+    """One student of the recipe, reading its own view of the data: a signal student its
+    leads and rate; an image student the run's printout (``data.image``: size, grid),
+    with LoRA adapters when ``train_mode`` is lora."""
     view = signal_view(recipe.data, spec.view)
-    return students.create(spec.family, spec.size, num_labels=len(classes),
-                           id2label=dict(enumerate(classes)), leads=view.leads,
-                           sampling_rate=view.sampling_rate)
+    extra: dict[str, Any] = {}
+    if student_reads_images(spec):
+        img = recipe.data.image
+        if img.height != img.width:
+            raise RecipeError(f"data.image: image students read square printouts, got "
+                              f"{img.height}x{img.width}")
+        extra.update(image_size=img.height, render={"grid": img.grid})
+    if spec.train_mode == "lora":
+        extra["lora"] = {"r": spec.lora_rank, "alpha": spec.lora_alpha}
+    try:
+        return students.create(spec.family, spec.size, num_labels=len(classes),
+                               id2label=dict(enumerate(classes)), leads=view.leads,
+                               sampling_rate=view.sampling_rate, **extra)
+    except ValueError as exc:
+        raise RecipeError(f"students ({spec.family}/{spec.size}): {exc}") from None
 
 
 def build_objective(recipe: Recipe, student_dim: int, teacher_dim: int) -> DistillationObjective:

@@ -37,7 +37,8 @@ from distill.data.transfer import (Flagged, MixedSet, labeled_training_rows, loa
                                    unlabeled_training_rows)
 from distill.engine.accel import process_state
 from distill.engine.factory import (build_objective, build_student, build_teacher, consumer_views,
-                                    saved_teacher_folder, student_key, teacher_class)
+                                    reads_images, saved_teacher_folder, student_inputs,
+                                    student_key, student_reads_images, teacher_class)
 from distill.engine.teacher_cache import (DrawnOutputs, TeacherOutputs, cache_key, teacher_outputs,
                                           weights_hash)
 from distill.engine.train import TrainJob
@@ -52,7 +53,7 @@ class JobData:
     recipe: Recipe
     data: Any  # ECGData
     views: dict[str, Any]  # consumer name -> SignalView
-    images: np.ndarray | None  # uint8 [N, 3, H, W] memmap for an image teacher
+    images: np.ndarray | None  # uint8 [N, 3, H, W] memmap when a teacher or student reads them
     # data.label_fraction: the training records whose labels the students see, and the rest
     labeled_rows: np.ndarray | None = None  # None: every training record
     unlabeled_rows: np.ndarray | None = None
@@ -73,15 +74,16 @@ class JobData:
     def teacher_class(self) -> type[teachers.TeacherAdapter]:
         return teacher_class(self.recipe)
 
-    def teacher_extras(self) -> dict[str, Any] | None:
-        """What a split must carry besides the signal views for the teacher to read it:
-        the rendered images of an image teacher."""
+    def image_extras(self) -> dict[str, Any] | None:
+        """What a split must carry besides the signal views for every model to read it:
+        the rendered printouts, when an image teacher or an image student reads them."""
         return {"image": self.images} if self.images is not None else None
 
 
 def teacher_images(recipe: Recipe, data: Any, progress: bool = True) -> np.ndarray | None:
-    """The rendered images of every record (cached), when the recipe's teacher reads images."""
-    if not teacher_class(recipe).reads_images():
+    """The rendered printout of every record (cached), when the recipe's teacher or one of
+    its students reads images."""
+    if not reads_images(recipe):
         return None
     return cached_images(data.signals, data.sampling_rate, render_config(recipe.data),
                          ArrayCache(cache_root(recipe.data)), data.fingerprint, progress=progress)
@@ -192,10 +194,20 @@ def teacher_inputs(recipe: Recipe) -> Callable[[Mapping[str, Any]], dict[str, to
     return teacher_class(recipe).batch_inputs
 
 
+# per-student settings added after 0.1, left out of a fingerprint at these values so that
+# runs made before they existed stay valid
+_SPEC_DEFAULTS = {"epochs": None, "lr": None, "train_mode": "full"}
+
+
 def _spec_key(spec: StudentConfig) -> dict[str, Any]:
     """A student spec as its training fingerprint sees it: unset per-student overrides
-    (``epochs``, ``lr``) are left out, so runs made before they existed stay valid."""
-    return {k: v for k, v in to_dict(spec).items() if not (k in ("epochs", "lr") and v is None)}
+    (``epochs``, ``lr``) and full training are left out, so runs made before they existed
+    stay valid; the LoRA settings count only when training with LoRA."""
+    out = {k: v for k, v in to_dict(spec).items()
+           if not (k in _SPEC_DEFAULTS and v == _SPEC_DEFAULTS[k])}
+    if spec.train_mode != "lora":
+        out = {k: v for k, v in out.items() if k not in ("lora_rank", "lora_alpha")}
+    return out
 
 
 def _teacher_split(jd: JobData, train: bool, images: np.ndarray | None = None):
@@ -294,6 +306,7 @@ def student_sets(jd: JobData, spec: StudentConfig, extras: Mapping[str, Any] | N
     per draw (:class:`~distill.data.dataset.PerDraw`), read at the item's draw."""
     recipe = jd.recipe
     key = student_key(spec)
+    printout = student_reads_images(spec)
 
     def part(data: Any, rows: np.ndarray | None, arrays: Mapping[str, Any] | None,
              images: np.ndarray | None) -> ECGSplit:
@@ -310,13 +323,16 @@ def student_sets(jd: JobData, spec: StudentConfig, extras: Mapping[str, Any] | N
         elif augmentation(recipe).active:
             transform = augmentation(recipe)
             draws = augment_draws(recipe)
+        if printout and render is None:  # an image student reads the record's printout
+            extra["image"] = images  # (drawn live with a live image teacher's: the same)
         if rows is None:
             return data.split("train", views, extras=extra, render=render, transform=transform,
                               seed=recipe.seed, draws=draws)
         return ECGSplit(data, rows, views, extras=extra, render=render, transform=transform,
                         seed=recipe.seed, draws=draws)
 
-    val = jd.data.split("val", {key: jd.views[key]}, seed=recipe.seed)
+    val = jd.data.split("val", {key: jd.views[key]}, seed=recipe.seed,
+                        extras={"image": jd.images} if printout else None)
     labeled = part(jd.data, jd.labeled_rows, extras, jd.images)
     if not jd.mixed or not distill:
         return {"train": labeled, "val": val}
@@ -336,14 +352,14 @@ def baseline_job(jd: JobData, spec: StudentConfig) -> TrainJob:
     recipe = jd.recipe
     set_seed(recipe.seed)
     student = _student(jd, spec)
-    key = student_key(spec)
+    inputs = student_inputs(spec)
     sets = student_sets(jd, spec)
 
     def loss_fn(model: nn.Module, batch: Mapping[str, Any]):
-        return model(signal=batch[key], labels=batch["labels"]).loss, {}
+        return model(labels=batch["labels"], **inputs(batch)).loss, {}
 
     def logits_fn(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-        return model(signal=batch[key]).logits
+        return model(**inputs(batch)).logits
 
     return TrainJob(
         name=ModelId.student("baseline", spec).name, stage="baseline", model=student,
@@ -364,12 +380,13 @@ class DistillationModule(nn.Module):
         self.student = student
         self.objective = objective
 
-    def forward(self, signal: torch.Tensor, teacher_out: ECGModelOutput | None,
+    def forward(self, inputs: Mapping[str, torch.Tensor], teacher_out: ECGModelOutput | None,
                 labels: torch.Tensor, labeled: torch.Tensor | None = None):
-        """-> ObjectiveOutput(total, terms, aux) of the batch; ``labeled`` [B] marks the
-        records whose labels the task term may read (None: all)."""
+        """-> ObjectiveOutput(total, terms, aux) of the batch; ``inputs`` are the student's
+        keyword inputs (``signal`` or ``image``); ``labeled`` [B] marks the records whose
+        labels the task term may read (None: all)."""
         batch = {"labels": labels} if labeled is None else {"labels": labels, "labeled": labeled}
-        return self.objective(self.student(signal=signal), teacher_out, batch)
+        return self.objective(self.student(**inputs), teacher_out, batch)
 
 
 def cached_teacher_output(batch: Mapping[str, Any], token_leads: torch.Tensor) -> ECGModelOutput:
@@ -401,7 +418,7 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
     recipe = jd.recipe
     set_seed(recipe.seed)
     student = _student(jd, spec)
-    key = student_key(spec)
+    s_inputs = student_inputs(spec)
     t_inputs = teacher_inputs(recipe)
     extras = cache.extras() if cache is not None else None
     if cache is not None and jd.transfer is not None and transfer_cache is None:
@@ -418,7 +435,7 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
                          transfer_extras=transfer_cache.extras() if transfer_cache else None)
     probe = sets["train"][0]
     with torch.no_grad():
-        s_dim = student.eval()(signal=probe[key][None]).tokens.shape[-1]
+        s_dim = student.eval()(**{k: v[None] for k, v in s_inputs(probe).items()}).tokens.shape[-1]
         if cache is not None:
             t_dim = cache.tokens.shape[-1]
         else:
@@ -435,12 +452,12 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
             return teacher(**{k: v.to(device["value"]) for k, v in t_inputs(batch).items()})
 
     def loss_fn(model: nn.Module, batch: Mapping[str, Any]):
-        out = model(batch[key], teacher_out(batch), batch["labels"], batch.get("labeled"))
+        out = model(s_inputs(batch), teacher_out(batch), batch["labels"], batch.get("labeled"))
         return out.total, out.terms
 
     def logits_fn(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         inner = getattr(model, "module", model)  # DDP keeps the module under .module
-        return inner.student(signal=batch[key]).logits
+        return inner.student(**s_inputs(batch)).logits
 
     def on_device(dev: torch.device) -> None:
         device["value"] = dev

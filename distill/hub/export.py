@@ -56,7 +56,7 @@ from distill.hub.portable import write_portable
 from distill.hub.publish import CONFIG_KEYS, SAMPLES, verify_folders, write_manifest
 from distill.metrics.results import load_results
 from distill.recipe import read_yaml, recipe_from_dict
-from students.preprocess import scaler_from_config
+from students.preprocess import prepare_printout_signal, scaler_from_config
 
 TRAINING_ONLY = ("objective.safetensors",)  # the distillation losses' projections
 SHIPPED = ("config.json", "quantization.json")  # besides the weights
@@ -253,7 +253,8 @@ def sample_records(data, config: dict[str, Any], run_dir: Path, name: str,
     its config stores), and the run's stored probabilities for them.
 
     Returns:
-        {"signal": float32 [n, L, T], "probabilities": float32 [n, C], "ecg_id": int64 [n]}.
+        {"signal": float32 [n, L, T], "probabilities": float32 [n, C], "ecg_id": int64 [n]};
+        for an image student ``"image"``: uint8 [n, 3, S, S], the records' printouts.
     """
     path = predictions_file(run_dir, name, entry)
     if not path.is_file():
@@ -268,11 +269,18 @@ def sample_records(data, config: dict[str, Any], run_dir: Path, name: str,
     if probs.shape[1] != len(config["id2label"]):
         raise ECGDistillError(f"{path}: {probs.shape[1]} classes, the model has "
                               f"{len(config['id2label'])}")
+    rows = range(min(n, len(index)))
+    if config.get("image_size"):  # an image student: the records printed as in training
+        records = [int(index[r]) for r in rows]
+        images = [prepare_printout_signal(data.signals[k], data.sampling_rate, config)
+                  for k in records]
+        return {"image": np.stack(images).astype(np.uint8),
+                "probabilities": np.asarray(probs[list(rows)], dtype=np.float32),
+                "ecg_id": np.asarray([int(data.ecg_ids[k]) for k in records], dtype=np.int64)}
     data = copy.copy(data)  # the caller's data set keeps its own scaler
     data.scaler = scaler_from_config(config)  # what the model was trained with
     view = SignalView(leads=tuple(config["leads"]), sampling_rate=int(config["sampling_rate"]))
     split = data.split("test", {"signal": view})
-    rows = range(min(n, len(index)))
     items = [split[split_rows[int(index[r])]] for r in rows]
     return {"signal": np.stack([it["signal"].numpy() for it in items]).astype(np.float32),
             "probabilities": np.asarray(probs[list(rows)], dtype=np.float32),

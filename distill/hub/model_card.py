@@ -48,6 +48,29 @@ for i, p in enumerate(probs.tolist()):
 '''
 
 
+def image_usage_snippet(model: str, record: str) -> str:
+    """Python that loads an image student and scores one WFDB record printed as in training
+    (``MODEL`` and ``RECORD`` are its only settings)."""
+    return f'''import torch
+from transformers import AutoModel
+
+import students  # ecg-distill's students: registers them with AutoModel
+from students.preprocess import prepare_printout
+
+MODEL = "{model}"  # the hub id, or the path of this folder
+RECORD = "{record}"  # a WFDB record: its path without .hea/.dat (or .hea/.mat)
+
+model = AutoModel.from_pretrained(MODEL).eval()
+# the record printed as the model was trained on it: uint8 (1, 3, S, S); a scanned or
+# photographed printout resized to S x S (RGB, uint8) goes in the same way
+image = prepare_printout(RECORD, model.config)
+with torch.no_grad():
+    probs = torch.sigmoid(model(image=image).logits)[0]  # multi-label: one sigmoid per label
+for i, p in enumerate(probs.tolist()):
+    print(f"{{model.config.id2label[i]:<8}} {{p:.3f}}")
+'''
+
+
 def onnx_usage_snippet(record: str) -> str:
     """Python that scores one WFDB record with the folder's ``model.onnx`` using numpy, scipy,
     wfdb and onnxruntime only (no ecg-distill, no torch): it reads the input contract stored
@@ -159,6 +182,7 @@ def model_card(name: str, entry: dict[str, Any], results: dict[str, Any], recipe
         data.teacher = teacher  # not a hub id (a local or built-in teacher): named, not linked
     ref = model_ref or recipe.export.publish_repo or f"your-org/{folder_name}"
     snippet = (onnx_usage_snippet(DEFAULT_RECORD) if is_onnx_format(fmt)
+               else image_usage_snippet(ref, DEFAULT_RECORD) if config.get("image_size")
                else usage_snippet(ref, DEFAULT_RECORD))
     body = _body(name, entry, results, recipe, config, level, snippet)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
@@ -210,14 +234,26 @@ def _body(name: str, entry: dict[str, Any], results: dict[str, Any], recipe,
         lines += ["", (f"Quantized to **{entry.get('format')}** with bitsandbytes from "
                        f"`{entry.get('fp32')}`; it loads through the `quantization_config` in "
                        f"`config.json` (bitsandbytes must be installed).")]
+    if config.get("image_size"):
+        size, render = config["image_size"], config.get("render") or {}
+        input_lines = [
+            f"- a printed 12-lead ECG: uint8 RGB `[B, 3, {size}, {size}]`, the "
+            f"{render.get('layout', '3x4+II')} layout (3 rows of 4 leads and a lead II "
+            f"rhythm strip) of {config['input_samples'] / config['sampling_rate']:g} s at 25 "
+            f"mm/s and 10 mm/mV{', on a grid' if render.get('grid', True) else ''}",
+            "- `students.preprocess.prepare_printout` prints a WFDB record as in training "
+            f"(at {config['sampling_rate']} Hz, in mV); a scanned printout goes in resized to "
+            f"{size} x {size}."]
+    else:
+        input_lines = [
+            f"- leads: {_leads(config['leads'])}, in this order",
+            f"- {config['sampling_rate']} Hz, {config['input_samples']} samples ({seconds:g} s), mV",
+            (f"- scaling: `{norm['kind']}` standard scaler fitted on the training folds "
+             f"(`normalization` in `config.json`: mean and std per lead, "
+             f"{norm.get('units', 'mV')}, lead order {norm.get('lead_order', 'standard')}); "
+             "`students.preprocess.prepare_record` applies all of this to a WFDB record.")]
     lines += [
-        "", "## Input", "",
-        f"- leads: {_leads(config['leads'])}, in this order",
-        f"- {config['sampling_rate']} Hz, {config['input_samples']} samples ({seconds:g} s), mV",
-        (f"- scaling: `{norm['kind']}` standard scaler fitted on the training folds "
-         f"(`normalization` in `config.json`: mean and std per lead, {norm.get('units', 'mV')}, "
-         f"lead order {norm.get('lead_order', 'standard')}); "
-         "`students.preprocess.prepare_record` applies all of this to a WFDB record."),
+        "", "## Input", "", *input_lines,
         "", "## Usage", "",
         ("Needs only numpy, scipy, wfdb and onnxruntime (no ecg-distill, no PyTorch)."
          if onnx_fmt else

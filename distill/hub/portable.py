@@ -4,8 +4,10 @@ its weights, so the folder loads where only ``torch`` and ``transformers`` are i
     AutoModel.from_pretrained(folder, trust_remote_code=True)
 
 :func:`modeling_source` assembles one self-contained file, ``modeling_ecg_student.py``,
-from the modules a family is defined in (the errors and lead names of ``distill.core``,
-the output contract, ``students._common``, the family's module), in that order, taking
+from the modules a family is defined in (the project modules its module imports, found
+from its import statements, dependencies first: for a signal family the errors and lead
+names of ``distill.core``, the output contract, ``students._common``; an image family adds
+the renderer's layout and ``students._image``; then the family's module), taking
 each module's top-level statements as they are written, and leaving out:
 
 * imports of the project's own modules (their names are defined earlier in the file);
@@ -31,7 +33,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import AutoConfig, AutoModel
 
 import students  # noqa: F401  (registers the student classes with AutoConfig / AutoModel)
@@ -39,8 +40,8 @@ from distill.core.errors import ECGDistillError
 
 MODELING_FILE = "modeling_ecg_student.py"
 PROJECT_PACKAGES = ("distill", "students", "teachers")
-SHARED_MODULES = ("distill.core.errors", "distill.core.leads", "distill.core.contract",
-                  "students._common")
+# project modules a family's file never needs: the registry (its calls are left out)
+NOT_SHIPPED = ("students._registry",)
 REGISTRY_CALLS = ("register_family",)
 REGISTRY_DECORATORS = ("register_preset",)
 
@@ -100,6 +101,38 @@ def _pieces(module_name: str) -> tuple[list[str], list[tuple[str, str]]]:
     return imports, kept
 
 
+def _project_imports(module_name: str) -> list[str]:
+    """The project modules ``module_name`` imports at module level, in order."""
+    module = importlib.import_module(module_name)
+    tree = ast.parse(inspect.getsource(module))
+    out: list[str] = []
+    for node in tree.body:
+        names = ([node.module] if isinstance(node, ast.ImportFrom) else
+                 [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+        for name in names:
+            if _is_project(name) and name not in NOT_SHIPPED and name not in out:
+                out.append(name)
+    return out
+
+
+def shipped_modules(family_module: str) -> list[str]:
+    """Every project module a family's file needs, dependencies first, the family's own
+    module last (e.g. errors, leads, contract, ``students._common``, ``students.xresnet1d``)."""
+    order: list[str] = []
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in order:
+            return
+        if name in path:
+            raise ECGDistillError(f"portable code: import cycle {' -> '.join(path + (name,))}")
+        for dep in _project_imports(name):
+            visit(dep, path + (name,))
+        order.append(name)
+
+    visit(family_module, ())
+    return order
+
+
 def modeling_source(family_module: str) -> str:
     """The text of ``modeling_ecg_student.py`` for the family defined in ``family_module``
     (e.g. ``students.xresnet1d``).
@@ -110,7 +143,7 @@ def modeling_source(family_module: str) -> str:
     imports: list[str] = []
     parts: list[str] = []
     defined: dict[str, str] = {}
-    for name in (*SHARED_MODULES, family_module):
+    for name in shipped_modules(family_module):
         mod_imports, kept = _pieces(name)
         imports += [i for i in mod_imports if i not in imports]
         parts.append(f"# ---- from {name}")
@@ -135,8 +168,7 @@ def write_portable(folder: str | Path, config: dict[str, Any] | None = None) -> 
     model_type = config.get("model_type")
     try:  # the classes the installed students registered for this model type
         blank = AutoConfig.for_model(model_type)
-        with torch.device("meta"):
-            model_class = type(AutoModel.from_config(blank))
+        model_class = AutoModel._model_mapping[type(blank)]
     except (ValueError, KeyError):
         raise ECGDistillError(f"{folder / 'config.json'}: model_type {model_type!r} is not a "
                               f"student family of this ecg-distill") from None

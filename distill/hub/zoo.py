@@ -71,7 +71,7 @@ def score_check_set(teacher: torch.nn.Module, info: dict[str, Any]) -> float:
 
 
 def _fold_auc(teacher, jd, split: str, progress: bool) -> float:
-    dataset = jd.data.split(split, {"teacher": jd.views["teacher"]}, extras=jd.teacher_extras())
+    dataset = jd.data.split(split, {"teacher": jd.views["teacher"]}, extras=jd.image_extras())
     index, probs = predict(teacher, dataset, teacher_inputs(jd.recipe), batch_size=64,
                            progress=progress, desc=f"scoring the {split} fold")
     return macro_auc(np.asarray(jd.data.labels)[index], probs)  # index: record positions

@@ -178,10 +178,26 @@ class StudentConfig:
     lr: float | None = spec(None, help="this student's learning rate (null = train.lr); "
                                        "transformers from scratch want less than CNNs",
                             gt=0, lt=1)
+    train_mode: Literal["full", "lora"] = spec(
+        "full", help="full: every weight trains; lora: LoRA adapters on a VLM student's "
+                     "language model (merged into the weights when saved)", since="0.2")
+    lora_rank: int = spec(8, help="LoRA rank (train_mode: lora)", ge=1, le=512, since="0.2")
+    lora_alpha: int = spec(16, help="LoRA scaling numerator (train_mode: lora)", ge=1,
+                           since="0.2")
 
     def validate(self, path: str) -> None:
         _check_choice(f"{path}.family", self.family, students.families())
         _check_choice(f"{path}.size", self.size, students.SIZES)
+        if (self.family, self.size) not in students.presets():
+            sizes = [s for f, s in students.presets() if f == self.family]
+            raise RecipeError(f"{path}.size: {self.family} has no {self.size!r} preset; "
+                              f"its sizes: {', '.join(sizes)}")
+        if self.train_mode == "lora":
+            try:
+                students.check_options(self.family, ["lora"])
+            except ValueError:
+                raise RecipeError(f"{path}.train_mode: lora trains adapters on a VLM student's "
+                                  f"language model; {self.family} has none (use full)") from None
 
 
 def _check_choice(path: str, value: str, choices: Sequence[str]) -> None:

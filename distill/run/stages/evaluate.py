@@ -33,7 +33,7 @@ from distill.core.errors import ECGDistillError
 from distill.core.io import require_safetensors
 from distill.core.layout import TEACHER, ModelId, RunLayout
 from distill.data.dataset import SignalView, load_ptbxl
-from distill.engine.factory import student_key
+from distill.engine.factory import student_inputs, student_key
 from distill.engine.jobs import JobData, load_frozen_teacher, teacher_inputs
 from distill.metrics.classification import bootstrap_samples
 from distill.metrics.results import write_results
@@ -63,18 +63,21 @@ def run_candidates(jd: JobData, run_dir: Path) -> list[Candidate]:
 def student_candidate(layout: RunLayout, model: ModelId, spec, load=None) -> Candidate:
     """A saved student as the evaluation sees it: loaded from its folder, reading its view."""
     folder = layout.model_dir(model)
-    key = student_key(spec)
     return Candidate(model, folder, load or (lambda: AutoModel.from_pretrained(folder)),
-                     lambda b, k=key: {"signal": b[k]}, key)
+                     student_inputs(spec), student_key(spec))
 
 
 def example_inputs(jd: JobData, cand: Candidate, model: nn.Module,
                    batch: int) -> dict[str, torch.Tensor]:
     """Random inputs for a candidate's footprint: the teacher's own (its adapter knows its
-    input), a student's 10-second records of its view."""
+    input), an image student's printouts, a signal student's 10-second records of its view."""
     g = torch.Generator().manual_seed(0)
     if cand.model.kind == TEACHER:
         return model.example_inputs(batch, g)
+    if "image" in getattr(model, "input_names", ()):
+        img = jd.recipe.data.image
+        return {"image": torch.randint(0, 256, (batch, 3, img.height, img.width), generator=g,
+                                       dtype=torch.uint8)}
     view = jd.views[cand.view]
     n_leads = len(view.lead_index())
     rate = view.sampling_rate or jd.data.sampling_rate
@@ -85,7 +88,7 @@ def evaluate_run(jd: JobData, run_dir: Path, progress: bool = True) -> dict[str,
     """Evaluate every model of the run and write ``results.json``; its content."""
     recipe = jd.recipe
     layout = RunLayout(run_dir)
-    splits = {s: jd.data.split(s, jd.views, extras=jd.teacher_extras()) for s in ("val", "test")}
+    splits = {s: jd.data.split(s, jd.views, extras=jd.image_extras()) for s in ("val", "test")}
     labels = {s: jd.data.labels[np.sort(jd.data.splits[s])] for s in ("val", "test")}
     ev = recipe.evaluate
     results = evaluate_candidates(

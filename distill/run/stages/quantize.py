@@ -23,7 +23,7 @@ from distill.core.io import atomic_write_text
 from distill.core.layout import QUANTIZED_DIR, QUANTIZED_FILE, ModelId, RunLayout
 from distill.compress.qat import kd_qat_job, plain_job_data
 from distill.core.schema import to_dict
-from distill.engine.factory import build_teacher, student_key
+from distill.engine.factory import build_teacher, student_key, student_reads_images
 from distill.engine.jobs import JobData, build_teacher_cache, load_frozen_teacher
 from distill.engine.accel import process_state
 from distill.engine.train import fit
@@ -86,7 +86,7 @@ def quantize_run(jd: JobData, run_dir: Path, progress: bool = True) -> dict[str,
                                "models": {}, "reference": {}, "skipped": skipped}
     if candidates:
         views = {c.view: jd.views[c.view] for c in candidates}
-        splits = {s: jd.data.split(s, views) for s in ("val", "test")}
+        splits = {s: jd.data.split(s, views, extras=jd.image_extras()) for s in ("val", "test")}
         labels = {s: jd.data.labels[np.sort(jd.data.splits[s])] for s in ("val", "test")}
         ev = recipe.evaluate
         scored = evaluate_candidates(
@@ -123,6 +123,9 @@ def onnx_variant(jd: JobData, layout: RunLayout, kind: str, spec, fmt: str,
     PyTorch on validation records), made first when a quantized format needs it, its
     static int8 / 4-bit weight-only quantization (:mod:`distill.compress.onnx`), or its
     distillation-aware int8 (``onnx-int8-qat``: :func:`kd_qat_variant`)."""
+    if student_reads_images(spec):
+        raise QuantizeError(f"the ONNX formats export signal students; {spec.family} reads "
+                            f"the printout (its bitsandbytes formats work)")
     q, seed = jd.recipe.quantize, jd.recipe.evaluate.seed
     fp32 = layout.model_dir(ModelId.student(kind, spec, "onnx"))
     check = student_records(jd, spec, "val", 32, seed)

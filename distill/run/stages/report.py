@@ -29,7 +29,7 @@ import students  # noqa: F401  (registers the student classes with AutoModel)
 from distill.core.io import atomic_write_text
 from distill.core.layout import TEACHER, TRAINED_KINDS, ModelId, RunLayout
 from distill.core.leads import STANDARD_LEADS
-from distill.engine.factory import build_objective, student_key, student_name
+from distill.engine.factory import build_objective, student_inputs, student_name
 from distill.engine.jobs import OBJECTIVE_FILE, JobData, load_frozen_teacher, teacher_inputs
 from distill.metrics.footprint import format_count
 from distill.metrics.results import load_results
@@ -338,7 +338,7 @@ def token_figures(jd: JobData, run_dir: Path, fig_dir: Path, records: int = 32) 
     teacher and every distilled student. Returns what was drawn (or why not)."""
     recipe = jd.recipe
     layout = RunLayout(run_dir)
-    test = jd.data.split("test", jd.views, extras=jd.teacher_extras())
+    test = jd.data.split("test", jd.views, extras=jd.image_extras())
     batch = torch.utils.data.default_collate([test[i] for i in range(min(records, len(test)))])
     teacher = load_frozen_teacher(jd, run_dir)
     with torch.no_grad():
@@ -351,7 +351,7 @@ def token_figures(jd: JobData, run_dir: Path, fig_dir: Path, records: int = 32) 
             continue
         model = AutoModel.from_pretrained(folder).eval()
         with torch.no_grad():
-            s_out = model(signal=batch[student_key(spec)])
+            s_out = model(**student_inputs(spec)(batch))
         spectra[f"distilled {student_name(spec)}"] = singular_values(s_out.tokens)
         objective_path = folder / OBJECTIVE_FILE
         if ("plan" in drawn or recipe.distill.weights.get("ot", 0) <= 0
