@@ -29,6 +29,7 @@ from distill.core.hashing import stable_hash
 from distill.core.layout import ModelId, RunLayout
 from distill.core.schema import to_dict
 from distill.data.augment import SignalAugment
+from distill.data.perturb import ImageAugment
 from distill.data.cache import ArrayCache
 from distill.data.load import cache_root, load_data, render_config
 from distill.data.dataset import ECGSplit
@@ -114,6 +115,34 @@ def augmentation(recipe: Recipe) -> SignalAugment:
     return SignalAugment(noise=a.noise, amplitude=a.amplitude, shift=a.shift)
 
 
+def printout_augment(recipe: Recipe, spec: StudentConfig) -> ImageAugment | None:
+    """The printout variations an image student trains on (``train.augment.printout``),
+    or None (a signal student, or clean printouts)."""
+    p = recipe.train.augment.printout
+    return ImageAugment(p=p) if p > 0 and student_reads_images(spec) else None
+
+
+def student_train_inputs(recipe: Recipe, spec: StudentConfig
+                         ) -> Callable[[Mapping[str, Any]], dict[str, torch.Tensor]]:
+    """Batch -> a student's training inputs: its inputs, an image student's printouts
+    perturbed (:func:`printout_augment`) with draws seeded by the batch's records, so a
+    resumed run draws the same."""
+    inputs = student_inputs(spec)
+    aug = printout_augment(recipe, spec)
+    if aug is None:
+        return inputs
+
+    def perturbed(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        out = inputs(batch)
+        key = {"seed": recipe.seed, "index": batch["index"].tolist(),
+               "draw": batch["draw"].tolist() if "draw" in batch else None}
+        gen = torch.Generator().manual_seed(int(stable_hash(key)[:12], 16))
+        out["image"] = aug(out["image"], gen)
+        return out
+
+    return perturbed
+
+
 def augment_draws(recipe: Recipe) -> int:
     """K, the fixed augmented views per record the students draw from (and the teacher's
     outputs are cached on); 0 when augmentation is off or draws afresh every epoch."""
@@ -155,7 +184,8 @@ def train_settings(recipe: Recipe, teacher: bool = False) -> dict[str, Any]:
     d = to_dict(recipe.train, hashing=True)
     out = {k: d[k] for k in RESULT_KEYS}
     if teacher:
-        out["augment"] = {k: v for k, v in out["augment"].items() if k != "views"}
+        out["augment"] = {k: v for k, v in out["augment"].items()
+                          if k not in ("views", "printout")}  # what only students read
         t = recipe.teacher
         out["epochs"] = t.epochs if t.epochs is not None else out["epochs"]
         out["lr"] = t.lr if t.lr is not None else out["lr"]
@@ -353,10 +383,11 @@ def baseline_job(jd: JobData, spec: StudentConfig) -> TrainJob:
     set_seed(recipe.seed)
     student = _student(jd, spec)
     inputs = student_inputs(spec)
+    train_inputs = student_train_inputs(recipe, spec)
     sets = student_sets(jd, spec)
 
     def loss_fn(model: nn.Module, batch: Mapping[str, Any]):
-        return model(labels=batch["labels"], **inputs(batch)).loss, {}
+        return model(labels=batch["labels"], **train_inputs(batch)).loss, {}
 
     def logits_fn(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         return model(**inputs(batch)).logits
@@ -419,6 +450,7 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
     set_seed(recipe.seed)
     student = _student(jd, spec)
     s_inputs = student_inputs(spec)
+    s_train_inputs = student_train_inputs(recipe, spec)
     t_inputs = teacher_inputs(recipe)
     extras = cache.extras() if cache is not None else None
     if cache is not None and jd.transfer is not None and transfer_cache is None:
@@ -452,7 +484,8 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
             return teacher(**{k: v.to(device["value"]) for k, v in t_inputs(batch).items()})
 
     def loss_fn(model: nn.Module, batch: Mapping[str, Any]):
-        out = model(s_inputs(batch), teacher_out(batch), batch["labels"], batch.get("labeled"))
+        out = model(s_train_inputs(batch), teacher_out(batch), batch["labels"],
+                    batch.get("labeled"))
         return out.total, out.terms
 
     def logits_fn(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:

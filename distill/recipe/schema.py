@@ -348,6 +348,11 @@ class AugmentConfig:
     views: int = spec(0, help="fixed augmented views per record whose teacher outputs are "
                               "cached (0 = a fresh draw every epoch, teacher run live)",
                       ge=0, since="0.2")
+    printout: float = spec(0.0, help="image students: the share of training printouts "
+                                     "perturbed as scans and photos are (each then gets each "
+                                     "of grid colour, line width, rotation, scale, blur and "
+                                     "lighting with probability 1/2, JPEG 0.15); 0 = clean",
+                           ge=0, le=1, since="0.2")
 
     def validate(self, path: str) -> None:
         if self.views and not (self.noise or self.amplitude or self.shift):
@@ -382,6 +387,10 @@ class EvaluateConfig:
     seed: int = spec(0, help="seed of the resamples", ge=0)
     level: float = spec(0.95, help="confidence level of the intervals", gt=0, lt=1)
     latency_repeats: int = spec(5, help="timed forward passes per batch size", ge=1)
+    stress: bool = spec(True, help="score the models that read printouts on perturbed test "
+                                   "printouts too (grid, line width, rotation, scale, blur, "
+                                   "JPEG, lighting), when a student reads printouts",
+                        since="0.2")
 
 
 @dataclass

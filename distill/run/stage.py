@@ -51,7 +51,7 @@ class Stage:
 
 
 # what only the students read: the teacher's stages ignore it
-STUDENT_ONLY = ("data.label_fraction",)
+STUDENT_ONLY = ("data.label_fraction", "train.augment.printout")
 
 
 def teacher_stage_settings(recipe: Recipe) -> dict[str, Any]:
@@ -63,7 +63,8 @@ def cache_stage_settings(recipe: Recipe) -> dict[str, Any]:
     (the cache holds the teacher's outputs on those views)."""
     out = teacher_settings(recipe)
     if augment_draws(recipe):
-        out["augment"] = to_dict(recipe.train.augment, hashing=True)
+        out["augment"] = {k: v for k, v in to_dict(recipe.train.augment, hashing=True).items()
+                          if k != "printout"}  # image students' augmentation: not the cache's
     return out
 
 

@@ -12,7 +12,10 @@ for every model (:mod:`distill.metrics.scoring`):
 * paired differences: each student minus the teacher, each distilled student minus its
   baseline, each ablation minus the full distillation of its student;
 * size (parameters, MB on disk), memory (weights + peak activations at batch 1 and 64) and
-  CPU latency per record at batch 1 and 64 (:func:`distill.metrics.footprint.footprint`).
+  CPU latency per record at batch 1 and 64 (:func:`distill.metrics.footprint.footprint`);
+* with a student that reads printouts (``evaluate.stress``), every model reading them on
+  the test fold's perturbed printouts too (grid colour, line width, rotation, scale, blur,
+  JPEG, lighting), each against its clean score (:mod:`distill.metrics.stress`).
 
 Everything lands in ``results.json`` in the run folder, the report's single source.
 """
@@ -27,17 +30,18 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
-import students  # noqa: F401  (registers the student classes with AutoModel)
+import students  # registers the student classes with AutoModel; says which read printouts
 from distill.compress.onnx import OnnxStudent, is_onnx_folder
 from distill.core.errors import ECGDistillError
 from distill.core.io import require_safetensors
 from distill.core.layout import TEACHER, ModelId, RunLayout
 from distill.data.dataset import SignalView, load_ptbxl
-from distill.engine.factory import student_inputs, student_key
+from distill.engine.factory import student_inputs, student_key, student_reads_images
 from distill.engine.jobs import JobData, load_frozen_teacher, teacher_inputs
 from distill.metrics.classification import bootstrap_samples
 from distill.metrics.results import write_results
 from distill.metrics.scoring import Candidate, evaluate_candidates, model_metrics, predict
+from distill.metrics.stress import stress_scores
 from distill.run.stage import TRAINED, RunContext, Stage, distill_stage_settings
 from students.preprocess import scaler_from_config
 
@@ -97,11 +101,34 @@ def evaluate_run(jd: JobData, run_dir: Path, progress: bool = True) -> dict[str,
         make_inputs=lambda c, m, b: example_inputs(jd, c, m, b),
         predictions_path=layout.predictions, progress=progress,
         batch_size=recipe.train.batch_size)
+    if ev.stress and any(student_reads_images(spec) for spec in recipe.students):
+        results["stress"] = stress_run(jd, run_dir, labels["test"], progress=progress)
     results["recipe"] = recipe.name
     results["task"] = jd.data.task
     results["records"] = {s: int(len(ix)) for s, ix in jd.data.splits.items()}
     write_results(run_dir, results)
     return results
+
+
+def reads_printouts(cand: Candidate, jd: JobData) -> bool:
+    """Whether a candidate reads the rendered printout (an image teacher or student)."""
+    if cand.model.kind == TEACHER:
+        return jd.teacher_class.reads_images()
+    return students.reads_images(cand.model.family)
+
+
+def stress_run(jd: JobData, run_dir: Path, test_labels: np.ndarray,
+               progress: bool = True) -> dict[str, Any]:
+    """Every model of the run that reads printouts (the image teacher, image students), on
+    the test fold's clean and perturbed printouts (:func:`distill.metrics.stress.stress_scores`)."""
+    recipe = jd.recipe
+    ev = recipe.evaluate
+    chosen = [c for c in run_candidates(jd, run_dir) if reads_printouts(c, jd)]
+    models = {c.name: (c.load(), c.inputs) for c in chosen}
+    images = np.asarray(jd.images[np.sort(jd.data.splits["test"])])  # (n, 3, S, S)
+    samples = bootstrap_samples(test_labels, ev.bootstrap, ev.seed)
+    return stress_scores(models, images, test_labels, samples, level=ev.level, seed=ev.seed,
+                         batch_size=recipe.train.batch_size, progress=progress)
 
 
 def run(ctx: RunContext) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import students  # noqa: F401  (registers the student classes with AutoModel)
 from distill.core.io import atomic_write_text
 from distill.core.layout import TEACHER, TRAINED_KINDS, ModelId, RunLayout
 from distill.core.leads import STANDARD_LEADS
+from distill.data.perturb import perturbation_figure
 from distill.engine.factory import build_objective, student_inputs, student_name
 from distill.engine.jobs import OBJECTIVE_FILE, JobData, load_frozen_teacher, teacher_inputs
 from distill.metrics.footprint import format_count
@@ -96,6 +97,26 @@ def ablation_table(results: dict[str, Any]) -> str | None:
         out.append(f"| {m.get('ablation', name)} | {_fmt(m['macro_auc'])} "
                    f"| {_fmt(m.get('vs_full'), True)} | {_fmt(m.get('vs_baseline'), True)} |")
     return f"Ablations of {student}:\n\n" + "\n".join(out)
+
+
+def stress_table(results: dict[str, Any]) -> str | None:
+    """Every model reading printouts: macro AUC on the clean test printouts and, per
+    variation, its paired change from clean."""
+    st = results.get("stress")
+    if not st or not st.get("models"):
+        return None
+    names = list(st["variations"])
+    rest = [n for n in names if n != "clean"]
+    out = ["| model | clean macro AUC [95% CI] | " + " | ".join(f"Δ {n}" for n in rest) + " |",
+           "|---|---|" + "---|" * len(rest)]
+    for model, per in st["models"].items():
+        cells = [_fmt(per[n].get("vs_clean"), True) for n in rest]
+        out.append(f"| {model} | {_fmt(per['clean']['macro_auc'])} | " + " | ".join(cells) + " |")
+    kinds = "; ".join(f"{n}: {', '.join(k)}" for n, k in st["variations"].items()
+                      if n not in ("clean",) and len(k) > 1)
+    return ("Printout robustness: macro AUC on the test fold's clean printouts, and its change "
+            "[95% CI, paired] on the same records printed with each variation (one fixed draw "
+            f"per record and variation; {kinds}):\n\n" + "\n".join(out))
 
 
 def quantization_table(results: dict[str, Any]) -> str | None:
@@ -398,10 +419,15 @@ def write_report(jd: JobData, run_dir: Path) -> Path:
         model_table(results),
         "",
     ]
-    for extra in (ablation_table(results), quantization_table(results),
+    for extra in (ablation_table(results), stress_table(results), quantization_table(results),
                   deployment_advice(results), teacher_memory_table(results)):
         if extra:
             lines += [extra, ""]
+    if results.get("stress") and jd.images is not None:
+        first = int(np.sort(jd.data.splits["test"])[0])
+        perturbation_figure(np.asarray(jd.images[first]), fig_dir / "perturbations.png",
+                            seed=recipe.evaluate.seed)
+        lines += ["![a test printout under every variation](figures/perturbations.png)", ""]
     lines += ["![macro AUC against parameters](figures/auc_vs_params.png)", ""]
     if curves:
         lines += ["![training curves](figures/training_curves.png)", ""]
