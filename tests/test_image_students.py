@@ -22,6 +22,7 @@ import students
 import teachers
 from conftest import run_card_snippet
 from distill.cli import main
+from distill.compress.onnx import read_contract
 from distill.data.perturb import STRESS_SET
 from distill.data.render_layout import RenderConfig, patch_lead_map
 from distill.engine.factory import student_inputs
@@ -46,7 +47,7 @@ def image_recipe(root: Path) -> Path:
         "ablations": {"student": 0, "runs": ["kd_only"]},
         "train": {"epochs": 1, "batch_size": 32, "lr": 0.001, "augment": {"printout": 0.5}},
         "evaluate": {"bootstrap": 30, "latency_repeats": 1},
-        "quantize": {"formats": ["int8"]},
+        "quantize": {"formats": ["int8", "onnx-int8"], "calibration_records": 32},
     }
     path = root / "img.yaml"
     path.write_text(yaml.safe_dump(d, sort_keys=False))
@@ -108,6 +109,11 @@ def test_vlm_and_image_students_run_end_to_end(tmp_path: Path, capsys) -> None:
     assert plan and all(".language_model." in name for name in plan)
     part = quantized["models"]["distill vit/tiny int8"]["quantization"]
     assert 3.0 < part["ratio_part"] < 4.0  # int8 codes + one fp32 scale per row
+    # onnxruntime static int8 for the image student; a VLM student is refused, saying why
+    assert "distill vit/tiny onnx-int8" in quantized["models"]
+    contract = read_contract(run / "quantized" / "distill-vit-tiny-onnx-int8" / "model.onnx")
+    assert contract["input"]["name"] == "image" and contract["input"]["dtype"] == "uint8"
+    assert "bitsandbytes" in quantized["skipped"]["distill llava/tiny onnx-int8"]
 
     # export: printout samples, verified in a fresh process; the card's snippet scores a
     # real WFDB record printed as in training
@@ -119,6 +125,10 @@ def test_vlm_and_image_students_run_end_to_end(tmp_path: Path, capsys) -> None:
     assert "prepare_printout" in card and "a printed 12-lead ECG" in card
     probs = run_card_snippet(card, str(folder), str(RECORD), tmp_path)
     assert set(probs) == set(results["classes"]) and all(0 <= p <= 1 for p in probs.values())
+    onnx_folder = run / "export" / "distill_vit-tiny_onnx-int8"
+    card = (onnx_folder / "README.md").read_text()
+    probs = run_card_snippet(card, str(onnx_folder / "model.onnx"), str(RECORD), tmp_path)
+    assert set(probs) == set(results["classes"])
 
 
 def test_printout_augmentation_is_seeded_by_the_batch_and_leaves_signal_students() -> None:

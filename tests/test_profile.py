@@ -40,8 +40,10 @@ def test_models_command_lists_every_preset(capsys) -> None:
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "students (12 leads at 100 Hz, 10-second record, 5 labels)"
-    rows = [line.split() for line in lines[2:]]
+    rows = [line.split() for line in lines[2:-1]]
     assert [(r[0], r[1]) for r in rows] == students.presets()
+    assert {r[0]: r[-1] for r in rows}["llava"] == "printout"
+    assert {r[0]: r[-1] for r in rows}["xresnet1d"] == "signal"
     for family, size, params, *_ in rows:
         exact = count_parameters(students.create(family, size, num_labels=5))
         value, unit = float(params[:-1]), params[-1]

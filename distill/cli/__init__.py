@@ -186,10 +186,13 @@ def _cmd_models(args: argparse.Namespace) -> int:
     leads = ", ".join(args.leads) if args.leads else "12 leads"
     print(f"students ({leads} at {args.sampling_rate} Hz, 10-second record, "
           f"{args.num_labels} labels)")
-    print(f"{'family':<12}{'size':<7}{'parameters':>12}{'MACs/record':>14}{'Linear share':>14}")
+    print(f"{'family':<12}{'size':<7}{'parameters':>12}{'MACs/record':>14}{'Linear share':>14}"
+          f"{'reads':>10}")
     for r in rows:
         print(f"{r['family']:<12}{r['size']:<7}{format_count(r['parameters']):>12}"
-              f"{format_count(r['macs']):>14}{r['linear_share']:>14.0%}")
+              f"{format_count(r['macs']):>14}{r['linear_share']:>14.0%}{r['input']:>10}")
+    print("(an image student reads the record's 224 x 224 printout, whatever the leads and "
+          "rate)")
     return 0
 
 

@@ -65,27 +65,46 @@ EXPORT_TOLERANCE = 1e-4  # largest |logit difference| accepted between PyTorch a
 CALIBRATION_BATCH = 32
 
 
-class _Logits(nn.Module):
-    """The student as the ONNX graph sees it: signal in, logits out."""
+def input_spec(config: dict[str, Any]) -> tuple[str, np.dtype, tuple[int, ...]]:
+    """(name, dtype, shape of one record) of a student's input: the scaled signal
+    ``float32 [leads, samples]``, or an image student's printout ``uint8 [3, S, S]``."""
+    if config.get("image_size"):
+        size = int(config["image_size"])
+        return "image", np.dtype(np.uint8), (3, size, size)
+    return "signal", np.dtype(np.float32), (len(config["leads"]), int(config["input_samples"]))
 
-    def __init__(self, student: nn.Module) -> None:
+
+class _Logits(nn.Module):
+    """The student as the ONNX graph sees it: its input in, logits out."""
+
+    def __init__(self, student: nn.Module, name: str = "signal") -> None:
         super().__init__()
         self.student = student
+        self.name = name
 
-    def forward(self, signal: torch.Tensor) -> torch.Tensor:
-        return self.student(signal=signal).logits
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(**{self.name: x}).logits
 
 
 def _contract(config: dict[str, Any], fmt: str, source: Path, parameters: int) -> dict[str, Any]:
     labels = config.get("id2label") or {}
+    name, _, shape = input_spec(config)
+    if name == "image":
+        what = {"name": "image", "shape": ["batch", *shape], "dtype": "uint8",
+                "render": {"size": shape[-1], **(config.get("render") or {})},
+                "printed": {"sampling_rate": config["sampling_rate"],
+                            "samples": config["input_samples"], "units": "mV"},
+                "how": "the record's printout (ecg-distill's renderer, or a scan resized to "
+                       "the size), RGB uint8, channels first"}
+    else:
+        what = {"name": "signal", "shape": ["batch", *shape],
+                "dtype": "float32", "leads": config["leads"],
+                "sampling_rate": config["sampling_rate"], "units": "mV",
+                "normalization": config.get("normalization"),
+                "how": "x_scaled = (x_mV - mean[lead]) / std[lead], leads in the order given"}
     return {
         "format": fmt,
-        "input": {"name": "signal", "shape": ["batch", len(config["leads"]),
-                                              config["input_samples"]],
-                  "dtype": "float32", "leads": config["leads"],
-                  "sampling_rate": config["sampling_rate"], "units": "mV",
-                  "normalization": config.get("normalization"),
-                  "how": "x_scaled = (x_mV - mean[lead]) / std[lead], leads in the order given"},
+        "input": what,
         "output": {"name": "logits", "classes": [labels[k] for k in sorted(labels, key=int)],
                    "how": "probability = sigmoid(logit), one per class (multi-label)"},
         "model": {"type": config.get("model_type"), "parameters": parameters,
@@ -194,11 +213,12 @@ def session(path: str | os.PathLike, threads: int | None = None) -> ort.Inferenc
 
 
 def _check_samples(samples: np.ndarray, config: dict[str, Any], what: str) -> np.ndarray:
-    samples = np.ascontiguousarray(samples, dtype=np.float32)
-    want = (len(config["leads"]), config["input_samples"])
-    if samples.ndim != 3 or samples.shape[1:] != want or not len(samples):
-        raise QuantizeError(f"{what}: records of shape [N, {want[0]}, {want[1]}] needed "
-                            f"(the student's view, scaled), got {list(samples.shape)}")
+    name, dtype, want = input_spec(config)
+    samples = np.ascontiguousarray(samples, dtype=dtype)
+    if samples.shape[1:] != want or not len(samples):
+        kind = "the student's view, scaled" if name == "signal" else "printouts, uint8"
+        raise QuantizeError(f"{what}: records of shape [N, {', '.join(map(str, want))}] "
+                            f"needed ({kind}), got {list(samples.shape)}")
     return samples
 
 
@@ -210,8 +230,9 @@ def export_onnx(source: str | os.PathLike, out: str | os.PathLike, samples: np.n
         source: a saved fp32 student folder.
         out: the folder written (``model.onnx``, ``config.json``, ``quantization.json``);
             replaced only with ``force``.
-        samples: float32 [N, leads, samples] scaled records of the student's view: the
-            exported graph must reproduce PyTorch's logits on them within ``tolerance``.
+        samples: float32 [N, leads, samples] scaled records of the student's view (an
+            image student: uint8 [N, 3, S, S] printouts): the exported graph must
+            reproduce PyTorch's logits on them within ``tolerance``.
         force: replace an existing ``out``.
         tolerance: the largest absolute logit difference accepted.
 
@@ -226,8 +247,9 @@ def export_onnx(source: str | os.PathLike, out: str | os.PathLike, samples: np.n
     if out.exists() and not force:
         raise QuantizeError(f"{out} exists; pass --force to replace it")
     samples = _check_samples(samples, config, f"{source}: ONNX check")
+    name = input_spec(config)[0]
     student = load_student(source)
-    wrapper = _Logits(student).eval()
+    wrapper = _Logits(student, name).eval()
     example = torch.from_numpy(samples[:2])
     with torch.no_grad():
         reference = wrapper(torch.from_numpy(samples)).numpy()
@@ -235,8 +257,8 @@ def export_onnx(source: str | os.PathLike, out: str | os.PathLike, samples: np.n
         path = tmp / ONNX_FILE
         with _quiet_onnx_tools(), torch.no_grad():
             program = torch.onnx.export(
-                wrapper, (example,), input_names=["signal"], output_names=["logits"],
-                dynamic_shapes={"signal": {0: torch.export.Dim("batch")}}, dynamo=True,
+                wrapper, (example,), input_names=[name], output_names=["logits"],
+                dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True,
                 external_data=False, verbose=False)
         model = program.model_proto
         _strip(model)
@@ -244,7 +266,7 @@ def export_onnx(source: str | os.PathLike, out: str | os.PathLike, samples: np.n
         _set_contract(model, contract)
         onnx.checker.check_model(model)
         onnx.save_model(model, str(path))
-        got = session(path).run(["logits"], {"signal": samples})[0]
+        got = session(path).run(["logits"], {name: samples})[0]
         diff = float(np.abs(got - reference).max())
         if not diff <= tolerance:
             raise QuantizeError(f"{source}: the ONNX export differs from PyTorch by {diff:.2e} "
@@ -270,8 +292,9 @@ def _opset(model: onnx.ModelProto) -> int:
 class _Reader(CalibrationDataReader):
     """Calibration batches for ``quantize_static``."""
 
-    def __init__(self, records: np.ndarray, batch: int = CALIBRATION_BATCH) -> None:
-        self._batches = iter([{"signal": records[i:i + batch]}
+    def __init__(self, records: np.ndarray, batch: int = CALIBRATION_BATCH,
+                 name: str = "signal") -> None:
+        self._batches = iter([{name: records[i:i + batch]}
                               for i in range(0, len(records), batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -347,7 +370,8 @@ def quantize_onnx(fp32_folder: str | os.PathLike, fmt: str, out: str | os.PathLi
             # its symbolic pass trips over the dynamo exporter's shape ops, ONNX's own does not
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
             with _quiet_onnx_tools():
-                quantize_static(str(pre), str(path), _Reader(calibration),
+                quantize_static(str(pre), str(path),
+                                _Reader(calibration, name=input_spec(config)[0]),
                                 quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=CalibrationMethod.MinMax)
@@ -397,8 +421,9 @@ def quantize_onnx(fp32_folder: str | os.PathLike, fmt: str, out: str | os.PathLi
         summary["bytes"].update(fp32_part=4 * n, quantized_part=stored)
         if check is not None:
             check = _check_samples(check, config, f"{fp32_folder}: check")
-            a = session(src).run(["logits"], {"signal": check})[0]
-            b = session(path).run(["logits"], {"signal": check})[0]
+            name = input_spec(config)[0]
+            a = session(src).run(["logits"], {name: check})[0]
+            b = session(path).run(["logits"], {name: check})[0]
             summary["max_abs_diff_vs_onnx_fp32"] = float(np.abs(a - b).max())
         atomic_write_text(tmp / SUMMARY_FILE, json.dumps(summary, indent=1))
     return summary
@@ -439,11 +464,12 @@ def is_onnx_folder(folder: str | os.PathLike) -> bool:
 
 class OnnxStudent(nn.Module):
     """An ONNX student folder run by onnxruntime behind the student interface:
-    ``model(signal=x)`` -> :class:`ECGModelOutput` with ``logits``. It holds no torch
-    parameters (one empty anchor, so callers can ask for its device); its size and memory
-    are what onnxruntime holds (:meth:`weights_nbytes`, :meth:`peak_memory_bytes`)."""
+    ``model(signal=x)`` (an image student's: ``model(image=x)``) -> :class:`ECGModelOutput`
+    with ``logits``. It holds no torch parameters (one empty anchor, so callers can ask for
+    its device); its size and memory are what onnxruntime holds (:meth:`weights_nbytes`,
+    :meth:`peak_memory_bytes`)."""
 
-    input_names = ("signal",)
+    input_names: tuple[str, ...] = ("signal",)
 
     def __init__(self, folder: str | os.PathLike, threads: int | None = None) -> None:
         super().__init__()
@@ -452,6 +478,8 @@ class OnnxStudent(nn.Module):
         if not self.path.is_file():
             raise QuantizeError(f"{self.folder}: no {ONNX_FILE}")
         self.contract = read_contract(self.path)
+        self.input_names = (self.contract["input"]["name"],)
+        self._dtype = np.dtype(self.contract["input"]["dtype"])
         self.session = session(self.path, threads)
         self.anchor = nn.Parameter(torch.empty(0), requires_grad=False)
 
@@ -459,9 +487,13 @@ class OnnxStudent(nn.Module):
     def num_parameters(self) -> int:
         return int(self.contract["model"]["parameters"])
 
-    def forward(self, signal: torch.Tensor, **_: Any) -> ECGModelOutput:
-        x = signal.detach().to("cpu", torch.float32).contiguous().numpy()
-        logits = self.session.run(["logits"], {"signal": x})[0]
+    def forward(self, **inputs: Any) -> ECGModelOutput:
+        name = self.input_names[0]
+        if name not in inputs:
+            raise ValueError(f"{self.path}: this ONNX student reads {name!r}, got "
+                             f"{sorted(inputs)}")
+        x = inputs[name].detach().cpu().numpy().astype(self._dtype, copy=False)
+        logits = self.session.run(["logits"], {name: np.ascontiguousarray(x)})[0]
         return ECGModelOutput(logits=torch.from_numpy(logits))
 
     def weights_nbytes(self) -> int:
@@ -475,16 +507,16 @@ class OnnxStudent(nn.Module):
                         total += onnx.numpy_helper.to_array(a.t).nbytes
         return int(total)
 
-    def peak_memory_bytes(self, signal: torch.Tensor) -> int:
+    def peak_memory_bytes(self, **inputs: torch.Tensor) -> int:
         """Peak resident memory a fresh process adds to load this model and run it once on
-        ``signal``: onnxruntime allocates outside PyTorch's profiler, so this is the peak
-        resident set of a process that has imported onnxruntime and holds the input, less
-        its resident set just before the model is loaded (Linux only: it reads
-        ``/proc/self/status``)."""
+        ``inputs`` (its input by name): onnxruntime allocates outside PyTorch's profiler, so
+        this is the peak resident set of a process that has imported onnxruntime and holds
+        the input, less its resident set just before the model is loaded (Linux only: it
+        reads ``/proc/self/status``)."""
         with tempfile.TemporaryDirectory() as work:
-            x = Path(work) / "x.npy"
-            np.save(x, signal.detach().cpu().numpy().astype(np.float32))
-            code = _PEAK_PROBE.format(path=str(self.path), x=str(x),
+            x = inputs[self.input_names[0]]
+            np.save(path := Path(work) / "x.npy", x.detach().cpu().numpy().astype(self._dtype))
+            code = _PEAK_PROBE.format(path=str(self.path), x=str(path), name=self.input_names[0],
                                       threads=self.session.get_session_options()
                                       .intra_op_num_threads)
             proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -508,6 +540,6 @@ with open("/proc/self/clear_refs", "w") as f:
 before = status("VmRSS:")
 o = ort.SessionOptions(); o.intra_op_num_threads = {threads}; o.inter_op_num_threads = 1
 s = ort.InferenceSession({path!r}, o, providers=["CPUExecutionProvider"])
-s.run(["logits"], {{"signal": x}})
+s.run(["logits"], {{{name!r}: x}})
 print(status("VmHWM:") - before)
 """

@@ -108,6 +108,32 @@ for name, p in zip(out["classes"], 1 / (1 + np.exp(-logits))):  # one sigmoid pe
 '''
 
 
+def onnx_image_usage_snippet(record: str) -> str:
+    """Python that scores one WFDB record with an image student's ``model.onnx``: the record
+    printed by ecg-distill's renderer as in training (a scan resized to the printout size
+    goes in the same way), run by onnxruntime (``MODEL`` and ``RECORD`` are its only
+    settings)."""
+    return f'''import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from students.preprocess import prepare_printout  # ecg-distill: prints a record as in training
+
+MODEL = "model.onnx"  # this folder's model.onnx
+RECORD = "{record}"  # a WFDB record: its path without .hea/.dat
+
+session = ort.InferenceSession(MODEL, providers=["CPUExecutionProvider"])
+contract = json.loads(session.get_modelmeta().custom_metadata_map["ecg_distill.contract"])
+config = json.loads(Path(MODEL).with_name("config.json").read_text())
+image = prepare_printout(RECORD, config).numpy()  # uint8 (1, 3, S, S)
+logits = session.run(["logits"], {{"image": image}})[0][0]
+for name, p in zip(contract["output"]["classes"], 1 / (1 + np.exp(-logits))):
+    print(f"{{name:<8}} {{p:.3f}}")
+'''
+
+
 def card_snippet(card_text: str) -> str:
     """The first ``python`` code block of a card."""
     m = re.search(r"```python\n(.*?)```", card_text, flags=re.DOTALL)
@@ -181,9 +207,13 @@ def model_card(name: str, entry: dict[str, Any], results: dict[str, Any], recipe
     if data.base_model is None:
         data.teacher = teacher  # not a hub id (a local or built-in teacher): named, not linked
     ref = model_ref or recipe.export.publish_repo or f"your-org/{folder_name}"
-    snippet = (onnx_usage_snippet(DEFAULT_RECORD) if is_onnx_format(fmt)
-               else image_usage_snippet(ref, DEFAULT_RECORD) if config.get("image_size")
-               else usage_snippet(ref, DEFAULT_RECORD))
+    image = bool(config.get("image_size"))
+    if is_onnx_format(fmt):
+        snippet = onnx_image_usage_snippet(DEFAULT_RECORD) if image else \
+            onnx_usage_snippet(DEFAULT_RECORD)
+    else:
+        snippet = image_usage_snippet(ref, DEFAULT_RECORD) if image else \
+            usage_snippet(ref, DEFAULT_RECORD)
     body = _body(name, entry, results, recipe, config, level, snippet)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
@@ -255,7 +285,10 @@ def _body(name: str, entry: dict[str, Any], results: dict[str, Any], recipe,
     lines += [
         "", "## Input", "", *input_lines,
         "", "## Usage", "",
-        ("Needs only numpy, scipy, wfdb and onnxruntime (no ecg-distill, no PyTorch)."
+        ("Needs onnxruntime to run the model, and ecg-distill only to print a WFDB record as "
+         "in training (a scanned printout needs neither the renderer nor PyTorch)."
+         if onnx_fmt and config.get("image_size") else
+         "Needs only numpy, scipy, wfdb and onnxruntime (no ecg-distill, no PyTorch)."
          if onnx_fmt else
          "Needs the `ecg-distill` package installed (it defines the student classes and the "
          "preprocessing)."), "",

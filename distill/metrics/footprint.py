@@ -92,15 +92,19 @@ def signal_batch(batch_size: int, *, leads: int = 12, sampling_rate: int = 100,
 
 def preset_rows(*, sampling_rate: int = 100, leads: list[str] | None = None,
                 num_labels: int = 5) -> list[dict[str, Any]]:
-    """Every student preset: parameters, MACs per 10-second record, Linear share."""
+    """Every student preset: parameters, MACs per 10-second record (an image student: per
+    224-px printout of it), Linear share."""
 
     rows = []
     n_leads = len(leads) if leads else 12
     batch = signal_batch(1, leads=n_leads, sampling_rate=sampling_rate, num_labels=num_labels)
+    batch["image"] = torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8,
+                                   generator=torch.Generator().manual_seed(0))
     for family, size in students.presets():
         model = students.create(family, size, num_labels=num_labels, leads=leads,
                                 sampling_rate=sampling_rate)
         rows.append({"family": family, "size": size, "parameters": count_parameters(model),
+                     "input": "printout" if students.reads_images(family) else "signal",
                      "macs": count_macs(model, batch), "linear_share": linear_share(model)})
     return rows
 

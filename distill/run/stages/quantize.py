@@ -108,13 +108,22 @@ def quantize_run(jd: JobData, run_dir: Path, progress: bool = True) -> dict[str,
     return results
 
 
+# student families the ONNX formats do not export, and why
+ONNX_UNSUPPORTED = {
+    "llava": "the ONNX formats export signal and image students; a VLM student is quantized "
+             "with bitsandbytes (int8, nf4: its language model)"}
+
+
 def student_records(jd: JobData, spec, split: str, n: int, seed: int) -> np.ndarray:
-    """float32 [n, leads, samples]: ``n`` records of ``split`` in the student's view (scaled,
-    at its rate), drawn without replacement with ``seed`` (all of them when fewer)."""
+    """``n`` records of ``split`` as the student reads them: float32 [n, leads, samples] in
+    its view (scaled, at its rate), or an image student's printouts uint8 [n, 3, S, S];
+    drawn without replacement with ``seed`` (all of them when fewer)."""
     key = student_key(spec)
     data = jd.data.split(split, {key: jd.views[key]})
-    rows = np.random.default_rng(seed).permutation(len(data))[:n]
-    return np.stack([data[int(i)][key].numpy() for i in np.sort(rows)])
+    rows = np.sort(np.random.default_rng(seed).permutation(len(data))[:n])
+    if student_reads_images(spec):
+        return np.stack([np.asarray(jd.images[int(data[int(i)]["index"])]) for i in rows])
+    return np.stack([data[int(i)][key].numpy() for i in rows])
 
 
 def onnx_variant(jd: JobData, layout: RunLayout, kind: str, spec, fmt: str,
@@ -123,9 +132,11 @@ def onnx_variant(jd: JobData, layout: RunLayout, kind: str, spec, fmt: str,
     PyTorch on validation records), made first when a quantized format needs it, its
     static int8 / 4-bit weight-only quantization (:mod:`distill.compress.onnx`), or its
     distillation-aware int8 (``onnx-int8-qat``: :func:`kd_qat_variant`)."""
-    if student_reads_images(spec):
-        raise QuantizeError(f"the ONNX formats export signal students; {spec.family} reads "
-                            f"the printout (its bitsandbytes formats work)")
+    if spec.family in ONNX_UNSUPPORTED:
+        raise QuantizeError(ONNX_UNSUPPORTED[spec.family])
+    if fmt == "onnx-int8-qat" and student_reads_images(spec):
+        raise QuantizeError(f"KD + QAT trains signal students; {spec.family} reads printouts "
+                            f"(its onnx-int8 format is post-training quantized)")
     q, seed = jd.recipe.quantize, jd.recipe.evaluate.seed
     fp32 = layout.model_dir(ModelId.student(kind, spec, "onnx"))
     check = student_records(jd, spec, "val", 32, seed)
