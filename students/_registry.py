@@ -84,7 +84,8 @@ def preset_names() -> list[tuple[str, str]]:
 def input_names(family: str) -> tuple[str, ...]:
     """What a family's models read: ``("signal",)`` or ``("image",)`` (the rendered
     printout); a family registered without its model class reads the signal."""
-    get_preset(family, next(s for s in SIZES if (family, s) in _PRESETS))  # unknown: ValueError
+    if family not in families():
+        get_preset(family, SIZES[0])  # the ValueError naming the known families
     return _INPUTS.get(family, ("signal",))
 
 

@@ -31,26 +31,20 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
-from distill.core.vlm import (IMAGE_TOKEN, PRINTOUT_MEAN, PRINTOUT_STD, build_tiny_tokenizer,
-                              token_grid, visual_tokens)
+from distill.core.vlm import (DEFAULT_PROMPT, IMAGE_TOKEN, POOLS, PRINTOUT_MEAN, PRINTOUT_STD,
+                              TOKEN_SOURCES, build_tiny_tokenizer, token_grid,
+                              unused_tower_parameters, visual_tokens)
 from students._image import ECGImageStudentConfig, ECGImageStudentModel
 from students._registry import register_family, register_preset
 
-DEFAULT_PROMPT = "USER: <image>\nWhat are the diagnoses of this 12-lead ECG? ASSISTANT:"
-TOKEN_SOURCES = ("vision", "language")
-POOLS = ("image-mean", "last")
 # what LoRA wraps: the language model's attention and MLP projections
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-# the vision tower's tail that LLaVA's hidden-state features never pass through (CLIP/SigLIP
-# post_layernorm; Swin, ViT and DINOv2 a layernorm under the tower; pooling heads)
-_TOWER_TAIL = re.compile(r"vision_tower\.(?:vision_model\.)?(?:post_layernorm|layernorm|head|pooler)\.")
 
 
 class LlavaStudentConfig(ECGImageStudentConfig):
@@ -140,20 +134,8 @@ class LlavaStudentModel(ECGImageStudentModel):
     def unused_parameter_names(self) -> set[str]:
         """Parameters of the body the forward never reaches: the vision tower's final
         norm or pooling head and its layers after the selected feature layer."""
-        vision = self.vlm.config.vision_config
-        n_layers = getattr(vision, "num_hidden_layers", None)
-        n_layers = int(len(vision.depths) if n_layers is None else n_layers)
-        chosen = self.vlm.config.vision_feature_layer
-        chosen = chosen if isinstance(chosen, (list, tuple)) else [chosen]
-        last_used = max(k if k >= 0 else n_layers + 1 + k for k in chosen)
-        names = set()
-        for name, _ in self.vlm.named_parameters():
-            if "vision_tower" not in name:
-                continue
-            m = re.search(r"vision_tower\S*?\.layers\.(\d+)\.", name)
-            if (m and int(m.group(1)) >= last_used) or _TOWER_TAIL.search(name):
-                names.add(f"vlm.{name}")
-        return names
+        names = unused_tower_parameters(self.vlm.config, [n for n, _ in self.vlm.named_parameters()])
+        return {f"vlm.{n}" for n in names}
 
     def _freeze_unused(self) -> None:
         unused = self.unused_parameter_names()
@@ -184,9 +166,12 @@ class LlavaStudentModel(ECGImageStudentModel):
                                            **kwargs)
         from peft.tuners.lora.layer import LoraLayer
 
-        merged = copy.deepcopy(self)
-        if state_dict is not None:
-            merged.load_state_dict(state_dict)
+        # a CPU copy built from the config (LoRA injected again), given the weights: not a
+        # deepcopy, which would duplicate the model on its device and copy sharded
+        # parameters as they are under FSDP or DeepSpeed
+        merged = type(self)(copy.deepcopy(self.config))
+        weights = state_dict if state_dict is not None else self.state_dict()
+        merged.load_state_dict({k: v.detach().cpu() for k, v in weights.items()})
         for name, module in list(merged.named_modules()):
             if isinstance(module, LoraLayer):
                 module.merge()

@@ -382,9 +382,3 @@ class TeacherAdapter(nn.Module):
         teacher.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
         teacher.apply_train_mode(train_mode)
         return teacher
-
-
-def layer_index(name: str, container: str) -> int | None:
-    """The index in ``<container>.layers.<i>.`` within a parameter name, or None."""
-    m = re.search(rf"{re.escape(container)}\S*?\.layers\.(\d+)\.", name)
-    return int(m.group(1)) if m else None

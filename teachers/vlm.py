@@ -24,27 +24,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from distill.core.vlm import token_grid, visual_tokens
+from distill.core.vlm import (DEFAULT_PROMPT, POOLS, TOKEN_SOURCES, token_grid,
+                              unused_tower_parameters, visual_tokens)
 from distill.data.render import RenderConfig, patch_lead_map
-from teachers.base import TeacherAdapter, layer_index, load_backbone, register_teacher
+from teachers.base import TeacherAdapter, load_backbone, register_teacher
 from teachers import zoo
 from teachers.tiny import build_tiny_vlm, resolve_tiny
 
 __all__ = ["DEFAULT_PROMPT", "VLMTeacher", "build_tiny_vlm", "token_grid", "visual_tokens"]
 
-DEFAULT_PROMPT = "USER: <image>\nWhat are the diagnoses of this 12-lead ECG? ASSISTANT:"
-TOKEN_SOURCES = ("vision", "language")
-POOLS = ("last", "image-mean")
-# What a vision tower applies after its encoder, which LLaVA's hidden-state features never
-# pass through: the final norm (CLIP/SigLIP ``post_layernorm``; Swin, ViT and DINOv2 a
-# ``layernorm`` directly under the tower), a pooling head or pooler.
-_TOWER_TAIL = re.compile(r"vision_tower\.(?:vision_model\.)?(?:post_layernorm|layernorm|head|pooler)\.")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -207,20 +200,7 @@ class VLMTeacher(TeacherAdapter):
         if out_emb is not None and out_emb.weight is not in_emb.weight:
             ids = {id(p) for p in out_emb.parameters()}
             names |= {n for n, p in hf.named_parameters() if id(p) in ids}
-        config = hf.config
-        vision = config.vision_config
-        # transformer towers count layers; hierarchical ones (Swin, FocalNet) count stages
-        n_layers = getattr(vision, "num_hidden_layers", None)
-        n_layers = int(len(vision.depths) if n_layers is None else n_layers)
-        chosen = config.vision_feature_layer
-        chosen = chosen if isinstance(chosen, (list, tuple)) else [chosen]
-        last_used = max(k if k >= 0 else n_layers + 1 + k for k in chosen)  # hidden_states index
-        for name, _ in hf.named_parameters():
-            if "vision_tower" not in name:
-                continue
-            i = layer_index(name, "vision_tower")
-            if (i is not None and i >= last_used) or _TOWER_TAIL.search(name):
-                names.add(name)
+        names |= unused_tower_parameters(hf.config, [n for n, _ in hf.named_parameters()])
         return names
 
     # ------------------------------------------------------------------ forward

@@ -186,6 +186,37 @@ def test_recipe_refuses_lora_for_students_without_a_language_model() -> None:
     assert StudentConfig().train_mode == "full"
 
 
+def test_recipe_refuses_what_image_students_cannot_read() -> None:
+    from distill.core.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=re.escape("students.0.view: vit reads the printout")):
+        recipe_from_dict({"students": [{"family": "vit", "view": {"sampling_rate": 50}}]})
+    with pytest.raises(RecipeError, match=re.escape(
+            "train.augment: signal augmentation (noise, amplitude, shift, views) does not "
+            "reach convnext")):
+        recipe_from_dict({"students": [{"family": "convnext"}],
+                          "train": {"augment": {"noise": 0.05}}})
+    with pytest.raises(RecipeError, match="students.1.family: vit reads square printouts; "
+                                          "data.image is 224x448"):
+        recipe_from_dict({"students": [{"family": "xresnet1d"}, {"family": "vit"}],
+                          "data": {"image": {"height": 224, "width": 448}}})
+
+
+def test_printout_settings_reach_image_students_fingerprints_only() -> None:
+    from distill.engine.jobs import printout_settings, train_settings
+
+    plain = recipe_from_dict({"students": [{"family": "xresnet1d"}, {"family": "vit"}]})
+    aug = recipe_from_dict({"students": [{"family": "xresnet1d"}, {"family": "vit"}],
+                            "train": {"augment": {"printout": 0.3}},
+                            "data": {"image": {"grid": False}}})
+    assert train_settings(plain) == train_settings(aug)  # signal students: unchanged
+    assert printout_settings(plain, plain.students[0]) == {} == printout_settings(
+        aug, aug.students[0])
+    a, b = printout_settings(plain, plain.students[1]), printout_settings(aug, aug.students[1])
+    assert a["printout"]["grid"] is True and b["printout"]["grid"] is False
+    assert "printout_augment" not in a and b["printout_augment"] == 0.3
+
+
 def test_lora_student_saves_its_trained_adapters_merged(tmp_path: Path) -> None:
     model = students.create("llava", "tiny", num_labels=3, lora={"r": 4, "alpha": 8})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)

@@ -294,7 +294,7 @@ def test_visual_tokens_of_the_wrong_size_are_one_clear_error() -> None:
 
     from teachers.vlm import visual_tokens
 
-    with pytest.raises(ValueError, match=r"^VLM teacher: expected 2 x 4 visual tokens of width 5 "
+    with pytest.raises(ValueError, match=r"^VLM: expected 2 x 4 visual tokens of width 5 "
                                          r"in the model's output, found \(2, 5, 5\) "
                                          r"\(transformers \S+\); use tokens='language'"):
         visual_tokens(SimpleNamespace(image_hidden_states=torch.zeros(2, 5, 5)), 2, 4, 5)

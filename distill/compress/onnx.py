@@ -216,7 +216,7 @@ def _check_samples(samples: np.ndarray, config: dict[str, Any], what: str) -> np
     name, dtype, want = input_spec(config)
     samples = np.ascontiguousarray(samples, dtype=dtype)
     if samples.shape[1:] != want or not len(samples):
-        kind = "the student's view, scaled" if name == "signal" else "printouts, uint8"
+        kind = "printouts, uint8" if dtype == np.uint8 else "the student's view, scaled"
         raise QuantizeError(f"{what}: records of shape [N, {', '.join(map(str, want))}] "
                             f"needed ({kind}), got {list(samples.shape)}")
     return samples
@@ -492,7 +492,8 @@ class OnnxStudent(nn.Module):
         if name not in inputs:
             raise ValueError(f"{self.path}: this ONNX student reads {name!r}, got "
                              f"{sorted(inputs)}")
-        x = inputs[name].detach().cpu().numpy().astype(self._dtype, copy=False)
+        x = inputs[name].detach().cpu()
+        x = (x.float() if x.is_floating_point() else x).numpy().astype(self._dtype, copy=False)
         logits = self.session.run(["logits"], {name: np.ascontiguousarray(x)})[0]
         return ECGModelOutput(logits=torch.from_numpy(logits))
 

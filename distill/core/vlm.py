@@ -9,6 +9,7 @@ Kept at the bottom layer so that the VLM teacher (``teachers.vlm``) and the VLM 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -40,6 +41,36 @@ def build_tiny_tokenizer():
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN},
         model_max_length=1024)
+
+
+DEFAULT_PROMPT = "USER: <image>\nWhat are the diagnoses of this 12-lead ECG? ASSISTANT:"
+TOKEN_SOURCES = ("vision", "language")  # projected visual tokens, or the LM's states there
+POOLS = ("last", "image-mean")  # the LM's state at the last prompt position, or the image mean
+# What a vision tower applies after its encoder, which LLaVA's hidden-state features never
+# pass through: the final norm (CLIP/SigLIP ``post_layernorm``; Swin, ViT and DINOv2 a
+# ``layernorm`` directly under the tower), a pooling head or pooler.
+TOWER_TAIL = re.compile(r"vision_tower\.(?:vision_model\.)?(?:post_layernorm|layernorm|head|pooler)\.")
+
+
+def unused_tower_parameters(hf_config: Any, names: Any) -> set[str]:
+    """Of the parameter ``names`` of a LLaVA-family model, those of the vision tower its
+    forward never reaches: the layers after the selected feature layer and the tower's
+    tail (:data:`TOWER_TAIL`)."""
+    vision = hf_config.vision_config
+    # transformer towers count layers; hierarchical ones (Swin, FocalNet) count stages
+    n_layers = getattr(vision, "num_hidden_layers", None)
+    n_layers = int(len(vision.depths) if n_layers is None else n_layers)
+    chosen = hf_config.vision_feature_layer
+    chosen = chosen if isinstance(chosen, (list, tuple)) else [chosen]
+    last_used = max(k if k >= 0 else n_layers + 1 + k for k in chosen)  # hidden_states index
+    out = set()
+    for name in names:
+        if "vision_tower" not in name:
+            continue
+        m = re.search(r"vision_tower\S*?\.layers\.(\d+)\.", name)
+        if (m and int(m.group(1)) >= last_used) or TOWER_TAIL.search(name):
+            out.add(name)
+    return out
 
 
 # Pixel statistics of the renderer's printouts (RGB, after rescaling to [0, 1]), measured
@@ -89,7 +120,7 @@ def visual_tokens(out: Any, batch: int, n_tokens: int, width: int) -> torch.Tens
         import transformers
 
         shape = None if found is None else tuple(getattr(found, "shape", ()))
-        raise ValueError(f"VLM teacher: expected {batch} x {n_tokens} visual tokens of width "
+        raise ValueError(f"VLM: expected {batch} x {n_tokens} visual tokens of width "
                          f"{width} in the model's output, found {shape} (transformers "
                          f"{transformers.__version__}); use tokens='language' or the locked "
                          f"transformers version")

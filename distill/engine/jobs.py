@@ -91,11 +91,13 @@ def teacher_images(recipe: Recipe, data: Any, progress: bool = True) -> np.ndarr
 
 
 def load_job_data(recipe: Recipe, progress: bool = True, data: Any = None) -> JobData:
-    """Load the recipe's data (cached; or use ``data``, already loaded) and, for an image
-    teacher, its rendered images."""
+    """Load the recipe's data (cached; or use ``data``, already loaded) and, when an image
+    teacher or an image student reads them, the rendered printouts (by the main process
+    first)."""
     data = data if data is not None else load_data(recipe.data, progress=progress)
-    jd = JobData(recipe=recipe, data=data, views=consumer_views(recipe),
-                 images=teacher_images(recipe, data, progress=progress))
+    with process_state().main_process_first():
+        images = teacher_images(recipe, data, progress=progress)
+    jd = JobData(recipe=recipe, data=data, views=consumer_views(recipe), images=images)
     fraction = recipe.data.label_fraction
     if fraction < 1.0:
         jd.labeled_rows = labeled_training_rows(data, fraction, recipe.seed)
@@ -183,9 +185,10 @@ def train_settings(recipe: Recipe, teacher: bool = False) -> dict[str, Any]:
     fixed draws) is not among its settings."""
     d = to_dict(recipe.train, hashing=True)
     out = {k: d[k] for k in RESULT_KEYS}
+    # the printout augmentation concerns image students only (their printout_settings)
+    out["augment"] = {k: v for k, v in out["augment"].items() if k != "printout"}
     if teacher:
-        out["augment"] = {k: v for k, v in out["augment"].items()
-                          if k not in ("views", "printout")}  # what only students read
+        out["augment"] = {k: v for k, v in out["augment"].items() if k != "views"}
         t = recipe.teacher
         out["epochs"] = t.epochs if t.epochs is not None else out["epochs"]
         out["lr"] = t.lr if t.lr is not None else out["lr"]
@@ -208,6 +211,18 @@ def student_settings(recipe: Recipe) -> dict[str, Any]:
     out: dict[str, Any] = {"seed": recipe.seed, "train": train_settings(recipe)}
     if recipe.data.label_fraction < 1.0:
         out["label_fraction"] = recipe.data.label_fraction
+    return out
+
+
+def printout_settings(recipe: Recipe, spec: StudentConfig) -> dict[str, Any]:
+    """What an image student's training depends on besides the signals: the printout it
+    reads (the render settings) and its augmentation; nothing for a signal student (so its
+    fingerprint is what it was)."""
+    if not student_reads_images(spec):
+        return {}
+    out: dict[str, Any] = {"printout": dataclasses.asdict(render_config(recipe.data))}
+    if recipe.train.augment.printout > 0:
+        out["printout_augment"] = recipe.train.augment.printout
     return out
 
 
@@ -398,7 +413,8 @@ def baseline_job(jd: JobData, spec: StudentConfig) -> TrainJob:
         val_set=sets["val"], loss_fn=loss_fn, logits_fn=logits_fn,
         save_model=lambda m, f, sd: m.save_pretrained(f, state_dict=sd),
         fingerprint=stable_hash({"job": "baseline", "student": _spec_key(spec),
-                                 "data": jd.data.fingerprint, **student_settings(recipe)}),
+                                 "data": jd.data.fingerprint, **student_settings(recipe),
+                                 **printout_settings(recipe, spec)}),
         class_names=jd.classes)
 
 
@@ -509,7 +525,8 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
         save_model=_save_distilled, on_device=on_device,
         fingerprint=stable_hash({"job": "distill", "student": _spec_key(spec),
                                  "teacher": teacher_id, "data": jd.data.fingerprint,
-                                 **student_settings(recipe), **distill_settings(recipe)}),
+                                 **student_settings(recipe), **distill_settings(recipe),
+                                 **printout_settings(recipe, spec)}),
         class_names=jd.classes)
 
 
@@ -580,8 +597,8 @@ def build_teacher_cache(jd: JobData, teacher: nn.Module, progress: bool = True,
                   batch_size=batch_size or recipe.train.batch_size, device=device)
     draws = augment_draws(recipe)
     if not draws:
-        dataset = data.split("all", views,
-                             extras={"image": images} if images is not None else None)
+        reads = images is not None and jd.teacher_class.reads_images()
+        dataset = data.split("all", views, extras={"image": images} if reads else None)
         return teacher_outputs(teacher, dataset, teacher_inputs(recipe),
                                key=teacher_cache_key(jd, teacher, data), **common)
     render = render_config(recipe.data) if jd.teacher_class.reads_images() else None

@@ -254,7 +254,9 @@ def sample_records(data, config: dict[str, Any], run_dir: Path, name: str,
 
     Returns:
         {"signal": float32 [n, L, T], "probabilities": float32 [n, C], "ecg_id": int64 [n]};
-        for an image student ``"image"``: uint8 [n, 3, S, S], the records' printouts.
+        for an image student ``"image"``: uint8 [n, 3, S, S], the records printed as the data
+        stage printed them (all 12 leads at the data's rate: an image student has no view of
+        its own), the same pixels evaluation read.
     """
     path = predictions_file(run_dir, name, entry)
     if not path.is_file():

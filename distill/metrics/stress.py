@@ -41,42 +41,48 @@ def _probs(model: nn.Module, inputs: Callable[[Mapping[str, Any]], dict[str, tor
     return np.concatenate(out)
 
 
-def stress_scores(models: Mapping[str, tuple[nn.Module, Callable]], images: np.ndarray,
-                  labels: np.ndarray, samples: np.ndarray, *, level: float = 0.95,
-                  seed: int = 0, batch_size: int = 64, progress: bool = True
-                  ) -> dict[str, Any]:
+def stress_scores(models: Mapping[str, Callable[[], tuple[nn.Module, Callable]]],
+                  images: np.ndarray, labels: np.ndarray, samples: np.ndarray, *,
+                  level: float = 0.95, seed: int = 0, batch_size: int = 64,
+                  progress: bool = True) -> dict[str, Any]:
     """Every model's macro AUC on the clean and the perturbed test printouts.
 
     Args:
-        models: name -> (model, batch -> its keyword inputs); each reads ``image``.
+        models: name -> a loader giving (model, batch -> its keyword inputs); each model
+            reads ``image``. Models are loaded one at a time (and freed).
         images: uint8 [n, 3, S, S], the clean printouts of the test fold, in label order.
         labels: [n, C] 0/1.
         samples: [R, n] bootstrap resamples (those of the clean evaluation).
         level: interval level.
         seed: the evaluation seed (each variation's seed derives from it).
         batch_size: records per forward pass.
-        progress: a progress bar over the variations.
+        progress: a progress bar over the models.
 
     Returns:
         {"variations": {name: [kinds]}, "seeds": {name: seed}, "models": {model:
         {variation: {"macro_auc": interval, "vs_clean": paired interval (absent for
         "clean")}}}}.
     """
-    clean: dict[str, np.ndarray] = {}
+    seeds = {name: stress_seed(seed, name) for name in STRESS_SET}
+    # every variation's printouts, drawn once: every model reads the same ones
+    shown = {name: images if not kinds else stress_images(images, name, seed=seeds[name])
+             for name, kinds in STRESS_SET.items()}
     out: dict[str, Any] = {"variations": {k: list(v) for k, v in STRESS_SET.items()},
-                           "seeds": {}, "models": {m: {} for m in models}}
-    for name in progress_bar(list(STRESS_SET), enabled=progress, desc="stress test",
-                             unit="variation"):
-        s = stress_seed(seed, name)
-        out["seeds"][name] = s
-        shown = images if not STRESS_SET[name] else stress_images(images, name, seed=s)
-        for model_name, (model, inputs) in models.items():
-            probs = _probs(model, inputs, shown, batch_size)
+                           "seeds": seeds, "models": {}}
+    for model_name, load in progress_bar(list(models.items()), enabled=progress,
+                                         desc="stress test", unit="model"):
+        model, inputs = load()
+        per: dict[str, Any] = {}
+        clean = None
+        for name in STRESS_SET:
+            probs = _probs(model, inputs, shown[name], batch_size)
             entry = {"macro_auc": bootstrap_interval(labels, probs, samples, level=level).to_dict()}
-            if name == "clean":
-                clean[model_name] = probs
+            if clean is None:
+                clean = probs  # "clean" comes first
             else:
-                entry["vs_clean"] = paired_difference(labels, probs, clean[model_name], samples,
+                entry["vs_clean"] = paired_difference(labels, probs, clean, samples,
                                                       level=level).to_dict()
-            out["models"][model_name][name] = entry
+            per[name] = entry
+        out["models"][model_name] = per
+        del model
     return out

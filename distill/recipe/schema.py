@@ -538,6 +538,7 @@ class Recipe:
                 raise RecipeError(f"{at}distill.transfer.first_patient_id: patient ids "
                                   f"{t_lo}-{t_hi} overlap the labeled set's {lo}-{hi}; the "
                                   f"transfer records must come from other patients")
+        self._check_image_students(at)
         names = [f"{s.family}/{s.size}" for s in self.students]
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup:
@@ -547,6 +548,28 @@ class Recipe:
         except (KeyError, IndexError, ValueError) as exc:
             raise RecipeError(f"output_dir: {self.output_dir!r} may only use "
                               f"{{name}} ({type(exc).__name__}: {exc})") from None
+
+    def _check_image_students(self, at: str) -> None:
+        """Students reading the printout: a square one, no signal view of their own, no
+        signal augmentation (they read the cached clean printouts; ``augment.printout``
+        perturbs those). (A VLM student's ONNX formats are skipped at the quantize stage,
+        saying why: the recipe's other students may have them.)"""
+        img, a = self.data.image, self.train.augment
+        for i, st in enumerate(self.students):
+            if not students.reads_images(st.family):
+                continue
+            where = f"{at}students.{i}"
+            if img.height != img.width:
+                raise RecipeError(f"{where}.family: {st.family} reads square printouts; "
+                                  f"data.image is {img.height}x{img.width}")
+            if st.view.leads is not None or st.view.sampling_rate is not None:
+                raise RecipeError(f"{where}.view: {st.family} reads the printout of every "
+                                  f"record as the data stage draws it (all 12 leads at "
+                                  f"data.sampling_rate); leave its view unset")
+            if a.noise or a.amplitude or a.shift or a.views:
+                raise RecipeError(f"{at}train.augment: signal augmentation (noise, amplitude, "
+                                  f"shift, views) does not reach {st.family}, which reads the "
+                                  f"cached printouts; use train.augment.printout")
 
     @property
     def run_dir(self) -> Path:

@@ -1,6 +1,6 @@
 """The ``data`` stage: generate the synthetic default if needed, decode and cache the
 signals, serve one record through every consumer's view, and render and cache the
-teacher's images when it reads images."""
+printouts when the teacher or a student reads them."""
 
 from __future__ import annotations
 
@@ -38,5 +38,5 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
 
 STAGE = Stage("data", "decode and cache the signals (generating the synthetic default if "
-                      "needed) and render the teacher's images", ("data", "teacher.kind"), run,
+                      "needed) and render the printouts a teacher or student reads", ("data", "teacher.kind"), run,
               ignores=STUDENT_ONLY)

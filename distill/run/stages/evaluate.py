@@ -114,7 +114,7 @@ def reads_printouts(cand: Candidate, jd: JobData) -> bool:
     """Whether a candidate reads the rendered printout (an image teacher or student)."""
     if cand.model.kind == TEACHER:
         return jd.teacher_class.reads_images()
-    return students.reads_images(cand.model.family)
+    return students.reads_images(cand.model.family)  # the family's, as factory asks it
 
 
 def stress_run(jd: JobData, run_dir: Path, test_labels: np.ndarray,
@@ -124,7 +124,7 @@ def stress_run(jd: JobData, run_dir: Path, test_labels: np.ndarray,
     recipe = jd.recipe
     ev = recipe.evaluate
     chosen = [c for c in run_candidates(jd, run_dir) if reads_printouts(c, jd)]
-    models = {c.name: (c.load(), c.inputs) for c in chosen}
+    models = {c.name: (lambda c=c: (c.load(), c.inputs)) for c in chosen}
     images = np.asarray(jd.images[np.sort(jd.data.splits["test"])])  # (n, 3, S, S)
     samples = bootstrap_samples(test_labels, ev.bootstrap, ev.seed)
     return stress_scores(models, images, test_labels, samples, level=ev.level, seed=ev.seed,
