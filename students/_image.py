@@ -99,7 +99,9 @@ class ECGImageStudentModel(ECGStudentModel):
 
     A family sets ``token_stride`` (pixels per token side) and ``cls_tokens`` (tokens
     before the grid that show no one lead) and defines ``forward_features(pixels) ->
-    tokens [B, N, D]`` and ``forward_head(tokens, pre_logits)``.
+    (tokens [B, N, D], pooled [B, D'])``: a VLM pools its language model's states, not its
+    visual tokens, so each family pools in its features; the head (``forward_head``:
+    pooled -> logits) is this class's.
     """
 
     config: ECGImageStudentConfig
@@ -134,13 +136,8 @@ class ECGImageStudentModel(ECGStudentModel):
             patch-to-lead map), pooled [B, D'] and, with labels, the loss.
         """
         image = check_image(image, self.config, self.family)
-        features = self.forward_features(self.pixel_values(image))
-        if isinstance(features, tuple):  # a family that pools from more than its tokens
-            tokens, pooled = features  # (B, N, D), (B, D')
-        else:
-            tokens = features  # (B, N, D)
-            pooled = self.forward_head(tokens, pre_logits=True)  # (B, D')
-        logits = self.classifier(pooled)  # (B, C)
+        tokens, pooled = self.forward_features(self.pixel_values(image))  # (B, N, D), (B, D')
+        logits = self.forward_head(pooled)  # (B, C)
         loss = None
         if labels is not None:
             loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
@@ -152,10 +149,15 @@ class ECGImageStudentModel(ECGStudentModel):
         return ECGModelOutput(loss=loss, logits=logits.float(), tokens=tokens.float(),
                               token_leads=leads, pooled=pooled.float())
 
-    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """Normalised pixels [B, 3, S, S] -> tokens [B, N, D], or (tokens, pooled [B, D'])
-        for a family whose pooled embedding is not a function of its tokens; per family."""
+    def forward_features(self, pixels: torch.Tensor  # type: ignore[override]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised pixels [B, 3, S, S] -> (tokens [B, N, D], pooled [B, D']); per family."""
         raise NotImplementedError  # abstract: each family defines it
+
+    def forward_head(self, pooled: torch.Tensor, pre_logits: bool = False  # type: ignore[override]
+                     ) -> torch.Tensor:
+        """pooled [B, D'] -> logits [B, C] (``pre_logits``: pooled itself)."""
+        return pooled if pre_logits else self.classifier(pooled)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

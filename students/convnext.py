@@ -74,15 +74,13 @@ class ConvNeXtStudentModel(ECGImageStudentModel):
                                         nn.Linear(config.widths[-1], config.num_labels))
         self.post_init()
 
-    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """Normalised pixels [B, 3, S, S] -> the last stage's tokens [B, g * g, C]."""
+    def forward_features(self, pixels: torch.Tensor  # type: ignore[override]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised pixels [B, 3, S, S] -> (the last stage's tokens [B, g * g, C], their
+        layer-normed mean [B, C]: ConvNeXt's pooler)."""
         grid = self.encoder.encoder(self.encoder.embeddings(pixels)).last_hidden_state
-        return grid.flatten(2).transpose(1, 2)  # (B, C, g, g) -> (B, g * g, C)
-
-    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        pooled = self.encoder.layernorm(tokens.mean(1))  # (B, C): ConvNeXt's pooler
-        return pooled if pre_logits else self.classifier(pooled)
-
+        tokens = grid.flatten(2).transpose(1, 2)  # (B, C, g, g) -> (B, g * g, C)
+        return tokens, self.encoder.layernorm(tokens.mean(1))
 
 def _create_convnext(**kwargs: Any) -> ConvNeXtStudentModel:
     return ConvNeXtStudentModel(ConvNeXtStudentConfig(**kwargs))

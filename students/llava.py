@@ -201,11 +201,6 @@ class LlavaStudentModel(ECGImageStudentModel):
             pooled = hidden[:, positions].mean(1)  # (B, D)
         return tokens, pooled
 
-    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Not defined for a VLM: its pooled embedding is not a function of its visual
-        tokens (see :meth:`forward_features`)."""
-        raise NotImplementedError("llava pools the language model's states; call the model")
-
 
 def prompt_ids(tokenizer: Any, prompt: str, n_image_tokens: int) -> list[int]:
     """The prompt's ids with the image marker expanded to ``n_image_tokens`` ids (a newline

@@ -70,15 +70,13 @@ class ViTStudentModel(ECGImageStudentModel):
                                         nn.Linear(d, config.num_labels))
         self.post_init()
 
-    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """Normalised pixels [B, 3, S, S] -> patch tokens [B, N, D] (CLS dropped)."""
+    def forward_features(self, pixels: torch.Tensor  # type: ignore[override]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised pixels [B, 3, S, S] -> (patch tokens [B, N, D] (CLS dropped), their
+        mean [B, D])."""
         hidden = self.encoder(pixel_values=pixels).last_hidden_state  # (B, 1 + N, D)
-        return hidden[:, 1:]  # (B, N, D)
-
-    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        pooled = tokens.mean(1)  # (B, D)
-        return pooled if pre_logits else self.classifier(pooled)
-
+        tokens = hidden[:, 1:]  # (B, N, D)
+        return tokens, tokens.mean(1)
 
 def _create_vit(**kwargs: Any) -> ViTStudentModel:
     return ViTStudentModel(ViTStudentConfig(**kwargs))

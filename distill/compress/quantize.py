@@ -108,7 +108,8 @@ class QuantPlan:
         """Plain statements for the user (conv layers, kept layers)."""
         out = []
         if self.conv_parameters:
-            out.append(f"{self.conv_parameters / max(1, self.parameters):.0%} of the parameters "
+            share = self.conv_parameters / max(1, self.parameters)
+            out.append(f"{'<1%' if share < 0.005 else f'{share:.0%}'} of the parameters "
                        f"are convolution weights, which stay in fp32: bitsandbytes quantizes "
                        f"nn.Linear layers only, and no torch-native int8 convolution path is "
                        f"used")
