@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 
-SIZES: tuple[str, ...] = ("tiny", "small", "base")
+SIZES: tuple[str, ...] = ("tiny", "small", "base", "large")
 
 PresetFn = Callable[..., PreTrainedModel]
 _PRESETS: dict[tuple[str, str], PresetFn] = {}

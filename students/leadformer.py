@@ -91,13 +91,22 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: optional bool [B, N, M], True where query n may read key m; a query
+        that may read no key gets a zero attention output (not NaN)."""
         context = x if context is None else context
         (b, n, d), m, h = x.shape, context.shape[1], self.num_heads
         q = self.q(x).view(b, n, h, d // h).transpose(1, 2)  # (B, H, N, Dh)
         k, v = self.kv(context).view(b, m, 2, h, d // h).permute(2, 0, 3, 1, 4)  # (B, H, M, Dh)
-        out = F.scaled_dot_product_attention(q, k, v,
+        empty = None
+        if mask is not None:
+            empty = ~mask.any(dim=-1, keepdim=True)  # (B, N, 1)
+            mask = (mask | empty)[:, None]  # (B, 1, N, M)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.dropout if self.training else 0.0)
+        if empty is not None:
+            out = out.masked_fill(empty[:, None], 0.0)  # (B, H, N, Dh)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))  # (B, N, D)
 
 
@@ -124,10 +133,11 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=eps)
         self.mlp = MLP(d, int(d * config.mlp_ratio), config.dropout)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.norm_context is not None:
             context = self.norm_context(context)  # (B, M, D)
-        x = x + self.attn(self.norm1(x), context)  # (B, N, D)
+        x = x + self.attn(self.norm1(x), context, mask)  # (B, N, D)
         return x + self.mlp(self.norm2(x))  # (B, N, D)
 
 
@@ -145,12 +155,28 @@ class LatentAttentionPool(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.latent_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, L*N, D) -> (B, D)
-        latents = self.latents.expand(tokens.shape[0], -1, -1)  # (B, K, D)
-        latents = self.cross(latents, tokens)  # (B, K, D)
+    def read(self, tokens: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """The latents after reading ``tokens`` [B, M, D]: [B, K, D], or with ``groups``
+        (int [B, M], e.g. each token's lead, values 0..G-1) one set of K latents per group
+        that reads only its group's tokens: [B, G*K, D] (group-major)."""
+        b, k = tokens.shape[0], self.latents.shape[0]
+        if groups is None:
+            latents = self.latents.expand(b, -1, -1)  # (B, K, D)
+            latents = self.cross(latents, tokens)  # (B, K, D)
+            for block in self.blocks:
+                latents = block(latents)  # (B, K, D)
+            return self.norm(latents)
+        g = int(groups.max()) + 1
+        own = torch.arange(g, device=tokens.device).repeat_interleave(k)  # (G*K,)
+        latents = self.latents.repeat(g, 1).expand(b, -1, -1)  # (B, G*K, D)
+        latents = self.cross(latents, tokens, own[None, :, None] == groups[:, None, :])
+        same = (own[:, None] == own[None, :]).expand(b, -1, -1)  # (B, G*K, G*K)
         for block in self.blocks:
-            latents = block(latents)  # (B, K, D)
-        return self.norm(latents).mean(dim=1)  # (B, D)
+            latents = block(latents, mask=same)
+        return self.norm(latents)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, L*N, D) -> (B, D)
+        return self.read(tokens).mean(dim=1)  # (B, D)
 
 
 class LeadFormerModel(ECGStudentModel):

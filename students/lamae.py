@@ -1,0 +1,117 @@
+"""LAMAE: a masked autoencoder whose latent attention aggregates the leads.
+
+After "Foundation Model for Cardiac Time Series via Masked Latent Attention" (LAMAE): each
+lead is encoded on its own (a transformer over that lead's patches, weights shared by every
+lead); leads meet in latent attention, K learned queries reading every lead's tokens, whose
+mean is the pooled embedding: an adaptive weighting of lead-specific representations, blind
+to the order of the leads. In pretraining (75% of the patches hidden) the decoder rebuilds
+each lead from its own visible tokens and, through cross-attention, the latents, so the
+latents must carry what the other leads know: the cross-lead structure is the supervision.
+
+``cross_lead: false`` is the seed paper's comparison, an independent-lead masked autoencoder
+with exactly the same parameters: every lead gets its own K latents that read only that
+lead, and the decoder of a lead reads only its latents.
+
+Sizes: ``tiny`` D=64 x 2 blocks, 4 latents; ``base`` D=128 x 4, 8 latents; ``large`` D=256
+x 4, 8 latents (a teacher: more than 10x the quickstart's largest student).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from students._masked import (ECGForMaskedModeling, MaskedSignalConfig, MaskedSignalModel,
+                              register_masked_family)
+from students.leadformer import LatentAttentionPool
+
+
+class LAMAEConfig(MaskedSignalConfig):
+    """LAMAE's configuration: :class:`~students._masked.MaskedSignalConfig` plus
+
+    Args:
+        num_latents: K learned latent queries.
+        latent_layers: self-attention blocks over the latents.
+        cross_lead: latents read every lead (LAMAE) or each lead alone (the
+            independent-lead baseline, same parameters).
+    """
+
+    model_type = "ecg_lamae"
+
+    num_latents: int = 8
+    latent_layers: int = 1
+    cross_lead: bool = True
+
+
+class LAMAEModel(MaskedSignalModel):
+    """The LAMAE encoder (module docstring)."""
+
+    config_class = LAMAEConfig
+    config: LAMAEConfig
+    base_model_prefix = "lamae"
+    family = "lamae"
+
+    def __init__(self, config: LAMAEConfig) -> None:
+        super().__init__(config)
+        self.latent_pool = LatentAttentionPool(config)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, LatentAttentionPool):
+            torch.nn.init.trunc_normal_(module.latents, std=self.config.initializer_range)
+
+    def encode(self, x: torch.Tensor, leads: torch.Tensor) -> torch.Tensor:
+        b, m, d = x.shape
+        n_leads, n = len(self.config.leads), self.config.num_patches
+        if m == n_leads * n:  # every token: each lead is one sequence
+            x = x.reshape(b * n_leads, n, d)
+            for block in self.blocks:
+                x = block(x)
+            return self.norm(x).reshape(b, m, d)
+        same = leads[:, :, None] == leads[:, None, :]  # (B, M, M): within a lead only
+        for block in self.blocks:
+            x = block(x, mask=same)
+        return self.norm(x)
+
+    def latents(self, tokens: torch.Tensor, leads: torch.Tensor) -> torch.Tensor:
+        """[B, K, D] (cross-lead) or [B, L*K, D] (one set per lead, lead-major)."""
+        if self.config.cross_lead:
+            return self.latent_pool.read(tokens)
+        return self.latent_pool.read(tokens, groups=leads)
+
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        rows = self._rows(tokens.shape[0], tokens.device)
+        pooled = self.latents(tokens, rows).mean(dim=1)  # (B, D)
+        return pooled if pre_logits else self.classifier(pooled)
+
+    def context(self, tokens: torch.Tensor, leads: torch.Tensor, num_leads: int):
+        latents = self.latents(tokens, leads)
+        if self.config.cross_lead:
+            return latents, None
+        k = self.config.num_latents
+        token_rows = self._rows(tokens.shape[0], tokens.device)  # (B, L*N)
+        latent_rows = torch.arange(num_leads, device=tokens.device).repeat_interleave(k)
+        return latents, token_rows[:, :, None] == latent_rows[None, None, :]
+
+
+class LAMAEForMaskedModeling(ECGForMaskedModeling):
+    """LAMAE with its pretraining decoder (within-lead attention + cross-attention to the
+    latents)."""
+
+    config_class = LAMAEConfig
+    base_model_prefix = "lamae"
+    encoder_class = LAMAEModel
+    decoder_within_lead = True
+    decoder_context = True
+    _no_split_modules = ("Block",)
+
+
+register_masked_family("lamae", LAMAEConfig, LAMAEModel, LAMAEForMaskedModeling, {
+    "tiny": {"width": 64, "depth": 2, "num_latents": 4, "decoder_width": 64,
+             "decoder_depth": 1},
+    "base": {"width": 128, "depth": 4, "num_latents": 8, "decoder_width": 64,
+             "decoder_depth": 2},
+    "large": {"width": 256, "depth": 4, "num_latents": 8, "decoder_width": 128,
+              "decoder_depth": 2},
+})
