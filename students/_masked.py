@@ -129,8 +129,8 @@ def _columns(noise: torch.Tensor, k: int, block: int) -> torch.Tensor:
     blocks in random order; the last block taken may be cut)."""
     n = noise.shape[-1]
     group = torch.arange(n, device=noise.device) // block  # (N,)
-    block_noise = noise[:, :math.ceil(n / block)]  # (B, G): one draw per block
-    order = block_noise[:, group] * n + torch.arange(n, device=noise.device)  # ties by column
+    rank = noise[:, :math.ceil(n / block)].argsort(dim=1).argsort(dim=1)  # (B, G): block order
+    order = rank[:, group] * n + torch.arange(n, device=noise.device)  # within a block: columns
     return _lowest(order, k)
 
 
@@ -408,28 +408,29 @@ class MaskedSignalModel(ECGStudentModel):
     def _init_weights(self, module: nn.Module) -> None:
         init_weights(module, self.config.initializer_range)
 
-    def encode(self, x: torch.Tensor, leads: torch.Tensor) -> torch.Tensor:
-        """Transformer blocks over tokens [B, M, D] whose rows are ``leads`` [B, M] (the
-        position of each token's lead among the input rows); per family."""
+    def encode(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Transformer blocks over tokens [B, M, D] at flat positions [B, M] (row * N +
+        patch: lead row and time step of each); per family."""
         raise NotImplementedError  # abstract: the family's attention pattern
 
-    def context(self, tokens: torch.Tensor, leads: torch.Tensor, num_leads: int
+    def context(self, tokens: torch.Tensor, positions: torch.Tensor
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """What the pretraining decoder reads besides the tokens: (context [B, K, D],
-        bool [B, L*N, K] or None); none by default."""
+        """What the pretraining decoder reads besides the tokens at flat ``positions``
+        [B, V]: (context [B, K, D], bool [B, L*N, K]: which of it each decoder token may
+        read, or None: all); none by default."""
         return None, None
 
-    def _rows(self, batch: int, device: torch.device) -> torch.Tensor:
-        """[B, L*N]: the input row (0..L-1) of every token."""
-        rows = torch.arange(len(self.config.leads), device=device)
-        return rows.repeat_interleave(self.config.num_patches).expand(batch, -1)
+    def _positions(self, batch: int, device: torch.device) -> torch.Tensor:
+        """[B, L*N]: the flat position of every token (row * N + patch)."""
+        total = len(self.config.leads) * self.config.num_patches
+        return torch.arange(total, device=device).expand(batch, -1)
 
     def forward_features(self, signal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """signal [B, L, T] -> tokens [B, L*N, D] (lead-major) and token_leads [L*N] (the
         standard lead index of each token)."""
         lead_ids, token_leads = lead_of(self.config, signal.device)
         x = self.tokenizer(signal, lead_ids)  # (B, L*N, D)
-        return self.encode(x, self._rows(x.shape[0], signal.device)), token_leads
+        return self.encode(x, self._positions(x.shape[0], signal.device)), token_leads
 
     def encode_visible(self, signal: torch.Tensor, visible: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -437,9 +438,8 @@ class MaskedSignalModel(ECGStudentModel):
         lead_ids, _ = lead_of(self.config, signal.device)
         x = self.tokenizer(signal, lead_ids)  # (B, L*N, D)
         x = x.gather(1, visible[..., None].expand(-1, -1, x.shape[-1]))  # (B, V, D)
-        rows = self._rows(x.shape[0], signal.device).gather(1, visible)  # (B, V)
-        tokens = self.encode(x, rows)
-        return (tokens, *self.context(tokens, rows, len(lead_ids)))
+        tokens = self.encode(x, visible)
+        return (tokens, *self.context(tokens, visible))
 
 
 # ---------------------------------------------------------------- registry
@@ -501,9 +501,9 @@ def pretraining_model(family: str, size: str, **fields: Any) -> ECGForMaskedMode
         raise ValueError(f"{family} cannot be pretrained by masked modelling; these can: "
                          f"{', '.join(masked_families())}")
     get_preset(family, size)
-    check_options(family, fields)
-    fields.setdefault("num_labels", 1)
     if "input_seconds" in fields:
         seconds = fields.pop("input_seconds")
         fields["input_samples"] = round(fields.get("sampling_rate", 100) * seconds)
+    check_options(family, [k for k in fields if k != "num_labels"])
+    fields.setdefault("num_labels", 1)
     return _PRETRAINING[family](_CONFIGS[(family, size)](**fields))

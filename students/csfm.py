@@ -45,7 +45,7 @@ class CSFMModel(MaskedSignalModel):
         super().__init__(config)
         self.post_init()
 
-    def encode(self, x: torch.Tensor, leads: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             x = block(x)  # (B, M, D): every token reads every token
         return self.norm(x)

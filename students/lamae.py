@@ -2,15 +2,17 @@
 
 After "Foundation Model for Cardiac Time Series via Masked Latent Attention" (LAMAE): each
 lead is encoded on its own (a transformer over that lead's patches, weights shared by every
-lead); leads meet in latent attention, K learned queries reading every lead's tokens, whose
-mean is the pooled embedding: an adaptive weighting of lead-specific representations, blind
-to the order of the leads. In pretraining (75% of the patches hidden) the decoder rebuilds
-each lead from its own visible tokens and, through cross-attention, the latents, so the
-latents must carry what the other leads know: the cross-lead structure is the supervision.
+lead); leads meet in latent attention: at every time step, K learned latent queries read
+the lead tokens of that step (an adaptive weighting of lead-specific representations,
+blind to the order and number of the leads), a self-attention block refines them, and the
+mean of all latents is the pooled embedding. In pretraining (75% of the patches hidden) the
+decoder rebuilds each lead from its own visible tokens and, through cross-attention, the
+latents of each step, so the latents must carry what the other leads know about that
+moment: the cross-lead structure is the supervision.
 
 ``cross_lead: false`` is the seed paper's comparison, an independent-lead masked autoencoder
-with exactly the same parameters: every lead gets its own K latents that read only that
-lead, and the decoder of a lead reads only its latents.
+with exactly the same parameters: the latents of a (lead, step) read only that lead's token
+of that step, and the decoder of a lead reads only its own lead's latents.
 
 Sizes: ``tiny`` D=64 x 2 blocks, 4 latents; ``base`` D=128 x 4, 8 latents; ``large`` D=256
 x 4, 8 latents (a teacher: more than 10x the quickstart's largest student).
@@ -61,7 +63,7 @@ class LAMAEModel(MaskedSignalModel):
         if isinstance(module, LatentAttentionPool):
             torch.nn.init.trunc_normal_(module.latents, std=self.config.initializer_range)
 
-    def encode(self, x: torch.Tensor, leads: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         b, m, d = x.shape
         n_leads, n = len(self.config.leads), self.config.num_patches
         if m == n_leads * n:  # every token: each lead is one sequence
@@ -69,30 +71,39 @@ class LAMAEModel(MaskedSignalModel):
             for block in self.blocks:
                 x = block(x)
             return self.norm(x).reshape(b, m, d)
-        same = leads[:, :, None] == leads[:, None, :]  # (B, M, M): within a lead only
+        rows = positions // n
+        same = rows[:, :, None] == rows[:, None, :]  # (B, M, M): within a lead only
         for block in self.blocks:
             x = block(x, mask=same)
         return self.norm(x)
 
-    def latents(self, tokens: torch.Tensor, leads: torch.Tensor) -> torch.Tensor:
-        """[B, K, D] (cross-lead) or [B, L*K, D] (one set per lead, lead-major)."""
+    def groups(self, positions: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Which latents each token at flat ``positions`` feeds, and how many groups: its
+        time step (cross-lead: the leads meet at every step), or its own (lead, step)
+        (independent leads)."""
+        n, n_leads = self.config.num_patches, len(self.config.leads)
         if self.config.cross_lead:
-            return self.latent_pool.read(tokens)
-        return self.latent_pool.read(tokens, groups=leads)
+            return positions % n, n
+        return positions, n_leads * n
+
+    def latents(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[B, G*K, D]: K latents per group (:meth:`groups`) after reading its tokens."""
+        groups, count = self.groups(positions)
+        return self.latent_pool.read(tokens, groups=groups, num_groups=count)
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        rows = self._rows(tokens.shape[0], tokens.device)
-        pooled = self.latents(tokens, rows).mean(dim=1)  # (B, D)
+        positions = self._positions(tokens.shape[0], tokens.device)
+        pooled = self.latents(tokens, positions).mean(dim=1)  # (B, D)
         return pooled if pre_logits else self.classifier(pooled)
 
-    def context(self, tokens: torch.Tensor, leads: torch.Tensor, num_leads: int):
-        latents = self.latents(tokens, leads)
-        if self.config.cross_lead:
-            return latents, None
-        k = self.config.num_latents
-        token_rows = self._rows(tokens.shape[0], tokens.device)  # (B, L*N)
-        latent_rows = torch.arange(num_leads, device=tokens.device).repeat_interleave(k)
-        return latents, token_rows[:, :, None] == latent_rows[None, None, :]
+    def context(self, tokens: torch.Tensor, positions: torch.Tensor):
+        """The latents; each decoder token reads its own group's."""
+        latents = self.latents(tokens, positions)
+        every = self._positions(tokens.shape[0], tokens.device)  # (B, L*N)
+        groups, count = self.groups(every)
+        latent_group = torch.arange(count, device=tokens.device).repeat_interleave(
+            self.config.num_latents)
+        return latents, groups[:, :, None] == latent_group[None, None, :]
 
 
 class LAMAEForMaskedModeling(ECGForMaskedModeling):

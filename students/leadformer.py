@@ -155,10 +155,12 @@ class LatentAttentionPool(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.latent_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def read(self, tokens: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
-        """The latents after reading ``tokens`` [B, M, D]: [B, K, D], or with ``groups``
-        (int [B, M], e.g. each token's lead, values 0..G-1) one set of K latents per group
-        that reads only its group's tokens: [B, G*K, D] (group-major)."""
+    def read(self, tokens: torch.Tensor, groups: torch.Tensor | None = None,
+             num_groups: int | None = None) -> torch.Tensor:
+        """The latents after reading ``tokens`` [B, M, D]: [B, K, D]; or, with ``groups``
+        (int [B, M], each token's group 0..G-1, e.g. its time step) one set of K latents
+        per group that reads only its group's tokens: [B, G*K, D] (group-major; a group
+        without tokens reads nothing)."""
         b, k = tokens.shape[0], self.latents.shape[0]
         if groups is None:
             latents = self.latents.expand(b, -1, -1)  # (B, K, D)
@@ -166,7 +168,7 @@ class LatentAttentionPool(nn.Module):
             for block in self.blocks:
                 latents = block(latents)  # (B, K, D)
             return self.norm(latents)
-        g = int(groups.max()) + 1
+        g = int(groups.max()) + 1 if num_groups is None else num_groups
         own = torch.arange(g, device=tokens.device).repeat_interleave(k)  # (G*K,)
         latents = self.latents.repeat(g, 1).expand(b, -1, -1)  # (B, G*K, D)
         latents = self.cross(latents, tokens, own[None, :, None] == groups[:, None, :])

@@ -21,13 +21,14 @@ from teachers.base import (
     weight_folders,
 )
 from teachers import conv_tower  # registers the ecg_conv_tower vision tower with AutoModel
+from teachers.foundation import FoundationTeacher
 from teachers.signal import SignalTeacher
 from teachers.tiny import build_tiny_hubert, build_tiny_vlm, tiny_folder
 from teachers.vlm import DEFAULT_PROMPT, VLMTeacher
 
 KINDS: tuple[str, ...] = tuple(sorted(TEACHERS))
 
-__all__ = ["DEFAULT_PROMPT", "KINDS", "LOAD_IN", "TRAIN_MODES", "LoraSettings", "SignalTeacher",
+__all__ = ["DEFAULT_PROMPT", "FoundationTeacher", "KINDS", "LOAD_IN", "TRAIN_MODES", "LoraSettings", "SignalTeacher",
            "TeacherAdapter", "VLMTeacher", "build_tiny_hubert", "build_tiny_vlm", "create",
            "load", "quantization_config", "teacher_class", "tiny_folder", "weight_folders"]
 
@@ -39,7 +40,7 @@ def create(kind: str, name_or_path: str | os.PathLike = "tiny", *, num_labels: i
     """Build a teacher adapter.
 
     Args:
-        kind: one of :data:`KINDS` ("signal", "vlm").
+        kind: one of :data:`KINDS` ("foundation", "signal", "vlm").
         name_or_path: hub id, local folder, or "tiny" (the built-in random preset).
         num_labels: C.
         id2label: label names.

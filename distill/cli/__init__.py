@@ -67,6 +67,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from distill.engine.pretrain import run_pretrain
+    from distill.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    s = run_pretrain(recipe, resume=args.resume, force=args.force, progress=not args.quiet)
+    print(f"pretrained {s['family']}/{s['size']} ({s['encoder_parameters']:,} encoder "
+          f"parameters) on {s['records']['train']} records: best validation reconstruction "
+          f"MSE {s['best_val_mse']:.4f} (epoch {s['best_epoch']}); model in {s['model']}")
+    return 0
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from distill.run.probe import format_probe, run_probe
+
+    result = run_probe(args.checkpoint, args.data, out=args.out, fractions=args.fractions,
+                       finetune_fractions=args.finetune_fractions, epochs=args.epochs,
+                       lr=args.lr, bootstrap=args.bootstrap, seed=args.seed, force=args.force,
+                       progress=not args.quiet)
+    print(format_probe(result))
+    print(f"wrote {result['out']}/probe.json")
+    return 0
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_recipe_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan and do nothing")
@@ -315,6 +339,45 @@ def build_parser() -> argparse.ArgumentParser:
                                        f"{', '.join(stages)} (complete ones are skipped); "
                                        f"works the same under `accelerate launch`.")
         _add_run_args(p)
+
+    p = sub.add_parser("pretrain", help="masked self-supervised pretraining of a foundation "
+                                        "model (the recipe's pretrain section)",
+                       description="Pretrain a CSFM or LAMAE model by masked reconstruction on "
+                                   "the data section's training folds (labels ignored) and "
+                                   "pretrain.extra; writes RUN/pretrain/best (the encoder loads "
+                                   "with AutoModel, the decoder dropped).")
+    _add_recipe_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue interrupted pretraining from its newest checkpoint")
+    p.add_argument("--force", action="store_true", help="delete a finished pretraining and redo it")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("probe", help="linear probing, fine-tuning, label efficiency, lead "
+                                     "subsets and reconstruction of a pretrained encoder",
+                       description="The seed papers' protocols for a pretrained CSFM or LAMAE "
+                                   "(a pretraining best/ folder): linear probes at 1/10/100%% of "
+                                   "the training labels, fine-tuning against the same "
+                                   "architecture from scratch, probes on lead I and the limb "
+                                   "leads with the same weights, and the test fold's "
+                                   "reconstruction error for every mask strategy.")
+    p.add_argument("checkpoint", help="a pretraining best/ folder or a saved encoder")
+    p.add_argument("--data", required=True,
+                   help="a recipe file (its data section, e.g. recipes/quickstart.yaml) or a "
+                        "PTB-XL-layout folder")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0],
+                   metavar="F", help="label fractions of the linear probes (default 0.01 0.1 1)")
+    p.add_argument("--finetune-fractions", type=float, nargs="*", default=[0.1], metavar="F",
+                   help="label fractions fine-tuned, and trained from scratch (default 0.1)")
+    p.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs (default 30)")
+    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="subset, training and bootstrap seed")
+    p.add_argument("--out", default=None, help="output folder (default: beside the checkpoint, "
+                                               "probe/)")
+    p.add_argument("--force", action="store_true", help="replace earlier results in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_probe)
 
     p = sub.add_parser("eval", help="evaluate a saved student on any PTB-XL-layout folder",
                        description="Score a saved student (a best/ or exported folder) on the "

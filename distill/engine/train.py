@@ -74,6 +74,9 @@ class TrainJob:
             live teacher that is not trained, hence not prepared).
         class_names: label names for per-label metrics.
         stage: the ``run`` stage that trains it (named in messages about ``--force``).
+        validate: (accelerator, prepared model, validation loader, progress) ->
+            :class:`EvalResult`, for a job not scored by macro AUC (masked pretraining:
+            its reconstruction error); None = :func:`evaluate` with ``logits_fn``.
     """
 
     name: str
@@ -87,6 +90,7 @@ class TrainJob:
     on_device: Callable[[torch.device], None] | None = None
     class_names: list[str] = field(default_factory=list)
     stage: str = "train"
+    validate: Callable[[Any, nn.Module, DataLoader, bool], EvalResult] | None = None
 
 
 @dataclass
@@ -99,6 +103,12 @@ class EvalResult:
     index: np.ndarray  # (N,) record positions seen, each once
     probs: np.ndarray  # (N, C)
     labels: np.ndarray  # (N, C)
+    score: float | None = None  # what the best epoch maximises, when not the macro AUC
+
+    @property
+    def monitored(self) -> float:
+        """The value the best model maximises: ``score`` if given, else the macro AUC."""
+        return self.macro_auc if self.score is None else self.score
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -422,14 +432,18 @@ class _Loop:
         """Validation, the best model, early stopping, the checkpoint and the logs."""
         acc, cfg, job, state = self.accelerator, self.cfg, self.job, self.state
         train_means = self.running.means(acc)
-        result = evaluate(acc, self.model, self.val_dl, job.logits_fn, progress=self.progress)
+        if job.validate is not None:
+            result = job.validate(acc, self.model, self.val_dl, self.progress)
+        else:
+            result = evaluate(acc, self.model, self.val_dl, job.logits_fn,
+                              progress=self.progress)
         row = {"epoch": epoch + 1, "step": state.step, "lr": self.scheduler.get_last_lr()[0],
                **{f"train_{k}": v for k, v in train_means.items()},
                "val_loss": result.loss, "val_macro_auc": result.macro_auc,
                "train_seconds": round(train_seconds, 3),
                "train_records_per_s": round(seen * acc.num_processes
                                             / max(train_seconds, 1e-9), 1)}
-        auc = result.macro_auc if math.isfinite(result.macro_auc) else None
+        auc = result.monitored if math.isfinite(result.monitored) else None
         # the first epoch always gives a best model; later ones must beat a finite AUC
         improved = state.best_epoch is None or (
             auc is not None and (state.best_metric is None or auc > state.best_metric))
@@ -450,8 +464,9 @@ class _Loop:
             acc.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         acc.print(
             f"{job.name} epoch {epoch + 1}/{self.epochs}: train loss "
-            f"{train_means.get('loss', float('nan')):.4f}, val loss {result.loss:.4f}, "
-            f"val macro AUC {result.macro_auc:.4f}{' (best)' if improved else ''}, "
+            f"{train_means.get('loss', float('nan')):.4f}, val loss {result.loss:.4f}"
+            f"{'' if job.validate else f', val macro AUC {result.macro_auc:.4f}'}"
+            f"{' (best)' if improved else ''}, "
             f"{row['train_records_per_s']:.0f} records/s")
         if state.stopped_early:
             acc.print(f"{job.name}: early stopping after {cfg.early_stopping} epochs "

@@ -489,6 +489,62 @@ class SweepConfig:
 
 
 @dataclass
+class MaskConfig:
+    """Which (lead, patch) tokens masked pretraining hides (students/_masked.py)."""
+
+    ratio: float = spec(0.75, help="share of the tokens hidden", ge=0, lt=1)
+    strategy: Literal["patches", "time", "channels", "time_channel"] = spec(
+        "patches", help="random patches, blocks of time (every lead), whole channels (leads), "
+                        "or time and channel together")
+    block: int = spec(2, help="patches per time block", ge=1, le=1000)
+
+
+@dataclass
+class PretrainDataConfig:
+    """Records pretraining reads besides the data section's training folds (labels never
+    read): a folder in data.format's layout and/or synthetic records of other patients."""
+
+    path: str | None = spec(None, help="a PTB-XL- or CinC-layout folder of extra records")
+    synthetic: int = spec(0, help="extra synthetic records generated for pretraining",
+                          ge=0, le=1_000_000)
+    seed: int = spec(1, help="seed of the extra synthetic records", ge=0)
+    first_patient_id: int | None = spec(
+        None, help="lowest patient id of the extra synthetic records; null = just above the "
+                   "data set's", ge=1)
+
+
+@dataclass
+class PretrainConfig:
+    """Self-supervised masked pretraining of a foundation-model family (``ecg-distill
+    pretrain``): the data section's training folds (labels ignored) plus ``extra``, the
+    validation fold for the reconstruction error that picks the best epoch."""
+
+    family: str = spec("lamae", help="a family with masked pretraining (csfm, lamae)")
+    size: str = spec("tiny", help="size preset")
+    options: dict[str, Any] = spec(default_factory=dict,
+                                   help="preset dials or config fields, e.g. {cross_lead: false}")
+    mask: MaskConfig = spec(default_factory=MaskConfig)
+    extra: PretrainDataConfig = spec(default_factory=PretrainDataConfig)
+    epochs: int | None = spec(None, help="null = train.epochs", ge=1)
+    lr: float | None = spec(None, help="null = train.lr", gt=0, lt=1)
+    batch_size: int | None = spec(None, help="null = train.batch_size", ge=1)
+
+    def validate(self, path: str) -> None:
+        from students._masked import masked_families
+
+        _check_choice(f"{path}.family", self.family, masked_families())
+        _check_choice(f"{path}.size", self.size,
+                      [s for f, s in students.presets() if f == self.family])
+        try:
+            students.check_options(self.family, self.options)
+        except ValueError as exc:
+            raise RecipeError(f"{path}.options: {exc}") from None
+        if self.extra.path is not None and self.extra.synthetic:
+            raise RecipeError(f"{path}.extra.path and {path}.extra.synthetic: give one source "
+                              f"of extra records")
+
+
+@dataclass
 class Recipe:
     """A whole run. ``output_dir`` may use ``{name}``."""
 
@@ -505,6 +561,7 @@ class Recipe:
     quantize: QuantizeConfig = spec(default_factory=QuantizeConfig)
     export: ExportConfig = spec(default_factory=ExportConfig)
     sweep: SweepConfig = spec(default_factory=SweepConfig, since="0.2")
+    pretrain: PretrainConfig = spec(default_factory=PretrainConfig, since="0.2")
 
     def validate(self, path: str) -> None:
         at = f"{path}." if path else ""

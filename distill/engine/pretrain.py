@@ -1,0 +1,201 @@
+"""Masked self-supervised pretraining of a foundation-model family (``ecg-distill pretrain``).
+
+The recipe's ``pretrain`` section names the family (csfm, lamae), size, mask and any extra
+records; the data section's training folds (labels never read) and the extra records train,
+the validation fold's reconstruction error (one fixed mask per record) picks the best
+epoch. Training is :func:`distill.engine.train.fit`: the same Accelerate loop, checkpoints,
+exact resume and progress output as every other job.
+
+Written under ``<run>/pretrain/``: ``best/`` (the pretraining model, encoder + decoder:
+``AutoModel.from_pretrained`` of it gives the encoder alone, ``AutoModelForPreTraining``
+the whole), ``checkpoints/``, ``metrics.json``, ``log.csv`` and ``pretrain.json`` (the
+summary).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader
+
+from distill.core.errors import ECGDistillError
+from distill.core.hashing import stable_hash
+from distill.core.io import atomic_write_text
+from distill.core.progress import progress_bar
+from distill.data.dataset import ECGData, ECGSplit, SignalView
+from distill.data.load import load_data
+from distill.data.transfer import load_transfer
+from distill.engine.jobs import augmentation, normalization, train_settings
+from distill.engine.train import EvalResult, TrainJob, fit
+from distill.recipe import Recipe
+from students._masked import ECGForMaskedModeling, pretraining_model, record_generators
+
+PRETRAIN_DIR = "pretrain"
+SUMMARY = "pretrain.json"
+VIEW = {"signal": SignalView()}  # every lead at the data's rate
+MASK_SEED = 0  # the fixed validation/test masks: one per record index
+
+
+def pretrain_folder(recipe: Recipe) -> Path:
+    return recipe.run_dir / PRETRAIN_DIR
+
+
+def build_model(recipe: Recipe, data: ECGData) -> ECGForMaskedModeling:
+    """The recipe's pretraining model for ``data``'s rate and record length (random)."""
+    p = recipe.pretrain
+    fields = {**p.options, "sampling_rate": data.sampling_rate,
+              "input_samples": int(data.store.shape[-1]), "mask_ratio": p.mask.ratio,
+              "mask_strategy": p.mask.strategy, "mask_block": p.mask.block}
+    try:
+        model = pretraining_model(p.family, p.size, **fields)
+    except ValueError as exc:
+        raise ECGDistillError(f"pretrain.options: {exc}") from None
+    model.config.normalization = normalization(data)
+    return model
+
+
+def reconstruction_error(model: ECGForMaskedModeling, dataset: Any, *, ratio: float | None = None,
+                         strategy: str | None = None, batch_size: int = 64, seed: int = MASK_SEED,
+                         accelerator: Any = None, progress: bool = False) -> dict[str, float]:
+    """Mean squared error over the hidden patches of ``dataset`` (one fixed mask per record:
+    the same for every model and epoch) and the same normalised by the hidden patches'
+    variance (NMSE: 1 = predicting their mean).
+
+    With ``accelerator`` the loader is the prepared one of a training loop (``dataset`` is
+    then that loader) and every process's sums are added."""
+    loader = dataset if isinstance(dataset, DataLoader) else DataLoader(dataset,
+                                                                        batch_size=batch_size)
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # sq err, sum, sum sq, count
+    with torch.no_grad():
+        for batch in progress_bar(loader, enabled=progress, desc="reconstruction", leave=False,
+                                  unit="batch"):
+            out = model(signal=batch["signal"].to(device),
+                        generators=record_generators(batch["index"].cpu(), seed),
+                        mask_ratio=ratio, mask_strategy=strategy)
+            hidden = out.hidden[..., None].expand_as(out.target)
+            target = out.target[hidden].double()
+            err = (out.reconstruction[hidden].double() - target).pow(2)
+            sums += torch.stack([err.sum(), target.sum(), target.pow(2).sum(),
+                                 torch.tensor(float(target.numel()), dtype=torch.float64,
+                                              device=device)])
+    if accelerator is not None and accelerator.num_processes > 1:
+        sums = accelerator.reduce(sums, reduction="sum")
+    sq, s, s2, n = (float(v) for v in sums)
+    mse = sq / max(n, 1.0)
+    var = s2 / max(n, 1.0) - (s / max(n, 1.0)) ** 2
+    return {"mse": mse, "nmse": mse / var if var > 0 else float("nan")}
+
+
+def _validate(accelerator: Any, model: nn.Module, loader: DataLoader, progress: bool
+              ) -> EvalResult:
+    err = reconstruction_error(model, loader, accelerator=accelerator,
+                               progress=progress and accelerator.is_local_main_process)
+    empty = np.zeros((0,))
+    return EvalResult(loss=err["mse"], macro_auc=float("nan"), label_auc=[], index=empty,
+                      probs=empty, labels=empty, score=-err["mse"])
+
+
+def pretrain_sets(recipe: Recipe, data: ECGData, extra: ECGData | None
+                  ) -> tuple[Any, ECGSplit]:
+    """(training set: the training folds plus every extra record; validation fold)."""
+    aug = augmentation(recipe)
+    transform = aug if aug.active else None
+    train: Any = data.split("train", VIEW, transform=transform, seed=recipe.seed)
+    if extra is not None:
+        every = np.arange(len(extra), dtype=np.int64)
+        train = ConcatDataset([train, ECGSplit(extra, every, VIEW, transform=transform,
+                                               seed=recipe.seed)])
+    return train, data.split("val", VIEW, seed=recipe.seed)
+
+
+def pretrain_settings(recipe: Recipe) -> dict[str, Any]:
+    """What the pretrained model depends on besides the data."""
+    p = recipe.pretrain
+    train = train_settings(recipe)
+    train.update({k: v for k, v in (("epochs", p.epochs), ("lr", p.lr),
+                                    ("batch_size", p.batch_size)) if v is not None})
+    return {"seed": recipe.seed, "pretrain": {k: v for k, v in
+                                              dataclasses.asdict(p).items()
+                                              if k not in ("epochs", "lr", "batch_size")},
+            "train": train}
+
+
+def pretrain_job(recipe: Recipe, data: ECGData, extra: ECGData | None) -> TrainJob:
+    """The masked-pretraining job (labels never read)."""
+    from accelerate.utils import set_seed
+
+    set_seed(recipe.seed)
+    model = build_model(recipe, data)
+    train, val = pretrain_sets(recipe, data, extra)
+
+    def loss_fn(m: nn.Module, batch: Mapping[str, Any]):
+        return m(signal=batch["signal"]).loss, {}
+
+    def logits_fn(m: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        raise ECGDistillError("masked pretraining has no logits")  # validate is used instead
+
+    p = recipe.pretrain
+    return TrainJob(
+        name=f"pretrain {p.family}/{p.size}", stage="pretrain", model=model, train_set=train,
+        val_set=val, loss_fn=loss_fn, logits_fn=logits_fn,
+        save_model=lambda m, f, sd: m.save_pretrained(f, state_dict=sd),
+        fingerprint=stable_hash({"job": "pretrain", "data": data.fingerprint,
+                                 "extra": None if extra is None else extra.fingerprint,
+                                 **pretrain_settings(recipe)}),
+        validate=_validate)
+
+
+def run_pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False,
+                 progress: bool = True) -> dict[str, Any]:
+    """Pretrain the recipe's model; returns (and writes) the summary ``pretrain.json``.
+
+    Raises:
+        ECGDistillError: a finished pretraining of other settings in the folder (without
+            ``force``), or checkpoints of an interrupted run without ``resume``.
+    """
+    out = pretrain_folder(recipe)
+    summary_file = out / SUMMARY
+    if force and out.exists():
+        shutil.rmtree(out)
+    data = load_data(recipe.data, progress=progress)
+    extra = load_transfer(recipe.data, recipe.pretrain.extra, data, progress=progress)
+    job = pretrain_job(recipe, data, extra)
+    if summary_file.exists():
+        done = json.loads(summary_file.read_text())
+        if done.get("fingerprint") == job.fingerprint:
+            print(f"{out}: pretraining already complete (--force pretrain redoes it)")
+            return done
+        raise ECGDistillError(f"{out} holds a pretraining of other settings; --force pretrain "
+                              f"deletes it and starts over")
+    p = recipe.pretrain
+    cfg = dataclasses.replace(recipe.train, batch_size=p.batch_size or recipe.train.batch_size)
+    result = fit(job, cfg, out, seed=recipe.seed, resume=resume, progress=progress,
+                 epochs=p.epochs, lr=p.lr)
+    encoder = job.model.encoder
+    summary = {
+        "family": p.family, "size": p.size, "fingerprint": job.fingerprint,
+        "encoder_parameters": int(encoder.num_parameters()),
+        "decoder_parameters": int(job.model.decoder.num_parameters()
+                                  if hasattr(job.model.decoder, "num_parameters")
+                                  else sum(t.numel() for t in job.model.decoder.parameters())),
+        "mask": dataclasses.asdict(p.mask), "options": dict(p.options),
+        "records": {"train": len(job.train_set), "val": len(job.val_set)},
+        "best_epoch": result.metrics["best_epoch"],
+        "best_val_mse": -result.metrics["best_val_macro_auc"]
+        if result.metrics["best_val_macro_auc"] is not None else None,
+        "seconds": result.metrics["seconds_this_session"],
+        "model": str(result.best_folder),
+    }
+    atomic_write_text(summary_file, json.dumps(summary, indent=1))
+    return summary
+

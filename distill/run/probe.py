@@ -1,0 +1,278 @@
+"""``ecg-distill probe``: the seed papers' evaluation protocols for a pretrained encoder.
+
+On a labelled data set's folds (PTB-XL layout, or a recipe's data section, e.g. the
+synthetic default) and its test fold, for a pretraining folder (``ecg-distill pretrain``'s
+``best/``) or any saved CSFM/LAMAE encoder:
+
+* **linear probing**: frozen pooled embeddings, a standard scaler and one scikit-learn
+  logistic regression per label, trained on 1%, 10% and 100% of the training labels
+  (label efficiency; patient-grouped, stratified, seeded subsets);
+* **fine-tuning** at the chosen fractions: the pretrained encoder and a new head trained on
+  those labels through the shared Accelerate loop (best epoch on the validation fold),
+  beside **the same architecture from scratch** on the same labels;
+* **cross-configuration without architecture change**: the same weights loaded to read lead
+  I alone and the 6 limb leads (``from_pretrained(..., leads=...)``), linearly probed;
+* **reconstruction error** on the test fold for every masking strategy (the pretraining
+  folder's decoder; one fixed mask per record).
+
+Every AUC has a bootstrap interval on shared test resamples, and each pretrained result a
+paired difference against scratch. Written: ``probe.json`` and ``predictions.npz`` (test
+probabilities of every protocol, for paired comparisons between models).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import students  # registers the encoder classes with AutoModel
+from distill.core.errors import ECGDistillError
+from distill.core.io import atomic_write_text, require_safetensors
+from distill.data.dataset import ECGData, ECGSplit, SignalView, load_ptbxl
+from distill.data.transfer import labeled_training_rows
+from distill.metrics.classification import (bootstrap_interval, bootstrap_samples,
+                                            paired_difference)
+from students._masked import MASK_STRATEGIES, MaskedSignalConfig
+from students.preprocess import scaler_from_config
+
+FRACTIONS: tuple[float, ...] = (0.01, 0.1, 1.0)
+LEAD_SETS: dict[str, tuple[str, ...] | None] = {
+    "12 leads": None,
+    "lead I": ("I",),
+    "limb leads": ("I", "II", "III", "aVR", "aVL", "aVF"),
+}
+
+
+def load_encoder(checkpoint: str | Path, leads: Sequence[str] | None = None,
+                 **overrides: Any) -> nn.Module:
+    """The encoder of a pretraining folder (decoder dropped) or a saved encoder, reading
+    ``leads`` (default: those it was saved with) with unchanged weights."""
+    from transformers import AutoConfig, AutoModel
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "config.json").exists():
+        raise ECGDistillError(f"{checkpoint}: no config.json; not a saved model folder")
+    require_safetensors(checkpoint)
+    config = AutoConfig.from_pretrained(checkpoint)
+    if not isinstance(config, MaskedSignalConfig):
+        raise ECGDistillError(f"{checkpoint}: a {config.model_type} model; probing takes a "
+                              f"masked-pretrained encoder (csfm, lamae)")
+    if leads is not None:
+        overrides["leads"] = list(leads)
+    return AutoModel.from_pretrained(checkpoint, **overrides).eval()
+
+
+def load_probe_data(data: str | Path, config: MaskedSignalConfig, *, progress: bool = True
+                    ) -> ECGData:
+    """A labelled data set: a recipe file (its data section) or a PTB-XL-layout folder
+    (superdiagnostic task); scaled as the encoder was pretrained (its config's scaler)."""
+    from distill.data.load import load_data
+    from distill.recipe import load_recipe
+
+    data = Path(data)
+    rate = int(config.sampling_rate)
+    if data.suffix in (".yaml", ".yml"):
+        section = load_recipe(data).data
+        if section.sampling_rate != rate:
+            raise ECGDistillError(f"{data}: data.sampling_rate is {section.sampling_rate} Hz, "
+                                  f"the encoder reads {rate} Hz")
+        loaded = load_data(section, progress=progress)
+    else:
+        loaded = load_ptbxl(data, task="superdiagnostic", sampling_rate=100 if rate <= 100 else 500,
+                            progress=progress)
+    if loaded.store.shape[-1] != config.input_samples:
+        raise ECGDistillError(f"{data}: records of {loaded.store.shape[-1]} samples, the encoder "
+                              f"reads {config.input_samples}")
+    if getattr(config, "normalization", None):
+        loaded.scaler = scaler_from_config(config)
+    return loaded
+
+
+def embeddings(encoder: nn.Module, data: ECGData, rows: np.ndarray, *,
+               batch_size: int = 128) -> np.ndarray:
+    """Pooled embeddings [n, D] of records ``rows`` in the encoder's leads."""
+    cfg = encoder.config
+    view = {"signal": SignalView(leads=tuple(cfg.leads), sampling_rate=int(cfg.sampling_rate))}
+    loader = DataLoader(ECGSplit(data, rows, view), batch_size=batch_size)
+    out = []
+    with torch.no_grad():
+        for batch in loader:
+            out.append(encoder(signal=batch["signal"]).pooled.float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, cfg.hidden_size), dtype=np.float32)
+
+
+def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, *,
+                 c: float = 1.0, seed: int = 0) -> np.ndarray:
+    """One L2 logistic regression per label on standardised features -> test probabilities
+    [n, C]; a label with one class in the training rows predicts its training rate."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_x)
+    xtr, xte = scaler.transform(train_x), scaler.transform(test_x)
+    probs = np.empty((len(test_x), train_y.shape[1]), dtype=np.float64)
+    for j in range(train_y.shape[1]):
+        y = train_y[:, j]
+        if y.min() == y.max():
+            probs[:, j] = float(y.mean())
+            continue
+        clf = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(xtr, y)
+        probs[:, j] = clf.predict_proba(xte)[:, 1]
+    return probs
+
+
+def finetune(checkpoint: Path, data: ECGData, rows: np.ndarray, out_dir: Path, *,
+             scratch: bool, epochs: int, lr: float, batch_size: int = 64, seed: int = 0,
+             progress: bool = True) -> np.ndarray:
+    """Train the encoder (pretrained, or the same architecture from random weights with
+    ``scratch``) with a new head on ``rows``' labels; test-fold probabilities of the best
+    epoch (validation macro AUC)."""
+    from accelerate.utils import set_seed
+    from transformers import AutoConfig, AutoModel
+
+    from distill.engine.train import TrainJob, fit
+    from distill.recipe import TrainConfig
+
+    classes = list(data.classes)
+    labels = {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
+              "label2id": {c: i for i, c in enumerate(classes)}}
+    set_seed(seed)
+    if scratch:
+        config = AutoConfig.from_pretrained(checkpoint, **labels)
+        model = AutoModel.from_config(config)
+    else:
+        model = AutoModel.from_pretrained(checkpoint, ignore_mismatched_sizes=True, **labels)
+    view = {"signal": SignalView(leads=tuple(model.config.leads),
+                                 sampling_rate=int(model.config.sampling_rate))}
+    job = TrainJob(
+        name=f"{'scratch' if scratch else 'fine-tune'} {model.family}", stage="probe",
+        model=model, train_set=ECGSplit(data, rows, view, seed=seed),
+        val_set=data.split("val", view, seed=seed),
+        loss_fn=lambda m, b: (m(signal=b["signal"], labels=b["labels"]).loss, {}),
+        logits_fn=lambda m, b: m(signal=b["signal"]).logits,
+        save_model=lambda m, f, sd: m.save_pretrained(f, state_dict=sd), class_names=classes)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr)
+    result = fit(job, cfg, out_dir, seed=seed, progress=progress)
+    best = AutoModel.from_pretrained(result.best_folder).eval()
+    loader = DataLoader(data.split("test", view), batch_size=128)
+    with torch.no_grad():
+        logits = torch.cat([best(signal=b["signal"]).logits for b in loader])
+    return torch.sigmoid(logits).numpy()
+
+
+def reconstruction_by_strategy(checkpoint: Path, data: ECGData) -> dict[str, dict[str, float]]:
+    """Test-fold reconstruction error (MSE, NMSE) for every mask strategy at the model's
+    ratio, or {} when the folder holds no decoder (a saved encoder)."""
+    from transformers import AutoConfig, AutoModelForPreTraining
+
+    from distill.engine.pretrain import reconstruction_error
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    if not any(a.endswith("ForMaskedModeling") for a in (config.architectures or [])):
+        return {}
+    model = AutoModelForPreTraining.from_pretrained(checkpoint).eval()
+    view = {"signal": SignalView(leads=tuple(config.leads),
+                                 sampling_rate=int(config.sampling_rate))}
+    test = data.split("test", view)
+    return {s: reconstruction_error(model, test, strategy=s) for s in MASK_STRATEGIES}
+
+
+def run_probe(checkpoint: str | Path, data: str | Path, *, out: str | Path | None = None,
+              fractions: Sequence[float] = FRACTIONS, finetune_fractions: Sequence[float] = (0.1,),
+              epochs: int = 30, lr: float = 1e-3, bootstrap: int = 1000, seed: int = 0,
+              force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run every protocol (module docstring); write and return the results.
+
+    Raises:
+        ECGDistillError: not a masked-pretrained model, data it cannot read, or results
+            already in ``out`` (without ``force``).
+    """
+    from transformers import AutoConfig
+
+    checkpoint = Path(checkpoint)
+    encoder = load_encoder(checkpoint)
+    config = AutoConfig.from_pretrained(checkpoint)
+    out = Path(out) if out is not None else checkpoint.parent / "probe"
+    if (out / "probe.json").exists() and not force:
+        raise ECGDistillError(f"{out}/probe.json exists; --force replaces it")
+    if force and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    ds = load_probe_data(data, config, progress=progress)
+    test = ds.splits["test"]
+    y_test = ds.labels[test]
+    samples = bootstrap_samples(y_test, bootstrap, seed)
+    preds: dict[str, np.ndarray] = {}
+    result: dict[str, Any] = {"checkpoint": str(checkpoint), "data": str(data),
+                              "family": encoder.family, "classes": list(ds.classes),
+                              "encoder_parameters": int(encoder.num_parameters()),
+                              "test_records": int(len(test)), "bootstrap": bootstrap,
+                              "linear": {}, "finetune": {}, "scratch": {}, "leads": {},
+                              "scratch_minus": {}}
+
+    def score(name: str, probs: np.ndarray) -> dict[str, float]:
+        preds[name] = probs
+        return bootstrap_interval(y_test, probs, samples).to_dict()
+
+    rows = {f: labeled_training_rows(ds, f, seed) for f in sorted(set(fractions)
+                                                                  | set(finetune_fractions))}
+    feats = {}
+    for name, leads in LEAD_SETS.items():
+        reader = load_encoder(checkpoint, leads=leads)  # the same weights, other leads
+        feats[name] = (embeddings(reader, ds, ds.splits["train"]), embeddings(reader, ds, test))
+    train_pos = {int(r): i for i, r in enumerate(ds.splits["train"])}
+    full_train, full_test = feats["12 leads"]
+    for f in fractions:
+        pick = [train_pos[int(r)] for r in rows[f]]
+        probs = linear_probe(full_train[pick], ds.labels[rows[f]], full_test, seed=seed)
+        result["linear"][str(f)] = {"records": len(pick), **score(f"linear_{f}", probs)}
+    for name, (tr, te) in feats.items():
+        probs = linear_probe(tr, ds.labels[ds.splits["train"]], te, seed=seed)
+        result["leads"][name] = score(f"leads_{name}", probs)
+    for f in finetune_fractions:
+        for kind in ("finetune", "scratch"):
+            probs = finetune(checkpoint, ds, rows[f], out / f"{kind}-{f}", scratch=kind == "scratch",
+                             epochs=epochs, lr=lr, seed=seed, progress=progress)
+            result[kind][str(f)] = {"records": int(len(rows[f])), **score(f"{kind}_{f}", probs)}
+        scratch = preds[f"scratch_{f}"]
+        diffs = {"linear": f"linear_{f}", "finetune": f"finetune_{f}"}
+        result["scratch_minus"][str(f)] = {
+            k: paired_difference(y_test, preds[v], scratch, samples).to_dict()
+            for k, v in diffs.items() if v in preds}
+    result["reconstruction"] = reconstruction_by_strategy(checkpoint, ds)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "predictions.npz", labels=y_test, index=test,
+             **{k.replace(" ", "_"): v for k, v in preds.items()})
+    atomic_write_text(out / "probe.json", json.dumps(result, indent=1))
+    result["out"] = str(out)
+    return result
+
+
+def format_probe(result: dict[str, Any]) -> str:
+    """The printed summary of :func:`run_probe`."""
+    def iv(d: dict[str, float]) -> str:
+        return f"{d['value']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
+
+    lines = [f"{result['family']} ({result['encoder_parameters']:,} parameters) on "
+             f"{result['data']}, test fold ({result['test_records']} records); macro AUC "
+             f"[95% CI]"]
+    for f, r in result["linear"].items():
+        lines.append(f"  linear probe, {float(f):.0%} labels ({r['records']} records): {iv(r)}")
+    for f, r in result["finetune"].items():
+        s = result["scratch"][f]
+        lines.append(f"  fine-tuned, {float(f):.0%} labels: {iv(r)}; from scratch: {iv(s)}")
+        for k, d in result["scratch_minus"][f].items():
+            lines.append(f"    {k} - scratch: {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+    for name, r in result["leads"].items():
+        lines.append(f"  linear probe on {name} (same weights): {iv(r)}")
+    for s, r in result["reconstruction"].items():
+        lines.append(f"  reconstruction, {s} mask: MSE {r['mse']:.4f}, NMSE {r['nmse']:.3f}")
+    return "\n".join(lines)

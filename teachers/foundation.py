@@ -1,0 +1,92 @@
+"""The ``foundation`` teacher: a masked-pretrained signal foundation model (CSFM, LAMAE).
+
+``name_or_path`` is a folder (or hub id) of a ``csfm`` or ``lamae`` model: the ``best/`` of
+``ecg-distill pretrain`` (its decoder is dropped on loading) or any saved encoder. The
+adapter reads the teacher's signal view, gives the encoder's tokens (one per lead and
+patch, so ``token_leads`` is exact and OT lead matching has real leads on the teacher's
+side) and its pooled embedding, which the adapter's head reads. The encoder is
+channel-agnostic: ``teacher.view.leads`` may be any subset of the 12 leads, read with the
+same weights. Train modes as for every teacher: full, lora, head, frozen.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from teachers.base import TeacherAdapter, load_backbone, register_teacher
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@register_teacher("foundation")
+class FoundationTeacher(TeacherAdapter):
+    """A CSFM or LAMAE encoder with a head.
+
+    Args:
+        name_or_path: folder or hub id of a csfm/lamae model (pretraining folder or encoder).
+        num_labels, id2label, train_mode, load_in, lora: see :class:`TeacherAdapter`.
+        leads: the leads it reads (the teacher view's; None = those it was saved with).
+        trust_remote_code: forwarded to ``from_pretrained``.
+        dtype: backbone dtype.
+    """
+
+    input_names = ("signal",)
+    lora_targets = r".*blocks\.\d+\.(attn\.(q|kv|proj)|mlp\.(0|3))"
+
+    def __init__(self, name_or_path: str | os.PathLike, *, num_labels: int,
+                 id2label: dict[int, str] | None = None, train_mode: str = "full",
+                 load_in: str = "none", leads: list[str] | None = None,
+                 trust_remote_code: bool = False, lora: Any = None, dtype: str = "float32"):
+        from transformers import AutoModel
+
+        from students._masked import MaskedSignalModel
+
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
+        backbone = load_backbone(AutoModel, name_or_path, load_in=load_in,
+                                 trust_remote_code=trust_remote_code, dtype=_DTYPES[dtype])
+        if not isinstance(backbone, MaskedSignalModel):
+            raise ValueError(f"foundation teacher: {name_or_path} is a "
+                             f"{backbone.config.model_type} model, not a csfm or lamae encoder "
+                             f"(pretrain one with `ecg-distill pretrain`)")
+        if leads is not None:
+            backbone.config.leads = list(backbone.config.__class__(leads=list(leads)).leads)
+        super().__init__(backbone=backbone, hidden_size=backbone.pooled_size,
+                         num_labels=num_labels, id2label=id2label, train_mode=train_mode,
+                         load_in=load_in, source=str(name_or_path),
+                         trust_remote_code=trust_remote_code, lora=lora,
+                         settings={"leads": leads, "dtype": dtype})
+        self._dtype = _DTYPES[dtype]
+
+    @classmethod
+    def recipe_settings(cls, teacher: Any, data: Any, view: Any, *,
+                        saved: bool = False) -> dict[str, Any]:
+        return {"leads": list(view.leads) if view.leads is not None else None}
+
+    def check_recipe(self, data: Any) -> None:
+        rate = int(self.hf_model.config.sampling_rate)
+        if int(data.sampling_rate) != rate:
+            raise ValueError(f"data.sampling_rate: {data.sampling_rate} Hz, but the foundation "
+                             f"teacher {self.source} reads {rate} Hz")
+
+    def example_inputs(self, batch_size: int, generator: torch.Generator
+                       ) -> dict[str, torch.Tensor]:
+        cfg = self.hf_model.config
+        return {"signal": torch.randn(batch_size, len(cfg.leads), cfg.input_samples,
+                                      generator=generator)}
+
+    def unused_parameter_names(self) -> set[str]:
+        """The encoder's own classifier (the adapter's head replaces it)."""
+        return {n for n, _ in self.hf_model.named_parameters() if n.startswith("classifier.")}
+
+    def forward_features(self, signal: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from students._common import check_signal
+
+        model = self.hf_model
+        signal = check_signal(signal, model.config, f"foundation teacher ({model.family})")
+        tokens, token_leads = model.forward_features(signal.to(self._dtype))
+        return tokens, token_leads, model.forward_head(tokens, pre_logits=True)
