@@ -219,6 +219,12 @@ class TeacherAdapter(nn.Module):
         teacher takes when reloaded. ValueError for settings the adapter cannot take."""
         return {}
 
+    @classmethod
+    def family_of(cls, name_or_path: str) -> str | None:
+        """The model family behind ``name_or_path`` as a report names it (e.g. "LAMAE"),
+        or None when the kind says it all."""
+        return None
+
     def check_recipe(self, data: Any) -> None:
         """ValueError (naming the recipe key) when the built adapter disagrees with the
         recipe's ``data`` section."""

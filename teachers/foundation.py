@@ -66,6 +66,22 @@ class FoundationTeacher(TeacherAdapter):
                         saved: bool = False) -> dict[str, Any]:
         return {"leads": list(view.leads) if view.leads is not None else None}
 
+    @classmethod
+    def family_of(cls, name_or_path: str) -> str | None:
+        from transformers import AutoConfig
+
+        import students  # noqa: F401  (registers the configs)
+
+        try:
+            config = AutoConfig.from_pretrained(str(name_or_path))
+        except (OSError, ValueError):
+            return None
+        name = {"ecg_csfm": "CSFM", "ecg_lamae": "LAMAE"}.get(config.model_type,
+                                                               config.model_type)
+        if config.model_type == "ecg_lamae" and not getattr(config, "cross_lead", True):
+            name += " (independent leads)"
+        return name
+
     def check_recipe(self, data: Any) -> None:
         rate = int(self.hf_model.config.sampling_rate)
         if int(data.sampling_rate) != rate:

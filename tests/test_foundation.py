@@ -392,3 +392,27 @@ def test_probe_refuses_models_that_are_not_masked_encoders(tmp_path: Path) -> No
     students.create("xresnet1d", "tiny", num_labels=2).save_pretrained(tmp_path)
     with pytest.raises(ECGDistillError, match="a ecg_xresnet1d model; probing takes a masked"):
         load_encoder(tmp_path)
+
+
+def test_fm_teacher_recipe_runs_end_to_end_with_lead_to_lead_transport(tmp_path: Path) -> None:
+    """recipes/fm-teacher.yaml, reduced: a pretrained LAMAE teacher (a tiny stand-in saved
+    here), fine-tuned, cached, distilled into a lead-token student with OT, evaluated,
+    reported (the report names the teacher family; the OT plan is drawn)."""
+    from distill.run.pipeline import run_pipeline
+    from distill.recipe import load_recipe
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "lamae-pretrained"
+    pretraining_model("lamae", "tiny", **SMALL).save_pretrained(teacher)
+    repo = Path(__file__).resolve().parents[1]
+    recipe = load_recipe(repo / "recipes" / "fm-teacher.yaml", [
+        "data.synthetic.records=60", f"data.cache_dir={tmp_path / 'cache'}",
+        f"output_dir={tmp_path / 'runs'}/{{name}}", f"teacher.name_or_path={teacher}",
+        "teacher.epochs=1", "train.epochs=1", "students=[{family: leadformer, size: tiny}]",
+        "quantize.formats=[]", "export.enabled=false", "evaluate.bootstrap=20"])
+    run_pipeline(recipe, progress=False)
+    report = (recipe.run_dir / "report.md").read_text()
+    assert f"Teacher: foundation `{teacher}` (LAMAE), train mode full." in report
+    assert (recipe.run_dir / "figures" / "transport_plan.png").stat().st_size > 0
+    results = json.loads((recipe.run_dir / "results.json").read_text())
+    assert results["models"]["teacher"]["parameters"] > 0

@@ -297,7 +297,8 @@ def _lead_name(i: int) -> str:
 
 
 def plot_transport_plan(plan: np.ndarray, student_leads: np.ndarray, teacher_leads: np.ndarray,
-                        path: Path, title: str) -> Path:
+                        path: Path, title: str, teacher_axis: str = "teacher image patches, "
+                        "grouped by the lead drawn in them (– = none)") -> Path:
     """The plan [N_s, N_t] with rows and columns grouped by lead and lead blocks marked."""
     plt = _plt()
     rs = np.argsort(np.where(student_leads < 0, 99, student_leads), kind="stable")
@@ -327,7 +328,7 @@ def plot_transport_plan(plan: np.ndarray, student_leads: np.ndarray, teacher_lea
         ax.set_ylabel("student tokens (by lead)")
     else:
         ax.set_ylabel("student tokens")
-    ax.set_xlabel("teacher image patches, grouped by the lead drawn in them (– = none)")
+    ax.set_xlabel(teacher_axis)
     ax.set_title(title, fontsize=9)
     return _save(plt, fig, path)
 
@@ -387,11 +388,24 @@ def token_figures(jd: JobData, run_dir: Path, fig_dir: Path, records: int = 32) 
             plan, s_out.token_leads.numpy(), t_out.token_leads.numpy(),
             fig_dir / "transport_plan.png",
             f"OT plan, test record {int(batch['ecg_id'][0])}: {student_name(spec)} tokens "
-            f"against teacher tokens"))
+            f"against teacher tokens",
+            teacher_axis=("teacher image patches, grouped by the lead drawn in them (– = none)"
+                          if teacher.reads_images() else
+                          "teacher tokens, grouped by lead (– = spans several)")))
     if "plan" not in drawn:
         drawn["plan_missing"] = "no distilled student with the OT term (distill.weights.ot = 0)"
     drawn["spectrum"] = str(plot_spectrum(spectra, fig_dir / "spectrum.png"))
     return drawn
+
+
+def teacher_line(recipe: Any) -> str:
+    """"Teacher: <kind> `<name>` (<family>), train mode <mode>."."""
+    import teachers
+
+    t = recipe.teacher
+    family = teachers.teacher_class(t.kind).family_of(t.name_or_path)
+    return (f"Teacher: {t.kind} `{t.name_or_path}`{f' ({family})' if family else ''}, "
+            f"train mode {t.train_mode}.")
 
 
 def write_report(jd: JobData, run_dir: Path) -> Path:
@@ -415,6 +429,8 @@ def write_report(jd: JobData, run_dir: Path) -> Path:
           f"resamples. Latency: CPU, forward pass, ms per record at batch 1 / 64 (fastest "
           f"of {recipe.evaluate.latency_repeats} passes); memory: weights + peak "
           f"activations at batch 64.",
+        "",
+        teacher_line(recipe),
         "",
         model_table(results),
         "",
