@@ -20,6 +20,8 @@ import students
 from distill.core.leads import STANDARD_LEADS
 from distill.core.contract import check_output
 from distill.metrics.footprint import linear_share
+from students.csfm import CSFMConfig, CSFMModel
+from students.lamae import LAMAEConfig, LAMAEModel
 from students.leadformer import LeadFormerConfig, LeadFormerModel
 from students.xresnet1d import XResNet1dConfig, XResNet1dModel
 
@@ -240,7 +242,8 @@ def test_xresnet1d_blocks_start_as_identity() -> None:
 # ---------------------------------------------------------------- save / AutoModel
 
 CLASSES = {"leadformer": (LeadFormerConfig, LeadFormerModel),
-           "xresnet1d": (XResNet1dConfig, XResNet1dModel)}
+           "xresnet1d": (XResNet1dConfig, XResNet1dModel),
+           "csfm": (CSFMConfig, CSFMModel), "lamae": (LAMAEConfig, LAMAEModel)}
 
 
 @pytest.mark.parametrize("family,size", SIGNAL_PRESETS)
