@@ -16,6 +16,9 @@ from typing import Any
 
 import torch
 
+from distill.models import csfm, lamae  # noqa: F401  (register the models with AutoModel)
+from distill.models.base import check_signal
+from distill.models.masked import MaskedSignalModel
 from teachers.base import TeacherAdapter, load_backbone, register_teacher
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,8 +45,6 @@ class FoundationTeacher(TeacherAdapter):
                  trust_remote_code: bool = False, lora: Any = None, dtype: str = "float32"):
         from transformers import AutoModel
 
-        from students._masked import MaskedSignalModel
-
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
         backbone = load_backbone(AutoModel, name_or_path, load_in=load_in,
@@ -69,8 +70,6 @@ class FoundationTeacher(TeacherAdapter):
     @classmethod
     def family_of(cls, name_or_path: str) -> str | None:
         from transformers import AutoConfig
-
-        import students  # noqa: F401  (registers the configs)
 
         try:
             config = AutoConfig.from_pretrained(str(name_or_path))
@@ -100,8 +99,6 @@ class FoundationTeacher(TeacherAdapter):
 
     def forward_features(self, signal: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from students._common import check_signal
-
         model = self.hf_model
         signal = check_signal(signal, model.config, f"foundation teacher ({model.family})")
         tokens, token_leads = model.forward_features(signal.to(self._dtype))

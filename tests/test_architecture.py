@@ -21,6 +21,7 @@ PACKAGES = ("distill", "teachers", "students")
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("distill.core",),
     ("distill.data",),
+    ("distill.models",),  # model code teachers and students share
     ("teachers", "students", "distill.losses"),  # independent of one another
     ("distill.recipe",),
     ("distill.metrics",),

@@ -23,8 +23,9 @@ import students
 import teachers
 from distill.core.errors import ECGDistillError
 from distill.core.leads import STANDARD_LEADS
-from students._masked import (MASK_STRATEGIES, masked_mse, pretraining_model,
-                              record_generators, sample_mask, visible_index)
+from distill.models.masked import (MASK_STRATEGIES, masked_mse, record_generators, sample_mask,
+                                   visible_index)
+from students._masked import pretraining_model
 
 NUM_LABELS = 5
 SECONDS = 4.0  # 400 samples at 100 Hz: 8 patches of 0.5 s per lead

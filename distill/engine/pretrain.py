@@ -36,7 +36,8 @@ from distill.data.transfer import load_transfer
 from distill.engine.jobs import augmentation, normalization, train_settings
 from distill.engine.train import EvalResult, TrainJob, fit
 from distill.recipe import Recipe
-from students._masked import ECGForMaskedModeling, pretraining_model, record_generators
+from distill.models.masked import ECGForMaskedModeling, record_generators
+from students._masked import pretraining_model
 
 PRETRAIN_DIR = "pretrain"
 SUMMARY = "pretrain.json"

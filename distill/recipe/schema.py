@@ -28,6 +28,7 @@ from distill.core.leads import lead_indices
 from distill.data.synth import patient_id_range
 from distill.core.schema import closest, spec, to_dict, to_hash_dict, unknown_key
 from distill.losses import loss_families
+from students._masked import masked_families
 
 Task = Literal["all", "diagnostic", "subdiagnostic", "superdiagnostic", "form", "rhythm"]
 
@@ -490,7 +491,7 @@ class SweepConfig:
 
 @dataclass
 class MaskConfig:
-    """Which (lead, patch) tokens masked pretraining hides (students/_masked.py)."""
+    """Which (lead, patch) tokens masked pretraining hides (distill/models/masked.py)."""
 
     ratio: float = spec(0.75, help="share of the tokens hidden", ge=0, lt=1)
     strategy: Literal["patches", "time", "channels", "time_channel"] = spec(
@@ -530,8 +531,6 @@ class PretrainConfig:
     batch_size: int | None = spec(None, help="null = train.batch_size", ge=1)
 
     def validate(self, path: str) -> None:
-        from students._masked import masked_families
-
         _check_choice(f"{path}.family", self.family, masked_families())
         _check_choice(f"{path}.size", self.size,
                       [s for f, s in students.presets() if f == self.family])

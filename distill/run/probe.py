@@ -36,10 +36,14 @@ import students  # registers the encoder classes with AutoModel
 from distill.core.errors import ECGDistillError
 from distill.core.io import atomic_write_text, require_safetensors
 from distill.data.dataset import ECGData, ECGSplit, SignalView, load_ptbxl
+from distill.data.load import load_data
 from distill.data.transfer import labeled_training_rows
+from distill.engine.pretrain import reconstruction_error
+from distill.engine.train import TrainJob, fit
 from distill.metrics.classification import (bootstrap_interval, bootstrap_samples,
                                             paired_difference)
-from students._masked import MASK_STRATEGIES, MaskedSignalConfig
+from distill.models.masked import MASK_STRATEGIES, MaskedSignalConfig
+from distill.recipe import TrainConfig, load_recipe
 from students.preprocess import scaler_from_config
 
 FRACTIONS: tuple[float, ...] = (0.01, 0.1, 1.0)
@@ -73,9 +77,6 @@ def load_probe_data(data: str | Path, config: MaskedSignalConfig, *, progress: b
                     ) -> ECGData:
     """A labelled data set: a recipe file (its data section) or a PTB-XL-layout folder
     (superdiagnostic task); scaled as the encoder was pretrained (its config's scaler)."""
-    from distill.data.load import load_data
-    from distill.recipe import load_recipe
-
     data = Path(data)
     rate = int(config.sampling_rate)
     if data.suffix in (".yaml", ".yml"):
@@ -137,9 +138,6 @@ def finetune(checkpoint: Path, data: ECGData, rows: np.ndarray, out_dir: Path, *
     from accelerate.utils import set_seed
     from transformers import AutoConfig, AutoModel
 
-    from distill.engine.train import TrainJob, fit
-    from distill.recipe import TrainConfig
-
     classes = list(data.classes)
     labels = {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
               "label2id": {c: i for i, c in enumerate(classes)}}
@@ -171,8 +169,6 @@ def reconstruction_by_strategy(checkpoint: Path, data: ECGData) -> dict[str, dic
     """Test-fold reconstruction error (MSE, NMSE) for every mask strategy at the model's
     ratio, or {} when the folder holds no decoder (a saved encoder)."""
     from transformers import AutoConfig, AutoModelForPreTraining
-
-    from distill.engine.pretrain import reconstruction_error
 
     config = AutoConfig.from_pretrained(checkpoint)
     if not any(a.endswith("ForMaskedModeling") for a in (config.architectures or [])):

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 import students  # noqa: F401  (registers the student classes with AutoModel)
+import teachers
 from distill.core.io import atomic_write_text
 from distill.core.layout import TEACHER, TRAINED_KINDS, ModelId, RunLayout
 from distill.core.leads import STANDARD_LEADS
@@ -400,8 +401,6 @@ def token_figures(jd: JobData, run_dir: Path, fig_dir: Path, records: int = 32) 
 
 def teacher_line(recipe: Any) -> str:
     """"Teacher: <kind> `<name>` (<family>), train mode <mode>."."""
-    import teachers
-
     t = recipe.teacher
     family = teachers.teacher_class(t.kind).family_of(t.name_or_path)
     return (f"Teacher: {t.kind} `{t.name_or_path}`{f' ({family})' if family else ''}, "

@@ -1,0 +1,124 @@
+"""What every signal model of the suite shares (students, and the foundation models teachers
+also load): the signal contract in its config, input checks, the output.
+
+Each family's config inherits ``ECGStudentConfig`` (labels, leads, rate, input length) and
+each model inherits ``ECGStudentModel``, whose ``forward`` is
+``check -> forward_features -> forward_head -> classifier -> ECGModelOutput`` (timm's
+features/head split), so a family only writes its features and its pooling.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+
+from distill.core.leads import STANDARD_LEADS, canonical_lead_names, lead_indices
+from distill.core.contract import ECGModelOutput
+
+
+class ECGStudentConfig(PreTrainedConfig):
+    """Fields every student config has (besides HF's ``num_labels``/``id2label``/``label2id``).
+
+    Args:
+        leads: the standard lead names the model reads, in the order of ``signal``'s rows.
+        sampling_rate: Hz of the signal the model reads.
+        input_samples: samples per lead (``sampling_rate * seconds``).
+    """
+
+    leads: list[str] | tuple[str, ...] = STANDARD_LEADS  # rows of `signal`, any subset/order
+    sampling_rate: int = 100  # Hz
+    input_samples: int = 1000  # samples per lead (10 s at 100 Hz)
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        self.leads = list(canonical_lead_names(list(self.leads)))  # ValueError on bad names
+        if int(self.sampling_rate) <= 0 or int(self.input_samples) <= 0:
+            raise ValueError(f"sampling_rate and input_samples must be positive, got "
+                             f"{self.sampling_rate} and {self.input_samples}")
+        super().__post_init__(**kwargs)
+
+    @property
+    def lead_ids(self) -> tuple[int, ...]:
+        """Standard index (0..11) of each input row."""
+        return lead_indices(self.leads)
+
+
+def describe_input(config: ECGStudentConfig) -> str:
+    """Human form of the input a config expects: "leads I..V6 at 100 Hz, 10 s"."""
+    if list(config.leads) == list(STANDARD_LEADS):
+        leads = "leads I..V6"
+    elif len(config.leads) == 1:
+        leads = f"lead {config.leads[0]}"
+    else:
+        leads = "leads " + ", ".join(config.leads)
+    seconds = config.input_samples / config.sampling_rate
+    return f"{leads} at {config.sampling_rate:g} Hz, {seconds:g} s"
+
+
+def check_signal(signal: Any, config: ECGStudentConfig, family: str) -> torch.Tensor:
+    """Return ``signal`` if it is float ``[B, len(leads), input_samples]``, else ValueError.
+
+    The message names what was expected and what came, e.g. "xresnet1d expects signal
+    [B, 12, 1000] (leads I..V6 at 100 Hz, 10 s), got [4, 1, 1000]".
+    """
+    expected = f"[B, {len(config.leads)}, {config.input_samples}] ({describe_input(config)})"
+    if not torch.is_tensor(signal):
+        raise ValueError(f"{family} expects signal {expected}, got {type(signal).__name__}")
+    if not signal.is_floating_point():
+        raise ValueError(f"{family} expects a floating-point signal {expected}, "
+                         f"got {signal.dtype}")
+    if signal.dim() != 3 or tuple(signal.shape[1:]) != (len(config.leads), config.input_samples):
+        raise ValueError(f"{family} expects signal {expected}, got {list(signal.shape)}")
+    return signal
+
+
+class ECGStudentModel(PreTrainedModel):
+    """Base of the students: the shared ``forward``; families add features, head, classifier.
+
+    A family defines ``family`` (its registry name), ``forward_features(signal) -> (tokens
+    [B, N, D], token_leads [N])``, ``forward_head(tokens, pre_logits) -> pooled or logits``
+    and a ``classifier`` module (pooled -> logits).
+    """
+
+    config: ECGStudentConfig
+    family: str = "student"
+    input_names: tuple[str, ...] = ("signal",)
+    main_input_name = "signal"
+    classifier: nn.Module
+
+    def forward_features(self, signal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """signal [B, L, T] -> (tokens [B, N, D], token_leads [N] int64); per family."""
+        raise NotImplementedError  # abstract: each family defines it
+
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """tokens [B, N, D] -> pooled [B, D'] (``pre_logits``) or logits [B, C]; per family."""
+        raise NotImplementedError  # abstract: each family defines it
+
+    def forward(self, signal: torch.Tensor, labels: torch.Tensor | None = None,
+                **kwargs: Any) -> ECGModelOutput:
+        """Run the student on one batch.
+
+        Args:
+            signal: [B, len(config.leads), config.input_samples] float, mV, rows in
+                ``config.leads`` order at ``config.sampling_rate``.
+            labels: optional [B, C] 0/1 targets; when given, ``loss`` is BCE-with-logits.
+            **kwargs: other batch entries, ignored (so ``model(**batch)`` works).
+
+        Returns:
+            ECGModelOutput with logits [B, C], tokens [B, N, D], token_leads [N] (int64),
+            pooled [B, D'] and, with labels, the loss.
+
+        Raises:
+            ValueError: when ``signal`` is not of the shape and dtype above.
+        """
+        signal = check_signal(signal, self.config, self.family).to(self.dtype)  # (B, L, T)
+        tokens, token_leads = self.forward_features(signal)  # (B, N, D), (N,)
+        pooled = self.forward_head(tokens, pre_logits=True)  # (B, D')
+        logits = self.classifier(pooled)  # (B, C)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        return ECGModelOutput(loss=loss, logits=logits, tokens=tokens, token_leads=token_leads,
+                              pooled=pooled)
