@@ -110,10 +110,10 @@ class LatentAttentionPool(nn.Module):
         own = torch.arange(g, device=tokens.device).repeat_interleave(k)  # (G*K,)
         latents = self.latents.repeat(g, 1).expand(b, -1, -1)  # (B, G*K, D)
         latents = self.cross(latents, tokens, own[None, :, None] == groups[:, None, :])
-        same = (own[:, None] == own[None, :]).expand(b, -1, -1)  # (B, G*K, G*K)
+        latents = latents.reshape(b * g, k, -1)  # each group's K latents attend among themselves
         for block in self.blocks:
-            latents = block(latents, mask=same)
-        return self.norm(latents)
+            latents = block(latents)
+        return self.norm(latents).reshape(b, g * k, -1)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, L*N, D) -> (B, D)
         return self.read(tokens).mean(dim=1)  # (B, D)
