@@ -11,8 +11,9 @@ latents of each step, so the latents must carry what the other leads know about 
 moment: the cross-lead structure is the supervision.
 
 ``cross_lead: false`` is the seed paper's comparison, an independent-lead masked autoencoder
-with exactly the same parameters: the latents of a (lead, step) read only that lead's token
-of that step, and the decoder of a lead reads only its own lead's latents.
+with exactly the same parameters and about the same compute: each lead gets K latents that
+read only that lead (over time), and the decoder of a lead reads only its own lead's
+latents, so nothing passes between leads.
 
 Sizes: ``tiny`` D=64 x 2 blocks, 4 latents; ``base`` D=128 x 4, 8 latents; ``large`` D=256
 x 4, 8 latents (a teacher: more than 10x the quickstart's largest student).
@@ -80,12 +81,12 @@ class LAMAEModel(MaskedSignalModel):
 
     def groups(self, positions: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Which latents each token at flat ``positions`` feeds, and how many groups: its
-        time step (cross-lead: the leads meet at every step), or its own (lead, step)
-        (independent leads)."""
+        time step (cross-lead: the leads meet at every step), or its lead (independent
+        leads: each lead's latents read that lead over time)."""
         n, n_leads = self.config.num_patches, len(self.config.leads)
         if self.config.cross_lead:
             return positions % n, n
-        return positions, n_leads * n
+        return positions // n, n_leads
 
     def latents(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """[B, G*K, D]: K latents per group (:meth:`groups`) after reading its tokens."""
