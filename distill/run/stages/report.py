@@ -356,6 +356,11 @@ def plot_spectrum(spectra: dict[str, np.ndarray], path: Path) -> Path:
     return _save(plt, fig, path)
 
 
+def has_leads(out: Any) -> bool:
+    """Whether a model's tokens carry their leads (token_leads >= 0 for some)."""
+    return bool((out.token_leads >= 0).any())
+
+
 def token_figures(jd: JobData, run_dir: Path, fig_dir: Path, records: int = 32) -> dict[str, Any]:
     """The transport-plan and spectrum figures: tokens of a few test records from the
     teacher and every distilled student. Returns what was drawn (or why not)."""
@@ -377,8 +382,9 @@ def token_figures(jd: JobData, run_dir: Path, fig_dir: Path, records: int = 32) 
             s_out = model(**student_inputs(spec)(batch))
         spectra[f"distilled {student_name(spec)}"] = singular_values(s_out.tokens)
         objective_path = folder / OBJECTIVE_FILE
-        if ("plan" in drawn or recipe.distill.weights.get("ot", 0) <= 0
-                or not objective_path.exists()):
+        # the first student whose tokens carry leads (lead-to-lead transport), else the first
+        if (drawn.get("plan_has_leads") or ("plan" in drawn and not has_leads(s_out))
+                or recipe.distill.weights.get("ot", 0) <= 0 or not objective_path.exists()):
             continue
         objective = build_objective(recipe, s_out.tokens.shape[-1], t_out.tokens.shape[-1])
         objective.load_state_dict(load_file(str(objective_path)), strict=False)
@@ -393,6 +399,7 @@ def token_figures(jd: JobData, run_dir: Path, fig_dir: Path, records: int = 32) 
             teacher_axis=("teacher image patches, grouped by the lead drawn in them (– = none)"
                           if teacher.reads_images() else
                           "teacher tokens, grouped by lead (– = spans several)")))
+        drawn["plan_has_leads"] = has_leads(s_out)
     if "plan" not in drawn:
         drawn["plan_missing"] = "no distilled student with the OT term (distill.weights.ot = 0)"
     drawn["spectrum"] = str(plot_spectrum(spectra, fig_dir / "spectrum.png"))
