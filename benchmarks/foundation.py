@@ -53,14 +53,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     loaded = [(run.name, *load(run)) for run in args.runs]
-    labels = loaded[0][2]["labels"]
+    labels, index = loaded[0][2]["labels"], loaded[0][2]["index"]
     for name, _, preds in loaded:
-        if not np.array_equal(preds["labels"], labels):
+        if not np.array_equal(preds["index"], index):
             raise SystemExit(f"{name}: probed on other test records; pair like with like")
+    tuned = list(loaded[0][1]["finetune"])
+    if not tuned:
+        raise SystemExit("the probes fine-tuned at no fraction (--finetune-fractions)")
+    ft = tuned[0]
     samples = bootstrap_samples(labels, args.bootstrap, args.seed)
     fractions = list(loaded[0][1]["linear"])
     print("| model | parameters | " + " | ".join(f"linear {float(f):.0%}" for f in fractions)
-          + " | fine-tuned 10% | scratch 10% | lead I | limb leads | NMSE patches / time / "
+          + " | fine-tuned | from scratch | lead I | limb leads | NMSE patches / time / "
             "channels / time+channel |")
     print("|---" * (len(fractions) + 7) + "|")
     for name, r, _ in loaded:
@@ -69,16 +73,16 @@ def main() -> None:
                                                           "time_channel")) if rec else "–"
         print(f"| {name} ({r['family']}) | {r['encoder_parameters']:,} | "
               + " | ".join(iv(r["linear"][f]) for f in fractions)
-              + f" | {iv(r['finetune']['0.1'])} | {iv(r['scratch']['0.1'])} | "
+              + f" | {iv(r['finetune'][ft])} | {iv(r['scratch'][ft])} | "
                 f"{iv(r['leads']['lead I'])} | {iv(r['leads']['limb leads'])} | {nmse} |")
     print()
     for name, r, p in loaded:
-        d = paired_difference(labels, p["linear_0.1"], p["scratch_0.1"], samples)
-        print(f"{name}: linear probe at 10% labels - same architecture from scratch on them: "
-              f"{diff(d)}")
+        d = paired_difference(labels, p[f"linear_{ft}"], p[f"scratch_{ft}"], samples)
+        print(f"{name}: linear probe at {float(ft):.0%} labels - same architecture from "
+              f"scratch on them: {diff(d)}")
     if len(loaded) >= 2:
         (a, _, pa), (b, _, pb) = loaded[0], loaded[1]
-        for key in [f"linear_{f}" for f in fractions] + ["finetune_0.1", "leads_lead_I"]:
+        for key in [f"linear_{f}" for f in fractions] + [f"finetune_{ft}", "leads_lead_I"]:
             d = paired_difference(labels, pa[key], pb[key], samples)
             print(f"{a} - {b}, {key}: {diff(d)}")
     if args.figure:
@@ -95,8 +99,8 @@ def main() -> None:
                         yerr=[[v["value"] - v["low"] for v in vals],
                               [v["high"] - v["value"] for v in vals]],
                         marker="o", capsize=3, label=f"{name}: linear probe", color=f"C{i}")
-            s = r["scratch"]["0.1"]
-            ax.errorbar([0.1 * (1.06 + 0.04 * i)], [s["value"]],
+            s = r["scratch"][ft]
+            ax.errorbar([float(ft) * (1.06 + 0.04 * i)], [s["value"]],
                         yerr=[[s["value"] - s["low"]], [s["high"] - s["value"]]], marker="x",
                         capsize=3, linestyle="none", color=f"C{i}",
                         label=f"{name}: same architecture from scratch")

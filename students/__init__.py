@@ -7,6 +7,9 @@ Families reading the signal (``input_names = ("signal",)``):
     xresnet1d   the 1-D residual CNN that leads the PTB-XL benchmark (students/xresnet1d.py)
     leadformer  a lead-token transformer with LAMAE latent attention across leads
                 (students/leadformer.py), Linear-heavy for 8/4-bit quantization
+    csfm        CSFM, a channel-agnostic transformer over (lead, patch) tokens, and
+    lamae       LAMAE, lead encoders meeting in latent attention: the seed papers' masked-
+                pretrained foundation models (distill/models/; ``ecg-distill pretrain``)
 
 Families reading the rendered printout (``input_names = ("image",)``, students/_image.py):
     vit         a small transformers ViT (students/vit.py)
@@ -61,7 +64,7 @@ def create(family: str, size: str = "tiny", *, num_labels: int,
 
     Args:
         family: one of ``FAMILIES``.
-        size: one of ``SIZES`` (tiny, small, base).
+        size: one of ``SIZES`` (tiny, small, base, large) that the family has.
         num_labels: C, the number of logits.
         id2label: optional names of the labels (index -> name); label2id follows.
         leads: the lead names the model reads, in the order of the signal's rows

@@ -73,6 +73,9 @@ def get_preset(family: str, size: str) -> PresetFn:
         raise ValueError(f"unknown student family {family!r}; known: {', '.join(known)}")
     if size not in SIZES:
         raise ValueError(f"unknown student size {size!r}; known: {', '.join(SIZES)}")
+    if (family, size) not in _PRESETS:
+        have = [s for s in SIZES if (family, s) in _PRESETS]
+        raise ValueError(f"{family} has no {size!r} preset; its sizes: {', '.join(have)}")
     return _PRESETS[(family, size)]
 
 

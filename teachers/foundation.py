@@ -37,7 +37,8 @@ class FoundationTeacher(TeacherAdapter):
     """
 
     input_names = ("signal",)
-    lora_targets = r".*blocks\.\d+\.(attn\.(q|kv|proj)|mlp\.(0|3))"
+    # the encoder's and latent attention's blocks, LAMAE's cross-lead reading included
+    lora_targets = r".*(blocks\.\d+|latent_pool\.cross)\.(attn\.(q|kv|proj)|mlp\.(0|3))"
 
     def __init__(self, name_or_path: str | os.PathLike, *, num_labels: int,
                  id2label: dict[int, str] | None = None, train_mode: str = "full",
@@ -82,6 +83,8 @@ class FoundationTeacher(TeacherAdapter):
         return name
 
     def check_recipe(self, data: Any) -> None:
+        """The data's rate must be the encoder's (its record length is checked on the first
+        batch, with the shapes named)."""
         rate = int(self.hf_model.config.sampling_rate)
         if int(data.sampling_rate) != rate:
             raise ValueError(f"data.sampling_rate: {data.sampling_rate} Hz, but the foundation "

@@ -417,3 +417,27 @@ def test_fm_teacher_recipe_runs_end_to_end_with_lead_to_lead_transport(tmp_path:
     assert (recipe.run_dir / "figures" / "transport_plan.png").stat().st_size > 0
     results = json.loads((recipe.run_dir / "results.json").read_text())
     assert results["models"]["teacher"]["parameters"] > 0
+
+
+def test_pretrain_section_refuses_what_it_sets_itself() -> None:
+    from distill.core.errors import RecipeError
+    from distill.recipe import load_recipe
+
+    repo = Path(__file__).resolve().parents[1]
+    with pytest.raises(RecipeError, match=re.escape(
+            "pretrain.options.mask_ratio: not a pretraining option; set it with "
+            "pretrain.mask.ratio")):
+        load_recipe(repo / "recipes" / "pretrain-lamae.yaml", ["pretrain.options={mask_ratio: 0.5}"])
+    with pytest.raises(RecipeError, match="pretrain.family: 'xresnet1d' is not one of 'csfm', 'lamae'"):
+        load_recipe(repo / "recipes" / "pretrain-lamae.yaml", ["pretrain.family=xresnet1d"])
+    with pytest.raises(ValueError, match="xresnet1d has no 'large' preset; its sizes: tiny, small, base"):
+        students.create("xresnet1d", "large", num_labels=2)
+
+
+@pytest.mark.parametrize("family", ["csfm", "lamae"])
+def test_pretraining_runs_under_bf16_autocast(family: str) -> None:
+    model = wrapper(family)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(signal(2))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and not model.encoder.classifier[1].weight.requires_grad

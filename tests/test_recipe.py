@@ -66,8 +66,8 @@ BAD = [
      "data.task: 'superdiag' is not one of 'all', 'diagnostic', 'subdiagnostic', "
      "'superdiagnostic', 'form', 'rhythm'; did you mean 'superdiagnostic'?"),
     ({"students": [{"family": "xresnet"}]}, [],
-     "students.0.family: 'xresnet' is not one of 'convnext', 'leadformer', 'llava', 'vit', 'xresnet1d'; "
-     "did you mean 'xresnet1d'?"),
+     "students.0.family: 'xresnet' is not one of 'convnext', 'csfm', 'lamae', 'leadformer', "
+     "'llava', 'vit', 'xresnet1d'; did you mean 'xresnet1d'?"),
     ({}, ["data.leads=[I, X1]"],
      "data.leads: unknown lead name 'X1'; expected one of I, II, III, aVR, aVL, aVF, V1, V2, "
      "V3, V4, V5, V6"),

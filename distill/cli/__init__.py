@@ -73,9 +73,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     s = run_pretrain(recipe, resume=args.resume, force=args.force, progress=not args.quiet)
+    mse = "–" if s["best_val_mse"] is None else f"{s['best_val_mse']:.4f}"
     print(f"pretrained {s['family']}/{s['size']} ({s['encoder_parameters']:,} encoder "
           f"parameters) on {s['records']['train']} records: best validation reconstruction "
-          f"MSE {s['best_val_mse']:.4f} (epoch {s['best_epoch']}); model in {s['model']}")
+          f"MSE {mse} (epoch {s['best_epoch']}); model in {s['model']}")
     return 0
 
 

@@ -25,7 +25,7 @@ from torch import nn
 import teachers
 from distill.core.contract import ECGModelOutput
 from distill.core.errors import RecipeError
-from distill.core.hashing import stable_hash
+from distill.core.hashing import sha256_file, stable_hash
 from distill.core.layout import ModelId, RunLayout
 from distill.core.schema import to_dict
 from distill.data.augment import SignalAugment
@@ -196,12 +196,24 @@ def train_settings(recipe: Recipe, teacher: bool = False) -> dict[str, Any]:
     return out
 
 
+def local_weights(name_or_path: str) -> dict[str, str]:
+    """SHA-256 of each safetensors file of a local model folder ({} for a hub id or a
+    preset name): a teacher re-made in place (``ecg-distill pretrain --force``) is then a
+    new teacher to every fingerprint."""
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        return {}
+    return {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))}
+
+
 def teacher_settings(recipe: Recipe) -> dict[str, Any]:
     """Everything the trained teacher depends on besides the data."""
     t = {k: v for k, v in to_dict(recipe.teacher).items()
          if k not in ("epochs", "lr", "batch_size")}
     if zoo.folder(recipe.teacher.name_or_path) is not None:  # a shipped teacher: its weights
         t["shipped"] = zoo.card(recipe.teacher.name_or_path)["files"]
+    elif local_weights(recipe.teacher.name_or_path):  # a local folder (e.g. a pretraining's
+        t["weights"] = local_weights(recipe.teacher.name_or_path)  # best/), rewritable in place
     return {"seed": recipe.seed, "teacher": t, "train": train_settings(recipe, teacher=True)}
 
 

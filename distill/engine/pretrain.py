@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import DataLoader
 
 from distill.core.errors import ECGDistillError
 from distill.core.hashing import stable_hash
@@ -32,7 +32,8 @@ from distill.core.io import atomic_write_text
 from distill.core.progress import progress_bar
 from distill.data.dataset import ECGData, ECGSplit, SignalView
 from distill.data.load import load_data
-from distill.data.transfer import load_transfer
+from distill.data.transfer import MixedSet, load_transfer
+from distill.engine.accel import process_state
 from distill.engine.jobs import augmentation, normalization, train_settings
 from distill.engine.train import EvalResult, TrainJob, fit
 from distill.recipe import Recipe
@@ -43,6 +44,7 @@ PRETRAIN_DIR = "pretrain"
 SUMMARY = "pretrain.json"
 VIEW = {"signal": SignalView()}  # every lead at the data's rate
 MASK_SEED = 0  # the fixed validation/test masks: one per record index
+EXTRA_STREAM = 1_000_003  # seed offset of the extra records' augmentation draws
 
 
 def pretrain_folder(recipe: Recipe) -> Path:
@@ -54,7 +56,9 @@ def build_model(recipe: Recipe, data: ECGData) -> ECGForMaskedModeling:
     p = recipe.pretrain
     fields = {**p.options, "sampling_rate": data.sampling_rate,
               "input_samples": int(data.store.shape[-1]), "mask_ratio": p.mask.ratio,
-              "mask_strategy": p.mask.strategy, "mask_block": p.mask.block}
+              "mask_block": p.mask.block}
+    if p.mask.strategy is not None:  # else the family's own default
+        fields["mask_strategy"] = p.mask.strategy
     try:
         model = pretraining_model(p.family, p.size, **fields)
     except ValueError as exc:
@@ -112,10 +116,10 @@ def pretrain_sets(recipe: Recipe, data: ECGData, extra: ECGData | None
     aug = augmentation(recipe)
     transform = aug if aug.active else None
     train: Any = data.split("train", VIEW, transform=transform, seed=recipe.seed)
-    if extra is not None:
+    if extra is not None:  # its own augmentation stream; set_epoch reaches both parts
         every = np.arange(len(extra), dtype=np.int64)
-        train = ConcatDataset([train, ECGSplit(extra, every, VIEW, transform=transform,
-                                               seed=recipe.seed)])
+        train = MixedSet([train, ECGSplit(extra, every, VIEW, transform=transform,
+                                          seed=recipe.seed + EXTRA_STREAM)])
     return train, data.split("val", VIEW, seed=recipe.seed)
 
 
@@ -147,7 +151,7 @@ def pretrain_job(recipe: Recipe, data: ECGData, extra: ECGData | None) -> TrainJ
 
     p = recipe.pretrain
     return TrainJob(
-        name=f"pretrain {p.family}/{p.size}", stage="pretrain", model=model, train_set=train,
+        name=f"pretrain {p.family}/{p.size}", stage="", model=model, train_set=train,
         val_set=val, loss_fn=loss_fn, logits_fn=logits_fn,
         save_model=lambda m, f, sd: m.save_pretrained(f, state_dict=sd),
         fingerprint=stable_hash({"job": "pretrain", "data": data.fingerprint,
@@ -174,10 +178,10 @@ def run_pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False,
     if summary_file.exists():
         done = json.loads(summary_file.read_text())
         if done.get("fingerprint") == job.fingerprint:
-            print(f"{out}: pretraining already complete (--force pretrain redoes it)")
+            print(f"{out}: pretraining already complete (--force redoes it)")
             return done
-        raise ECGDistillError(f"{out} holds a pretraining of other settings; --force pretrain "
-                              f"deletes it and starts over")
+        raise ECGDistillError(f"{out} holds a pretraining of other settings; --force deletes it "
+                              f"and starts over")
     p = recipe.pretrain
     cfg = dataclasses.replace(recipe.train, batch_size=p.batch_size or recipe.train.batch_size)
     result = fit(job, cfg, out, seed=recipe.seed, resume=resume, progress=progress,
@@ -197,6 +201,7 @@ def run_pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False,
         "seconds": result.metrics["seconds_this_session"],
         "model": str(result.best_folder),
     }
-    atomic_write_text(summary_file, json.dumps(summary, indent=1))
+    if process_state().is_main_process:
+        atomic_write_text(summary_file, json.dumps(summary, indent=1))
     return summary
 

@@ -73,7 +73,8 @@ class TrainJob:
         on_device: called with the accelerator's device before training (e.g. to move a
             live teacher that is not trained, hence not prepared).
         class_names: label names for per-label metrics.
-        stage: the ``run`` stage that trains it (named in messages about ``--force``).
+        stage: the ``run`` stage that trains it (named in messages about ``--force``);
+            empty for a command of its own whose ``--force`` is a plain flag (pretrain).
         validate: (accelerator, prepared model, validation loader, progress) ->
             :class:`EvalResult`, for a job not scored by macro AUC (masked pretraining:
             its reconstruction error); None = :func:`evaluate` with ``logits_fn``.
@@ -279,6 +280,11 @@ def fit(job: TrainJob, cfg: TrainConfig, out_dir: str | Path, *, seed: int = 0,
     return FitResult(best_folder=loop.best_dir, metrics=metrics)
 
 
+def _force(job: TrainJob) -> str:
+    """The flag that starts a job over: ``--force STAGE`` of ``run``, or a plain ``--force``."""
+    return f"--force {job.stage}" if job.stage else "--force"
+
+
 def _check_checkpoints(accelerator, out_dir: Path, job: TrainJob, resume: bool) -> list[Path]:
     """The checkpoints already in ``out_dir``; refused without ``resume`` (nothing is
     overwritten). Half-written ones are removed."""
@@ -286,10 +292,10 @@ def _check_checkpoints(accelerator, out_dir: Path, job: TrainJob, resume: bool) 
     found = ckpt.list_checkpoints(root)
     if found and not resume:
         if ckpt.peek_fingerprint(found[-1]) not in (None, job.fingerprint):
-            raise ECGDistillError(f"{out_dir} holds a run with other settings; --force "
-                                  f"{job.stage} deletes it and starts over")
+            raise ECGDistillError(f"{out_dir} holds a run with other settings; {_force(job)} "
+                                  f"deletes it and starts over")
         raise ECGDistillError(f"{out_dir} holds checkpoints of an interrupted run; pass --resume "
-                              f"to continue it, or --force {job.stage} to start over")
+                              f"to continue it, or {_force(job)} to start over")
     if accelerator.is_main_process:
         ckpt.clean_partial(root)
         for stale in stale_temporaries(out_dir / "best"):  # a save killed half-way
@@ -486,12 +492,12 @@ def _restore(accelerator, root: Path, job: TrainJob, running: _Running) -> ckpt.
     if accelerator.num_processes > 1:
         broadcast_object_list(found, from_process=0)
     if found[0] is None:
-        raise ECGDistillError(f"{root}: no checkpoint passes verification; --force {job.stage} "
+        raise ECGDistillError(f"{root}: no checkpoint passes verification; {_force(job)} "
                               f"starts over")
     folder, state = root / found[0][0], ckpt.TrainerState(**found[0][1])
     if state.fingerprint != job.fingerprint:
-        raise ECGDistillError(f"{folder} belongs to a run with other settings; --force "
-                              f"{job.stage} deletes it and starts over")
+        raise ECGDistillError(f"{folder} belongs to a run with other settings; {_force(job)} "
+                              f"deletes it and starts over")
     if state.processes != accelerator.num_processes:
         raise ECGDistillError(f"{folder} was written by {state.processes} process(es); resume "
                               f"it with as many (now {accelerator.num_processes})")

@@ -279,7 +279,7 @@ class MaskedDecoder(nn.Module):
         token may read) feeds the cross-attention blocks."""
         b, n, l = tokens.shape[0], num_patches, len(lead_ids)
         x = self.mask_token.expand(b, l * n, -1).clone()  # (B, L*N, Dd)
-        x.scatter_(1, visible[..., None].expand(-1, -1, x.shape[-1]), self.embed(tokens))
+        x.scatter_(1, visible[..., None].expand(-1, -1, x.shape[-1]), self.embed(tokens).to(x.dtype))
         x = (x.view(b, l, n, -1) + self.lead_embed(lead_ids)[:, None, :] + self.pos_embed)
         x = x.reshape(b, l * n, -1)
         ctx = self.context_embed(context) if self.context_embed is not None else None
@@ -338,6 +338,9 @@ class ECGForMaskedModeling(PreTrainedModel):
         self.decoder = MaskedDecoder(config, within_lead=self.decoder_within_lead,
                                      context=self.decoder_context)
         self.post_init()
+        # pretraining never reads the encoder's classifier: frozen, so that no parameter
+        # goes without a gradient (DDP) and no optimiser state is kept for it
+        self.encoder.classifier.requires_grad_(False)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -494,9 +494,10 @@ class MaskConfig:
     """Which (lead, patch) tokens masked pretraining hides (distill/models/masked.py)."""
 
     ratio: float = spec(0.75, help="share of the tokens hidden", ge=0, lt=1)
-    strategy: Literal["patches", "time", "channels", "time_channel"] = spec(
-        "patches", help="random patches, blocks of time (every lead), whole channels (leads), "
-                        "or time and channel together")
+    strategy: Literal["patches", "time", "channels", "time_channel"] | None = spec(
+        None, help="random patches, blocks of time (every lead), whole channels (leads), or "
+                   "time and channel together; null = the family's own (csfm: time_channel, "
+                   "lamae: patches)")
     block: int = spec(2, help="patches per time block", ge=1, le=1000)
 
 
@@ -538,6 +539,17 @@ class PretrainConfig:
             students.check_options(self.family, self.options)
         except ValueError as exc:
             raise RecipeError(f"{path}.options: {exc}") from None
+        why = {"mask_ratio": f"set it with {path}.mask.ratio",
+               "mask_strategy": f"set it with {path}.mask.strategy",
+               "mask_block": f"set it with {path}.mask.block",
+               "sampling_rate": "the data's rate (data.sampling_rate) is used",
+               "input_samples": "the data's record length is used",
+               "leads": "pretraining reads all 12 leads; the pretrained model reads any subset "
+                        "later with the same weights",
+               "num_labels": "pretraining reads no labels"}
+        for key in self.options:
+            if key in why:
+                raise RecipeError(f"{path}.options.{key}: not a pretraining option; {why[key]}")
         if self.extra.path is not None and self.extra.synthetic:
             raise RecipeError(f"{path}.extra.path and {path}.extra.synthetic: give one source "
                               f"of extra records")

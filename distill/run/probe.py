@@ -15,14 +15,15 @@ synthetic default) and its test fold, for a pretraining folder (``ecg-distill pr
 * **reconstruction error** on the test fold for every masking strategy (the pretraining
   folder's decoder; one fixed mask per record).
 
-Every AUC has a bootstrap interval on shared test resamples, and each pretrained result a
-paired difference against scratch. Written: ``probe.json`` and ``predictions.npz`` (test
+Every AUC has a bootstrap interval on shared test resamples; at each fine-tuned fraction
+the linear probe and the fine-tuned model get a paired difference against scratch. Written: ``probe.json`` and ``predictions.npz`` (test
 probabilities of every protocol, for paired comparisons between models).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -88,8 +89,9 @@ def load_probe_data(data: str | Path, config: MaskedSignalConfig, *, progress: b
     else:
         loaded = load_ptbxl(data, task="superdiagnostic", sampling_rate=100 if rate <= 100 else 500,
                             progress=progress)
-    if loaded.store.shape[-1] != config.input_samples:
-        raise ECGDistillError(f"{data}: records of {loaded.store.shape[-1]} samples, the encoder "
+    samples = round(loaded.store.shape[-1] * rate / loaded.sampling_rate)  # at the encoder's rate
+    if samples != config.input_samples:
+        raise ECGDistillError(f"{data}: records of {samples} samples at {rate} Hz, the encoder "
                               f"reads {config.input_samples}")
     if getattr(config, "normalization", None):
         loaded.scaler = scaler_from_config(config)
@@ -198,10 +200,12 @@ def run_probe(checkpoint: str | Path, data: str | Path, *, out: str | Path | Non
     out = Path(out) if out is not None else checkpoint.parent / "probe"
     if (out / "probe.json").exists() and not force:
         raise ECGDistillError(f"{out}/probe.json exists; --force replaces it")
-    if force and out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+    # earlier results (with --force) or an interrupted probe's fine-tuning folders: only
+    # what a probe writes is removed, nothing else in ``out``
+    for name in ("probe.json", "predictions.npz"):
+        (out / name).unlink(missing_ok=True)
+    for folder in [*out.glob("finetune-*"), *out.glob("scratch-*")]:
+        shutil.rmtree(folder)
     ds = load_probe_data(data, config, progress=progress)
     test = ds.splits["test"]
     y_test = ds.labels[test]
