@@ -109,7 +109,7 @@ def main() -> None:
         ax.set_ylabel("test macro AUC (95% CI)")
         ax.set_title("Masked pretraining: label efficiency (synthetic superdiagnostic)",
                      fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         args.figure.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.figure, dpi=110)
