@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import initialization as init
 
 from distill.core.leads import NUM_LEADS
-from distill.models.blocks import Attention, Block, LatentAttentionPool, MLP  # noqa: F401
+from distill.models.blocks import (Attention, Block, LatentAttentionPool, MLP,  # noqa: F401
+                                   init_weights)
 from students._common import ECGStudentConfig, ECGStudentModel
 from students._registry import register_family, register_preset
 
@@ -86,6 +86,7 @@ class LeadFormerModel(ECGStudentModel):
     base_model_prefix = "leadformer"
     family = "leadformer"
     _no_split_modules = ("Block",)
+    _trunc_normal = ("pos_embed",)  # initialised by init_weights
 
     def __init__(self, config: LeadFormerConfig) -> None:
         super().__init__(config)
@@ -102,21 +103,9 @@ class LeadFormerModel(ECGStudentModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """Truncated-normal (std ``initializer_range``) weights and embeddings, zero biases."""
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            init.trunc_normal_(module.weight, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            init.trunc_normal_(module.weight, std=std)
-        elif isinstance(module, LatentAttentionPool):
-            init.trunc_normal_(module.latents, std=std)
-        elif isinstance(module, LeadFormerModel):
-            init.trunc_normal_(module.pos_embed, std=std)
+        """Truncated-normal (std ``initializer_range``) weights, embeddings, latents and
+        position embedding; zero biases; unit LayerNorms."""
+        init_weights(module, self.config.initializer_range)
 
     def forward_features(self, signal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch, embed, and encode each lead over time (no mixing between leads).

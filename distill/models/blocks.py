@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import initialization as init
 
 
 class Attention(nn.Module):
@@ -86,6 +87,8 @@ class LatentAttentionPool(nn.Module):
     attention sums over its keys.
     """
 
+    _trunc_normal = ("latents",)  # initialised by init_weights
+
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.latents = nn.Parameter(torch.zeros(config.num_latents, config.hidden_size))
@@ -117,3 +120,19 @@ class LatentAttentionPool(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, L*N, D) -> (B, D)
         return self.read(tokens).mean(dim=1)  # (B, D)
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """Truncated-normal (``std``) Linear weights, embeddings and the ``_trunc_normal``
+    parameters a module lists; zero biases; unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        init.trunc_normal_(module.weight, std=std)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        init.ones_(module.weight)
+        init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        init.trunc_normal_(module.weight, std=std)
+    for name in getattr(module, "_trunc_normal", ()):
+        init.trunc_normal_(getattr(module, name), std=std)

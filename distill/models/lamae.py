@@ -59,12 +59,6 @@ class LAMAEModel(MaskedSignalModel):
         self.latent_pool = LatentAttentionPool(config)
         self.post_init()
 
-    @torch.no_grad()
-    def _init_weights(self, module: torch.nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, LatentAttentionPool):
-            torch.nn.init.trunc_normal_(module.latents, std=self.config.initializer_range)
-
     def encode(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         b, m, d = x.shape
         n_leads, n = len(self.config.leads), self.config.num_patches

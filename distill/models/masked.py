@@ -24,12 +24,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel
-from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from distill.core.leads import NUM_LEADS
 from distill.models.base import ECGStudentConfig, ECGStudentModel, check_signal
-from distill.models.blocks import Block
+from distill.models.blocks import Block, init_weights
 
 MASK_STRATEGIES: tuple[str, ...] = ("patches", "time", "channels", "time_channel")
 
@@ -95,22 +94,6 @@ def check_masking(ratio: float, strategy: str, block: int) -> None:
         raise ValueError(f"unknown mask_strategy {strategy!r}; known: {', '.join(MASK_STRATEGIES)}")
     if block < 1:
         raise ValueError(f"mask_block must be >= 1, got {block}")
-
-
-def init_weights(module: nn.Module, std: float) -> None:
-    """Truncated-normal (``std``) Linear weights, embeddings and the ``_trunc_normal``
-    parameters a module lists; zero biases; unit LayerNorms."""
-    if isinstance(module, nn.Linear):
-        init.trunc_normal_(module.weight, std=std)
-        if module.bias is not None:
-            init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        init.ones_(module.weight)
-        init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        init.trunc_normal_(module.weight, std=std)
-    for name in getattr(module, "_trunc_normal", ()):
-        init.trunc_normal_(getattr(module, name), std=std)
 
 
 # ---------------------------------------------------------------- masks
