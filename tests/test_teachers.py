@@ -365,7 +365,7 @@ def test_unknown_kind_and_misplaced_options() -> None:
     known = r"\(known: foundation, signal, vlm\)$"
     with pytest.raises(ValueError, match=r"^unknown teacher kind 'x' " + known):
         teachers.create("x", num_labels=2)
-    assert teachers.KINDS == ("signal", "vlm")
+    assert teachers.KINDS == ("foundation", "signal", "vlm")
     with pytest.raises(ValueError, match="only apply to the vlm teacher"):
         teachers.create("signal", num_labels=2, tokens="vision")
     with pytest.raises(ValueError, match="unknown VLM token source"):
