@@ -141,8 +141,9 @@ class DataConfig:
 class TeacherConfig:
     """The large model distilled from (adapters come with the models stage)."""
 
-    kind: str = spec("vlm", help="the adapter kind (teachers.KINDS): vlm (image-text) or signal "
-                                 "(speech-style encoder)")
+    kind: str = spec("vlm", help="the adapter kind (teachers.KINDS): vlm (image-text), signal "
+                                 "(speech-style encoder) or foundation (a pretrained CSFM or "
+                                 "LAMAE)")
     name_or_path: str = spec("tiny", help="hub id, local folder, or 'tiny' (built locally)")
     train_mode: Literal["full", "lora", "head", "frozen"] = spec(
         "full", help="how the teacher is adapted to the labels")
