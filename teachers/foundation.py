@@ -37,6 +37,10 @@ class FoundationTeacher(TeacherAdapter):
     """
 
     input_names = ("signal",)
+    # kept in full precision by bitsandbytes: the patch embedding (P = 50 inputs, not a whole
+    # number of the CPU 4-bit kernel's 64-weight blocks; a few thousand weights) and the
+    # encoder's own classifier (unused)
+    quant_skip_modules = [r".*tokenizer\.proj", r".*classifier.*"]
     # the encoder's and latent attention's blocks, LAMAE's cross-lead reading included
     lora_targets = r".*(blocks\.\d+|latent_pool\.cross)\.(attn\.(q|kv|proj)|mlp\.(0|3))"
 
@@ -49,7 +53,8 @@ class FoundationTeacher(TeacherAdapter):
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
         backbone = load_backbone(AutoModel, name_or_path, load_in=load_in,
-                                 trust_remote_code=trust_remote_code, dtype=_DTYPES[dtype])
+                                 trust_remote_code=trust_remote_code,
+                                 skip_modules=self.quant_skip_modules, dtype=_DTYPES[dtype])
         if not isinstance(backbone, MaskedSignalModel):
             raise ValueError(f"foundation teacher: {name_or_path} is a "
                              f"{backbone.config.model_type} model, not a csfm or lamae encoder "

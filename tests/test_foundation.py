@@ -441,3 +441,19 @@ def test_pretraining_runs_under_bf16_autocast(family: str) -> None:
         out = model(signal(2))
     out.loss.backward()
     assert torch.isfinite(out.loss) and not model.encoder.classifier[1].weight.requires_grad
+
+
+def test_foundation_teacher_loads_in_4bit_keeping_the_patch_embedding(tmp_path: Path) -> None:
+    """bitsandbytes' CPU 4-bit kernel takes whole 64-weight blocks: the patch embedding
+    (50 inputs) stays in full precision, every block's Linear is quantized."""
+    torch.manual_seed(0)
+    folder = tmp_path / "lamae64"
+    wrapper("lamae", width=64, decoder_width=32).save_pretrained(folder)
+    teacher = teachers.create("foundation", folder, num_labels=2, load_in="4bit",
+                              train_mode="frozen").eval()
+    encoder = teacher.hf_model
+    assert type(encoder.tokenizer.proj).__name__ == "Linear"
+    assert type(encoder.blocks[0].attn.q).__name__ == "Linear4bit"
+    with torch.no_grad():
+        out = teacher(signal=signal(2))
+    assert out.logits.shape == (2, 2) and torch.isfinite(out.logits).all()
