@@ -415,6 +415,8 @@ def test_fm_teacher_recipe_runs_end_to_end_with_lead_to_lead_transport(tmp_path:
     report = (recipe.run_dir / "report.md").read_text()
     assert f"Teacher: foundation `{teacher}` (LAMAE), train mode full." in report
     assert (recipe.run_dir / "figures" / "transport_plan.png").stat().st_size > 0
+    assert re.search(r"Lead-to-lead transport \(leadformer/tiny, \d+ test records\): [0-9.]+ of "
+                     r"the transported mass stays on the same lead", report)
     results = json.loads((recipe.run_dir / "results.json").read_text())
     assert results["models"]["teacher"]["parameters"] > 0
 

@@ -400,6 +400,13 @@ def token_figures(jd: JobData, run_dir: Path, fig_dir: Path, records: int = 32) 
                           if teacher.reads_images() else
                           "teacher tokens, grouped by lead (– = spans several)")))
         drawn["plan_has_leads"] = has_leads(s_out)
+        if has_leads(s_out) and (t_out.token_leads >= 0).any():
+            same = (s_out.token_leads[:, None] == t_out.token_leads[None, :]).float()  # (Ns, Nt)
+            mass = ot.aux["plan"]  # (B, Ns, Nt)
+            share = (mass * same).sum((1, 2)) / mass.sum((1, 2))  # (B,)
+            drawn["same_lead"] = {"student": student_name(spec), "records": len(share),
+                                  "mean": float(share.mean()), "min": float(share.min()),
+                                  "max": float(share.max()), "blind": float(same.mean())}
     if "plan" not in drawn:
         drawn["plan_missing"] = "no distilled student with the OT term (distill.weights.ot = 0)"
     drawn["spectrum"] = str(plot_spectrum(spectra, fig_dir / "spectrum.png"))
@@ -455,6 +462,12 @@ def write_report(jd: JobData, run_dir: Path) -> Path:
         lines += ["![training curves](figures/training_curves.png)", ""]
     if "plan" in tokens:
         lines += ["![transport plan](figures/transport_plan.png)", ""]
+        if "same_lead" in tokens:
+            d = tokens["same_lead"]
+            lines += [f"Lead-to-lead transport ({d['student']}, {d['records']} test records): "
+                      f"{d['mean']:.3f} of the transported mass stays on the same lead "
+                      f"(per record {d['min']:.3f}–{d['max']:.3f}); a plan blind to leads "
+                      f"would keep {d['blind']:.3f}.", ""]
     else:
         lines += [f"No transport plan: {tokens['plan_missing']}.", ""]
     lines += ["![singular-value spectrum](figures/spectrum.png)", ""]
