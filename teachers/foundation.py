@@ -12,6 +12,7 @@ same weights. Train modes as for every teacher: full, lora, head, frozen.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,9 +53,18 @@ class FoundationTeacher(TeacherAdapter):
 
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
-        backbone = load_backbone(AutoModel, name_or_path, load_in=load_in,
-                                 trust_remote_code=trust_remote_code,
-                                 skip_modules=self.quant_skip_modules, dtype=_DTYPES[dtype])
+        local = Path(str(name_or_path)).expanduser()
+        if (os.sep in str(name_or_path) or str(name_or_path).startswith((".", "~"))) \
+                and not local.exists():
+            raise ValueError(f"foundation teacher: {name_or_path} does not exist; make it with "
+                             f"`ecg-distill pretrain` (its RUN/pretrain/best)")
+        try:
+            backbone = load_backbone(AutoModel, name_or_path, load_in=load_in,
+                                     trust_remote_code=trust_remote_code,
+                                     skip_modules=self.quant_skip_modules, dtype=_DTYPES[dtype])
+        except (OSError, ValueError) as exc:  # not a model folder; a hub id not cached here
+            raise ValueError(f"foundation teacher: cannot load {name_or_path}: "
+                             f"{str(exc).splitlines()[0]}") from None
         if not isinstance(backbone, MaskedSignalModel):
             raise ValueError(f"foundation teacher: {name_or_path} is a "
                              f"{backbone.config.model_type} model, not a csfm or lamae encoder "

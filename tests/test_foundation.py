@@ -263,6 +263,13 @@ def test_foundation_teacher_refuses_other_models(tmp_path: Path) -> None:
     students.create("xresnet1d", "tiny", num_labels=2).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="is a ecg_xresnet1d model, not a csfm or lamae encoder"):
         teachers.create("foundation", tmp_path, num_labels=2)
+    with pytest.raises(ValueError, match=re.escape(
+            f"foundation teacher: {tmp_path / 'none'} does not exist; make it with "
+            f"`ecg-distill pretrain`")):
+        teachers.create("foundation", tmp_path / "none", num_labels=2)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="foundation teacher: cannot load .*empty"):
+        teachers.create("foundation", tmp_path / "empty", num_labels=2)
 
 
 def test_foundation_teacher_reads_a_lead_subset_with_the_same_weights(tmp_path: Path) -> None:
