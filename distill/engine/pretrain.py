@@ -170,11 +170,11 @@ def run_pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False,
     """
     out = pretrain_folder(recipe)
     summary_file = out / SUMMARY
-    if force and out.exists():
-        shutil.rmtree(out)
     data = load_data(recipe.data, progress=progress)
     extra = load_transfer(recipe.data, recipe.pretrain.extra, data, progress=progress)
     job = pretrain_job(recipe, data, extra)
+    if force and out.exists():  # only once the data and the model are known to load
+        shutil.rmtree(out)
     if summary_file.exists():
         done = json.loads(summary_file.read_text())
         if done.get("fingerprint") == job.fingerprint:

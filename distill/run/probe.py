@@ -200,13 +200,13 @@ def run_probe(checkpoint: str | Path, data: str | Path, *, out: str | Path | Non
     out = Path(out) if out is not None else checkpoint.parent / "probe"
     if (out / "probe.json").exists() and not force:
         raise ECGDistillError(f"{out}/probe.json exists; --force replaces it")
+    ds = load_probe_data(data, config, progress=progress)  # bad data: nothing removed yet
     # earlier results (with --force) or an interrupted probe's fine-tuning folders: only
     # what a probe writes is removed, nothing else in ``out``
     for name in ("probe.json", "predictions.npz"):
         (out / name).unlink(missing_ok=True)
     for folder in [*out.glob("finetune-*"), *out.glob("scratch-*")]:
         shutil.rmtree(folder)
-    ds = load_probe_data(data, config, progress=progress)
     test = ds.splits["test"]
     y_test = ds.labels[test]
     samples = bootstrap_samples(y_test, bootstrap, seed)
