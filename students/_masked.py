@@ -7,8 +7,7 @@ from typing import Any
 
 from transformers import AutoModelForPreTraining
 
-from distill.models.masked import (MASK_STRATEGIES, ECGForMaskedModeling, MaskedSignalConfig,
-                                   MaskedSignalModel)
+from distill.models.masked import ECGForMaskedModeling, MaskedSignalConfig, MaskedSignalModel
 from students._registry import check_options, get_preset, register_family, register_preset
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from distill.core.leads import canonical_lead_names
 from distill.models import csfm, lamae  # noqa: F401  (register the models with AutoModel)
 from distill.models.base import check_signal
 from distill.models.masked import MaskedSignalModel
@@ -70,7 +71,7 @@ class FoundationTeacher(TeacherAdapter):
                              f"{backbone.config.model_type} model, not a csfm or lamae encoder "
                              f"(pretrain one with `ecg-distill pretrain`)")
         if leads is not None:
-            backbone.config.leads = list(backbone.config.__class__(leads=list(leads)).leads)
+            backbone.config.leads = list(canonical_lead_names(list(leads)))  # ValueError if bad
         super().__init__(backbone=backbone, hidden_size=backbone.pooled_size,
                          num_labels=num_labels, id2label=id2label, train_mode=train_mode,
                          load_in=load_in, source=str(name_or_path),

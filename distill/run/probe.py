@@ -192,11 +192,9 @@ def run_probe(checkpoint: str | Path, data: str | Path, *, out: str | Path | Non
         ECGDistillError: not a masked-pretrained model, data it cannot read, or results
             already in ``out`` (without ``force``).
     """
-    from transformers import AutoConfig
-
     checkpoint = Path(checkpoint)
     encoder = load_encoder(checkpoint)
-    config = AutoConfig.from_pretrained(checkpoint)
+    config = encoder.config
     out = Path(out) if out is not None else checkpoint.parent / "probe"
     if (out / "probe.json").exists() and not force:
         raise ECGDistillError(f"{out}/probe.json exists; --force replaces it")
@@ -226,7 +224,7 @@ def run_probe(checkpoint: str | Path, data: str | Path, *, out: str | Path | Non
                                                                   | set(finetune_fractions))}
     feats = {}
     for name, leads in LEAD_SETS.items():
-        reader = load_encoder(checkpoint, leads=leads)  # the same weights, other leads
+        reader = encoder if leads is None else load_encoder(checkpoint, leads=leads)  # same weights
         feats[name] = (embeddings(reader, ds, ds.splits["train"]), embeddings(reader, ds, test))
     train_pos = {int(r): i for i, r in enumerate(ds.splits["train"])}
     full_train, full_test = feats["12 leads"]
