@@ -1,7 +1,9 @@
-"""The ``foundation`` teacher: a masked-pretrained signal foundation model (CSFM, LAMAE).
+"""The ``foundation`` teacher: a pretrained signal foundation model (CSFM, LAMAE, Hypnos).
 
-``name_or_path`` is a folder (or hub id) of a ``csfm`` or ``lamae`` model: the ``best/`` of
-``ecg-distill pretrain`` (its decoder is dropped on loading) or any saved encoder. The
+``name_or_path`` is a folder (or hub id) of a ``csfm``, ``lamae`` or ``hypnos`` model: the
+``best/`` of ``ecg-distill pretrain`` (its decoder or depth transformer is dropped on
+loading) or any saved encoder. A Hypnos model carries its RVQ tokenizer, which never
+trains (its codes are the model's input). The
 adapter reads the teacher's signal view, gives the encoder's tokens (one per lead and
 patch, so ``token_leads`` is exact and OT lead matching has real leads on the teacher's
 side) and its pooled embedding, which the adapter's head reads. The encoder is
@@ -20,6 +22,7 @@ import torch
 from distill.core.leads import canonical_lead_names
 from distill.models import csfm, lamae  # noqa: F401  (register the models with AutoModel)
 from distill.models.base import check_signal
+from distill.models.hypnos import HypnosModel
 from distill.models.masked import MaskedSignalModel
 from teachers.base import TeacherAdapter, load_backbone, register_teacher
 
@@ -66,10 +69,10 @@ class FoundationTeacher(TeacherAdapter):
         except (OSError, ValueError) as exc:  # not a model folder; a hub id not cached here
             raise ValueError(f"foundation teacher: cannot load {name_or_path}: "
                              f"{str(exc).splitlines()[0]}") from None
-        if not isinstance(backbone, MaskedSignalModel):
+        if not isinstance(backbone, (MaskedSignalModel, HypnosModel)):
             raise ValueError(f"foundation teacher: {name_or_path} is a "
-                             f"{backbone.config.model_type} model, not a csfm or lamae encoder "
-                             f"(pretrain one with `ecg-distill pretrain`)")
+                             f"{backbone.config.model_type} model, not a csfm, lamae or hypnos "
+                             f"encoder (pretrain one with `ecg-distill pretrain`)")
         if leads is not None:
             backbone.config.leads = list(canonical_lead_names(list(leads)))  # ValueError if bad
         super().__init__(backbone=backbone, hidden_size=backbone.pooled_size,
@@ -92,8 +95,8 @@ class FoundationTeacher(TeacherAdapter):
             config = AutoConfig.from_pretrained(str(name_or_path))
         except (OSError, ValueError):
             return None
-        name = {"ecg_csfm": "CSFM", "ecg_lamae": "LAMAE"}.get(config.model_type,
-                                                               config.model_type)
+        name = {"ecg_csfm": "CSFM", "ecg_lamae": "LAMAE", "ecg_hypnos": "Hypnos"}.get(
+            config.model_type, config.model_type)
         if config.model_type == "ecg_lamae" and not getattr(config, "cross_lead", True):
             name += " (independent leads)"
         return name
@@ -113,8 +116,10 @@ class FoundationTeacher(TeacherAdapter):
                                       generator=generator)}
 
     def unused_parameter_names(self) -> set[str]:
-        """The encoder's own classifier (the adapter's head replaces it)."""
-        return {n for n, _ in self.hf_model.named_parameters() if n.startswith("classifier.")}
+        """The encoder's own classifier (the adapter's head replaces it) and a Hypnos model's
+        tokenizer (fixed: its codes are the input)."""
+        return {n for n, _ in self.hf_model.named_parameters()
+                if n.startswith(("classifier.", "tokenizer."))}
 
     def forward_features(self, signal: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

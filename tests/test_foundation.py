@@ -261,7 +261,7 @@ class TestFoundationTeachers(ModelTester):
 
 def test_foundation_teacher_refuses_other_models(tmp_path: Path) -> None:
     students.create("xresnet1d", "tiny", num_labels=2).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="is a ecg_xresnet1d model, not a csfm or lamae encoder"):
+    with pytest.raises(ValueError, match="is a ecg_xresnet1d model, not a csfm, lamae or hypnos encoder"):
         teachers.create("foundation", tmp_path, num_labels=2)
     with pytest.raises(ValueError, match=re.escape(
             f"foundation teacher: {tmp_path / 'none'} does not exist; make it with "
@@ -398,7 +398,7 @@ def test_probe_refuses_models_that_are_not_masked_encoders(tmp_path: Path) -> No
     from distill.run.probe import load_encoder
 
     students.create("xresnet1d", "tiny", num_labels=2).save_pretrained(tmp_path)
-    with pytest.raises(ECGDistillError, match="a ecg_xresnet1d model; probing takes a masked"):
+    with pytest.raises(ECGDistillError, match="a ecg_xresnet1d model; probing takes a pretrained encoder"):
         load_encoder(tmp_path)
 
 

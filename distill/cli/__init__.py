@@ -73,10 +73,14 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     s = run_pretrain(recipe, resume=args.resume, force=args.force, progress=not args.quiet)
-    mse = "–" if s["best_val_mse"] is None else f"{s['best_val_mse']:.4f}"
-    print(f"pretrained {s['family']}/{s['size']} ({s['encoder_parameters']:,} encoder "
-          f"parameters) on {s['records']['train']} records: best validation reconstruction "
-          f"MSE {mse} (epoch {s['best_epoch']}); model in {s['model']}")
+    loss = "–" if s["best_val_loss"] is None else f"{s['best_val_loss']:.4f}"
+    what = {"rvq": "reconstruction MSE + commitment", "hypnos": "next-code cross-entropy (nats)"
+            }.get(s["family"], "reconstruction MSE of the hidden patches")
+    size = s.get("encoder_parameters", s.get("parameters"))
+    print(f"pretrained {s['family']}/{s['size']} ({size:,} "
+          f"{'encoder ' if 'encoder_parameters' in s else ''}parameters) on "
+          f"{s['records']['train']} records: best validation {what} {loss} (epoch "
+          f"{s['best_epoch']}); model in {s['model']}")
     return 0
 
 
@@ -85,10 +89,10 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
     result = run_probe(args.checkpoint, args.data, out=args.out, fractions=args.fractions,
                        finetune_fractions=args.finetune_fractions, epochs=args.epochs,
-                       lr=args.lr, bootstrap=args.bootstrap, seed=args.seed, force=args.force,
-                       progress=not args.quiet)
+                       lr=args.lr, bootstrap=args.bootstrap, seed=args.seed, label=args.label,
+                       force=args.force, progress=not args.quiet)
     print(format_probe(result))
-    print(f"wrote {result['out']}/probe.json")
+    print(f"wrote {result['out']}/{'codec' if result.get('kind') == 'codec' else 'probe'}.json")
     return 0
 
 
@@ -343,9 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="masked self-supervised pretraining of a foundation "
                                         "model (the recipe's pretrain section)",
-                       description="Pretrain a CSFM or LAMAE model by masked reconstruction on "
-                                   "the data section's training folds (labels ignored) and "
-                                   "pretrain.extra; writes RUN/pretrain/best (the encoder loads "
+                       description="Pretrain a foundation model on the data section's training "
+                                   "folds (labels ignored) and pretrain.extra: CSFM or LAMAE by "
+                                   "masked reconstruction, the RVQ tokenizer (family rvq), or "
+                                   "Hypnos' next-token prediction over a tokenizer's codes "
+                                   "(family hypnos); writes RUN/pretrain/best (the encoder loads "
                                    "with AutoModel, the decoder dropped).")
     _add_recipe_args(p)
     p.add_argument("--resume", action="store_true",
@@ -356,12 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("probe", help="linear probing, fine-tuning, label efficiency, lead "
                                      "subsets and reconstruction of a pretrained encoder",
-                       description="The seed papers' protocols for a pretrained CSFM or LAMAE "
-                                   "(a pretraining best/ folder): linear probes at 1/10/100%% of "
-                                   "the training labels, fine-tuning against the same "
-                                   "architecture from scratch, probes on lead I and the limb "
-                                   "leads with the same weights, and the test fold's "
-                                   "reconstruction error for every mask strategy.")
+                       description="The seed papers' protocols for a pretrained CSFM, LAMAE or "
+                                   "Hypnos (a pretraining best/ folder): linear and MLP probes "
+                                   "at 1/10/100%% of the training labels, fine-tuning against "
+                                   "the same architecture from scratch, probes on lead I and the "
+                                   "limb leads with the same weights, and the test fold's "
+                                   "reconstruction error for every mask strategy. For an RVQ "
+                                   "tokenizer: PRD and Pearson r per lead, codebook usage and "
+                                   "PRD against bits per second for every depth.")
     p.add_argument("checkpoint", help="a pretraining best/ folder or a saved encoder")
     p.add_argument("--data", required=True,
                    help="a recipe file (its data section, e.g. recipes/quickstart.yaml) or a "
@@ -374,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="subset, training and bootstrap seed")
+    p.add_argument("--label", default=None, help="one class also scored on its own (e.g. AFIB "
+                                                 "on the rhythm task)")
     p.add_argument("--out", default=None, help="output folder (default: beside the checkpoint, "
                                                "probe/)")
     p.add_argument("--force", action="store_true", help="replace earlier results in --out")

@@ -1,9 +1,15 @@
-"""Masked self-supervised pretraining of a foundation-model family (``ecg-distill pretrain``).
+"""Self-supervised pretraining of a foundation-model family (``ecg-distill pretrain``).
 
-The recipe's ``pretrain`` section names the family (csfm, lamae), size, mask and any extra
-records; the data section's training folds (labels never read) and the extra records train,
-the validation fold's reconstruction error (one fixed mask per record) picks the best
-epoch. Training is :func:`distill.engine.train.fit`: the same Accelerate loop, checkpoints,
+The recipe's ``pretrain`` section names the family, size, options and any extra records;
+the data section's training folds (labels never read) and the extra records train. What is
+learned, and what picks the best epoch on the validation fold, depends on the family:
+
+- csfm, lamae: masked modelling; the reconstruction error of the hidden patches (one fixed
+  mask per record);
+- rvq: the RVQ tokenizer; reconstruction MSE plus commitment loss;
+- hypnos: next-token prediction over a trained tokenizer's codes (``pretrain.tokenizer``);
+  the cross-entropy of the codes.
+ Training is :func:`distill.engine.train.fit`: the same Accelerate loop, checkpoints,
 exact resume and progress output as every other job.
 
 Written under ``<run>/pretrain/``: ``best/`` (the pretraining model, encoder + decoder:
@@ -34,11 +40,13 @@ from distill.data.dataset import ECGData, ECGSplit, SignalView
 from distill.data.load import load_data
 from distill.data.transfer import MixedSet, load_transfer
 from distill.engine.accel import process_state
-from distill.engine.jobs import augmentation, normalization, train_settings
+from distill.engine.jobs import augmentation, local_weights, normalization, train_settings
 from distill.engine.train import EvalResult, TrainJob, fit
 from distill.recipe import Recipe
+from distill.models.hypnos import HypnosForNextToken, tokenizer_fields
 from distill.models.masked import ECGForMaskedModeling, record_generators
-from students._masked import pretraining_model
+from distill.models.rvq import RVQTokenizer, RVQTokenizerConfig
+from students._masked import masked_families, pretraining_model
 
 PRETRAIN_DIR = "pretrain"
 SUMMARY = "pretrain.json"
@@ -51,20 +59,51 @@ def pretrain_folder(recipe: Recipe) -> Path:
     return recipe.run_dir / PRETRAIN_DIR
 
 
-def build_model(recipe: Recipe, data: ECGData) -> ECGForMaskedModeling:
-    """The recipe's pretraining model for ``data``'s rate and record length (random)."""
+def build_model(recipe: Recipe, data: ECGData) -> nn.Module:
+    """The recipe's pretraining model for ``data``'s rate and record length (random; a
+    hypnos model over the recipe's trained tokenizer)."""
     p = recipe.pretrain
     fields = {**p.options, "sampling_rate": data.sampling_rate,
-              "input_samples": int(data.store.shape[-1]), "mask_ratio": p.mask.ratio,
-              "mask_block": p.mask.block}
-    if p.mask.strategy is not None:  # else the family's own default
-        fields["mask_strategy"] = p.mask.strategy
+              "input_samples": int(data.store.shape[-1])}
+    if p.family in masked_families():
+        fields.update(mask_ratio=p.mask.ratio, mask_block=p.mask.block)
+        if p.mask.strategy is not None:  # else the family's own default
+            fields["mask_strategy"] = p.mask.strategy
+    tokenizer = None
+    if p.family == "hypnos":
+        tokenizer = load_tokenizer(p.tokenizer, data)
+        fields["rvq"] = tokenizer_fields(tokenizer.config)
     try:
         model = pretraining_model(p.family, p.size, **fields)
     except ValueError as exc:
         raise ECGDistillError(f"pretrain.options: {exc}") from None
+    if tokenizer is not None:
+        model.encoder.tokenizer.load_state_dict(tokenizer.state_dict())
     model.config.normalization = normalization(data)
     return model
+
+
+def load_tokenizer(folder: str | Path, data: ECGData) -> RVQTokenizer:
+    """A trained RVQ tokenizer that reads ``data`` as this run scales it, else a one-line
+    error naming the folder."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise ECGDistillError(f"pretrain.tokenizer: {folder} holds no saved model; train one "
+                              f"with `ecg-distill pretrain` (family rvq) first")
+    config = AutoConfig.from_pretrained(folder)
+    if not isinstance(config, RVQTokenizerConfig):
+        raise ECGDistillError(f"pretrain.tokenizer: {folder} is a {config.model_type} model, "
+                              f"not an RVQ tokenizer")
+    if int(config.sampling_rate) != int(data.sampling_rate):
+        raise ECGDistillError(f"pretrain.tokenizer: {folder} reads {config.sampling_rate} Hz, "
+                              f"the data is at {data.sampling_rate} Hz")
+    if getattr(config, "normalization", None) != normalization(data):
+        raise ECGDistillError(f"pretrain.tokenizer: {folder} was trained on data scaled "
+                              f"otherwise than this run's (data.scaler and the training folds "
+                              f"must be the same)")
+    return RVQTokenizer.from_pretrained(folder, input_samples=int(data.store.shape[-1])).eval()
 
 
 def reconstruction_error(model: ECGForMaskedModeling, dataset: Any, *, ratio: float | None = None,
@@ -101,13 +140,50 @@ def reconstruction_error(model: ECGForMaskedModeling, dataset: Any, *, ratio: fl
     return {"mse": mse, "nmse": mse / var if var > 0 else float("nan")}
 
 
+def mean_loss(model: nn.Module, loader: DataLoader, *, accelerator: Any = None,
+              progress: bool = False) -> float:
+    """The model's own loss averaged over the records of ``loader`` (eval mode; with
+    ``accelerator``, every process's records)."""
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # weighted loss, records
+    with torch.no_grad():
+        for batch in progress_bar(loader, enabled=progress, desc="validation", leave=False,
+                                  unit="batch"):
+            n = batch["signal"].shape[0]
+            loss = model(signal=batch["signal"].to(device)).loss
+            sums += torch.stack([loss.double() * n, torch.tensor(float(n), dtype=torch.float64,
+                                                                 device=device)])
+    if accelerator is not None and accelerator.num_processes > 1:
+        sums = accelerator.reduce(sums, reduction="sum")
+    return float(sums[0] / sums[1].clamp_min(1.0))
+
+
 def _validate(accelerator: Any, model: nn.Module, loader: DataLoader, progress: bool
               ) -> EvalResult:
-    err = reconstruction_error(model, loader, accelerator=accelerator,
-                               progress=progress and accelerator.is_local_main_process)
+    show = progress and accelerator.is_local_main_process
+    if isinstance(accelerator.unwrap_model(model), ECGForMaskedModeling):
+        loss = reconstruction_error(model, loader, accelerator=accelerator, progress=show)["mse"]
+    else:
+        loss = mean_loss(model, loader, accelerator=accelerator, progress=show)
     empty = np.zeros((0,))
-    return EvalResult(loss=err["mse"], macro_auc=float("nan"), label_auc=[], index=empty,
-                      probs=empty, labels=empty, score=-err["mse"])
+    return EvalResult(loss=loss, macro_auc=float("nan"), label_auc=[], index=empty,
+                      probs=empty, labels=empty, score=-loss)
+
+
+def _parameter_counts(model: nn.Module) -> dict[str, int]:
+    """What the summary reports of a pretraining model's size."""
+    def count(m: nn.Module) -> int:
+        return int(sum(t.numel() for t in m.parameters()))
+
+    if isinstance(model, ECGForMaskedModeling):
+        return {"encoder_parameters": count(model.encoder),
+                "decoder_parameters": count(model.decoder)}
+    if isinstance(model, HypnosForNextToken):
+        return {"encoder_parameters": count(model.encoder) - count(model.encoder.tokenizer),
+                "depth_parameters": count(model.depth),
+                "tokenizer_parameters": count(model.encoder.tokenizer)}
+    return {"parameters": count(model)}
 
 
 def pretrain_sets(recipe: Recipe, data: ECGData, extra: ECGData | None
@@ -129,10 +205,12 @@ def pretrain_settings(recipe: Recipe) -> dict[str, Any]:
     train = train_settings(recipe)
     train.update({k: v for k, v in (("epochs", p.epochs), ("lr", p.lr),
                                     ("batch_size", p.batch_size)) if v is not None})
-    return {"seed": recipe.seed, "pretrain": {k: v for k, v in
-                                              dataclasses.asdict(p).items()
-                                              if k not in ("epochs", "lr", "batch_size")},
-            "train": train}
+    settings = {"seed": recipe.seed, "train": train,
+                "pretrain": {k: v for k, v in dataclasses.asdict(p).items()
+                             if k not in ("epochs", "lr", "batch_size")}}
+    if p.tokenizer is not None:  # a tokenizer re-trained in place is a new one
+        settings["tokenizer_weights"] = local_weights(p.tokenizer)
+    return settings
 
 
 def pretrain_job(recipe: Recipe, data: ECGData, extra: ECGData | None) -> TrainJob:
@@ -186,21 +264,21 @@ def run_pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False,
     cfg = dataclasses.replace(recipe.train, batch_size=p.batch_size or recipe.train.batch_size)
     result = fit(job, cfg, out, seed=recipe.seed, resume=resume, progress=progress,
                  epochs=p.epochs, lr=p.lr)
-    encoder = job.model.encoder
     summary = {
         "family": p.family, "size": p.size, "fingerprint": job.fingerprint,
-        "encoder_parameters": int(encoder.num_parameters()),
-        "decoder_parameters": int(job.model.decoder.num_parameters()
-                                  if hasattr(job.model.decoder, "num_parameters")
-                                  else sum(t.numel() for t in job.model.decoder.parameters())),
-        "mask": dataclasses.asdict(p.mask), "options": dict(p.options),
+        **_parameter_counts(job.model),
+        "options": dict(p.options),
         "records": {"train": len(job.train_set), "val": len(job.val_set)},
         "best_epoch": result.metrics["best_epoch"],
-        "best_val_mse": -result.metrics["best_val_macro_auc"]
+        "best_val_loss": -result.metrics["best_val_macro_auc"]
         if result.metrics["best_val_macro_auc"] is not None else None,
         "seconds": result.metrics["seconds_this_session"],
         "model": str(result.best_folder),
     }
+    if p.family in masked_families():
+        summary["mask"] = dataclasses.asdict(p.mask)
+    if p.tokenizer is not None:
+        summary["tokenizer"] = p.tokenizer
     if process_state().is_main_process:
         atomic_write_text(summary_file, json.dumps(summary, indent=1))
     return summary

@@ -28,7 +28,8 @@ from distill.core.leads import lead_indices
 from distill.data.synth import patient_id_range
 from distill.core.schema import closest, spec, to_dict, to_hash_dict, unknown_key
 from distill.losses import loss_families
-from students._masked import masked_families
+from students._masked import (check_pretraining_options, pretraining_families,
+                              pretraining_sizes)
 
 Task = Literal["all", "diagnostic", "subdiagnostic", "superdiagnostic", "form", "rhythm"]
 
@@ -522,22 +523,30 @@ class PretrainConfig:
     pretrain``): the data section's training folds (labels ignored) plus ``extra``, the
     validation fold for the reconstruction error that picks the best epoch."""
 
-    family: str = spec("lamae", help="a family with masked pretraining (csfm, lamae)")
+    family: str = spec("lamae", help="what to pretrain: csfm or lamae (masked modelling), rvq "
+                                     "(the RVQ tokenizer) or hypnos (next-token prediction "
+                                     "over a tokenizer's codes)")
     size: str = spec("tiny", help="size preset")
     options: dict[str, Any] = spec(default_factory=dict,
                                    help="preset dials or config fields, e.g. {cross_lead: false}")
     mask: MaskConfig = spec(default_factory=MaskConfig)
+    tokenizer: str | None = spec(None, help="hypnos: the trained RVQ tokenizer's folder "
+                                            "(an rvq pretraining's RUN/pretrain/best)")
     extra: PretrainDataConfig = spec(default_factory=PretrainDataConfig)
     epochs: int | None = spec(None, help="null = train.epochs", ge=1)
     lr: float | None = spec(None, help="null = train.lr", gt=0, lt=1)
     batch_size: int | None = spec(None, help="null = train.batch_size", ge=1)
 
     def validate(self, path: str) -> None:
-        _check_choice(f"{path}.family", self.family, masked_families())
-        _check_choice(f"{path}.size", self.size,
-                      [s for f, s in students.presets() if f == self.family])
+        _check_choice(f"{path}.family", self.family, pretraining_families())
+        _check_choice(f"{path}.size", self.size, pretraining_sizes(self.family))
+        if (self.family == "hypnos") != (self.tokenizer is not None):
+            raise RecipeError(f"{path}.tokenizer: " + (
+                "hypnos models a trained tokenizer's codes; name its folder (an rvq "
+                "pretraining's RUN/pretrain/best)" if self.family == "hypnos" else
+                f"only hypnos reads a tokenizer, not {self.family}"))
         try:
-            students.check_options(self.family, self.options)
+            check_pretraining_options(self.family, self.options)
         except ValueError as exc:
             raise RecipeError(f"{path}.options: {exc}") from None
         why = {"mask_ratio": f"set it with {path}.mask.ratio",

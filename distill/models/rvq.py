@@ -1,0 +1,216 @@
+"""An ECG tokenizer by residual vector quantization (RVQ): the discrete front end of the
+tokenized foundation models (Hypnos, CLMT; ``hypnos.py``, ``translator.py``).
+
+Each lead is tokenized on its own with the same weights: a small 1-D convolutional encoder
+turns every patch of ``patch_size`` samples into one latent vector (its receptive field
+reaches into the neighbouring patches, so patch edges reconstruct smoothly), and
+``vector_quantize_pytorch.ResidualVQ`` quantizes it with K codebooks of C codes, each
+quantizing what the previous ones left over. A mirrored decoder maps the summed codes back
+to samples. A record [B, L, T] becomes codes [B, L, N, K] (N = ceil(T / patch_size)): at
+``K * log2(C)`` bits per patch, ``bits_per_second`` per lead.
+
+The codebooks are learned by exponential moving averages (the library's default), seeded by
+k-means on the first batch, and a code no vector chose for a while is replaced by a vector
+of the batch (``dead_code_threshold``). Trained with quantizer dropout (a random depth per
+batch), so the first k < K codes alone decode to a coarser signal: one model gives the whole
+rate-distortion curve (:func:`distill.metrics.signal.prd` against bits per second).
+Trained with ``ecg-distill pretrain`` (recipe ``pretrain.family: rvq``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from distill.models.base import ECGStudentConfig, check_signal
+
+
+class RVQTokenizerConfig(ECGStudentConfig):
+    """Settings of the RVQ tokenizer.
+
+    Args:
+        patch_size: samples per token step (one code stack per lead per patch).
+        stem_channels: channels of the convolutions at the sample rate.
+        hidden_size: channels at the patch rate.
+        codebook_dim: the quantized latent's width.
+        num_quantizers: K, the residual codebooks (the depth).
+        codebook_size: C, codes per codebook (a power of two: log2(C) bits per code).
+        commitment_weight: the encoder's commitment loss weight.
+        codebook_decay: EMA decay of the codebooks.
+        dead_code_threshold: a code chosen fewer times than this (EMA count) is replaced.
+        quantize_dropout: train with a random depth per batch (needed to decode k < K codes).
+    """
+
+    model_type = "ecg_rvq"
+
+    patch_size: int = 40  # 0.4 s at 100 Hz
+    stem_channels: int = 32
+    hidden_size: int = 128
+    codebook_dim: int = 64
+    num_quantizers: int = 8
+    codebook_size: int = 256
+    commitment_weight: float = 0.25
+    codebook_decay: float = 0.9
+    dead_code_threshold: float = 2.0
+    quantize_dropout: bool = True
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        if self.patch_size < 1 or self.num_quantizers < 1:
+            raise ValueError(f"ecg_rvq: patch_size and num_quantizers must be >= 1, got "
+                             f"{self.patch_size} and {self.num_quantizers}")
+        if self.codebook_size < 2 or self.codebook_size & (self.codebook_size - 1):
+            raise ValueError(f"ecg_rvq: codebook_size must be a power of two >= 2, got "
+                             f"{self.codebook_size}")
+        super().__post_init__(**kwargs)
+
+    @property
+    def num_patches(self) -> int:
+        """Token steps per lead, N = ceil(input_samples / patch_size)."""
+        return math.ceil(self.input_samples / self.patch_size)
+
+    @property
+    def bits_per_code(self) -> float:
+        return math.log2(self.codebook_size)
+
+    def bits_per_second(self, depth: int | None = None) -> float:
+        """Bits per second of one lead with the first ``depth`` codebooks (default: all)."""
+        k = self.num_quantizers if depth is None else depth
+        return k * self.bits_per_code * self.sampling_rate / self.patch_size
+
+
+@dataclass
+class RVQOutput(ModelOutput):
+    """loss: reconstruction MSE + commitment; reconstruction [B, L, T]; codes [B, L, N, K]
+    (int64); commit_loss: the commitment part; mse: the reconstruction part."""
+
+    loss: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+    commit_loss: torch.Tensor | None = None
+    mse: torch.Tensor | None = None
+
+
+def _conv(cin: int, cout: int, kernel: int) -> nn.Conv1d:
+    return nn.Conv1d(cin, cout, kernel, padding=kernel // 2)
+
+
+class _Residual(nn.Module):
+    """x + conv(GELU(conv(x))): a residual block at one rate."""
+
+    def __init__(self, channels: int, kernel: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.GELU(), _conv(channels, channels, kernel), nn.GELU(),
+                                  _conv(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class RVQTokenizer(PreTrainedModel):
+    """The tokenizer (module docstring). ``forward`` trains it; :meth:`encode` and
+    :meth:`decode` are the codec."""
+
+    config_class = RVQTokenizerConfig
+    config: RVQTokenizerConfig
+    base_model_prefix = "rvq"
+    main_input_name = "signal"
+    input_names = ("signal",)
+    family = "rvq"
+
+    def __init__(self, config: RVQTokenizerConfig) -> None:
+        from vector_quantize_pytorch import ResidualVQ
+
+        super().__init__(config)
+        s, h, d, p = (config.stem_channels, config.hidden_size, config.codebook_dim,
+                      config.patch_size)
+        self.encoder = nn.Sequential(
+            _conv(1, s, 7), _Residual(s, 5),
+            nn.Conv1d(s, h, p, stride=p),  # one vector per patch
+            _Residual(h, 3), _Residual(h, 3), nn.GELU(), _conv(h, d, 1))
+        self.quantizer = ResidualVQ(
+            dim=d, num_quantizers=config.num_quantizers, codebook_size=config.codebook_size,
+            decay=config.codebook_decay, commitment_weight=config.commitment_weight,
+            kmeans_init=True, kmeans_iters=10,
+            threshold_ema_dead_code=config.dead_code_threshold,
+            quantize_dropout=config.quantize_dropout and config.num_quantizers > 1)
+        self.decoder = nn.Sequential(
+            _conv(d, h, 3), _Residual(h, 3), _Residual(h, 3), nn.GELU(),
+            nn.ConvTranspose1d(h, s, p, stride=p),  # back to samples
+            _Residual(s, 5), nn.GELU(), _conv(s, 1, 7))
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # PyTorch's own initialisation of the convolutions; the codebooks by k-means
+        return
+
+    def _latents(self, signal: torch.Tensor) -> torch.Tensor:
+        """[B, L, T] -> [B*L, N, d]: every lead on its own, zero-padded to N patches."""
+        b, l, t = signal.shape
+        pad = self.config.num_patches * self.config.patch_size - t
+        x = F.pad(signal.reshape(b * l, 1, t), (0, pad))
+        return self.encoder(x).transpose(1, 2)  # (B*L, N, d)
+
+    def _samples(self, latents: torch.Tensor, batch: int) -> torch.Tensor:
+        """[B*L, N, d] -> [B, L, T]."""
+        x = self.decoder(latents.transpose(1, 2))  # (B*L, 1, N*P)
+        return x[..., :self.config.input_samples].reshape(batch, -1, self.config.input_samples)
+
+    def forward(self, signal: torch.Tensor, **kwargs: Any) -> RVQOutput:
+        """Encode, quantize and decode ``signal`` [B, L, T]; the loss is the reconstruction
+        MSE plus the commitment loss (the codebooks learn by EMA, in training mode only).
+        Other batch entries (``**kwargs``) are ignored."""
+        signal = check_signal(signal, self.config, self.family).to(self.dtype)
+        b, l, _ = signal.shape
+        quantized, codes, commit = self.quantizer(self._latents(signal).float())
+        reconstruction = self._samples(quantized.to(self.dtype), b)
+        mse = F.mse_loss(reconstruction, signal)
+        commit = commit.sum()
+        n, k = codes.shape[1], codes.shape[2]
+        return RVQOutput(loss=mse + commit, reconstruction=reconstruction,
+                         codes=codes.view(b, l, n, k), commit_loss=commit, mse=mse)
+
+    @torch.no_grad()
+    def encode(self, signal: torch.Tensor) -> torch.Tensor:
+        """signal [B, L, T] -> codes [B, L, N, K] (int64), deterministic (no EMA update)."""
+        signal = check_signal(signal, self.config, self.family).to(self.dtype)
+        was = self.training
+        self.eval()
+        try:
+            b, l, _ = signal.shape
+            _, codes, _ = self.quantizer(self._latents(signal).float())
+        finally:
+            self.train(was)
+        return codes.reshape(b, l, codes.shape[1], codes.shape[2])
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """codes [B, L, N, K'] (K' <= K) -> signal [B, L, T] from the first ``depth`` codebooks
+        (default: every one given)."""
+        b, l, n, k = codes.shape
+        if n != self.config.num_patches or not 1 <= k <= self.config.num_quantizers:
+            raise ValueError(f"rvq decodes codes [B, L, {self.config.num_patches}, <="
+                             f"{self.config.num_quantizers}], got {list(codes.shape)}")
+        depth = k if depth is None else depth
+        if not 1 <= depth <= k:
+            raise ValueError(f"rvq: depth must be in 1..{k}, got {depth}")
+        latents = self.code_vectors(codes[..., :depth]).sum(dim=0)  # (B*L, N, d)
+        return self._samples(latents.to(self.dtype), b)
+
+    def code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, L, N, k] -> each codebook's vectors [k, B*L, N, d] (their sum is the
+        quantized latent; the quantizer works at its input's width, no projection)."""
+        b, l, n, k = codes.shape
+        books = self.quantizer.codebooks[:k]  # (k, C, d)
+        flat = codes.reshape(b * l, n, k).permute(2, 0, 1)  # (k, B*L, N)
+        return torch.stack([book[idx] for book, idx in zip(books, flat)])
+
+AutoConfig.register(RVQTokenizerConfig.model_type, RVQTokenizerConfig, exist_ok=True)
+AutoModel.register(RVQTokenizerConfig, RVQTokenizer, exist_ok=True)

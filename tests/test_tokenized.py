@@ -1,0 +1,371 @@
+"""The tokenized foundation models (Hypnos-style): the RVQ tokenizer, the next-token model,
+the signal metrics, the codec protocol, ``ecg-distill pretrain`` of both and the
+``foundation`` teacher over a Hypnos model."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from model_tester import ModelCase, ModelTester, case_id
+from transformers import AutoModel, AutoModelForPreTraining
+
+import teachers
+from distill.core.errors import ECGDistillError
+from distill.metrics.signal import (codebook_usage, mean_interval, paired_mean_difference,
+                                    pearson, prd)
+from distill.models.hypnos import HypnosForNextToken, HypnosModel, hypnos_config
+from distill.models.rvq import RVQTokenizer, RVQTokenizerConfig
+from students._masked import pretraining_families, pretraining_model
+
+SAMPLES = 400  # 4 s at 100 Hz: 10 patches of 0.4 s
+SMALL_RVQ = {"stem_channels": 8, "hidden_size": 16, "codebook_dim": 8, "num_quantizers": 4,
+             "codebook_size": 16}
+SMALL_HYPNOS = {"hidden_size": 32, "num_layers": 1, "num_heads": 1, "depth_hidden_size": 32,
+                "depth_layers": 1}
+NUM_LABELS = 3
+
+
+def signal(batch: int, leads: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, leads, SAMPLES, generator=torch.Generator().manual_seed(seed))
+
+
+def tokenizer(seed: int = 0) -> RVQTokenizer:
+    """A small tokenizer whose codebooks were initialised (k-means on one batch)."""
+    torch.manual_seed(seed)
+    tok = RVQTokenizer(RVQTokenizerConfig(input_samples=SAMPLES, patch_size=40, **SMALL_RVQ))
+    tok.quantizer.quantize_dropout = False  # every depth this once
+    tok(signal(8, seed=seed))  # training mode: k-means initialisation of every codebook
+    tok.quantizer.quantize_dropout = True
+    return tok.eval()
+
+
+def next_token_model(seed: int = 0) -> HypnosForNextToken:
+    tok = tokenizer(seed)
+    model = HypnosForNextToken(hypnos_config(tok, num_labels=NUM_LABELS, **SMALL_HYPNOS))
+    model.hypnos.tokenizer.load_state_dict(tok.state_dict())
+    return model.eval()
+
+
+# ---------------------------------------------------------------- the RVQ tokenizer
+
+
+def test_rvq_codes_have_one_stack_per_lead_and_patch_and_decode_back() -> None:
+    tok = tokenizer()
+    x = signal(3)
+    codes = tok.encode(x)
+    assert codes.shape == (3, 12, 10, 4) and codes.dtype == torch.int64
+    assert codes.min() >= 0 and codes.max() < 16
+    with torch.no_grad():
+        out = tok(x)
+    assert torch.equal(out.codes, codes)  # eval-mode forward: the same codes
+    torch.testing.assert_close(tok.decode(codes), out.reconstruction)  # decode = forward
+    assert tok.decode(codes).shape == x.shape
+
+
+def test_rvq_decoding_a_prefix_of_depths_sums_those_codebooks_only() -> None:
+    tok = tokenizer()
+    codes = tok.encode(signal(2))
+    vectors = tok.code_vectors(codes)  # (K, B*L, N, d)
+    with torch.no_grad():
+        two = tok._samples(vectors[:2].sum(0), 2)
+    torch.testing.assert_close(tok.decode(codes, depth=2), two)
+    torch.testing.assert_close(tok.decode(codes[..., :2]), two)
+    # the stored codebooks are what quantization picked: the nearest code to each residual
+    latents = tok._latents(signal(2)).reshape(-1, 8)
+    first = tok.quantizer.codebooks[0]
+    nearest = torch.cdist(latents, first).argmin(dim=1)
+    assert torch.equal(nearest, codes[..., 0].reshape(-1))
+
+
+def test_rvq_leads_are_tokenized_independently_with_the_same_weights() -> None:
+    tok = tokenizer()
+    x = signal(2)
+    y = x.clone()
+    y[:, 5] = torch.randn(2, SAMPLES)
+    a, b = tok.encode(x), tok.encode(y)
+    keep = [i for i in range(12) if i != 5]
+    assert torch.equal(a[:, keep], b[:, keep]) and not torch.equal(a[:, 5], b[:, 5])
+    tok1 = RVQTokenizer(RVQTokenizerConfig(input_samples=SAMPLES, patch_size=40, leads=["V1"],
+                                           **SMALL_RVQ))
+    tok1.load_state_dict(tok.state_dict())
+    assert torch.equal(tok1.eval().encode(x[:, 6:7]), a[:, 6:7])  # the same weights, one lead
+
+
+def test_rvq_bit_rate_and_bad_settings() -> None:
+    cfg = RVQTokenizerConfig(sampling_rate=100, patch_size=40, num_quantizers=8, codebook_size=256)
+    assert cfg.bits_per_second() == 160.0 and cfg.bits_per_second(1) == 20.0
+    with pytest.raises(ValueError, match="codebook_size must be a power of two"):
+        RVQTokenizerConfig(codebook_size=100)
+    tok = tokenizer()
+    with pytest.raises(ValueError, match=re.escape("rvq decodes codes [B, L, 10, <=4], got")):
+        tok.decode(torch.zeros(1, 12, 9, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="depth must be in 1..4"):
+        tok.decode(torch.zeros(1, 12, 10, 4, dtype=torch.long), depth=5)
+
+
+def test_rvq_training_step_moves_the_codebooks_only_in_training_mode() -> None:
+    tok = tokenizer()
+    before = tok.quantizer.codebooks.clone()
+    tok.encode(signal(4, seed=1))
+    assert torch.equal(tok.quantizer.codebooks, before)  # eval: no EMA update
+    tok.train()
+    out = tok(signal(4, seed=1))
+    out.loss.backward()
+    assert not torch.equal(tok.quantizer.codebooks, before)
+    assert tok.encoder[0].weight.grad is not None  # straight-through: the encoder learns
+    torch.testing.assert_close(out.loss, out.mse + out.commit_loss)
+
+
+# ---------------------------------------------------------------- signal metrics
+
+
+def test_prd_and_pearson_match_their_formulas() -> None:
+    from scipy.stats import pearsonr
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 4, 50)) + 5.0  # far from zero: PRD removes the mean
+    y = x + rng.normal(scale=0.1, size=x.shape)
+    ref = 100 * np.sqrt(((x - y) ** 2).sum(-1) / ((x - x.mean(-1, keepdims=True)) ** 2).sum(-1))
+    np.testing.assert_allclose(prd(x, y), ref)
+    np.testing.assert_allclose(prd(2 * x + 1, 2 * y + 1), ref)  # affine scaling: unchanged
+    np.testing.assert_allclose(pearson(x, y)[1, 2], pearsonr(x[1, 2], y[1, 2]).statistic)
+    assert np.isnan(prd(np.ones((1, 10)), np.zeros((1, 10))))[0]
+    with pytest.raises(ValueError, match="differ in shape"):
+        prd(x, y[..., :10])
+
+
+def test_codebook_usage_perplexity_used_and_dead_codes() -> None:
+    even = np.arange(64).reshape(-1, 1) % 8  # 8 codes used evenly of 16
+    one = np.zeros((64, 1), dtype=np.int64)
+    usage = codebook_usage(np.concatenate([even, one], axis=1), 16)
+    assert usage[0] == {"perplexity": pytest.approx(8.0), "used": 8, "dead": 8}
+    assert usage[1] == {"perplexity": pytest.approx(1.0), "used": 1, "dead": 15}
+
+
+def test_mean_intervals_cover_the_mean_and_pair_the_records() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(1.0, 0.1, 200)
+    iv = mean_interval(a, resamples=300)
+    assert iv.low < iv.value < iv.high and iv.value == pytest.approx(a.mean())
+    b = a - 0.01 + rng.normal(0, 0.001, 200)  # a shared per-record part: a tight pairing
+    diff = paired_mean_difference(a, b, resamples=300)
+    assert 0.0099 < diff.low < diff.high < 0.0101 + 0.0005
+
+
+# ---------------------------------------------------------------- the next-token model
+
+
+def test_next_token_predictions_never_read_the_future() -> None:
+    model = next_token_model()
+    codes = torch.randint(0, 16, (2, 12, 10, 4), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = model(codes=codes).logits  # (B, L, N-1, K, C): index n predicts step n + 1
+        later = codes.clone()
+        later[:, :, 6:] = (later[:, :, 6:] + 3) % 16  # change steps 6..9 of every lead
+        moved = model(codes=later).logits
+        deeper = codes.clone()
+        deeper[:, :, 6, 2:] = (deeper[:, :, 6, 2:] + 1) % 16  # step 6, codebooks 2..3
+        moved_deep = model(codes=deeper).logits
+    assert torch.equal(base[:, :, :5], moved[:, :, :5])  # predictions of steps 1..5
+    assert torch.equal(base[:, :, 5, 0], moved[:, :, 5, 0])  # step 6's first code
+    assert not torch.equal(base[:, :, 6:], moved[:, :, 6:])  # later ones do read them
+    assert torch.equal(base[:, :, 5, :3], moved_deep[:, :, 5, :3])  # depth is causal too
+    assert not torch.equal(base[:, :, 5, 3], moved_deep[:, :, 5, 3])
+
+
+def test_next_token_loss_is_the_cross_entropy_of_the_next_codes() -> None:
+    model = next_token_model()
+    x = signal(2)
+    with torch.no_grad():
+        out = model(signal=x)
+    codes = model.hypnos.tokenizer.encode(x)
+    assert torch.equal(out.codes, codes)
+    logits = out.logits.reshape(-1, 16)
+    target = codes[:, :, 1:].reshape(-1)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(logits, target))
+
+
+def test_hypnos_tokens_are_per_lead_and_step_and_the_tokenizer_stays_fixed() -> None:
+    model = next_token_model()
+    enc = model.hypnos
+    out = enc(signal=signal(2, seed=3))
+    assert out.tokens.shape == (2, 120, 32) and out.pooled.shape == (2, 32)
+    assert torch.equal(out.token_leads, torch.arange(12).repeat_interleave(10))
+    enc.train()
+    assert not enc.tokenizer.training  # the codebooks never move
+    assert not any(p.requires_grad for p in enc.tokenizer.parameters())
+    model.train()
+    model(signal=signal(2)).loss.backward()
+    assert all(p.grad is None for p in enc.tokenizer.parameters())
+
+
+def test_hypnos_reloads_in_a_fresh_process(tmp_path: Path) -> None:
+    model = next_token_model()
+    model.save_pretrained(tmp_path)
+    x = signal(2, seed=4)
+    np.save(tmp_path / "x.npy", x.numpy())
+    with torch.no_grad():
+        expected = model.hypnos(signal=x).pooled.numpy()
+    np.save(tmp_path / "expected.npy", expected)
+    code = (
+        "import numpy as np, torch, students\n"
+        "from transformers import AutoModel, AutoModelForPreTraining\n"
+        f"folder = {str(tmp_path)!r}\n"
+        "enc = AutoModel.from_pretrained(folder).eval()\n"
+        "assert type(enc).__name__ == 'HypnosModel', type(enc)\n"
+        "x = torch.from_numpy(np.load(folder + '/x.npy'))\n"
+        "with torch.no_grad():\n"
+        "    got = enc(signal=x).pooled.numpy()\n"
+        "np.testing.assert_allclose(got, np.load(folder + '/expected.npy'), atol=1e-5)\n"
+        "full = AutoModelForPreTraining.from_pretrained(folder)\n"
+        "assert type(full).__name__ == 'HypnosForNextToken'\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_hypnos_without_a_tokenizer_config_is_refused() -> None:
+    from distill.models.hypnos import HypnosConfig
+
+    with pytest.raises(ValueError, match="no tokenizer configuration"):
+        HypnosModel(HypnosConfig())
+
+
+# ---------------------------------------------------------------- the foundation teacher
+
+
+def _saved_hypnos(tmp: Path) -> Path:
+    folder = tmp / "hypnos-pretrained"
+    if not folder.exists():
+        next_token_model().save_pretrained(folder)
+    return folder
+
+
+def teacher_batch(batch_size: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(batch_size)
+    return {"signal": torch.randn(batch_size, 12, SAMPLES, generator=gen),
+            "labels": (torch.rand(batch_size, NUM_LABELS, generator=gen) > 0.5).float()}
+
+
+def _teacher(tmp: Path):
+    return teachers.create("foundation", _saved_hypnos(tmp), num_labels=NUM_LABELS,
+                           train_mode="full")
+
+
+def _trainable_without_tokenizer(model) -> set[str]:
+    return {n for n, _ in model.named_parameters()
+            if ".tokenizer." not in n and ".classifier." not in n}
+
+
+TEACHER_CASES = [
+    ModelCase("foundation-hypnos-full", _teacher, teacher_batch, NUM_LABELS,
+              lambda m, f: m.save_pretrained(f), "import teachers\nmodel = teachers.load(folder)",
+              trainable=_trainable_without_tokenizer, expect_lead_tokens=True),
+]
+
+
+@pytest.mark.parametrize("case", TEACHER_CASES, ids=case_id)
+class TestHypnosTeacher(ModelTester):
+    pass
+
+
+def test_foundation_teacher_names_the_hypnos_family(tmp_path: Path) -> None:
+    from teachers.foundation import FoundationTeacher
+
+    assert FoundationTeacher.family_of(str(_saved_hypnos(tmp_path))) == "Hypnos"
+
+
+# ---------------------------------------------------------------- pretrain and probe
+
+
+def _recipe(tmp: Path, name: str, **pretrain) -> Path:
+    import yaml
+
+    recipe = {"name": name, "output_dir": str(tmp / "{name}"),
+              "data": {"synthetic": {"records": 60}, "cache_dir": str(tmp / "cache"),
+                       "task": "rhythm"},
+              "pretrain": {"epochs": 1, "batch_size": 16, **pretrain},
+              "train": {"lr": 0.002}}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_pretraining_families_include_the_tokenized_ones() -> None:
+    assert {"csfm", "lamae", "rvq", "hypnos"} <= set(pretraining_families())
+    model = pretraining_model("rvq", "tiny", sampling_rate=25, input_seconds=10)
+    assert model.config.patch_size == 10 and model.config.input_samples == 250  # 0.4 s
+    with pytest.raises(ValueError, match="unknown rvq option 'width'"):
+        pretraining_model("rvq", "tiny", width=3)
+    with pytest.raises(ValueError, match="rvq has no 'large' preset; its sizes: tiny, base"):
+        pretraining_model("rvq", "large")
+
+
+def test_rvq_then_hypnos_pretrain_and_probe(tmp_path: Path, capsys) -> None:
+    from distill.cli import main
+
+    rvq = _recipe(tmp_path, "tok", family="rvq", size="tiny", options=SMALL_RVQ)
+    assert main(["pretrain", str(rvq), "--quiet"]) == 0
+    assert re.search(r"pretrained rvq/tiny \([\d,]+ parameters\) on \d+ records: best "
+                     r"validation reconstruction MSE \+ commitment", capsys.readouterr().out)
+    tok = tmp_path / "tok" / "pretrain" / "best"
+    assert main(["probe", str(tok), "--data", str(rvq), "--bootstrap", "20", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "RVQ tokenizer" in text and "codebook usage" in text, text
+    codec = json.loads((tok.parent / "probe" / "codec.json").read_text())
+    assert [d["bits_per_second"] for d in codec["depths"]] == [10.0, 20.0, 30.0, 40.0]  # 4 bits a code, 0.4 s
+    assert set(codec["per_lead"]) == set(AutoModel.from_pretrained(tok).config.leads)
+    assert len(codec["usage"]) == 4 and (tok.parent / "probe" / "rate-distortion.png").exists()
+
+    hyp = _recipe(tmp_path, "hyp", family="hypnos", size="tiny", tokenizer=str(tok),
+                  options=SMALL_HYPNOS)
+    assert main(["pretrain", str(hyp), "--quiet"]) == 0
+    assert "next-code cross-entropy" in capsys.readouterr().out
+    best = tmp_path / "hyp" / "pretrain" / "best"
+    summary = json.loads((best.parent / "pretrain.json").read_text())
+    assert summary["tokenizer"] == str(tok) and summary["depth_parameters"] > 0
+    enc = AutoModel.from_pretrained(best)
+    trained_tok = AutoModel.from_pretrained(tok)
+    for (name, a), b in zip(enc.tokenizer.state_dict().items(),
+                            trained_tok.state_dict().values()):
+        assert torch.equal(a, b), name  # the tokenizer is carried, unchanged
+    args = ["probe", str(best), "--data", str(hyp), "--epochs", "1", "--bootstrap", "20",
+            "--fractions", "0.5", "--finetune-fractions", "0.5", "--label", "AFIB", "--quiet"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    for line in ("MLP probe, 50% labels", "then AFIB AUC", "mlp - scratch"):
+        assert line in text, text
+    result = json.loads((best.parent / "probe" / "probe.json").read_text())
+    assert "AFIB" in result["scratch_minus"]["0.5"]["linear"]
+    scratch = AutoModel.from_pretrained(best.parent / "probe" / "scratch-0.5" / "best")
+    for (name, a), b in zip(scratch.tokenizer.state_dict().items(),
+                            trained_tok.state_dict().values()):
+        assert torch.equal(a, b), name  # "from scratch" keeps the input representation
+    with pytest.raises(ECGDistillError, match="--label XYZ: not a class"):
+        from distill.run.probe import run_probe
+
+        run_probe(best, hyp, label="XYZ", force=True, progress=False)
+
+
+def test_hypnos_recipes_name_their_tokenizer(tmp_path: Path) -> None:
+    from distill.engine.pretrain import run_pretrain
+    from distill.core.errors import RecipeError
+    from distill.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match="pretrain.tokenizer: hypnos models a trained "
+                                          "tokenizer's codes"):
+        load_recipe(_recipe(tmp_path, "a", family="hypnos", size="tiny"))
+    with pytest.raises(RecipeError, match="pretrain.tokenizer: only hypnos reads a tokenizer"):
+        load_recipe(_recipe(tmp_path, "b", family="rvq", size="tiny", tokenizer="x"))
+    missing = _recipe(tmp_path, "c", family="hypnos", size="tiny", tokenizer=str(tmp_path / "no"))
+    with pytest.raises(ECGDistillError, match=re.escape(
+            f"pretrain.tokenizer: {tmp_path / 'no'} holds no saved model")):
+        run_pretrain(load_recipe(missing), progress=False)
