@@ -20,6 +20,9 @@ _PRETRAINING: dict[str, type[ECGForMaskedModeling]] = {}  # family -> pretrainin
 _CONFIGS: dict[tuple[str, str], Any] = {}  # (family, size) -> config builder
 _TOKENIZED: dict[str, tuple[type, type, dict[str, dict[str, Any]]]] = {}  # family -> config
 # class, pretraining model class, {size: config fields}
+# config fields a pretraining run sets itself (not recipe options): the data's rate and
+# length, and hypnos' tokenizer (pretrain.tokenizer)
+_SET_BY_RUN = ("sampling_rate", "input_samples", "rvq")
 DIALS = ("width", "depth", "decoder_width", "decoder_depth", "patch_seconds")
 
 
@@ -87,9 +90,13 @@ def check_pretraining_options(family: str, options: Any) -> None:
     if family not in _TOKENIZED:
         check_options(family, options)
         return
-    config_class = _TOKENIZED[family][0]
+    config_class, _, presets = _TOKENIZED[family]
     generic = {f.name for f in dataclasses.fields(PreTrainedConfig)}
-    known = ({f.name for f in dataclasses.fields(config_class)} - generic) | {"patch_seconds"}
+    known = {f.name for f in dataclasses.fields(config_class)} - generic - set(_SET_BY_RUN)
+    if any("patch_seconds" in fields for fields in presets.values()):
+        known.add("patch_seconds")
+    else:  # the tokenizer's patches rule (hypnos)
+        known -= {"patch_size", "patch_seconds"}
     for name in options:
         if name not in known:
             raise ValueError(f"unknown {family} option {name!r}; known: "
@@ -106,8 +113,11 @@ def pretraining_model(family: str, size: str, **fields: Any) -> Any:
             raise ValueError(f"{family} has no {size!r} preset; its sizes: "
                              f"{', '.join(pretraining_sizes(family))}")
         check_pretraining_options(family, [k for k in fields if k not in (
-            "input_seconds", "num_labels")])
-        merged = {**presets[size], **fields}
+            "input_seconds", "num_labels", *_SET_BY_RUN)])
+        preset = dict(presets[size])
+        if "patch_size" in fields:  # an explicit patch size wins over the preset's seconds
+            preset.pop("patch_seconds", None)
+        merged = {**preset, **fields}
         rate = merged.get("sampling_rate", 100)
         if "input_seconds" in merged:
             merged["input_samples"] = round(rate * merged.pop("input_seconds"))

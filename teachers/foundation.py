@@ -31,10 +31,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @register_teacher("foundation")
 class FoundationTeacher(TeacherAdapter):
-    """A CSFM or LAMAE encoder with a head.
+    """A CSFM, LAMAE or Hypnos encoder with a head.
 
     Args:
-        name_or_path: folder or hub id of a csfm/lamae model (pretraining folder or encoder).
+        name_or_path: folder or hub id of a csfm/lamae/hypnos model (pretraining folder or
+            encoder).
         num_labels, id2label, train_mode, load_in, lora: see :class:`TeacherAdapter`.
         leads: the leads it reads (the teacher view's; None = those it was saved with).
         trust_remote_code: forwarded to ``from_pretrained``.
@@ -118,8 +119,9 @@ class FoundationTeacher(TeacherAdapter):
     def unused_parameter_names(self) -> set[str]:
         """The encoder's own classifier (the adapter's head replaces it) and a Hypnos model's
         tokenizer (fixed: its codes are the input)."""
+        fixed = tuple(f"{m}." for m in getattr(self.hf_model, "frozen_modules", ()))
         return {n for n, _ in self.hf_model.named_parameters()
-                if n.startswith(("classifier.", "tokenizer."))}
+                if n.startswith(("classifier.", *fixed))}
 
     def forward_features(self, signal: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -437,7 +437,7 @@ def test_pretrain_section_refuses_what_it_sets_itself() -> None:
             "pretrain.options.mask_ratio: not a pretraining option; set it with "
             "pretrain.mask.ratio")):
         load_recipe(repo / "recipes" / "pretrain-lamae.yaml", ["pretrain.options={mask_ratio: 0.5}"])
-    with pytest.raises(RecipeError, match="pretrain.family: 'xresnet1d' is not one of 'csfm', 'lamae'"):
+    with pytest.raises(RecipeError, match="pretrain.family: 'xresnet1d' is not one of 'csfm', 'hypnos', 'lamae', 'rvq'"):
         load_recipe(repo / "recipes" / "pretrain-lamae.yaml", ["pretrain.family=xresnet1d"])
     with pytest.raises(ValueError, match="xresnet1d has no 'large' preset; its sizes: tiny, small, base"):
         students.create("xresnet1d", "large", num_labels=2)

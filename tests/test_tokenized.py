@@ -30,6 +30,7 @@ SMALL_RVQ = {"stem_channels": 8, "hidden_size": 16, "codebook_dim": 8, "num_quan
 SMALL_HYPNOS = {"hidden_size": 32, "num_layers": 1, "num_heads": 1, "depth_hidden_size": 32,
                 "depth_layers": 1}
 NUM_LABELS = 3
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def signal(batch: int, leads: int = 12, seed: int = 0) -> torch.Tensor:
@@ -72,9 +73,10 @@ def test_rvq_codes_have_one_stack_per_lead_and_patch_and_decode_back() -> None:
 def test_rvq_decoding_a_prefix_of_depths_sums_those_codebooks_only() -> None:
     tok = tokenizer()
     codes = tok.encode(signal(2))
-    vectors = tok.code_vectors(codes)  # (K, B*L, N, d)
-    with torch.no_grad():
-        two = tok._samples(vectors[:2].sum(0), 2)
+    with torch.no_grad():  # the library's own decoding of two codebooks (-1: dropped)
+        flat = codes.reshape(24, 10, 4).clone()
+        flat[..., 2:] = -1
+        two = tok._samples(tok.quantizer.get_output_from_indices(flat), 2)
     torch.testing.assert_close(tok.decode(codes, depth=2), two)
     torch.testing.assert_close(tok.decode(codes[..., :2]), two)
     # the stored codebooks are what quantization picked: the nearest code to each residual
@@ -113,14 +115,35 @@ def test_rvq_bit_rate_and_bad_settings() -> None:
 def test_rvq_training_step_moves_the_codebooks_only_in_training_mode() -> None:
     tok = tokenizer()
     before = tok.quantizer.codebooks.clone()
-    tok.encode(signal(4, seed=1))
+    with torch.no_grad():
+        out = tok(signal(4, seed=1))  # an eval-mode forward
     assert torch.equal(tok.quantizer.codebooks, before)  # eval: no EMA update
+    assert out.commit_loss == 0 and out.loss == out.mse
     tok.train()
     out = tok(signal(4, seed=1))
     out.loss.backward()
     assert not torch.equal(tok.quantizer.codebooks, before)
-    assert tok.encoder[0].weight.grad is not None  # straight-through: the encoder learns
-    torch.testing.assert_close(out.loss, out.mse + out.commit_loss)
+    assert out.commit_loss > 0
+    assert tok.encoder[0].weight.grad.abs().sum() > 0  # gradients pass the quantizer
+
+
+def test_rvq_reloads_with_its_codebooks_and_constant_buffers(tmp_path: Path) -> None:
+    tok = tokenizer()
+    tok.save_pretrained(tmp_path)
+    again = RVQTokenizer.from_pretrained(tmp_path).eval()
+    x = signal(2, seed=5)
+    assert torch.equal(again.encode(x), tok.encode(x))
+    with torch.no_grad():
+        out = again(x)
+    assert out.loss == out.mse  # the library's unsaved zero buffer is zero again
+
+
+def test_an_untrained_tokenizer_is_refused_rather_than_fitted_on_the_fly() -> None:
+    tok = RVQTokenizer(RVQTokenizerConfig(input_samples=SAMPLES, patch_size=40, **SMALL_RVQ))
+    with pytest.raises(ValueError, match="codebooks were never initialised"):
+        tok.eval().encode(signal(2))
+    with pytest.raises(ValueError, match=re.escape("rvq expects a float signal [B, leads, 400]")):
+        tokenizer().encode(signal(2)[..., :300])
 
 
 # ---------------------------------------------------------------- signal metrics
@@ -201,9 +224,14 @@ def test_hypnos_tokens_are_per_lead_and_step_and_the_tokenizer_stays_fixed() -> 
     enc.train()
     assert not enc.tokenizer.training  # the codebooks never move
     assert not any(p.requires_grad for p in enc.tokenizer.parameters())
+    before = {k: v.clone() for k, v in enc.tokenizer.state_dict().items()}
     model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model(signal=signal(2)).loss.backward()
-    assert all(p.grad is None for p in enc.tokenizer.parameters())
+    opt.step()
+    after = enc.tokenizer.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # buffers included
 
 
 def test_hypnos_reloads_in_a_fresh_process(tmp_path: Path) -> None:
@@ -228,7 +256,7 @@ def test_hypnos_reloads_in_a_fresh_process(tmp_path: Path) -> None:
         "assert type(full).__name__ == 'HypnosForNextToken'\n"
         "print('ok')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent.parent, timeout=300)
+                          cwd=ROOT, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
@@ -283,7 +311,42 @@ def test_foundation_teacher_names_the_hypnos_family(tmp_path: Path) -> None:
     assert FoundationTeacher.family_of(str(_saved_hypnos(tmp_path))) == "Hypnos"
 
 
+def test_hypnos_teacher_reads_a_lead_subset_with_the_same_weights(tmp_path: Path) -> None:
+    full = teachers.create("foundation", _saved_hypnos(tmp_path), num_labels=2).eval()
+    sub = teachers.create("foundation", _saved_hypnos(tmp_path), num_labels=2,
+                          leads=["I", "V1", "V6"]).eval()
+    x = signal(2, seed=6)
+    with torch.no_grad():
+        out = sub(signal=x[:, [0, 6, 11]])
+        whole = full(signal=x)
+    assert out.tokens.shape == (2, 30, 32)
+    assert out.token_leads.tolist() == [0] * 10 + [6] * 10 + [11] * 10
+    # lead I's first step reads only step 0 of the leads given: its codes are the same
+    codes = full.hf_model.tokenizer.encode(x)
+    assert torch.equal(sub.hf_model.tokenizer.encode(x[:, [0, 6, 11]]), codes[:, [0, 6, 11]])
+    assert not torch.equal(out.tokens[:, 0], whole.tokens[:, 0])  # other leads are context
+
+
+def test_masked_teachers_still_train_their_patch_embedding_in_full_mode(tmp_path: Path) -> None:
+    from students._masked import pretraining_model as masked
+
+    folder = tmp_path / "csfm"
+    masked("csfm", "tiny", input_seconds=4.0, width=32, depth=1, decoder_width=32,
+           decoder_depth=1).save_pretrained(folder)
+    teacher = teachers.create("foundation", folder, num_labels=2, train_mode="full")
+    frozen = {n for n, p in teacher.hf_model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in teacher.hf_model.named_parameters()
+                      if n.startswith("classifier.")}
+
+
 # ---------------------------------------------------------------- pretrain and probe
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
 
 
 def _recipe(tmp: Path, name: str, **pretrain) -> Path:
@@ -299,6 +362,33 @@ def _recipe(tmp: Path, name: str, **pretrain) -> Path:
     return path
 
 
+def test_mlp_probe_handles_one_or_several_varying_labels() -> None:
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    from distill.run.probe import mlp_probe
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5))
+    y = np.stack([x[:, 0] > 0, np.zeros(60, bool)], 1).astype(float)  # one label varies
+    probs = mlp_probe(x[:40], y[:40], x[40:])
+    s = StandardScaler().fit(x[:40])
+    ref = MLPClassifier(hidden_layer_sizes=(128,), alpha=1e-3, max_iter=500, random_state=0)
+    ref.fit(s.transform(x[:40]), y[:40, 0])
+    np.testing.assert_allclose(probs[:, 0], ref.predict_proba(s.transform(x[40:]))[:, 1])
+    assert (probs[:, 1] == 0).all()
+    y2 = np.stack([x[:, 0] > 0, x[:, 1] > 0], 1).astype(float)
+    assert mlp_probe(x[:40], y2[:40], x[40:]).shape == (20, 2)
+
+
+def test_masked_pretraining_fingerprints_are_unchanged_by_the_tokenizer_key() -> None:
+    from distill.engine.pretrain import pretrain_settings
+    from distill.recipe import load_recipe
+
+    settings = pretrain_settings(load_recipe(ROOT / "recipes" / "pretrain-lamae.yaml"))
+    assert "tokenizer" not in settings["pretrain"] and "tokenizer_weights" not in settings
+
+
 def test_pretraining_families_include_the_tokenized_ones() -> None:
     assert {"csfm", "lamae", "rvq", "hypnos"} <= set(pretraining_families())
     model = pretraining_model("rvq", "tiny", sampling_rate=25, input_seconds=10)
@@ -307,6 +397,9 @@ def test_pretraining_families_include_the_tokenized_ones() -> None:
         pretraining_model("rvq", "tiny", width=3)
     with pytest.raises(ValueError, match="rvq has no 'large' preset; its sizes: tiny, base"):
         pretraining_model("rvq", "large")
+    assert pretraining_model("rvq", "tiny", patch_size=20).config.patch_size == 20
+    with pytest.raises(ValueError, match="unknown hypnos option 'patch_seconds'"):
+        pretraining_model("hypnos", "tiny", patch_seconds=0.2)
 
 
 def test_rvq_then_hypnos_pretrain_and_probe(tmp_path: Path, capsys) -> None:
@@ -315,7 +408,7 @@ def test_rvq_then_hypnos_pretrain_and_probe(tmp_path: Path, capsys) -> None:
     rvq = _recipe(tmp_path, "tok", family="rvq", size="tiny", options=SMALL_RVQ)
     assert main(["pretrain", str(rvq), "--quiet"]) == 0
     assert re.search(r"pretrained rvq/tiny \([\d,]+ parameters\) on \d+ records: best "
-                     r"validation reconstruction MSE \+ commitment", capsys.readouterr().out)
+                     r"validation reconstruction MSE \(all codebooks\)", capsys.readouterr().out)
     tok = tmp_path / "tok" / "pretrain" / "best"
     assert main(["probe", str(tok), "--data", str(rvq), "--bootstrap", "20", "--quiet"]) == 0
     text = capsys.readouterr().out
@@ -334,9 +427,7 @@ def test_rvq_then_hypnos_pretrain_and_probe(tmp_path: Path, capsys) -> None:
     assert summary["tokenizer"] == str(tok) and summary["depth_parameters"] > 0
     enc = AutoModel.from_pretrained(best)
     trained_tok = AutoModel.from_pretrained(tok)
-    for (name, a), b in zip(enc.tokenizer.state_dict().items(),
-                            trained_tok.state_dict().values()):
-        assert torch.equal(a, b), name  # the tokenizer is carried, unchanged
+    assert_same_state(enc.tokenizer, trained_tok)  # the tokenizer is carried, unchanged
     args = ["probe", str(best), "--data", str(hyp), "--epochs", "1", "--bootstrap", "20",
             "--fractions", "0.5", "--finetune-fractions", "0.5", "--label", "AFIB", "--quiet"]
     assert main(args) == 0
@@ -346,9 +437,7 @@ def test_rvq_then_hypnos_pretrain_and_probe(tmp_path: Path, capsys) -> None:
     result = json.loads((best.parent / "probe" / "probe.json").read_text())
     assert "AFIB" in result["scratch_minus"]["0.5"]["linear"]
     scratch = AutoModel.from_pretrained(best.parent / "probe" / "scratch-0.5" / "best")
-    for (name, a), b in zip(scratch.tokenizer.state_dict().items(),
-                            trained_tok.state_dict().values()):
-        assert torch.equal(a, b), name  # "from scratch" keeps the input representation
+    assert_same_state(scratch.tokenizer, trained_tok)  # "scratch" keeps the input codes
     with pytest.raises(ECGDistillError, match="--label XYZ: not a class"):
         from distill.run.probe import run_probe
 

@@ -73,8 +73,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     s = run_pretrain(recipe, resume=args.resume, force=args.force, progress=not args.quiet)
-    loss = "–" if s["best_val_loss"] is None else f"{s['best_val_loss']:.4f}"
-    what = {"rvq": "reconstruction MSE + commitment", "hypnos": "next-code cross-entropy (nats)"
+    best = s.get("best_val_loss", s.get("best_val_mse"))  # summaries before issue 20
+    loss = "–" if best is None else f"{best:.4f}"
+    what = {"rvq": "reconstruction MSE (all codebooks)",
+            "hypnos": "next-code cross-entropy (nats)"
             }.get(s["family"], "reconstruction MSE of the hidden patches")
     size = s.get("encoder_parameters", s.get("parameters"))
     print(f"pretrained {s['family']}/{s['size']} ({size:,} "

@@ -6,7 +6,8 @@ learned, and what picks the best epoch on the validation fold, depends on the fa
 
 - csfm, lamae: masked modelling; the reconstruction error of the hidden patches (one fixed
   mask per record);
-- rvq: the RVQ tokenizer; reconstruction MSE plus commitment loss;
+- rvq: the RVQ tokenizer; trained on reconstruction MSE plus commitment loss, the best
+  epoch by the reconstruction MSE from all K codebooks;
 - hypnos: next-token prediction over a trained tokenizer's codes (``pretrain.tokenizer``);
   the cross-entropy of the codes.
  Training is :func:`distill.engine.train.fit`: the same Accelerate loop, checkpoints,
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from distill.core.errors import ECGDistillError
 from distill.core.hashing import stable_hash
-from distill.core.io import atomic_write_text
+from distill.core.io import atomic_write_text, require_safetensors
 from distill.core.progress import progress_bar
 from distill.data.dataset import ECGData, ECGSplit, SignalView
 from distill.data.load import load_data
@@ -92,7 +93,12 @@ def load_tokenizer(folder: str | Path, data: ECGData) -> RVQTokenizer:
     if not (folder / "config.json").exists():
         raise ECGDistillError(f"pretrain.tokenizer: {folder} holds no saved model; train one "
                               f"with `ecg-distill pretrain` (family rvq) first")
-    config = AutoConfig.from_pretrained(folder)
+    require_safetensors(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ECGDistillError(f"pretrain.tokenizer: cannot read {folder}/config.json: "
+                              f"{str(exc).splitlines()[0]}") from None
     if not isinstance(config, RVQTokenizerConfig):
         raise ECGDistillError(f"pretrain.tokenizer: {folder} is a {config.model_type} model, "
                               f"not an RVQ tokenizer")
@@ -207,17 +213,19 @@ def pretrain_settings(recipe: Recipe) -> dict[str, Any]:
                                     ("batch_size", p.batch_size)) if v is not None})
     settings = {"seed": recipe.seed, "train": train,
                 "pretrain": {k: v for k, v in dataclasses.asdict(p).items()
-                             if k not in ("epochs", "lr", "batch_size")}}
+                             if k not in ("epochs", "lr", "batch_size")
+                             and not (k == "tokenizer" and v is None)}}  # older runs' hashes
     if p.tokenizer is not None:  # a tokenizer re-trained in place is a new one
         settings["tokenizer_weights"] = local_weights(p.tokenizer)
     return settings
 
 
 def pretrain_job(recipe: Recipe, data: ECGData, extra: ECGData | None) -> TrainJob:
-    """The masked-pretraining job (labels never read)."""
+    """The pretraining job of the recipe's family (labels never read)."""
     from accelerate.utils import set_seed
 
     set_seed(recipe.seed)
+    process_state()  # before the model: the codebooks see whether they train distributed
     model = build_model(recipe, data)
     train, val = pretrain_sets(recipe, data, extra)
 
@@ -225,7 +233,7 @@ def pretrain_job(recipe: Recipe, data: ECGData, extra: ECGData | None) -> TrainJ
         return m(signal=batch["signal"]).loss, {}
 
     def logits_fn(m: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-        raise ECGDistillError("masked pretraining has no logits")  # validate is used instead
+        raise ECGDistillError("pretraining has no logits")  # validate is used instead
 
     p = recipe.pretrain
     return TrainJob(

@@ -8,7 +8,9 @@ step's codes of every stream in parallel. Two transformers share the work:
 - the **temporal transformer** reads one token per (lead, time step): the sum of the step's
   K code embeddings, a lead embedding and a time position. Its attention is causal in time:
   a token reads every lead's tokens at its own and earlier steps, never a later one, so the
-  state at step n summarises the whole record up to n (across leads);
+  state at step n summarises the codes of steps 0..n of every lead (the codes themselves
+  are computed from the signal by convolutions that reach about two patches either side:
+  causality holds over tokens, not over samples);
 - the **depth transformer** predicts the K codes of step n + 1 of a lead one after another:
   its first input is the temporal state at step n, the next ones the codes already
   predicted (teacher forcing), with causal attention over the K positions.
@@ -67,6 +69,9 @@ class HypnosConfig(ECGStudentConfig):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"ecg_hypnos: hidden_size {self.hidden_size} is not divisible by "
                              f"num_heads {self.num_heads}")
+        if self.depth_hidden_size % self.depth_heads:
+            raise ValueError(f"ecg_hypnos: depth_hidden_size {self.depth_hidden_size} is not "
+                             f"a multiple of 32 (heads of width 32)")
         super().__post_init__(**kwargs)
 
     def tokenizer_config(self) -> RVQTokenizerConfig:
@@ -111,6 +116,10 @@ class HypnosModel(ECGStudentModel):
     _keys_to_ignore_on_load_unexpected = [r"^depth\."]
     # what a model "from scratch" keeps of a pretrained one (the input representation)
     pretrained_inputs = ("tokenizer",)
+    # submodules that never train (a teacher's full mode leaves them frozen)
+    frozen_modules = ("tokenizer",)
+    # the codes must not depend on the dtype a teacher is loaded in
+    _keep_in_fp32_modules = ["tokenizer"]
 
     def __init__(self, config: HypnosConfig) -> None:
         super().__init__(config)
@@ -131,7 +140,9 @@ class HypnosModel(ECGStudentModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        if not any(module is m for m in self.tokenizer.modules()):
+        if any(module is m for m in self.tokenizer.modules()):
+            self.tokenizer._init_weights(module)  # the tokenizer's own rules
+        else:
             init_weights(module, self.config.initializer_range)
 
     def train(self, mode: bool = True) -> "HypnosModel":
@@ -148,6 +159,9 @@ class HypnosModel(ECGStudentModel):
         """codes [B, L, N, K] -> temporal states [B, L, N, D] (causal in time)."""
         b, l, n, k = codes.shape
         c = self.tokenizer.config.codebook_size
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= c):
+            raise ValueError(f"hypnos: codes must lie in 0..{c - 1}, got "
+                             f"{int(codes.min())}..{int(codes.max())}")
         offsets = torch.arange(k, device=codes.device) * c
         x = self.code_embed(codes + offsets).sum(dim=3)  # (B, L, N, D)
         lead_ids = torch.tensor(self.config.lead_ids, device=codes.device)
@@ -245,7 +259,9 @@ class HypnosForNextToken(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        if not any(module is m for m in self.hypnos.tokenizer.modules()):
+        if any(module is m for m in self.hypnos.tokenizer.modules()):
+            self.hypnos.tokenizer._init_weights(module)  # the tokenizer's own rules
+        else:
             init_weights(module, self.config.initializer_range)
 
     @property

@@ -1,5 +1,5 @@
 """An ECG tokenizer by residual vector quantization (RVQ): the discrete front end of the
-tokenized foundation models (Hypnos, CLMT; ``hypnos.py``, ``translator.py``).
+tokenized foundation models (Hypnos, CLMT: ``hypnos.py`` and the translator).
 
 Each lead is tokenized on its own with the same weights: a small 1-D convolutional encoder
 turns every patch of ``patch_size`` samples into one latent vector (its receptive field
@@ -27,9 +27,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from distill.models.base import ECGStudentConfig, check_signal
+from distill.models.base import ECGStudentConfig
 
 
 class RVQTokenizerConfig(ECGStudentConfig):
@@ -148,8 +149,31 @@ class RVQTokenizer(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # PyTorch's own initialisation of the convolutions; the codebooks by k-means
-        return
+        """PyTorch's own initialisation of the convolutions, k-means of the codebooks (on
+        the first training batch); here only the library's unsaved constant buffers, which
+        a model materialised by ``from_pretrained`` would otherwise hold uninitialised."""
+        from vector_quantize_pytorch import ResidualVQ, VectorQuantize
+
+        if isinstance(module, VectorQuantize):
+            init.zeros_(module.zero)
+        elif isinstance(module, ResidualVQ):
+            init.ones_(module.beam_score_weights)
+
+    def _check(self, signal: torch.Tensor) -> torch.Tensor:
+        """A float [B, L, input_samples] signal, any number of leads (each is tokenized on
+        its own); ValueError naming what came otherwise."""
+        t = self.config.input_samples
+        if not torch.is_tensor(signal) or not signal.is_floating_point() or signal.dim() != 3 \
+                or signal.shape[-1] != t:
+            got = list(signal.shape) if torch.is_tensor(signal) else type(signal).__name__
+            raise ValueError(f"rvq expects a float signal [B, leads, {t}] ({t} samples at "
+                             f"{self.config.sampling_rate} Hz), got {got}")
+        return signal.float()
+
+    @property
+    def initialised(self) -> bool:
+        """Whether every codebook was initialised (k-means on a training batch)."""
+        return all(bool(layer._codebook.initted) for layer in self.quantizer.layers)
 
     def _latents(self, signal: torch.Tensor) -> torch.Tensor:
         """[B, L, T] -> [B*L, N, d]: every lead on its own, zero-padded to N patches."""
@@ -165,9 +189,11 @@ class RVQTokenizer(PreTrainedModel):
 
     def forward(self, signal: torch.Tensor, **kwargs: Any) -> RVQOutput:
         """Encode, quantize and decode ``signal`` [B, L, T]; the loss is the reconstruction
-        MSE plus the commitment loss (the codebooks learn by EMA, in training mode only).
-        Other batch entries (``**kwargs``) are ignored."""
-        signal = check_signal(signal, self.config, self.family).to(self.dtype)
+        MSE plus the commitment loss (the library gives the commitment loss in training mode
+        only; the codebooks learn by EMA in training mode only). With quantizer dropout, the
+        codes of a training batch hold -1 at the depths dropped. Other batch entries
+        (``**kwargs``) are ignored."""
+        signal = self._check(signal)
         b, l, _ = signal.shape
         quantized, codes, commit = self.quantizer(self._latents(signal).float())
         reconstruction = self._samples(quantized.to(self.dtype), b)
@@ -179,13 +205,19 @@ class RVQTokenizer(PreTrainedModel):
 
     @torch.no_grad()
     def encode(self, signal: torch.Tensor) -> torch.Tensor:
-        """signal [B, L, T] -> codes [B, L, N, K] (int64), deterministic (no EMA update)."""
-        signal = check_signal(signal, self.config, self.family).to(self.dtype)
+        """signal [B, L, T] -> codes [B, L, N, K] (int64), deterministic: eval mode, fp32
+        even under autocast, no EMA update. A tokenizer whose codebooks were never
+        initialised (never trained) is refused rather than initialised from this batch."""
+        signal = self._check(signal)
+        if not self.initialised:
+            raise ValueError("rvq: the codebooks were never initialised; train the tokenizer "
+                             "(ecg-distill pretrain, family rvq) or load trained weights")
         was = self.training
         self.eval()
         try:
             b, l, _ = signal.shape
-            _, codes, _ = self.quantizer(self._latents(signal).float())
+            with torch.autocast(signal.device.type, enabled=False):
+                _, codes, _ = self.quantizer(self._latents(signal).float())
         finally:
             self.train(was)
         return codes.reshape(b, l, codes.shape[1], codes.shape[2])
@@ -201,6 +233,9 @@ class RVQTokenizer(PreTrainedModel):
         depth = k if depth is None else depth
         if not 1 <= depth <= k:
             raise ValueError(f"rvq: depth must be in 1..{k}, got {depth}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.config.codebook_size):
+            raise ValueError(f"rvq: codes must lie in 0..{self.config.codebook_size - 1}, got "
+                             f"{int(codes.min())}..{int(codes.max())}")
         latents = self.code_vectors(codes[..., :depth]).sum(dim=0)  # (B*L, N, d)
         return self._samples(latents.to(self.dtype), b)
 

@@ -519,8 +519,8 @@ class PretrainDataConfig:
 
 @dataclass
 class PretrainConfig:
-    """Self-supervised masked pretraining of a foundation-model family (``ecg-distill
-    pretrain``): the data section's training folds (labels ignored) plus ``extra``, the
+    """Self-supervised pretraining of a foundation-model family (``ecg-distill pretrain``;
+    ``mask`` applies to the masked families, ``tokenizer`` to hypnos): the data section's training folds (labels ignored) plus ``extra``, the
     validation fold for the reconstruction error that picks the best epoch."""
 
     family: str = spec("lamae", help="what to pretrain: csfm or lamae (masked modelling), rvq "
@@ -545,10 +545,6 @@ class PretrainConfig:
                 "hypnos models a trained tokenizer's codes; name its folder (an rvq "
                 "pretraining's RUN/pretrain/best)" if self.family == "hypnos" else
                 f"only hypnos reads a tokenizer, not {self.family}"))
-        try:
-            check_pretraining_options(self.family, self.options)
-        except ValueError as exc:
-            raise RecipeError(f"{path}.options: {exc}") from None
         why = {"mask_ratio": f"set it with {path}.mask.ratio",
                "mask_strategy": f"set it with {path}.mask.strategy",
                "mask_block": f"set it with {path}.mask.block",
@@ -556,10 +552,15 @@ class PretrainConfig:
                "input_samples": "the data's record length is used",
                "leads": "pretraining reads all 12 leads; the pretrained model reads any subset "
                         "later with the same weights",
-               "num_labels": "pretraining reads no labels"}
+               "num_labels": "pretraining reads no labels",
+               "rvq": f"hypnos takes its tokenizer's settings from {path}.tokenizer"}
         for key in self.options:
             if key in why:
                 raise RecipeError(f"{path}.options.{key}: not a pretraining option; {why[key]}")
+        try:
+            check_pretraining_options(self.family, self.options)
+        except ValueError as exc:
+            raise RecipeError(f"{path}.options: {exc}") from None
         if self.extra.path is not None and self.extra.synthetic:
             raise RecipeError(f"{path}.extra.path and {path}.extra.synthetic: give one source "
                               f"of extra records")

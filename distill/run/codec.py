@@ -94,7 +94,10 @@ def run_codec(checkpoint: str | Path, tokenizer: RVQTokenizer, ds: Any, data: st
     m = codec_measurements(tokenizer, test, progress=progress)
 
     def iv(values: np.ndarray) -> dict[str, float]:
-        return mean_interval(values.reshape(-1), resamples=bootstrap, seed=seed).to_dict()
+        """[n] or [n, L] -> the mean with an interval over records (leads of a record are
+        averaged first: they are not independent)."""
+        per_record = np.nanmean(values, axis=-1) if values.ndim == 2 else values
+        return mean_interval(per_record, resamples=bootstrap, seed=seed).to_dict()
 
     full = cfg.num_quantizers - 1
     leads = list(cfg.leads)

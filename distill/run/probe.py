@@ -156,11 +156,14 @@ def mlp_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, *,
     xtr, xte = scaler.transform(train_x), scaler.transform(test_x)
     varied = train_y.min(axis=0) != train_y.max(axis=0)
     probs = np.tile(train_y.mean(axis=0, dtype=np.float64), (len(test_x), 1))
-    if varied.any():
+    if varied.sum() == 1:  # one varying label: scikit-learn's binary case
+        clf = MLPClassifier(hidden_layer_sizes=(hidden,), alpha=alpha, max_iter=500,
+                            random_state=seed).fit(xtr, train_y[:, varied].ravel())
+        probs[:, varied] = clf.predict_proba(xte)[:, 1:]
+    elif varied.any():  # several: one network with a sigmoid output per label
         clf = MLPClassifier(hidden_layer_sizes=(hidden,), alpha=alpha, max_iter=500,
                             random_state=seed).fit(xtr, train_y[:, varied])
-        out = clf.predict_proba(xte)
-        probs[:, varied] = out if out.ndim == 2 else out[:, None]
+        probs[:, varied] = clf.predict_proba(xte)
     return probs
 
 
