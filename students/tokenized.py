@@ -9,6 +9,7 @@ per lead at most); ``hypnos`` tiny / base (temporal transformer D=64 x 2 / D=128
 
 from __future__ import annotations
 
+import distill.models.translator  # noqa: F401  (registers the translator with AutoModel)
 from distill.models.hypnos import HypnosConfig, HypnosForNextToken
 from distill.models.rvq import RVQTokenizer, RVQTokenizerConfig
 from students._masked import register_tokenized_family

@@ -98,6 +98,25 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_translate(args: argparse.Namespace) -> int:
+    from distill.run.upsample import format_evaluation, load_translate_recipe, run_translate
+
+    tr = load_translate_recipe(args.recipe, args.overrides)
+    s = run_translate(tr, resume=args.resume, force=args.force, progress=not args.quiet)
+    print(format_evaluation(s["evaluation"]))
+    print(f"translator in {s['translator']['model']}; summary in {tr.run_dir / 'translate.json'}")
+    return 0
+
+
+def _cmd_upsample(args: argparse.Namespace) -> int:
+    from distill.run.upsample import upsample_record
+
+    header = upsample_record(args.checkpoint, args.record, to=args.to, out=args.out,
+                             force=args.force)
+    print(f"wrote {header} ({args.to} Hz)")
+    return 0
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_recipe_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan and do nothing")
@@ -391,6 +410,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace earlier results in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_probe)
+
+    p = sub.add_parser("translate", help="train the 25 Hz -> 100 Hz token translator (the "
+                                         "recipe's translate section) and compare it with cubic "
+                                         "interpolation on the test fold")
+    _add_recipe_args(p)
+    p.add_argument("--resume", action="store_true", help="continue interrupted training")
+    p.add_argument("--force", action="store_true", help="delete finished jobs and redo them")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_translate)
+
+    p = sub.add_parser("upsample", help="upsample a 25 Hz WFDB record to 100 Hz with a translator")
+    p.add_argument("checkpoint", help="a translator folder (RUN/translator/best)")
+    p.add_argument("record", help="the WFDB record (its .hea, or the path without extension)")
+    p.add_argument("--to", type=int, default=100, help="output rate (the translator's target rate)")
+    p.add_argument("--out", default=None, help="output record path or folder (default: beside "
+                                               "the input, NAME_100hz)")
+    p.add_argument("--force", action="store_true", help="replace existing output files")
+    p.set_defaults(func=_cmd_upsample)
 
     p = sub.add_parser("eval", help="evaluate a saved student on any PTB-XL-layout folder",
                        description="Score a saved student (a best/ or exported folder) on the "

@@ -28,6 +28,7 @@ from distill.core.leads import lead_indices
 from distill.data.synth import patient_id_range
 from distill.core.schema import closest, spec, to_dict, to_hash_dict, unknown_key
 from distill.losses import loss_families
+from distill.models.translator import TranslateConfig
 from students._masked import (check_pretraining_options, pretraining_families,
                               pretraining_sizes)
 
@@ -584,6 +585,7 @@ class Recipe:
     export: ExportConfig = spec(default_factory=ExportConfig)
     sweep: SweepConfig = spec(default_factory=SweepConfig, since="0.2")
     pretrain: PretrainConfig = spec(default_factory=PretrainConfig, since="0.2")
+    translate: TranslateConfig = spec(default_factory=TranslateConfig, since="0.3")
 
     def validate(self, path: str) -> None:
         at = f"{path}." if path else ""
