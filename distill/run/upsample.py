@@ -158,7 +158,8 @@ def _override(section: dict[str, Any], overrides: Sequence[str]) -> dict[str, An
 class StreamSet(Dataset):
     """Every (record, lead) stream of a split, held in memory at both rates: items
     ``signal`` [1, T_source], ``target`` [1, T_target], ``lead`` (standard index),
-    ``labels`` (an empty placeholder: translation reads none), ``index`` (the stream) and
+    ``labels`` (an empty [0] tensor: the shared training loop's batches carry labels, and
+    translation reads none), ``index`` (the stream) and
     one entry per ``extras`` array ([n, L, ...] per record and lead: the stream's row)."""
 
     def __init__(self, source: np.ndarray, target: np.ndarray, leads: Sequence[int]) -> None:
