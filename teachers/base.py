@@ -180,6 +180,9 @@ class TeacherAdapter(nn.Module):
         self.lora = lora if isinstance(lora, LoraSettings) else LoraSettings(**(lora or {}))
         self.settings = settings
         self.head = nn.Linear(hidden_size, num_labels)  # fp32 whatever the backbone's dtype
+        # residual code levels whose distributions ``forward`` also returns (``code_logits``,
+        # for the ``codes`` loss; set by the distillation job); 0: none
+        self.code_levels = 0
         self.train_mode = ""
         self.apply_train_mode(train_mode)
 
@@ -295,6 +298,13 @@ class TeacherAdapter(nn.Module):
         """pooled [B, D] -> logits [B, C] (fp32)."""
         return self.head(pooled.float())
 
+    def forward_codes(self, levels: int, **inputs: torch.Tensor) -> torch.Tensor:
+        """Inputs -> per-token code distributions [B, N, levels, C] (log-probabilities, the
+        tokens in ``forward_features``' order): a tokenized teacher's; others refuse."""
+        raise ValueError(f"{type(self).__name__} gives no code distributions: the codes loss "
+                         f"(distill.weights.codes) needs a tokenized teacher (teacher.kind: "
+                         f"foundation on a hypnos model)")
+
     def forward(self, labels: torch.Tensor | None = None, **inputs: torch.Tensor) -> ECGModelOutput:
         tokens, token_leads, pooled = self.forward_features(**inputs)
         pooled = pooled.float()
@@ -302,8 +312,9 @@ class TeacherAdapter(nn.Module):
         loss = None
         if labels is not None:
             loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+        codes = self.forward_codes(self.code_levels, **inputs) if self.code_levels else None
         return ECGModelOutput(loss=loss, logits=logits, tokens=tokens.float(),
-                              token_leads=token_leads, pooled=pooled)
+                              token_leads=token_leads, pooled=pooled, code_logits=codes)
 
     # ------------------------------------------------------------------ save / load
     def _save_backbone_extras(self, folder: Path) -> None:

@@ -129,3 +129,12 @@ class FoundationTeacher(TeacherAdapter):
         signal = check_signal(signal, model.config, f"foundation teacher ({model.family})")
         tokens, token_leads = model.forward_features(signal.to(self._dtype))
         return tokens, token_leads, model.forward_head(tokens, pre_logits=True)
+
+    def forward_codes(self, levels: int, signal: torch.Tensor) -> torch.Tensor:
+        """A Hypnos teacher's tokenizer's code distributions per token (the tokens' order:
+        lead-major, one per lead and patch); CSFM and LAMAE have no codes."""
+        model = self.hf_model
+        if not isinstance(model, HypnosModel):
+            return super().forward_codes(levels, signal=signal)
+        signal = check_signal(signal, model.config, f"foundation teacher ({model.family})")
+        return model.forward_codes(signal, levels)

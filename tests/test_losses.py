@@ -440,7 +440,7 @@ def test_objective_with_alpha_zero_is_plain_bce_and_calls_nothing() -> None:
 
 
 def test_objective_and_registry_errors() -> None:
-    message = "unknown loss 'otl'; did you mean 'ot'? (known: kd, mhca, ot, relation)"
+    message = "unknown loss 'otl'; did you mean 'ot'? (known: codes, kd, mhca, ot, relation)"
     with pytest.raises(ValueError) as info:
         build_objective(0.5, {"kd": 1.0, "otl": 1.0}, 8, 8)
     assert str(info.value) == message
@@ -550,7 +550,8 @@ class ProbeLoss(nn.Module):
         discover()
         family = loss_family("zz_probe")
         assert (family.order, family.default_weight, family.dims) == (40, 0.0, ("student_dim",))
-        assert [f.name for f in loss_families()] == ["kd", "mhca", "ot", "zz_probe", "relation"]
+        assert [f.name for f in loss_families()] == ["kd", "mhca", "ot", "codes", "zz_probe",
+                                                     "relation"]
         objective = build_objective(0.5, {"relation": 1.0, "zz_probe": 2.0, "mhca": 1.0}, 8, 10,
                                     zz_probe={"scale": 3.0}, mhca={"dim": 8, "heads": 2})
         assert list(objective.losses) == ["mhca", "zz_probe", "relation"]
@@ -600,9 +601,10 @@ def test_registering_a_duplicate_or_a_mismatched_loss_fails() -> None:
 def test_unknown_loss_suggests_the_closest_name() -> None:
     with pytest.raises(ValueError) as info:
         loss_family("otl")
-    assert str(info.value) == "unknown loss 'otl'; did you mean 'ot'? (known: kd, mhca, ot, " \
-                              "relation)"
-    with pytest.raises(ValueError, match=r"^unknown loss 'xyz' \(known: kd, mhca, ot, relation\)"):
+    assert str(info.value) == "unknown loss 'otl'; did you mean 'ot'? (known: codes, kd, mhca, " \
+                              "ot, relation)"
+    with pytest.raises(ValueError, match=r"^unknown loss 'xyz' \(known: codes, kd, mhca, ot, "
+                                         r"relation\)"):
         loss_family("xyz")
 
 

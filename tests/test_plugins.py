@@ -99,7 +99,8 @@ def test_a_new_loss_module_is_a_recipe_section_a_weight_and_an_ablation(toy_fami
                                 "ablations": {"runs": ["no_toy", "toy_only"]}})
     assert ablation_recipe(ablated, "no_toy").distill.weights["toy"] == 0.0
     only = ablation_recipe(ablated, "toy_only").distill.weights
-    assert only == {"kd": 0.0, "mhca": 0.0, "ot": 0.0, "toy": 0.5, "relation": 0.0}
+    assert only == {"kd": 0.0, "mhca": 0.0, "ot": 0.0, "codes": 0.0, "toy": 0.5,
+                    "relation": 0.0}
 
 
 def test_without_the_module_the_name_is_unknown() -> None:

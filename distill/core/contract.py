@@ -9,6 +9,9 @@ together (docs/architecture.md, "The output contract")::
                             token spans several leads
     pooled       [B, D']    one embedding per record
     token_mask   [B, N]     optional; True where a token is real (False = padding)
+    code_logits  [B, N, K, C] optional; a tokenized model's distribution over its C codes
+                            at each of K residual levels, per token (log-probabilities up
+                            to a constant; the ``codes`` loss distils them)
 
 A model declares which batch entries it reads in ``input_names`` (``("signal",)`` for a
 signal model, ``("image",)`` for an image teacher) and is called as
@@ -37,6 +40,8 @@ class ECGModelOutput(ModelOutput):
         token_leads: [N] int64, each token's lead (0..11) or -1.
         pooled: [B, D'] float, one embedding per record.
         token_mask: [B, N] bool or None; True marks real tokens.
+        code_logits: [B, N, K, C] float or None; per token, a distribution over C codes at
+            each of K residual levels (a tokenized teacher's, for the ``codes`` loss).
         loss: scalar when the model was given labels.
     """
 
@@ -46,6 +51,7 @@ class ECGModelOutput(ModelOutput):
     token_leads: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
+    code_logits: torch.Tensor | None = None
 
 
 def check_output(out: ECGModelOutput, *, batch_size: int, num_labels: int,
@@ -72,8 +78,13 @@ def check_output(out: ECGModelOutput, *, batch_size: int, num_labels: int,
         fail(f"pooled shape {tuple(out.pooled.shape)}, expected ({batch_size}, D)")
     if out.token_mask is not None and tuple(out.token_mask.shape) != (batch_size, n_tokens):
         fail(f"token_mask shape {tuple(out.token_mask.shape)}, expected ({batch_size}, {n_tokens})")
-    for name in ("logits", "tokens", "pooled"):
+    codes = out.code_logits
+    if codes is not None and (codes.dim() != 4 or tuple(codes.shape[:2]) != (batch_size, n_tokens)):
+        fail(f"code_logits shape {tuple(codes.shape)}, expected ({batch_size}, {n_tokens}, K, C)")
+    for name in ("logits", "tokens", "pooled", "code_logits"):
         value = getattr(out, name)
+        if value is None:
+            continue
         if not value.is_floating_point():
             fail(f"{name} must be floating point, got {value.dtype}")
         if not torch.isfinite(value).all():

@@ -151,9 +151,11 @@ def build_student(recipe: Recipe, spec: StudentConfig, classes: Sequence[str]):
         raise RecipeError(f"students ({spec.family}/{spec.size}): {exc}") from None
 
 
-def build_objective(recipe: Recipe, student_dim: int, teacher_dim: int) -> DistillationObjective:
+def build_objective(recipe: Recipe, student_dim: int, teacher_dim: int,
+                    teacher_codes: tuple[int, int] | None = None) -> DistillationObjective:
     """The recipe's distillation objective for a student/teacher pair of token widths:
     L = (1 - alpha) * BCE + alpha * sum of lambda_i * L_i over the terms with lambda_i > 0,
     each term configured by its own recipe section (``distill.<loss>``)."""
     d = recipe.distill
-    return _build_objective(d.alpha, dict(d.weights), student_dim, teacher_dim, **d.losses)
+    return _build_objective(d.alpha, dict(d.weights), student_dim, teacher_dim,
+                            teacher_codes=teacher_codes, **d.losses)

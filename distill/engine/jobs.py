@@ -40,9 +40,10 @@ from distill.engine.accel import process_state
 from distill.engine.factory import (build_objective, build_student, build_teacher, consumer_views,
                                     reads_images, saved_teacher_folder, student_inputs,
                                     student_key, student_reads_images, teacher_class)
-from distill.engine.teacher_cache import (DrawnOutputs, TeacherOutputs, cache_key, teacher_outputs,
-                                          weights_hash)
+from distill.engine.teacher_cache import (CODE_TOP, DrawnOutputs, TeacherOutputs, cache_key,
+                                          expand_codes, teacher_outputs, weights_hash)
 from distill.engine.train import TrainJob
+from distill.losses import loss_family
 from distill.recipe import AblationConfig, Recipe, StudentConfig
 from teachers import zoo
 
@@ -448,12 +449,31 @@ class DistillationModule(nn.Module):
         return self.objective(self.student(**inputs), teacher_out, batch)
 
 
-def cached_teacher_output(batch: Mapping[str, Any], token_leads: torch.Tensor) -> ECGModelOutput:
-    """The teacher's ModelOutput rebuilt from the cache entries of a batch (fp32)."""
+def cached_teacher_output(batch: Mapping[str, Any], token_leads: torch.Tensor,
+                          codebook_size: int = 0) -> ECGModelOutput:
+    """The teacher's ModelOutput rebuilt from the cache entries of a batch (fp32; the code
+    distributions, where stored, expanded from their top codes)."""
+    codes = None
+    if "teacher.code_idx" in batch:
+        codes = expand_codes(batch["teacher.code_idx"], batch["teacher.code_logp"],
+                             codebook_size)
     return ECGModelOutput(logits=batch["teacher.logits"].float(),
                           tokens=batch["teacher.tokens"].float(),
                           pooled=batch["teacher.pooled"].float(),
-                          token_leads=token_leads.to(batch["teacher.tokens"].device))
+                          token_leads=token_leads.to(batch["teacher.tokens"].device),
+                          code_logits=codes)
+
+
+def code_levels(recipe: Recipe) -> int:
+    """How many residual code levels of its code distributions the teacher gives per token:
+    the ``codes`` term's ``distill.codes.levels`` when the recipe or one of its ablations
+    weights that term, else 0 (a tokenized teacher computes them only then)."""
+    d = recipe.distill
+    runs = [dict(d.weights)] + [AblationConfig.weights(n, dict(d.weights))
+                                for n in recipe.ablations.runs]
+    if d.alpha <= 0 or not any(w.get("codes", 0.0) > 0 for w in runs):
+        return 0
+    return int(loss_family("codes").make_config(d.losses.get("codes")).levels)
 
 
 def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
@@ -480,6 +500,7 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
     s_inputs = student_inputs(spec)
     s_train_inputs = student_train_inputs(recipe, spec)
     t_inputs = teacher_inputs(recipe)
+    teacher.code_levels = code_levels(recipe)
     extras = cache.extras() if cache is not None else None
     if cache is not None and jd.transfer is not None and transfer_cache is None:
         raise ValueError("distill_job: the recipe has extra transfer records; pass the "
@@ -497,17 +518,19 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
     with torch.no_grad():
         s_dim = student.eval()(**{k: v[None] for k, v in s_inputs(probe).items()}).tokens.shape[-1]
         if cache is not None:
-            t_dim = cache.tokens.shape[-1]
+            t_dim, t_codes = cache.tokens.shape[-1], cache.code_shape
         else:
-            t_dim = teacher(**{k: v[None] for k, v in t_inputs(probe).items()}).tokens.shape[-1]
+            t_out = teacher(**{k: v[None] for k, v in t_inputs(probe).items()})
+            t_dim = t_out.tokens.shape[-1]
+            t_codes = None if t_out.code_logits is None else tuple(t_out.code_logits.shape[2:])
     student.train()
-    objective = build_objective(recipe, s_dim, t_dim)
+    objective = build_objective(recipe, s_dim, t_dim, t_codes)
     module = DistillationModule(student, objective)
     device = {"value": torch.device("cpu")}
 
     def teacher_out(batch: Mapping[str, Any]) -> ECGModelOutput:
         if cache is not None:
-            return cached_teacher_output(batch, cache.token_leads)
+            return cached_teacher_output(batch, cache.token_leads, cache.codebook_size)
         with torch.no_grad():
             return teacher(**{k: v.to(device["value"]) for k, v in t_inputs(batch).items()})
 
@@ -586,6 +609,8 @@ def teacher_cache_key(jd: JobData, teacher: nn.Module, data: Any = None,
     if draw is not None:
         inputs["augment"] = {**dataclasses.asdict(augmentation(recipe)), "seed": recipe.seed,
                              "draw": draw}
+    if code_levels(recipe):  # absent otherwise: entries made before the codes term stay valid
+        inputs["codes"] = {"levels": code_levels(recipe), "top": CODE_TOP}
     return cache_key(teacher, data.fingerprint, inputs)
 
 
@@ -603,6 +628,7 @@ def build_teacher_cache(jd: JobData, teacher: nn.Module, progress: bool = True,
         teacher.to(device)
 
     recipe = jd.recipe
+    teacher.code_levels = code_levels(recipe)
     views = {"teacher": jd.views["teacher"]}
     data, images = (jd.transfer, jd.transfer_images) if transfer else (jd.data, jd.images)
     common = dict(cache_dir=recipe.data.cache_dir, progress=progress, rebuild=rebuild,

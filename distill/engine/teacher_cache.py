@@ -7,7 +7,16 @@ turns each later epoch into a read. The entry is a folder in the data cache::
     teacher-outputs-<key>/logits.npy   float32 [N, C]
                           tokens.npy   float16 [N, N_t, D_t] (float32 if fp16 would overflow)
                           pooled.npy   float16 [N, D_t]      (likewise)
+                          code_idx.npy int16   [N, N_t, K, 16]   a tokenized teacher's
+                          code_logp.npy float16 [N, N_t, K, 16]  code distributions (top 16)
                           meta.json    token_leads, shapes, what the key was made of
+
+A tokenized teacher asked for its per-token code distributions (``code_levels`` > 0, for
+the ``codes`` loss) has the 16 most likely codes of each token and level stored with their
+log-probabilities (:data:`CODE_TOP`; 38 KB per record for 12 leads x 25 patches x 2 levels,
+against 307 KB for the whole distributions); :func:`expand_codes` spreads the remaining
+mass evenly over the other codes when a batch is read (on the project's tokenizer the 16
+hold 0.9997 of the mass at level 1 and 0.993 at level 2).
 
 ``key`` hashes the teacher's weights (every tensor of its state dict), its class and
 settings, the data set's fingerprint and the teacher's input settings (the render
@@ -43,6 +52,7 @@ from distill.core.io import atomic_dir
 from distill.core.progress import progress_bar
 
 CACHE_VERSION = 1
+CODE_TOP = 16  # the most likely codes of each code distribution that the cache keeps
 FP16_MAX = float(np.finfo(np.float16).max)
 PREFIX = "teacher-outputs"
 
@@ -82,11 +92,22 @@ class TeacherOutputs:
     tokens: np.ndarray  # (N, N_t, D_t)
     pooled: np.ndarray  # (N, D_t)
     token_leads: torch.Tensor  # (N_t,) int64
+    code_idx: np.ndarray | None = None  # (N, N_t, K, CODE_TOP) int16
+    code_logp: np.ndarray | None = None  # (N, N_t, K, CODE_TOP) float16
+    codebook_size: int = 0  # C of the code distributions (0: none stored)
 
     def extras(self) -> dict[str, np.ndarray]:
         """Per-record arrays for ``ECGData.split(extras=...)``."""
-        return {"teacher.logits": self.logits, "teacher.tokens": self.tokens,
-                "teacher.pooled": self.pooled}
+        out = {"teacher.logits": self.logits, "teacher.tokens": self.tokens,
+               "teacher.pooled": self.pooled}
+        if self.code_idx is not None:
+            out.update({"teacher.code_idx": self.code_idx, "teacher.code_logp": self.code_logp})
+        return out
+
+    @property
+    def code_shape(self) -> tuple[int, int] | None:
+        """(levels, C) of the stored code distributions, or None."""
+        return None if self.code_idx is None else (self.code_idx.shape[2], self.codebook_size)
 
 
 @dataclass
@@ -112,6 +133,14 @@ class DrawnOutputs:
     def token_leads(self) -> torch.Tensor:
         return self.draws[0].token_leads
 
+    @property
+    def codebook_size(self) -> int:
+        return self.draws[0].codebook_size
+
+    @property
+    def code_shape(self) -> tuple[int, int] | None:
+        return self.draws[0].code_shape
+
     def extras(self) -> dict[str, PerDraw]:
         """Per-record, per-draw arrays for ``ECGData.split(extras=..., draws=K)``."""
         names = self.draws[0].extras()
@@ -122,15 +151,37 @@ def load_outputs(folder: Path) -> TeacherOutputs | None:
     """A complete entry, or None when absent or unreadable (then it is rebuilt)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
-        arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r")
-                  for n in ("logits", "tokens", "pooled")}
+        names = ["logits", "tokens", "pooled"]
+        if meta.get("codebook_size"):
+            names += ["code_idx", "code_logp"]
+        arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in names}
     except (OSError, ValueError, KeyError):
         return None
     n = {len(a) for a in arrays.values()}
     if len(n) != 1 or n.pop() != meta.get("records"):
         return None
     return TeacherOutputs(folder=folder, key=meta["key"], token_leads=torch.tensor(
-        meta["token_leads"], dtype=torch.long), **arrays)
+        meta["token_leads"], dtype=torch.long), codebook_size=int(meta.get("codebook_size", 0)),
+        **arrays)
+
+
+def top_codes(code_logits: torch.Tensor, top: int = CODE_TOP
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., C] log-probabilities -> the ``top`` most likely codes: (indices int16,
+    log-probabilities float32), each [..., top]."""
+    logp = code_logits.float().log_softmax(-1)
+    values, idx = logp.topk(min(top, logp.shape[-1]), dim=-1)
+    return idx.to(torch.int16), values
+
+
+def expand_codes(idx: torch.Tensor, logp: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """Whole distributions [..., C] (log-probabilities) from the stored top codes: each code
+    kept has its log-probability, the mass left is spread evenly over the others."""
+    logp = logp.float()
+    rest = (1.0 - logp.exp().sum(-1, keepdim=True)).clamp_min(1e-12)  # (..., 1)
+    others = max(codebook_size - idx.shape[-1], 1)
+    out = (rest / others).log().expand(*logp.shape[:-1], codebook_size).clone()
+    return out.scatter_(-1, idx.long(), logp)
 
 
 class _Overflow(Exception):
@@ -140,9 +191,12 @@ class _Overflow(Exception):
 def _fill(teacher: nn.Module, loader: DataLoader, inputs_fn: Callable, folder: Path,
           n: int, dtype: np.dtype, device: torch.device, progress: bool,
           desc: str = "teacher outputs") -> list[int]:
-    """Run the teacher over every record, writing the three arrays; the token leads."""
+    """Run the teacher over every record, writing its arrays; (the token leads, the code
+    distributions' C or 0)."""
     arrays: dict[str, np.ndarray] = {}
     leads: list[int] = []
+    codebook = 0
+    stored = {"logits": np.float32, "code_idx": np.int16, "code_logp": np.float16}
     with progress_bar(total=n, desc=desc, unit="ecg", enabled=progress) as bar, \
             torch.no_grad():
         for batch in loader:
@@ -150,21 +204,25 @@ def _fill(teacher: nn.Module, loader: DataLoader, inputs_fn: Callable, folder: P
             idx = batch["index"].numpy()  # (B,)
             parts = {"logits": out.logits.float(), "tokens": out.tokens.float(),
                      "pooled": out.pooled.float()}
+            if out.code_logits is not None:
+                codebook = out.code_logits.shape[-1]
+                parts["code_idx"], logp = top_codes(out.code_logits)
+                parts["code_logp"] = logp.clamp_min(-FP16_MAX)  # a code of probability 0
             if not arrays:
                 leads = out.token_leads.cpu().tolist()
                 for name, t in parts.items():
                     arrays[name] = np.lib.format.open_memmap(
                         folder / f"{name}.npy", mode="w+", shape=(n, *t.shape[1:]),
-                        dtype=np.float32 if name == "logits" else dtype)
+                        dtype=stored.get(name, dtype))
             for name, t in parts.items():
                 x = t.cpu().numpy()
-                if name != "logits" and dtype == np.float16 and np.abs(x).max() > FP16_MAX:
+                if name not in stored and dtype == np.float16 and np.abs(x).max() > FP16_MAX:
                     raise _Overflow
                 arrays[name][idx] = x
             bar.update(len(idx))
     for a in arrays.values():
         a.flush()
-    return leads
+    return leads, codebook
 
 
 def teacher_outputs(teacher: nn.Module, dataset: Dataset,
@@ -206,13 +264,15 @@ def teacher_outputs(teacher: nn.Module, dataset: Dataset,
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             try:
-                leads = _fill(teacher, loader, inputs_fn, tmp, n, dtype, torch.device(device),
-                              progress, desc)
+                leads, codebook = _fill(teacher, loader, inputs_fn, tmp, n, dtype,
+                                        torch.device(device), progress, desc)
                 break
             except _Overflow:  # a feature beyond fp16's range: store float32 instead
                 continue
         meta = {"key": key, "records": n, "token_leads": leads, "storage": np.dtype(dtype).name,
                 "version": CACHE_VERSION}
+        if codebook:
+            meta["codebook_size"] = codebook
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     loaded = load_outputs(folder)
     if loaded is None:

@@ -37,7 +37,9 @@ from torch import nn
 from distill.core.registry import Registry
 from distill.core.schema import unknown_key
 
-DIM_ARGS = ("student_dim", "teacher_dim")  # token widths, given by the objective, not config
+# given by the objective, not config: the token widths, and (levels, C) of a tokenized
+# teacher's code distributions (None when it gives none)
+DIM_ARGS = ("student_dim", "teacher_dim", "teacher_codes")
 
 
 class LossOutput(NamedTuple):
@@ -55,7 +57,8 @@ class LossFamily:
         name: the registry name, also the recipe key (``distill.weights.<name>``,
             ``distill.<name>.<field>``) and the objective's term name.
         cls: the ``nn.Module``; its constructor takes exactly the config's fields as
-            keyword arguments, plus ``student_dim`` / ``teacher_dim`` if it needs them.
+            keyword arguments, plus ``student_dim`` / ``teacher_dim`` / ``teacher_codes`` if
+            it needs them.
         config: the configuration dataclass (each field a recipe key).
         default_weight: the recipe's default weight λ of the term.
         order: terms are built and run in ascending ``order``, ties by name.
@@ -72,7 +75,7 @@ class LossFamily:
 
     @property
     def dims(self) -> tuple[str, ...]:
-        """Which of ``student_dim`` / ``teacher_dim`` the constructor takes."""
+        """Which of :data:`DIM_ARGS` the constructor takes."""
         params = inspect.signature(self.cls.__init__).parameters
         return tuple(name for name in DIM_ARGS if name in params)
 
@@ -99,10 +102,12 @@ class LossFamily:
         return self.config(**config)
 
     def build(self, config: Mapping[str, Any] | Any | None = None, *,
-              student_dim: int | None = None, teacher_dim: int | None = None) -> nn.Module:
+              student_dim: int | None = None, teacher_dim: int | None = None,
+              teacher_codes: tuple[int, int] | None = None) -> nn.Module:
         """Instantiate the loss: ``cls(**dims, **asdict(config))``, passing the token widths
         only to a constructor that takes them."""
-        widths = {"student_dim": student_dim, "teacher_dim": teacher_dim}
+        widths = {"student_dim": student_dim, "teacher_dim": teacher_dim,
+                  "teacher_codes": teacher_codes}
         kwargs = {name: widths[name] for name in self.dims if widths[name] is not None}
         return self.cls(**kwargs, **dataclasses.asdict(self.make_config(config)))
 

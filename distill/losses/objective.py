@@ -141,10 +141,11 @@ class DistillationObjective(nn.Module):
 
     @classmethod
     def build(cls, alpha: float, weights: Mapping[str, float] | Any, student_dim: int,
-              teacher_dim: int, **loss_configs: Mapping[str, Any] | Any
-              ) -> DistillationObjective:
+              teacher_dim: int, teacher_codes: tuple[int, int] | None = None,
+              **loss_configs: Mapping[str, Any] | Any) -> DistillationObjective:
         """Same as :func:`build_objective`."""
-        return build_objective(alpha, weights, student_dim, teacher_dim, **loss_configs)
+        return build_objective(alpha, weights, student_dim, teacher_dim,
+                               teacher_codes=teacher_codes, **loss_configs)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, weights={self.weights}"
@@ -170,8 +171,8 @@ def check_requirements(alpha: float, weights: Mapping[str, float]) -> None:
 
 
 def build_objective(alpha: float, weights: Mapping[str, float] | Any, student_dim: int,
-                    teacher_dim: int, **loss_configs: Mapping[str, Any] | Any
-                    ) -> DistillationObjective:
+                    teacher_dim: int, teacher_codes: tuple[int, int] | None = None,
+                    **loss_configs: Mapping[str, Any] | Any) -> DistillationObjective:
     """Build the objective and the registered losses it needs.
 
     Only terms with λ > 0 (and α > 0) are built, in the registry's order (which fixes the
@@ -184,6 +185,8 @@ def build_objective(alpha: float, weights: Mapping[str, float] | Any, student_di
             mapping, or a dataclass whose fields are the names).
         student_dim: D_s, width of the student's tokens.
         teacher_dim: D_t, width of the teacher's tokens.
+        teacher_codes: (levels, C) of a tokenized teacher's code distributions (the
+            ``codes`` term's output size); None when the teacher gives none.
         **loss_configs: each loss's configuration, a mapping of its config's fields or the
             config dataclass itself, e.g. ``kd={"temperature": 4.0}``,
             ``mhca=MHCAConfig(dim=64, heads=2)``. Configurations of unweighted terms are
@@ -205,7 +208,7 @@ def build_objective(alpha: float, weights: Mapping[str, float] | Any, student_di
     losses: dict[str, nn.Module] = {}
     for name in term_order(active):
         losses[name] = families[name].build(configs.get(name), student_dim=student_dim,
-                                            teacher_dim=teacher_dim)
+                                            teacher_dim=teacher_dim, teacher_codes=teacher_codes)
     return DistillationObjective(alpha, weights, losses)
 
 

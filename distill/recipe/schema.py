@@ -252,6 +252,8 @@ class TransferConfig:
         return self.path is not None or self.synthetic > 0
 
 
+# the loss families of 0.1-0.3 (EVL-ECG's four terms)
+ORIGINAL_LOSSES = ("kd", "mhca", "ot", "relation")
 # the distill section before the per-loss sections (0.1): flat key -> (loss, field)
 LEGACY_DISTILL_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
     "temperature": (("kd", "temperature"),),
@@ -310,21 +312,30 @@ class DistillConfig:
         runs made before the per-loss sections keep their hashes and resume; otherwise
         the section as it is."""
         out = to_hash_dict(self)
-        if set(out) - {"alpha", "weights"} - set(self.losses):  # a setting 0.1 did not have
+        losses = dict(self.losses)
+        weights = dict(self.weights)
+        for name in [n for n in losses if n not in ORIGINAL_LOSSES]:
+            # a family registered later, off and at its defaults, changes nothing a run
+            # computes: it stays out, so runs made before it existed keep their hashes
+            if weights.get(name, 0.0) <= 0 and to_dict(losses[name]) == to_dict(
+                    type(losses[name])()):
+                del losses[name], out[name]
+                weights.pop(name, None)
+                out["weights"] = {k: v for k, v in out["weights"].items() if k != name}
+        if set(out) - {"alpha", "weights"} - set(losses):  # a setting 0.1 did not have
             return out
-        legacy: dict[str, Any] = {"alpha": self.alpha, "weights": dict(self.weights)}
+        legacy: dict[str, Any] = {"alpha": self.alpha, "weights": weights}
         used: dict[str, set[str]] = {}
         for key, targets in LEGACY_DISTILL_KEYS.items():
-            values = {to_dict(getattr(self.losses[n], f)) for n, f in targets
-                      if n in self.losses}
-            if len(values) != 1 or len(targets) != sum(n in self.losses for n, _ in targets):
+            values = {to_dict(getattr(losses[n], f)) for n, f in targets if n in losses}
+            if len(values) != 1 or len(targets) != sum(n in losses for n, _ in targets):
                 return out
             legacy[key] = values.pop()
             for n, f in targets:
                 used.setdefault(n, set()).add(f)
-        if set(self.losses) != set(used) or set(self.weights) != set(used):
+        if set(losses) != set(used) or set(weights) != set(used):
             return out
-        for name, config in self.losses.items():
+        for name, config in losses.items():
             default = to_dict(type(config)())
             if any(v != default[k] for k, v in to_dict(config).items() if k not in used[name]):
                 return out
