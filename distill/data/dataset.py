@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,10 +52,15 @@ class SignalView:
     Attributes:
         leads: lead names (any case) in the order wanted, or None for all 12 standard leads.
         sampling_rate: Hz; None = the data set's rate.
+        upsample: optional; a callable ``(signal [L, T] float32 at sampling_rate, standard
+            lead indices) -> [L, T']`` applied last (after scaling and resampling): a learned
+            upsampler, e.g. the 25 -> 100 Hz translator, so the consumer reads its output.
     """
 
     leads: tuple[str, ...] | None = None
     sampling_rate: int | None = None
+    upsample: Callable[[np.ndarray, tuple[int, ...]], np.ndarray] | None = field(
+        default=None, compare=False)
 
     def lead_index(self) -> tuple[int, ...]:
         """Standard indices of ``leads`` (validated)."""
@@ -320,6 +325,8 @@ class ECGSplit(Dataset):
             rate = view.sampling_rate or fs
             if rate != fs:
                 v = resample(v, fs, rate)
+            if view.upsample is not None:
+                v = view.upsample(np.asarray(v, dtype=np.float32), idx)
             item[name] = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
         if self.render is not None:
             item["image"] = torch.from_numpy(render_12lead(x, fs, self.render))

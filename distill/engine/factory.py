@@ -22,6 +22,7 @@ from distill.data.dataset import SignalView
 from distill.data.load import signal_view
 from distill.losses.objective import DistillationObjective
 from distill.losses.objective import build_objective as _build_objective
+from distill.models.translator import TranslatorConfig, Upsampler
 from distill.recipe import Recipe, StudentConfig
 from teachers import zoo
 
@@ -69,8 +70,42 @@ def consumer_views(recipe: Recipe) -> dict[str, SignalView]:
     """
     views = {"teacher": teacher_view(recipe)}
     for s in recipe.students:
-        views[student_key(s)] = signal_view(recipe.data, s.view)
+        views[student_key(s)] = student_view(recipe, s)
     return views
+
+
+def student_view(recipe: Recipe, spec: StudentConfig) -> SignalView:
+    """A student's view; with ``view.translate``, the leads at the translator's source rate
+    and the translator as the view's ``upsample`` step (the student reads its target rate).
+
+    Raises:
+        RecipeError: the translator folder is missing or not a translator, or the view's
+        ``sampling_rate`` is not the translator's target rate.
+    """
+    view = signal_view(recipe.data, spec.view)
+    path = spec.view.translate
+    if path is None:
+        return view
+    at = f"students.{recipe.students.index(spec)}.view"
+    try:
+        up = Upsampler(path)
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"{at}.translate: cannot read a translator in {path} "
+                          f"({str(exc).splitlines()[0]}); make one with `ecg-distill "
+                          f"translate` (its RUN/translator/best)") from None
+    if not isinstance(up.config, TranslatorConfig):
+        raise RecipeError(f"{at}.translate: {path} holds a {up.config.model_type} model, not "
+                          f"a translator")
+    if spec.view.sampling_rate is not None and spec.view.sampling_rate != up.target_rate:
+        raise RecipeError(f"{at}.sampling_rate: {spec.view.sampling_rate} Hz, but the "
+                          f"translator {path} writes {up.target_rate} Hz (leave it unset)")
+    return SignalView(leads=view.leads, sampling_rate=up.source_rate, upsample=up)
+
+
+def student_rate(view: SignalView) -> int | None:
+    """The rate a student with this view reads: its upsampler's output rate, or the view's."""
+    up = view.upsample
+    return int(up.target_rate) if up is not None else view.sampling_rate
 
 
 def teacher_class(recipe: Recipe) -> type[teachers.TeacherAdapter]:
@@ -133,7 +168,7 @@ def build_student(recipe: Recipe, spec: StudentConfig, classes: Sequence[str]):
     """One student of the recipe, reading its own view of the data: a signal student its
     leads and rate; an image student the run's printout (``data.image``: size, grid),
     with LoRA adapters when ``train_mode`` is lora."""
-    view = signal_view(recipe.data, spec.view)
+    view = student_view(recipe, spec)
     extra: dict[str, Any] = {}
     if student_reads_images(spec):
         img = recipe.data.image
@@ -146,7 +181,7 @@ def build_student(recipe: Recipe, spec: StudentConfig, classes: Sequence[str]):
     try:
         return students.create(spec.family, spec.size, num_labels=len(classes),
                                id2label=dict(enumerate(classes)), leads=view.leads,
-                               sampling_rate=view.sampling_rate, **extra)
+                               sampling_rate=student_rate(view), **extra)
     except ValueError as exc:
         raise RecipeError(f"students ({spec.family}/{spec.size}): {exc}") from None
 

@@ -169,6 +169,19 @@ def normalization(data: Any) -> dict[str, Any]:
 def _student(jd: JobData, spec: StudentConfig) -> nn.Module:
     student = build_student(jd.recipe, spec, jd.classes)
     student.config.normalization = normalization(jd.data)
+    up = jd.views[student_key(spec)].upsample
+    if up is not None:  # the translator reads signals scaled as its tokenizers were trained
+        trained = getattr(up.config, "normalization", None) or {}
+        mine = student.config.normalization
+        if trained and (trained.get("kind") != mine["kind"] or not np.allclose(
+                trained.get("mean"), mine["mean"], rtol=1e-4) or not np.allclose(
+                trained.get("std"), mine["std"], rtol=1e-4)):
+            at = f"students.{jd.recipe.students.index(spec)}.view.translate"
+            raise RecipeError(f"{at}: the translator {up.checkpoint} was trained on data "
+                              f"scaled otherwise ({trained.get('kind')} scaler, std "
+                              f"{trained.get('std', [0])[0]:.4g}) than this recipe's "
+                              f"({mine['kind']}, std {mine['std'][0]:.4g}); translate this "
+                              f"data's records with a translator trained on them")
     return student
 
 
@@ -259,12 +272,15 @@ _SPEC_DEFAULTS = {"epochs": None, "lr": None, "train_mode": "full"}
 
 def _spec_key(spec: StudentConfig) -> dict[str, Any]:
     """A student spec as its training fingerprint sees it: unset per-student overrides
-    (``epochs``, ``lr``) and full training are left out, so runs made before they existed
-    stay valid; the LoRA settings count only when training with LoRA."""
-    out = {k: v for k, v in to_dict(spec).items()
+    (``epochs``, ``lr``), full training and settings added later at their defaults (a view
+    without a translator) are left out, so runs made before they existed stay valid; the
+    LoRA settings count only when training with LoRA; a translator by its weights too."""
+    out = {k: v for k, v in to_dict(spec, hashing=True).items()
            if not (k in _SPEC_DEFAULTS and v == _SPEC_DEFAULTS[k])}
     if spec.train_mode != "lora":
         out = {k: v for k, v in out.items() if k not in ("lora_rank", "lora_alpha")}
+    if spec.view.translate is not None:
+        out["translator"] = local_weights(spec.view.translate)
     return out
 
 
@@ -605,7 +621,8 @@ def teacher_cache_key(jd: JobData, teacher: nn.Module, data: Any = None,
     if jd.teacher_class.reads_images():
         inputs["render"] = dataclasses.asdict(render_config(recipe.data))
     else:
-        inputs["view"] = dataclasses.asdict(jd.views["teacher"])
+        view = jd.views["teacher"]  # (a teacher's view is never upsampled)
+        inputs["view"] = {"leads": view.leads, "sampling_rate": view.sampling_rate}
     if draw is not None:
         inputs["augment"] = {**dataclasses.asdict(augmentation(recipe)), "seed": recipe.seed,
                              "draw": draw}

@@ -45,15 +45,18 @@ and the evaluation against cubic interpolation are :mod:`distill.run.upsample`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from distill.core.errors import DataError, RecipeError
+from distill.core.errors import DataError, ECGDistillError, RecipeError
+from distill.core.io import require_safetensors
 from distill.core.leads import NUM_LEADS, lead_indices
 from distill.core.schema import spec
 from distill.models.base import ECGStudentConfig, describe_input
@@ -544,6 +547,55 @@ class TranslateConfig:
             if key not in known:
                 raise RecipeError(f"{path}.translator.options: unknown translator option "
                                   f"{key!r}; known: {', '.join(known)}")
+
+
+def load_translator(checkpoint: str | Path) -> TranslatorModel:
+    """A saved translator, in eval mode; a one-line error naming the folder otherwise."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "config.json").exists():
+        raise ECGDistillError(f"{checkpoint}: no config.json; not a saved translator folder")
+    require_safetensors(checkpoint)
+    try:
+        config = AutoConfig.from_pretrained(checkpoint)
+    except (ValueError, OSError) as exc:
+        raise ECGDistillError(f"{checkpoint}: unreadable config.json ({exc})") from None
+    if not isinstance(config, TranslatorConfig):
+        raise ECGDistillError(f"{checkpoint}: a {config.model_type} model, not a translator "
+                              f"({TranslatorConfig.model_type})")
+    return TranslatorModel.from_pretrained(checkpoint).eval()
+
+
+class Upsampler:
+    """A saved translator as a data view's ``upsample`` step
+    (:class:`distill.data.dataset.SignalView`): one record's leads [L, T_source] (scaled as
+    the translator's tokenizers were trained) -> [L, T_target], in float32 on the CPU.
+
+    The model is loaded on first use (so the object pickles cheaply into data-loader
+    workers) and runs without gradient, one record at a time.
+    """
+
+    def __init__(self, checkpoint: str | Path) -> None:
+        self.checkpoint = Path(checkpoint)
+        self.config: TranslatorConfig = AutoConfig.from_pretrained(self.checkpoint)
+        self._model: TranslatorModel | None = None
+
+    @property
+    def source_rate(self) -> int:
+        return int(self.config.sampling_rate)
+
+    @property
+    def target_rate(self) -> int:
+        return int(self.config.target_rate)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_model": None}
+
+    def __call__(self, signal: np.ndarray, lead_ids: tuple[int, ...]) -> np.ndarray:
+        if self._model is None:
+            self._model = load_translator(self.checkpoint)
+        x = torch.from_numpy(np.ascontiguousarray(signal, dtype=np.float32))[None]  # (1, L, T)
+        ids = torch.tensor([list(lead_ids)], dtype=torch.long)
+        return self._model.translate(x, ids)[0].float().numpy()
 
 
 AutoConfig.register(TranslatorConfig.model_type, TranslatorConfig, exist_ok=True)

@@ -80,9 +80,16 @@ class ViewConfig:
 
     leads: list[str] | None = spec(None, help="lead subset in any case ('I', 'avr'); null = all 12")
     sampling_rate: int | None = spec(None, help="Hz; null = data.sampling_rate", ge=10, le=2000)
+    translate: str | None = spec(
+        None, help="a student's view only: a translator folder (ecg-distill translate: "
+                   "RUN/translator/best); the leads are read at its source rate (25 Hz) and "
+                   "the student reads its upsampled output (sampling_rate: its target rate)",
+        since="0.4")
 
     def validate(self, path: str) -> None:
         _check_leads(self.leads, f"{path}.leads")
+        if self.translate is not None and path.startswith("teacher"):
+            raise RecipeError(f"{path}.translate: only a student's view is translated")
 
 
 @dataclass

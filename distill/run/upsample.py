@@ -70,7 +70,8 @@ from distill.engine.train import EvalResult, TrainJob, fit
 from distill.metrics.signal import mean_interval, paired_mean_difference, pearson
 from distill.models.rvq import RVQTokenizer
 from distill.models.translator import (TOLERANCE_MS, TokenizerStage, TranslateConfig,
-                                       TranslatorConfig, TranslatorModel, TranslatorStage)
+                                       TranslatorConfig, TranslatorModel, TranslatorStage,
+                                       load_translator)
 from distill.recipe import Recipe, load_recipe
 from distill.recipe.load import parse_override, read_yaml, recipe_from_dict
 from students._masked import pretraining_model, pretraining_sizes
@@ -659,24 +660,6 @@ def format_evaluation(result: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- models and records
-
-
-def load_translator(checkpoint: str | Path) -> TranslatorModel:
-    """A saved translator, in eval mode; a one-line error naming the folder otherwise."""
-    from transformers import AutoConfig
-
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / "config.json").exists():
-        raise ECGDistillError(f"{checkpoint}: no config.json; not a saved translator folder")
-    require_safetensors(checkpoint)
-    try:
-        config = AutoConfig.from_pretrained(checkpoint)
-    except (ValueError, OSError) as exc:
-        raise ECGDistillError(f"{checkpoint}: unreadable config.json ({exc})") from None
-    if not isinstance(config, TranslatorConfig):
-        raise ECGDistillError(f"{checkpoint}: a {config.model_type} model, not a translator "
-                              f"({TranslatorConfig.model_type})")
-    return TranslatorModel.from_pretrained(checkpoint).eval()
 
 
 def _windows(total: int, window: int) -> list[int]:
