@@ -141,7 +141,7 @@ def test_the_cache_stores_top_codes_and_a_batch_rebuilds_the_distributions(tmp_p
     batch = {name: torch.from_numpy(np.array(a[:3])) for name, a in extras.items()}
     rebuilt = cached_teacher_output(batch, cache.token_leads, cache.codebook_size)
     live = teacher(signal=records.x[:3])
-    kept = torch.from_numpy(np.asarray(cache.code_idx[:3])).long()
+    kept = torch.from_numpy(np.array(cache.code_idx[:3])).long()
     exact = live.code_logits.log_softmax(-1)
     torch.testing.assert_close(rebuilt.code_logits.gather(-1, kept), exact.gather(-1, kept),
                                atol=2e-2, rtol=2e-3)  # float16 log-probabilities

@@ -65,7 +65,8 @@ def translator_folder(tmp_path_factory) -> Path:
 def test_a_translated_view_reads_25_hz_and_serves_the_translation(tmp_path: Path,
                                                                    translator_folder: Path
                                                                    ) -> None:
-    recipe = _recipe(tmp_path, f"students.0.view.translate={translator_folder}")
+    recipe = _recipe(tmp_path, f"students.0.view.translate={translator_folder}",
+                     "students.0.view.sampling_rate=25")  # the device's rate: allowed
     jd = load_job_data(recipe, progress=False)
     spec = recipe.students[0]
     view = jd.views[student_key(spec)]
@@ -95,7 +96,7 @@ def test_translated_views_are_checked(tmp_path: Path, translator_folder: Path) -
         load_job_data(_recipe(tmp_path, f"students.0.view.translate={tmp_path / 'missing'}"),
                       progress=False)
     with pytest.raises(RecipeError, match=r"^students\.0\.view\.sampling_rate: 50 Hz, but the "
-                                          r"translator .* writes 100 Hz"):
+                                          r"translator .* reads 25 Hz and writes 100 Hz"):
         load_job_data(_recipe(tmp_path, f"students.0.view.translate={translator_folder}",
                               "students.0.view.sampling_rate=50"), progress=False)
     with pytest.raises(RecipeError, match=r"teacher\.view\.translate: only a student's view"):

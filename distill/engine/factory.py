@@ -80,7 +80,8 @@ def student_view(recipe: Recipe, spec: StudentConfig) -> SignalView:
 
     Raises:
         RecipeError: the translator folder is missing or not a translator, or the view's
-        ``sampling_rate`` is not the translator's target rate.
+        ``sampling_rate`` is neither the translator's source rate (the rate the device
+        records) nor its target rate (the rate the student reads).
     """
     view = signal_view(recipe.data, spec.view)
     path = spec.view.translate
@@ -96,9 +97,10 @@ def student_view(recipe: Recipe, spec: StudentConfig) -> SignalView:
     if not isinstance(up.config, TranslatorConfig):
         raise RecipeError(f"{at}.translate: {path} holds a {up.config.model_type} model, not "
                           f"a translator")
-    if spec.view.sampling_rate is not None and spec.view.sampling_rate != up.target_rate:
+    if spec.view.sampling_rate not in (None, up.source_rate, up.target_rate):
         raise RecipeError(f"{at}.sampling_rate: {spec.view.sampling_rate} Hz, but the "
-                          f"translator {path} writes {up.target_rate} Hz (leave it unset)")
+                          f"translator {path} reads {up.source_rate} Hz and writes "
+                          f"{up.target_rate} Hz (give either, or leave it unset)")
     return SignalView(leads=view.leads, sampling_rate=up.source_rate, upsample=up)
 
 

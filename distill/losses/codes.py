@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.core.errors import RecipeError
 from distill.core.leads import NUM_LEADS
 from distill.core.schema import spec
 from distill.losses import LossOutput, check_fields, register_loss
+from distill.losses.alignment import MHCAConfig
 
 TIME_FREQUENCIES = 8  # sin/cos pairs encoding a token's relative time
 
@@ -61,10 +61,7 @@ class CodesConfig:
     def __post_init__(self) -> None:
         check_fields(self)
 
-    def validate(self, path: str) -> None:
-        if self.dim % self.heads:
-            raise RecipeError(f"{path}.dim: {self.dim} must be a multiple of heads "
-                              f"({path}.heads={self.heads})")
+    validate = MHCAConfig.validate  # the same cross-field rule: dim splits into heads
 
 
 def relative_time(token_leads: torch.Tensor) -> torch.Tensor:

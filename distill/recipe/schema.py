@@ -83,7 +83,8 @@ class ViewConfig:
     translate: str | None = spec(
         None, help="a student's view only: a translator folder (ecg-distill translate: "
                    "RUN/translator/best); the leads are read at its source rate (25 Hz) and "
-                   "the student reads its upsampled output (sampling_rate: its target rate)",
+                   "the student reads its upsampled output (sampling_rate: unset, or the "
+                   "translator's source or target rate)",
         since="0.4")
 
     def validate(self, path: str) -> None:

@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from distill.core.errors import DataError, ECGDistillError, RecipeError
 from distill.core.hashing import stable_hash
-from distill.core.io import atomic_write_text, require_safetensors
+from distill.core.io import atomic_write_text
 from distill.core.leads import NUM_LEADS, STANDARD_LEADS, lead_index, lead_indices
 from distill.core.progress import progress_bar
 from distill.core.schema import build, to_dict
