@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -146,23 +146,36 @@ def reconstruction_error(model: ECGForMaskedModeling, dataset: Any, *, ratio: fl
     return {"mse": mse, "nmse": mse / var if var > 0 else float("nan")}
 
 
+def batch_mean(model: nn.Module, loader: DataLoader,
+               term: Callable[[nn.Module, Mapping[str, Any], Any], tuple[torch.Tensor, float]],
+               *, accelerator: Any = None, progress: bool = False) -> float:
+    """A weighted mean over the batches of ``loader`` in eval mode, without gradient:
+    ``term(model, batch, device)`` gives a batch's (sum, count); the result is the total sum
+    over the total count (with ``accelerator``, every process's batches)."""
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # sum, count
+    with torch.no_grad():
+        for batch in progress_bar(loader, enabled=progress, desc="validation", leave=False,
+                                  unit="batch"):
+            total, count = term(model, batch, device)
+            sums += torch.stack([total.double(), torch.tensor(float(count), dtype=torch.float64,
+                                                              device=device)])
+    if accelerator is not None and accelerator.num_processes > 1:
+        sums = accelerator.reduce(sums, reduction="sum")
+    return float(sums[0] / sums[1].clamp_min(1.0))
+
+
 def mean_loss(model: nn.Module, loader: DataLoader, *, accelerator: Any = None,
               progress: bool = False) -> float:
     """The model's own loss averaged over the records of ``loader`` (eval mode; with
     ``accelerator``, every process's records)."""
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # weighted loss, records
-    with torch.no_grad():
-        for batch in progress_bar(loader, enabled=progress, desc="validation", leave=False,
-                                  unit="batch"):
-            n = batch["signal"].shape[0]
-            loss = model(signal=batch["signal"].to(device)).loss
-            sums += torch.stack([loss.double() * n, torch.tensor(float(n), dtype=torch.float64,
-                                                                 device=device)])
-    if accelerator is not None and accelerator.num_processes > 1:
-        sums = accelerator.reduce(sums, reduction="sum")
-    return float(sums[0] / sums[1].clamp_min(1.0))
+
+    def term(m: nn.Module, batch: Mapping[str, Any], device: Any) -> tuple[torch.Tensor, float]:
+        n = batch["signal"].shape[0]
+        return m(signal=batch["signal"].to(device)).loss * n, n
+
+    return batch_mean(model, loader, term, accelerator=accelerator, progress=progress)
 
 
 def _validate(accelerator: Any, model: nn.Module, loader: DataLoader, progress: bool

@@ -57,6 +57,19 @@ class MLP(nn.Sequential):
                          nn.Linear(hidden, dim), nn.Dropout(dropout))
 
 
+class BlockWidth:
+    """The fields a :class:`Block` reads, at another width than the config's: a second,
+    narrower transformer of the same model (a masked model's decoder, Hypnos' depth
+    transformer) shares the config's MLP ratio, dropout and LayerNorm epsilon."""
+
+    def __init__(self, config: Any, hidden_size: int, num_heads: int) -> None:
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.mlp_ratio = config.mlp_ratio
+        self.dropout = config.dropout
+        self.layer_norm_eps = config.layer_norm_eps
+
+
 class Block(nn.Module):
     """Pre-norm transformer block; with ``cross=True`` the attention reads a context.
 

@@ -35,7 +35,7 @@ from transformers.utils import ModelOutput
 
 from distill.core.leads import NUM_LEADS
 from distill.models.base import ECGStudentConfig, ECGStudentModel, check_signal
-from distill.models.blocks import Block, init_weights
+from distill.models.blocks import Block, BlockWidth, init_weights
 from distill.models.rvq import RVQTokenizer, RVQTokenizerConfig
 
 
@@ -246,17 +246,6 @@ class NextTokenOutput(ModelOutput):
     codes: torch.Tensor | None = None
 
 
-class _DepthWidth:
-    """The fields a ``Block`` reads, at the depth transformer's width."""
-
-    def __init__(self, config: HypnosConfig) -> None:
-        self.hidden_size = config.depth_hidden_size
-        self.num_heads = config.depth_heads
-        self.mlp_ratio = config.mlp_ratio
-        self.dropout = config.dropout
-        self.layer_norm_eps = config.layer_norm_eps
-
-
 class DepthTransformer(nn.Module):
     """Predicts one step's K codes in order from the temporal state of the step before."""
 
@@ -269,7 +258,8 @@ class DepthTransformer(nn.Module):
         self.context = nn.Linear(config.hidden_size, dd)
         self.code_embed = nn.Embedding(num_quantizers * codebook_size, dd)
         self.pos_embed = nn.Parameter(torch.zeros(num_quantizers, dd))
-        self.blocks = nn.ModuleList(Block(_DepthWidth(config)) for _ in range(config.depth_layers))
+        width = BlockWidth(config, dd, config.depth_heads)
+        self.blocks = nn.ModuleList(Block(width) for _ in range(config.depth_layers))
         self.norm = nn.LayerNorm(dd, eps=config.layer_norm_eps)
         self.heads = nn.Parameter(torch.zeros(num_quantizers, dd, codebook_size))
         self.bias = nn.Parameter(torch.zeros(num_quantizers, codebook_size))

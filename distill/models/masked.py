@@ -28,7 +28,7 @@ from transformers.utils import ModelOutput
 
 from distill.core.leads import NUM_LEADS
 from distill.models.base import ECGStudentConfig, ECGStudentModel, check_signal
-from distill.models.blocks import Block, init_weights
+from distill.models.blocks import Block, BlockWidth, init_weights
 
 MASK_STRATEGIES: tuple[str, ...] = ("patches", "time", "channels", "time_channel")
 
@@ -245,7 +245,7 @@ class MaskedDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(dd))
         self.lead_embed = nn.Embedding(NUM_LEADS, dd)
         self.pos_embed = nn.Parameter(torch.zeros(n, dd))
-        sub = _DecoderWidth(config)
+        sub = BlockWidth(config, config.decoder_hidden_size, config.decoder_heads)
         self.blocks = nn.ModuleList(Block(sub) for _ in range(config.decoder_layers))
         self.context_embed = nn.Linear(config.hidden_size, dd) if context else None
         self.cross = nn.ModuleList(Block(sub, cross=True) for _ in range(config.decoder_layers)
@@ -274,17 +274,6 @@ class MaskedDecoder(nn.Module):
             if ctx is not None:
                 x = self.cross[i](x, ctx, context_mask)
         return self.out(self.norm(x)).view(b, l, n, -1)  # (B, L, N, P)
-
-
-class _DecoderWidth:
-    """The fields a leadformer ``Block`` reads, at the decoder's width."""
-
-    def __init__(self, config: MaskedSignalConfig) -> None:
-        self.hidden_size = config.decoder_hidden_size
-        self.num_heads = config.decoder_heads
-        self.mlp_ratio = config.mlp_ratio
-        self.dropout = config.dropout
-        self.layer_norm_eps = config.layer_norm_eps
 
 
 # ---------------------------------------------------------------- pretraining wrapper

@@ -65,7 +65,7 @@ from distill.data.dataset import ECGData, SignalView
 from distill.data.load import load_data
 from distill.engine.accel import process_state
 from distill.engine.jobs import local_weights, normalization, train_settings
-from distill.engine.pretrain import mean_loss
+from distill.engine.pretrain import batch_mean, mean_loss
 from distill.engine.train import EvalResult, TrainJob, fit
 from distill.metrics.signal import mean_interval, paired_mean_difference, pearson
 from distill.models.rvq import RVQTokenizer
@@ -250,21 +250,14 @@ def translation_error(model: nn.Module, loader: DataLoader, *, accelerator: Any 
                       progress: bool = False) -> float:
     """Mean squared error of the translation (the inference path) against the target over
     the streams of ``loader`` (with ``accelerator``, every process's)."""
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # squared error, samples
-    with torch.no_grad():
-        for batch in progress_bar(loader, enabled=progress, desc="validation", leave=False,
-                                  unit="batch"):
-            target = batch["target"].to(device)
-            out = model(signal=batch["signal"].to(device), lead_ids=batch["lead"].to(device),
-                        **_precomputed(batch, device))
-            err = (out.signal.double() - target.double()).pow(2)
-            sums += torch.stack([err.sum(), torch.tensor(float(err.numel()), dtype=torch.float64,
-                                                         device=device)])
-    if accelerator is not None and accelerator.num_processes > 1:
-        sums = accelerator.reduce(sums, reduction="sum")
-    return float(sums[0] / sums[1].clamp_min(1.0))
+
+    def term(m: nn.Module, batch: Mapping[str, Any], device: Any) -> tuple[torch.Tensor, float]:
+        out = m(signal=batch["signal"].to(device), lead_ids=batch["lead"].to(device),
+                **_precomputed(batch, device))
+        err = (out.signal.double() - batch["target"].to(device).double()).pow(2)
+        return err.sum(), err.numel()
+
+    return batch_mean(model, loader, term, accelerator=accelerator, progress=progress)
 
 
 def _precomputed(batch: Mapping[str, Any], device: Any = None) -> dict[str, torch.Tensor]:
