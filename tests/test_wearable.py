@@ -90,6 +90,29 @@ def test_a_translated_view_reads_25_hz_and_serves_the_translation(tmp_path: Path
     assert "translate" not in _spec_key(_recipe(tmp_path).students[0])["view"]
 
 
+def test_the_upsampler_translates_each_input_once(translator_folder: Path) -> None:
+    import pickle
+
+    from distill.models.translator import Upsampler
+
+    up = Upsampler(translator_folder, memo_bytes=2 * 4000)  # two outputs of 1000 floats
+    calls = []
+    x = np.random.default_rng(0).normal(size=(3, 1, 250)).astype(np.float32)
+    first = up(x[0], (0,))
+    real = up._model.translate
+    up._model.translate = lambda *a: calls.append(1) or real(*a)
+    np.testing.assert_array_equal(up(x[0], (0,)), first)  # remembered
+    assert calls == []
+    up(x[0], (1,))  # another lead: translated
+    up(x[1], (0,))  # a third output: the oldest is dropped
+    assert len(calls) == 2 and len(up._memo) == 2
+    up(x[0], (0,))
+    assert len(calls) == 3
+    clone = pickle.loads(pickle.dumps(up))  # into a data-loader worker: empty, unloaded
+    assert clone._model is None and not clone._memo
+    np.testing.assert_allclose(clone(x[0], (0,)), first)
+
+
 def test_translated_views_are_checked(tmp_path: Path, translator_folder: Path) -> None:
     with pytest.raises(RecipeError, match=r"^students\.0\.view\.translate: cannot read a "
                                           r"translator in .*missing"):

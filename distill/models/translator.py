@@ -44,6 +44,8 @@ and the evaluation against cubic interpolation are :mod:`distill.run.upsample`.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -571,13 +573,18 @@ class Upsampler:
     the translator's tokenizers were trained) -> [L, T_target], in float32 on the CPU.
 
     The model is loaded on first use (so the object pickles cheaply into data-loader
-    workers) and runs without gradient, one record at a time.
+    workers) and runs without gradient, one record at a time. Translations are remembered
+    by their input's bytes (up to ``memo_bytes`` of output, oldest dropped first), so a
+    record read unchanged in every epoch is translated once per process.
     """
 
-    def __init__(self, checkpoint: str | Path) -> None:
+    def __init__(self, checkpoint: str | Path, memo_bytes: int = 256 * 2**20) -> None:
         self.checkpoint = Path(checkpoint)
         self.config: TranslatorConfig = AutoConfig.from_pretrained(self.checkpoint)
+        self.memo_bytes = int(memo_bytes)
         self._model: TranslatorModel | None = None
+        self._memo: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._held = 0
 
     @property
     def source_rate(self) -> int:
@@ -588,14 +595,24 @@ class Upsampler:
         return int(self.config.target_rate)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_model": None}
+        return {**self.__dict__, "_model": None, "_memo": OrderedDict(), "_held": 0}
 
     def __call__(self, signal: np.ndarray, lead_ids: tuple[int, ...]) -> np.ndarray:
+        x = np.ascontiguousarray(signal, dtype=np.float32)
+        key = hashlib.blake2b(x.tobytes() + np.asarray(lead_ids, np.int64).tobytes()
+                              + str(x.shape).encode(), digest_size=16).digest()
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            return self._memo[key].copy()
         if self._model is None:
             self._model = load_translator(self.checkpoint)
-        x = torch.from_numpy(np.ascontiguousarray(signal, dtype=np.float32))[None]  # (1, L, T)
         ids = torch.tensor([list(lead_ids)], dtype=torch.long)
-        return self._model.translate(x, ids)[0].float().numpy()
+        out = self._model.translate(torch.from_numpy(x)[None], ids)[0].float().numpy()
+        self._memo[key] = out
+        self._held += out.nbytes
+        while self._held > self.memo_bytes and self._memo:
+            self._held -= self._memo.popitem(last=False)[1].nbytes
+        return out.copy()
 
 
 AutoConfig.register(TranslatorConfig.model_type, TranslatorConfig, exist_ok=True)
