@@ -175,6 +175,7 @@ def test_gallery_has_one_single_class_record_per_class(tmp_path) -> None:
 def test_cinc_folder_runs_through_the_pipeline(tmp_path) -> None:
     recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [
         "data.format=cinc", f"data.path={REPO / 'tests/data/real-ecg/cinc2021-ptbxl-500hz'}",
+        "data.task=snomed",  # the raw codes as classes (a PTB-XL task maps them: test_cinc_labels)
         f"data.cache_dir={tmp_path / 'cache'}", "data.scaler=none", "data.min_samples=1"])
     data = load_data(recipe.data, progress=False)
     assert data.task == "snomed" and data.store.shape[1:] == (12, 1000)

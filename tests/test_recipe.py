@@ -64,7 +64,7 @@ BAD = [
     ({}, ["distill.alpha=-0.1"], "distill.alpha: must be >= 0, got -0.1"),
     ({}, ["data.task=superdiag"],
      "data.task: 'superdiag' is not one of 'all', 'diagnostic', 'subdiagnostic', "
-     "'superdiagnostic', 'form', 'rhythm'; did you mean 'superdiagnostic'?"),
+     "'superdiagnostic', 'form', 'rhythm', 'snomed'; did you mean 'superdiagnostic'?"),
     ({"students": [{"family": "xresnet"}]}, [],
      "students.0.family: 'xresnet' is not one of 'convnext', 'csfm', 'lamae', 'leadformer', "
      "'llava', 'vit', 'xresnet1d'; did you mean 'xresnet1d'?"),

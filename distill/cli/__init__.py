@@ -134,18 +134,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from distill.run.stages.evaluate import evaluate_checkpoint
     from distill.core.io import atomic_write_text
 
+    from distill.data.cinc import format_unmapped
+
     result = evaluate_checkpoint(args.checkpoint, args.data, task=args.task, split=args.split,
                                  bootstrap=args.bootstrap, seed=args.seed,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, fmt=args.format)
     auc = result["macro_auc"]
     print(f"{result['checkpoint']} on {result['data']} ({result['split']}, "
           f"{result['records']} records, task {result['task']})")
+    report = result.get("label_report")
+    if report is not None:  # a CinC folder: what the SNOMED -> PTB-XL mapping left out
+        print(format_unmapped(report))
+        print(f"{report['dropped_without_label']} of {report['records']} record(s) have no "
+              f"label among the student's classes and are not scored")
     print(f"macro AUC {auc['value']:.4f} [{auc['low']:.4f}, {auc['high']:.4f}] "
           f"({result['bootstrap']['level']:.0%} CI, {args.bootstrap} resamples)")
     for name, value in result["label_auc"].items():
         print(f"  {name:<10} AUC {'–' if value is None else f'{value:.4f}'}")
+    where = ("the validation fold" if result["split"] == "test"
+             else "the scored records themselves")
     print(f"F-max {result['fmax']:.4f}, accuracy {result['accuracy']:.4f} "
-          f"(thresholds chosen on the validation fold)")
+          f"(thresholds chosen on {where})")
     if args.out:
         atomic_write_text(args.out, json.dumps(result, indent=1))
         print(f"wrote {args.out}")
@@ -429,15 +438,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace existing output files")
     p.set_defaults(func=_cmd_upsample)
 
-    p = sub.add_parser("eval", help="evaluate a saved student on any PTB-XL-layout folder",
+    p = sub.add_parser("eval", help="evaluate a saved student on a PTB-XL-layout or CinC folder",
                        description="Score a saved student (a best/ or exported folder) on the "
-                                   "test fold (or another split) of a PTB-XL-layout folder: "
+                                   "test fold (or another split) of a PTB-XL-layout folder, or "
+                                   "on every record of a PhysioNet/CinC folder (SNOMED codes "
+                                   "mapped onto the PTB-XL task; unmapped codes listed): "
                                    "macro AUC with a bootstrap interval, per-label AUC, F-max, "
                                    "accuracy.")
     p.add_argument("checkpoint", help="a saved student folder (config.json + model.safetensors)")
-    p.add_argument("--data", required=True, help="a PTB-XL-layout folder")
+    p.add_argument("--data", required=True, help="a PTB-XL-layout or CinC folder")
+    p.add_argument("--format", default="ptbxl", choices=("ptbxl", "cinc"),
+                   help="folder layout (default ptbxl); cinc: .hea + .mat with SNOMED CT codes")
     p.add_argument("--task", default="superdiagnostic", help="label task (default superdiagnostic)")
-    p.add_argument("--split", default="test", help="test (fold 10, default), val, train or all")
+    p.add_argument("--split", default=None, help="test (fold 10, default for ptbxl), val, train "
+                                                 "or all (the only one for cinc, its default)")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")

@@ -158,6 +158,8 @@ class ECGData:
             images, teacher outputs) key on it.
         task: the label task (``ptbxl.TASKS`` or ``"snomed"``).
         info: per kept record metadata (the database rows), index aligned with N.
+        label_report: CinC records under a PTB-XL task: the SNOMED codes that could not be
+            mapped (:func:`cinc.map_to_task`) and ``dropped_without_label``; else None.
     """
 
     store: np.ndarray
@@ -173,6 +175,7 @@ class ECGData:
     fingerprint: str
     task: str
     info: pd.DataFrame
+    label_report: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -543,7 +546,8 @@ def _unlabeled_rows_kept(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return full
 
 
-def load_cinc(folder: str | Path, *, sampling_rate: int = 100, duration: float = 10.0,
+def load_cinc(folder: str | Path, *, task: str = "snomed", sampling_rate: int = 100,
+              duration: float = 10.0,
               classes: Sequence[str] | None = None, min_samples: int = 0,
               folds: Mapping[str, Sequence[int]] | None = None, n_folds: int = 10,
               scaler: str = "global", on_bad_record: str = "error",
@@ -556,6 +560,12 @@ def load_cinc(folder: str | Path, *, sampling_rate: int = 100, duration: float =
     ``classes`` (default: the sorted codes present, less those carried by ``min_samples``
     records or fewer) are dropped, unless ``keep_unlabeled``. ``ecg_ids`` are the
     records' positions in the sorted scan. Other arguments as :func:`load_ptbxl`.
+
+    ``task``: ``"snomed"`` (default) makes the SNOMED codes the classes; one of
+    ``ptbxl.TASKS`` maps the codes onto PTB-XL statements and that task's classes
+    (:func:`cinc.map_to_task`); the codes it could not map are listed in the returned
+    data's ``label_report`` (records left without a label are dropped, as on PTB-XL,
+    unless ``keep_unlabeled``; the report counts them as ``dropped_without_label``).
     """
     folder = Path(folder)
     table = cinc.scan_folder(folder)
@@ -566,21 +576,34 @@ def load_cinc(folder: str | Path, *, sampling_rate: int = 100, duration: float =
         n_samples=int(round(duration * sampling_rate)), kind=f"cinc{sampling_rate}",
         on_bad_record=on_bad_record, cache_dir=cache_dir, progress=progress)
     good = np.flatnonzero(~bad)
-    labels, cls = cinc.label_matrix([table.at[i, "dx"] for i in good], classes)
-    if classes is None and min_samples > 0:
-        frequent = labels.sum(axis=0) > min_samples
-        labels, cls = labels[:, frequent], [c for c, f in zip(cls, frequent) if f]
-    keep = labels.sum(axis=1) > 0
+    dx = [table.at[i, "dx"] for i in good]
     settings: dict[str, Any] = {"n_folds": n_folds, "min_samples": min_samples}
+    report: dict[str, Any] | None = None
+    if task == cinc.SNOMED_TASK:
+        labels, cls = cinc.label_matrix(dx, classes)
+        if classes is None and min_samples > 0:
+            frequent = labels.sum(axis=0) > min_samples
+            labels, cls = labels[:, frequent], [c for c, f in zip(cls, frequent) if f]
+        keep = labels.sum(axis=1) > 0
+        labels = labels[keep]
+    else:
+        sets, report = cinc.map_to_task(dx, task)
+        known = set(ptbxl.label_map(cinc.read_statements(), task).values())
+        labels, cls, keep = ptbxl.label_sets_matrix(sets, known, task, min_samples, classes)
+        report["dropped_without_label"] = 0 if keep_unlabeled else int((~keep).sum())
+        settings["mapping"] = cinc.mapping_digest()  # an edited table must not reuse caches
     if keep_unlabeled:
+        labels = _unlabeled_rows_kept(labels, keep)
         keep = np.ones(len(keep), dtype=bool)
         settings["keep_unlabeled"] = True
     rows = good[keep].astype(np.int64)
     kept = table.iloc[rows]
-    return _finish(store, rows, labels[keep], cls, rows.copy(), list(kept["path"]),
+    data = _finish(store, rows, labels, cls, rows.copy(), list(kept["path"]),
                    cinc.hash_folds(list(kept["path"]), n_folds), kept, folds=folds,
                    scaler=scaler, sampling_rate=sampling_rate, store_key=store_key,
-                   task="snomed", settings=settings, cache_dir=cache_dir)
+                   task=task, settings=settings, cache_dir=cache_dir)
+    data.label_report = report
+    return data
 
 
 __all__ = ["SignalView", "Scaler", "ECGData", "ECGSplit", "load_ptbxl", "load_cinc",

@@ -70,8 +70,9 @@ def data_folder(data: Any, progress: bool = True) -> Path:
 def load_data(data: Any, progress: bool = True, folder: Path | None = None) -> ECGData:
     """Load (decoding and caching on first use) a ``data`` section's data set.
 
-    ``format: cinc`` labels records by their SNOMED codes (``task`` applies to the PTB-XL
-    layout only).
+    ``format: cinc`` labels records by their SNOMED codes (``task: snomed``) or maps them
+    onto a PTB-XL task's classes (``task`` one of ``ptbxl.TASKS``; the codes it could not
+    map are listed in the data's ``label_report``).
     """
     folder = folder if folder is not None else data_folder(data, progress=progress)
     folds = {"train": tuple(data.folds.train), "val": tuple(data.folds.val),
@@ -80,7 +81,7 @@ def load_data(data: Any, progress: bool = True, folder: Path | None = None) -> E
                   on_bad_record=data.on_bad_record, cache_dir=data.cache_dir, progress=progress,
                   min_samples=data.min_samples, folds=folds)
     if data.format == "cinc":
-        return load_cinc(folder, **common)
+        return load_cinc(folder, task=data.task, **common)
     return load_ptbxl(folder, task=data.task, **common)
 
 

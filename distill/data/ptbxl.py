@@ -173,6 +173,23 @@ def aggregate_labels(db: pd.DataFrame, statements: pd.DataFrame, task: str,
     """
     mapping = label_map(statements, task)
     labels = [record_labels(codes, statements, task, mapping) for codes in db["scp_codes"]]
+    return label_sets_matrix(labels, set(mapping.values()), task, min_samples, classes)
+
+
+def label_sets_matrix(labels: Sequence[set[str]], known: set[str], task: str,
+                      min_samples: int = 0, classes: Sequence[str] | None = None,
+                      ) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """The second half of :func:`aggregate_labels`: per-record label sets -> ``(Y, classes,
+    keep)`` with the benchmark's ``min_samples`` filter, sorting and dropping of records
+    left without a label (also used for CinC records mapped onto SCP statements).
+
+    Args:
+        labels: each record's labels for ``task`` (``record_labels`` output).
+        known: every label ``task`` can produce (``label_map(...).values()``), so that
+            ``classes`` naming a class no record carries is still accepted.
+        task, min_samples, classes: as :func:`aggregate_labels`.
+    """
+    labels = [set(lab) for lab in labels]
     if task != "diagnostic" and classes is None:
         counts = Counter(c for lab in labels for c in lab)
         frequent = {c for c, n in counts.items() if n > min_samples}
@@ -180,7 +197,7 @@ def aggregate_labels(db: pd.DataFrame, statements: pd.DataFrame, task: str,
     if classes is None:
         classes = sorted(set().union(*labels)) if labels else []
     else:
-        known = set(mapping.values()).union(*labels)
+        known = set(known).union(*labels)
         unknown = [c for c in classes if c not in known]
         if unknown:
             raise DataError(f"labels {', '.join(unknown)} are not classes of task {task!r} "

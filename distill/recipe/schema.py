@@ -32,7 +32,8 @@ from distill.models.translator import TranslateConfig
 from students._masked import (check_pretraining_options, pretraining_families,
                               pretraining_sizes)
 
-Task = Literal["all", "diagnostic", "subdiagnostic", "superdiagnostic", "form", "rhythm"]
+Task = Literal["all", "diagnostic", "subdiagnostic", "superdiagnostic", "form", "rhythm",
+               "snomed"]
 
 
 @dataclass
@@ -119,7 +120,9 @@ class DataConfig:
     path: str | None = spec(None, help="a PTB-XL-layout folder; null = the synthetic default")
     format: Literal["ptbxl", "cinc"] = spec("ptbxl", help="folder layout")
     synthetic: SyntheticConfig = spec(default_factory=SyntheticConfig)
-    task: Task = spec("superdiagnostic", help="PTB-XL benchmark task")
+    task: Task = spec("superdiagnostic", help="PTB-XL benchmark task; with format cinc the "
+                                              "SNOMED codes are mapped onto it, or kept as "
+                                              "the classes with task snomed")
     sampling_rate: int = spec(100, help="Hz of the signals served (PTB-XL: 100 or 500 stored)",
                               ge=10, le=2000)
     leads: list[str] | None = spec(None, help="lead subset served by default; null = all 12")
@@ -139,6 +142,9 @@ class DataConfig:
 
     def validate(self, path: str) -> None:
         _check_leads(self.leads, f"{path}.leads")
+        if self.task == "snomed" and self.format != "cinc":
+            raise RecipeError(f"{path}.task: snomed (SNOMED CT codes as classes) needs "
+                              f"{path}.format: cinc; PTB-XL folders take a PTB-XL task")
         stored = self.synthetic.rates
         needed = 100 if self.sampling_rate <= 100 else 500  # the folder it is read from
         if self.path is None and self.format == "ptbxl" and needed not in stored:

@@ -1,5 +1,5 @@
 """The ``evaluate`` stage: every model of a run on the test fold, with intervals and costs;
-and ``ecg-distill eval``, one saved student on any PTB-XL-layout folder.
+and ``ecg-distill eval``, one saved student on any PTB-XL-layout or PhysioNet/CinC folder.
 
 For the teacher, each student's label-only baseline, each distilled student and each
 ablation, predictions on the validation and test folds are computed once and kept
@@ -35,8 +35,10 @@ from distill.compress.onnx import OnnxStudent, is_onnx_folder
 from distill.core.errors import ECGDistillError
 from distill.core.io import require_safetensors
 from distill.core.layout import TEACHER, ModelId, RunLayout
-from distill.data.dataset import SignalView, load_ptbxl
-from distill.engine.factory import student_inputs, student_key, student_reads_images
+from distill.data import cinc
+from distill.data.dataset import SignalView, load_cinc, load_ptbxl
+from distill.engine.factory import (student_inputs, student_key, student_rate,
+                                    student_reads_images)
 from distill.engine.jobs import JobData, load_frozen_teacher, teacher_inputs
 from distill.metrics.classification import bootstrap_samples
 from distill.metrics.results import write_results
@@ -84,7 +86,7 @@ def example_inputs(jd: JobData, cand: Candidate, model: nn.Module,
                                        dtype=torch.uint8)}
     view = jd.views[cand.view]
     n_leads = len(view.lead_index())
-    rate = view.sampling_rate or jd.data.sampling_rate
+    rate = student_rate(view) or jd.data.sampling_rate  # a translated view: its output's
     return {"signal": torch.randn(batch, n_leads, int(round(rate * 10.0)), generator=g)}
 
 
@@ -146,23 +148,42 @@ STAGE = Stage("evaluate", "evaluate every model on the test fold (bootstrap inte
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_folder: str | Path, *,
-                        task: str = "superdiagnostic", split: str = "test",
+                        task: str = "superdiagnostic", split: str | None = None,
                         bootstrap: int = 1000, seed: int = 0, level: float = 0.95,
                         batch_size: int = 64, cache_dir: str | None = None,
-                        progress: bool = True) -> dict[str, Any]:
-    """Evaluate a saved student on a PTB-XL-layout folder (``ecg-distill eval``).
+                        progress: bool = True, fmt: str = "ptbxl") -> dict[str, Any]:
+    """Evaluate a saved student on a PTB-XL-layout or CinC folder (``ecg-distill eval``).
 
     The student's config says what it reads (leads, rate, labels) and how its inputs are
     scaled (``normalization``, stored at training time), so any folder in the PTB-XL
     layout can be scored: the labels of ``task`` are mapped onto the student's classes,
-    and decision thresholds are chosen on fold 9 (when ``split`` is "test").
+    and decision thresholds are chosen on fold 9 (when ``split`` is "test", the default).
+
+    ``fmt="cinc"``: a PhysioNet/CinC folder has no folds, so every record is scored
+    (``split`` None or "all"); its SNOMED codes are mapped onto ``task``'s classes
+    (:func:`distill.data.cinc.map_to_task`), records left without a label of the student's
+    classes are left out (counted in ``label_report.dropped_without_label``), the codes that
+    could not be mapped are listed in ``label_report.unmapped``, and the thresholds are
+    chosen on the scored records themselves.
 
     Returns:
-        {"checkpoint", "data", "split", "records", "classes", metrics (as in results.json)}.
+        {"checkpoint", "data", "format", "split", "records", "classes", metrics (as in
+        results.json)}, plus ``label_report`` for a CinC folder.
 
     Raises:
-        ECGDistillError: not a student folder, a pickle checkpoint, or labels the data lack.
+        ECGDistillError: not a student folder, a pickle checkpoint, labels the data lack,
+            an unknown format or a split other than "all" on a CinC folder.
     """
+    if fmt not in ("ptbxl", "cinc"):
+        raise ECGDistillError(f"unknown data format {fmt!r}; expected ptbxl or cinc")
+    if fmt == "cinc":
+        if split not in (None, "all"):
+            raise ECGDistillError(f"{data_folder}: a CinC folder has no folds; every record is "
+                                  f"scored (split all), not split {split!r}")
+        if task == cinc.SNOMED_TASK:
+            raise ECGDistillError("task snomed cannot score a PTB-XL-trained student; name the "
+                                  "PTB-XL task its classes come from (e.g. superdiagnostic)")
+    split = split or ("all" if fmt == "cinc" else "test")
     checkpoint = Path(checkpoint)
     if (checkpoint / "teacher.json").exists():
         raise ECGDistillError(f"{checkpoint}: a teacher folder; `ecg-distill eval` scores saved "
@@ -179,8 +200,14 @@ def evaluate_checkpoint(checkpoint: str | Path, data_folder: str | Path, *,
         model = AutoModel.from_pretrained(checkpoint, use_safetensors=True).eval()
     classes = [config.id2label[i] for i in range(config.num_labels)]
     rate = int(config.sampling_rate)
-    data = load_ptbxl(data_folder, task=task, sampling_rate=100 if rate <= 100 else 500,
-                      classes=classes, cache_dir=cache_dir, progress=progress)
+    source_rate = 100 if rate <= 100 else 500
+    if fmt == "cinc":  # every record in one split: the scaler (when none is stored) sees all
+        data = load_cinc(data_folder, task=task, sampling_rate=source_rate, classes=classes,
+                         folds={"train": tuple(range(1, 11))}, cache_dir=cache_dir,
+                         progress=progress)
+    else:
+        data = load_ptbxl(data_folder, task=task, sampling_rate=source_rate,
+                          classes=classes, cache_dir=cache_dir, progress=progress)
     norm = getattr(config, "normalization", None)
     if norm:
         data.scaler = scaler_from_config(config)
@@ -196,7 +223,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data_folder: str | Path, *,
         v_probs, val_labels = probs, labels
     samples = bootstrap_samples(labels, bootstrap, seed)
     metrics = model_metrics(labels, probs, val_labels, v_probs, samples, level, classes)
-    return {"checkpoint": str(checkpoint), "data": str(data_folder), "split": split,
-            "task": task, "records": int(len(index)), "classes": classes,
-            "normalization": "stored" if norm else "fitted on this folder's train folds",
-            "bootstrap": {"resamples": bootstrap, "seed": seed, "level": level}, **metrics}
+    out = {"checkpoint": str(checkpoint), "data": str(data_folder), "format": fmt,
+           "split": split, "task": task, "records": int(len(index)), "classes": classes,
+           "normalization": "stored" if norm else (
+               "fitted on this folder's train folds" if fmt == "ptbxl"
+               else "fitted on this folder's records"),
+           "bootstrap": {"resamples": bootstrap, "seed": seed, "level": level}, **metrics}
+    if data.label_report is not None:
+        out["label_report"] = data.label_report
+    return out
