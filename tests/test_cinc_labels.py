@@ -116,6 +116,12 @@ def test_unmapped_codes_are_listed(tmp_path) -> None:
     assert data.label_report["dropped_without_label"] == 2
     text = cinc.format_unmapped(data.label_report)
     assert "6374002 (BBB) in 2 record(s): no PTB-XL statement" in text
+    # the data stage's table says it too
+    from distill.data.tools import describe_data
+
+    described = describe_data(data, folder)
+    assert "6374002 (BBB) in 2 record(s): no PTB-XL statement" in described
+    assert "2 record(s) without a label of task superdiagnostic left out" in described
 
 
 def _student(tmp_path: Path) -> Path:

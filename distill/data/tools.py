@@ -11,6 +11,7 @@ import numpy as np
 
 from distill.core.errors import DataError
 from distill.core.io import atomic_dir
+from distill.data.cinc import format_unmapped
 from distill.data.synth import generate_ptbxl
 from distill.data.records import read_record
 from distill.data.render import RenderConfig, render_12lead
@@ -56,6 +57,12 @@ def describe_data(data, folder: str | os.PathLike = "") -> str:
     rows.append(f"{'records':<12}" + "".join(f"{len(per_split[s]):>8}" for s in splits))
     for c, name in enumerate(data.classes):
         rows.append(f"{name:<12}" + "".join(f"{int(per_split[s][:, c].sum()):>8}" for s in splits))
+    report = getattr(data, "label_report", None)
+    if report:  # CinC records under a PTB-XL task: what the SNOMED mapping left out
+        rows.append(format_unmapped(report))
+        if report.get("dropped_without_label"):
+            rows.append(f"{report['dropped_without_label']} record(s) without a label of "
+                        f"task {data.task} left out")
     return "\n".join(rows)
 
 

@@ -30,6 +30,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
         "fingerprint": data.fingerprint,
         "views": {name: list(item[name].shape) for name in views},
     }
+    if data.label_report:  # CinC under a PTB-XL task: the codes not mapped, records dropped
+        summary["label_report"] = data.label_report
     images = teacher_images(recipe, data, progress=ctx.progress)
     if images is not None:
         summary["images"] = {"shape": list(images.shape),
