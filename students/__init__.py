@@ -34,7 +34,7 @@ from transformers import PreTrainedModel
 from students._common import ECGStudentConfig, ECGStudentModel, check_signal, describe_input
 from students._image import ECGImageStudentConfig, ECGImageStudentModel
 from students._registry import (SIZES, check_options, families, get_preset, input_names,
-                                preset_names, reads_images)
+                                preset_names, reads_images, reads_lead_mask)
 from students.leadformer import LeadFormerConfig, LeadFormerModel
 from students.xresnet1d import XResNet1dConfig, XResNet1dModel
 
@@ -99,5 +99,5 @@ __all__ = [
     "FAMILIES", "SIZES", "ECGImageStudentConfig", "ECGImageStudentModel", "ECGStudentConfig",
     "ECGStudentModel", "LeadFormerConfig", "LeadFormerModel", "XResNet1dConfig",
     "XResNet1dModel", "check_signal", "create", "describe_input", "discover", "families",
-    "input_names", "presets", "reads_images",
+    "input_names", "presets", "reads_images", "reads_lead_mask",
 ]

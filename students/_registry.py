@@ -17,6 +17,7 @@ PresetFn = Callable[..., PreTrainedModel]
 _PRESETS: dict[tuple[str, str], PresetFn] = {}
 _OPTIONS: dict[str, frozenset[str]] = {}  # family -> the keywords its presets accept
 _INPUTS: dict[str, tuple[str, ...]] = {}  # family -> what its models read ("signal", "image")
+_LEAD_MASK: set[str] = set()  # families whose models read a lead mask (reads_lead_mask)
 
 
 def register_family(family: str, config_class: type, dials: tuple[str, ...],
@@ -30,6 +31,8 @@ def register_family(family: str, config_class: type, dials: tuple[str, ...],
         AutoModel.register(config_class, model_class, exist_ok=True)
     if model_class is not None:
         _INPUTS[family] = tuple(getattr(model_class, "input_names", ("signal",)))
+        if getattr(model_class, "reads_lead_mask", False):
+            _LEAD_MASK.add(family)
     generic = {f.name for f in dataclasses.fields(PreTrainedConfig)}
     fields = {f.name for f in dataclasses.fields(config_class)} - generic
     _OPTIONS[family] = frozenset(fields | set(dials))
@@ -90,6 +93,14 @@ def input_names(family: str) -> tuple[str, ...]:
     if family not in families():
         get_preset(family, SIZES[0])  # the ValueError naming the known families
     return _INPUTS.get(family, ("signal",))
+
+
+def reads_lead_mask(family: str) -> bool:
+    """Whether a family's students read a lead mask (records with missing leads,
+    ``data.on_flat_lead: mask``): their model class sets ``reads_lead_mask``."""
+    if family not in families():
+        get_preset(family, SIZES[0])  # the ValueError naming the known families
+    return family in _LEAD_MASK
 
 
 def reads_images(family: str) -> bool:

@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from distill.core.leads import NUM_LEADS
 from distill.models.blocks import (Attention, Block, LatentAttentionPool, MLP,  # noqa: F401
                                    init_weights)
+from distill.models.base import lead_token_mask
 from students._common import ECGStudentConfig, ECGStudentModel
 from students._registry import register_family, register_preset
 
@@ -107,11 +108,20 @@ class LeadFormerModel(ECGStudentModel):
         position embedding; zero biases; unit LayerNorms."""
         init_weights(module, self.config.initializer_range)
 
-    def forward_features(self, signal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    reads_lead_mask = True  # a missing lead's tokens are left out of the latent attention
+
+    def token_mask(self, lead_mask: torch.Tensor) -> torch.Tensor:
+        """bool [B, L] -> [B, L*N]: every patch token of a missing lead is masked."""
+        return lead_token_mask(lead_mask, self.config.num_patches)
+
+    def forward_features(self, signal: torch.Tensor, token_mask: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch, embed, and encode each lead over time (no mixing between leads).
 
         Args:
             signal: [B, L, T] float, rows in ``config.leads`` order.
+            token_mask: unused here (leads are encoded independently; a missing lead's
+                tokens are computed but never read across leads).
 
         Returns:
             tokens [B, L*N, D] in lead-major order (lead 0's N patches, then lead 1's ...)
@@ -130,14 +140,18 @@ class LeadFormerModel(ECGStudentModel):
         tokens = self.norm(x).reshape(b, n_leads * n, d)  # (B, L*N, D)
         return tokens, lead_ids.repeat_interleave(n)  # (B, L*N, D), (L*N,)
 
-    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False,
+                     token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Latent attention across leads and pooling (pooled), then the classifier (logits).
 
         Args:
             tokens: [B, L*N, D] from ``forward_features``.
             pre_logits: return pooled [B, D] instead of logits [B, C].
+            token_mask: optional bool [B, L*N]; the latents read only the tokens it marks
+                (a record with missing leads reads as the model given only its present
+                leads).
         """
-        pooled = self.latent_pool(tokens)  # (B, D)
+        pooled = self.latent_pool(tokens, token_mask)  # (B, D)
         return pooled if pre_logits else self.classifier(pooled)
 
 

@@ -51,7 +51,11 @@ BACKBONE_DIR = "backbone"
 TEACHERS: Registry[type[TeacherAdapter]] = Registry("teacher kind")
 # the batch entry each adapter input is read from: a signal teacher reads its own view of
 # the record (the batch's "teacher" entry); an image teacher the rendered "image"
-BATCH_ENTRIES = {"signal": "teacher", "image": "image"}
+# the batch entry each adapter input is read from: a signal teacher reads its own view of
+# the record (the batch's "teacher" entry); an image teacher the rendered "image"; an
+# adapter listing ``lead_mask`` in ``optional_inputs`` gets the teacher view's lead mask
+# when the batch has one (``data.on_flat_lead: mask``, distill.data.dataset.lead_mask_key)
+BATCH_ENTRIES = {"signal": "teacher", "image": "image", "lead_mask": "lead_mask:teacher"}
 
 
 def register_teacher(kind: str):
@@ -158,6 +162,8 @@ class TeacherAdapter(nn.Module):
 
     kind: ClassVar[str] = ""
     input_names: ClassVar[tuple[str, ...]] = ()
+    # inputs passed only when the batch carries them (e.g. ``lead_mask``)
+    optional_inputs: ClassVar[tuple[str, ...]] = ()
     lora_targets: ClassVar[str] = ""
     quant_skip_modules: ClassVar[list[str] | None] = None
 
@@ -211,8 +217,14 @@ class TeacherAdapter(nn.Module):
 
     @classmethod
     def batch_inputs(cls, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """A batch -> the adapter's keyword inputs (:data:`BATCH_ENTRIES`)."""
-        return {name: batch[BATCH_ENTRIES.get(name, name)] for name in cls.input_names}
+        """A batch -> the adapter's keyword inputs (:data:`BATCH_ENTRIES`): every one of
+        ``input_names``, and those of ``optional_inputs`` the batch has."""
+        inputs = {name: batch[BATCH_ENTRIES.get(name, name)] for name in cls.input_names}
+        for name in cls.optional_inputs:
+            entry = BATCH_ENTRIES.get(name, name)
+            if entry in batch:
+                inputs[name] = batch[entry]
+        return inputs
 
     @classmethod
     def recipe_settings(cls, teacher: Any, data: Any, view: Any, *,
@@ -291,7 +303,8 @@ class TeacherAdapter(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward_features(self, **inputs: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Inputs -> (tokens [B, N, D], token_leads [N] int64, pooled [B, D]). Subclasses."""
+        """Inputs -> (tokens [B, N, D], token_leads [N] int64, pooled [B, D]), or with a
+        fourth entry, token_mask bool [B, N] (True = a real token). Subclasses."""
         raise NotImplementedError  # abstract
 
     def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -306,7 +319,8 @@ class TeacherAdapter(nn.Module):
                          f"foundation on a hypnos model)")
 
     def forward(self, labels: torch.Tensor | None = None, **inputs: torch.Tensor) -> ECGModelOutput:
-        tokens, token_leads, pooled = self.forward_features(**inputs)
+        tokens, token_leads, pooled, *rest = self.forward_features(**inputs)
+        token_mask = rest[0] if rest else None
         pooled = pooled.float()
         logits = self.forward_head(pooled)  # (B, C)
         loss = None
@@ -314,7 +328,8 @@ class TeacherAdapter(nn.Module):
             loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
         codes = self.forward_codes(self.code_levels, **inputs) if self.code_levels else None
         return ECGModelOutput(loss=loss, logits=logits, tokens=tokens.float(),
-                              token_leads=token_leads, pooled=pooled, code_logits=codes)
+                              token_leads=token_leads, pooled=pooled, code_logits=codes,
+                              token_mask=token_mask)
 
     # ------------------------------------------------------------------ save / load
     def _save_backbone_extras(self, folder: Path) -> None:

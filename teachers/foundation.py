@@ -21,7 +21,7 @@ import torch
 
 from distill.core.leads import canonical_lead_names
 from distill.models import csfm, lamae  # noqa: F401  (register the models with AutoModel)
-from distill.models.base import check_signal
+from distill.models.base import check_lead_mask, check_signal
 from distill.models.hypnos import HypnosModel
 from distill.models.masked import MaskedSignalModel
 from teachers.base import TeacherAdapter, load_backbone, register_teacher
@@ -43,6 +43,9 @@ class FoundationTeacher(TeacherAdapter):
     """
 
     input_names = ("signal",)
+    # the teacher view's lead mask (data.on_flat_lead: mask): CSFM and LAMAE leave missing
+    # leads out of attention and pooling; Hypnos (codes of a fixed tokenizer) reads zeros
+    optional_inputs = ("lead_mask",)
     # kept in full precision by bitsandbytes: the patch embedding (P = 50 inputs, not a whole
     # number of the CPU 4-bit kernel's 64-weight blocks; a few thousand weights) and the
     # encoder's own classifier (unused)
@@ -123,14 +126,23 @@ class FoundationTeacher(TeacherAdapter):
         return {n for n, _ in self.hf_model.named_parameters()
                 if n.startswith(("classifier.", *fixed))}
 
-    def forward_features(self, signal: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_features(self, signal: torch.Tensor, lead_mask: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, ...]:
+        """(tokens, token_leads, pooled), and token_mask when a ``lead_mask`` (bool [B, L],
+        True = present) comes and the encoder reads it (CSFM, LAMAE; Hypnos ignores it)."""
         model = self.hf_model
-        signal = check_signal(signal, model.config, f"foundation teacher ({model.family})")
-        tokens, token_leads = model.forward_features(signal.to(self._dtype))
-        return tokens, token_leads, model.forward_head(tokens, pre_logits=True)
+        where = f"foundation teacher ({model.family})"
+        signal = check_signal(signal, model.config, where)
+        if lead_mask is None or not getattr(model, "reads_lead_mask", False):
+            tokens, token_leads = model.forward_features(signal.to(self._dtype))
+            return tokens, token_leads, model.forward_head(tokens, pre_logits=True)
+        token_mask = model.token_mask(check_lead_mask(lead_mask, signal, where))
+        tokens, token_leads = model.forward_features(signal.to(self._dtype), token_mask=token_mask)
+        pooled = model.forward_head(tokens, pre_logits=True, token_mask=token_mask)
+        return tokens, token_leads, pooled, token_mask
 
-    def forward_codes(self, levels: int, signal: torch.Tensor) -> torch.Tensor:
+    def forward_codes(self, levels: int, signal: torch.Tensor,
+                      lead_mask: torch.Tensor | None = None) -> torch.Tensor:
         """A Hypnos teacher's tokenizer's code distributions per token (the tokens' order:
         lead-major, one per lead and patch); CSFM and LAMAE have no codes."""
         model = self.hf_model

@@ -78,7 +78,9 @@ def load_data(data: Any, progress: bool = True, folder: Path | None = None) -> E
     folds = {"train": tuple(data.folds.train), "val": tuple(data.folds.val),
              "test": tuple(data.folds.test)}
     common = dict(sampling_rate=data.sampling_rate, scaler=data.scaler,
-                  on_bad_record=data.on_bad_record, cache_dir=data.cache_dir, progress=progress,
+                  on_bad_record=data.on_bad_record,
+                  on_flat_lead=getattr(data, "on_flat_lead", "error"),
+                  cache_dir=data.cache_dir, progress=progress,
                   min_samples=data.min_samples, folds=folds)
     if data.format == "cinc":
         return load_cinc(folder, task=data.task, **common)

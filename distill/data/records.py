@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -53,6 +54,8 @@ class Record:
         lead_names: the standard lead names (the rows of ``signal``).
         comments: the header's ``#`` comment lines, without the ``#``.
         path: the record path without extension.
+        flat: the rows of the flat leads (:func:`flat_leads`), only when read with
+            ``flat_ok``; those rows are zeros.
     """
 
     signal: np.ndarray
@@ -60,6 +63,7 @@ class Record:
     lead_names: tuple[str, ...] = STANDARD_LEADS
     comments: list[str] = field(default_factory=list)
     path: str = ""
+    flat: tuple[int, ...] = ()
 
 
 def resample(signal: np.ndarray, fs_from: float, fs_to: float) -> np.ndarray:
@@ -96,14 +100,30 @@ def fit_length(signal: np.ndarray, n_samples: int) -> np.ndarray:
     return np.pad(signal, pad)
 
 
+def flat_leads(signal: np.ndarray) -> np.ndarray:
+    """The rows of ``signal`` [L, T] (mV) that are flat: a standard deviation over the
+    record below :data:`FLAT_STD_MV` (a constant, e.g. disconnected, lead); int64 [F]."""
+    return np.flatnonzero(signal.std(axis=1) < FLAT_STD_MV)
+
+
+def flat_message(source: str, leads: Sequence[str]) -> str:
+    """The one-line error of a record with flat leads (``data.on_flat_lead: error``)."""
+    return f"{source}: flat lead(s) {', '.join(leads)} (zero variance over the record)"
+
+
 def check_signal(signal: np.ndarray, source: str,
-                 lead_names: tuple[str, ...] = STANDARD_LEADS) -> None:
-    """Refuse a signal with NaN/inf samples or a flat lead.
+                 lead_names: tuple[str, ...] = STANDARD_LEADS,
+                 flat_ok: bool = False) -> list[int]:
+    """Refuse a signal with NaN/inf samples or (unless ``flat_ok``) a flat lead.
 
     Args:
         signal: [L, T] in mV.
         source: what to name in the message (record id and path).
         lead_names: the names of the L rows, for the message.
+        flat_ok: return the flat rows instead of refusing them.
+
+    Returns:
+        The rows of the flat leads (empty unless ``flat_ok``).
 
     Raises:
         DataError: one line naming ``source``, the lead and the problem.
@@ -115,10 +135,10 @@ def check_signal(signal: np.ndarray, source: str,
         lead = int(np.argmin(finite.all(axis=1)))
         n_bad = int((~finite).sum())
         raise DataError(f"{source}: {n_bad} NaN/inf sample(s), first in lead {lead_names[lead]}")
-    std = signal.std(axis=1)
-    flat = [lead_names[i] for i in np.flatnonzero(std < FLAT_STD_MV)]
-    if flat:
-        raise DataError(f"{source}: flat lead(s) {', '.join(flat)} (zero variance over the record)")
+    flat = [int(i) for i in flat_leads(signal)]
+    if flat and not flat_ok:
+        raise DataError(flat_message(source, [lead_names[i] for i in flat]))
+    return flat
 
 
 def _read_header(path: Path, source: str) -> wfdb.Record:
@@ -167,7 +187,7 @@ def _to_mv(p_signal: np.ndarray, units: list[str] | None, source: str) -> np.nda
 
 def read_record(path: str | os.PathLike, *, fs: float | None = None,
                 source: str | None = None, check: bool = True,
-                expect_fs: float | None = None) -> Record:
+                expect_fs: float | None = None, flat_ok: bool = False) -> Record:
     """Read one WFDB record (``.hea`` + ``.dat`` or ``.mat``) as [12, T] mV, standard order.
 
     Args:
@@ -178,6 +198,8 @@ def read_record(path: str | os.PathLike, *, fs: float | None = None,
         check: refuse NaN/inf samples and flat leads (:func:`check_signal`).
         expect_fs: the rate the record's folder promises (PTB-XL's records100 / records500);
             a header that states another rate is refused rather than silently resampled.
+        flat_ok: with ``check``, keep a record with flat leads: their rows are zeros and
+            ``Record.flat`` lists them (the data loaders apply ``data.on_flat_lead``).
 
     Returns:
         A :class:`Record` with ``signal`` float32 [12, T'] in mV.
@@ -208,12 +230,16 @@ def read_record(path: str | os.PathLike, *, fs: float | None = None,
     mv = _to_mv(rec.p_signal, rec.units, source)
     signal = np.ascontiguousarray(mv[:, order].T, dtype=np.float32)
     assert signal.shape[0] == NUM_LEADS
+    flat: list[int] = []
     if check:
-        check_signal(signal, source)
+        flat = check_signal(signal, source, flat_ok=flat_ok)
     rate = float(rec.fs)
     if expect_fs is not None and rate != float(expect_fs):
         raise DataError(f"{source}: header says {rate:g} Hz, but its folder holds "
                         f"{float(expect_fs):g} Hz records")
     if fs is not None and fs != rate:
         signal, rate = resample(signal, rate, fs), float(fs)
-    return Record(signal=signal, fs=rate, comments=list(rec.comments or []), path=str(path))
+    if flat:  # a constant lead carries nothing; zeros also after resampling's edge ripple
+        signal[flat] = 0.0
+    return Record(signal=signal, fs=rate, comments=list(rec.comments or []), path=str(path),
+                  flat=tuple(flat))

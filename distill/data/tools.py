@@ -12,6 +12,7 @@ import numpy as np
 from distill.core.errors import DataError
 from distill.core.io import atomic_dir
 from distill.data.cinc import format_unmapped
+from distill.data.dataset import format_flat_report
 from distill.data.synth import generate_ptbxl
 from distill.data.records import read_record
 from distill.data.render import RenderConfig, render_12lead
@@ -47,7 +48,8 @@ def write_synthetic(out: str | os.PathLike, *, records: int, seed: int,
 
 
 def describe_data(data, folder: str | os.PathLike = "") -> str:
-    """A short table: records per split and positives per class."""
+    """A short table: records per split and positives per class; what the CinC label
+    mapping left out and what ``on_flat_lead`` did to records with flat leads."""
     splits = tuple(data.splits)
     rows = [f"data: {folder}  ({len(data)} records, {data.sampling_rate} Hz, "
             f"{data.store.shape[-1]} samples, task {data.task})"]
@@ -63,6 +65,9 @@ def describe_data(data, folder: str | os.PathLike = "") -> str:
         if report.get("dropped_without_label"):
             rows.append(f"{report['dropped_without_label']} record(s) without a label of "
                         f"task {data.task} left out")
+    flat = getattr(data, "flat_report", None)
+    if flat:  # records with a flat lead: skipped, or kept with the lead masked
+        rows.append(format_flat_report(flat))
     return "\n".join(rows)
 
 

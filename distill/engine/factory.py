@@ -18,7 +18,7 @@ import students
 import teachers
 from distill.core.errors import RecipeError
 from distill.core.layout import ModelId
-from distill.data.dataset import SignalView
+from distill.data.dataset import SignalView, lead_mask_key
 from distill.data.load import signal_view
 from distill.losses.objective import DistillationObjective
 from distill.losses.objective import build_objective as _build_objective
@@ -51,11 +51,23 @@ def reads_images(recipe: Recipe) -> bool:
 
 def student_inputs(spec: StudentConfig) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
     """Batch -> a student's keyword inputs: its own signal view (``student:<name>``) for a
-    signal student, the rendered printout (``image``) for an image student."""
+    signal student, the rendered printout (``image``) for an image student; plus its view's
+    lead mask (``lead_mask``) when the batch carries one (``data.on_flat_lead: mask``) and
+    the family reads it (``students.reads_lead_mask``; others read the zeros)."""
     if student_reads_images(spec):
         return lambda batch: {"image": batch["image"]}
     key = student_key(spec)
-    return lambda batch: {"signal": batch[key]}
+    if not students.reads_lead_mask(spec.family):
+        return lambda batch: {"signal": batch[key]}
+    mask_key = lead_mask_key(key)
+
+    def inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+        out = {"signal": batch[key]}
+        if mask_key in batch:
+            out["lead_mask"] = batch[mask_key]
+        return out
+
+    return inputs
 
 
 def teacher_view(recipe: Recipe) -> SignalView:

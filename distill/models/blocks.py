@@ -110,29 +110,45 @@ class LatentAttentionPool(nn.Module):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def read(self, tokens: torch.Tensor, groups: torch.Tensor | None = None,
-             num_groups: int | None = None) -> torch.Tensor:
+             num_groups: int | None = None, token_mask: torch.Tensor | None = None
+             ) -> torch.Tensor:
         """The latents after reading ``tokens`` [B, M, D]: [B, K, D]; or, with ``groups``
         (int [B, M], each token's group 0..G-1, e.g. its time step) one set of K latents
         per group that reads only its group's tokens: [B, G*K, D] (group-major; a group
-        without tokens reads nothing)."""
+        without tokens reads nothing). ``token_mask`` (bool [B, M], False = a missing
+        lead's token) leaves tokens out of the reading."""
         b, k = tokens.shape[0], self.latents.shape[0]
         if groups is None:
             latents = self.latents.expand(b, -1, -1)  # (B, K, D)
-            latents = self.cross(latents, tokens)  # (B, K, D)
+            mask = None if token_mask is None else token_mask[:, None, :].expand(-1, k, -1)
+            latents = self.cross(latents, tokens, mask)  # (B, K, D)
             for block in self.blocks:
                 latents = block(latents)  # (B, K, D)
             return self.norm(latents)
         g = int(groups.max()) + 1 if num_groups is None else num_groups
         own = torch.arange(g, device=tokens.device).repeat_interleave(k)  # (G*K,)
         latents = self.latents.repeat(g, 1).expand(b, -1, -1)  # (B, G*K, D)
-        latents = self.cross(latents, tokens, own[None, :, None] == groups[:, None, :])
+        mask = own[None, :, None] == groups[:, None, :]  # (B, G*K, M)
+        if token_mask is not None:
+            mask = mask & token_mask[:, None, :]
+        latents = self.cross(latents, tokens, mask)
         latents = latents.reshape(b * g, k, -1)  # each group's K latents attend among themselves
         for block in self.blocks:
             latents = block(latents)
         return self.norm(latents).reshape(b, g * k, -1)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, L*N, D) -> (B, D)
-        return self.read(tokens).mean(dim=1)  # (B, D)
+    def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:  # (B, L*N, D) -> (B, D)
+        return self.read(tokens, token_mask=token_mask).mean(dim=1)  # (B, D)
+
+
+def masked_mean(tokens: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over dim 1 of [B, N, D], over the tokens ``token_mask`` (bool [B, N]) marks
+    (all when None; zeros for a record without any)."""
+    if token_mask is None:
+        return tokens.mean(dim=1)
+    w = token_mask.to(tokens.dtype)[..., None]  # (B, N, 1)
+    return (tokens * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
 
 
 def init_weights(module: nn.Module, std: float) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
 
+from distill.models.blocks import masked_mean
 from distill.models.masked import ECGForMaskedModeling, MaskedSignalConfig, MaskedSignalModel
 
 
@@ -46,13 +47,16 @@ class CSFMModel(MaskedSignalModel):
         super().__init__(config)
         self.post_init()
 
-    def encode(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, positions: torch.Tensor,
+               token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = None if token_mask is None else token_mask[:, None, :].expand(-1, x.shape[1], -1)
         for block in self.blocks:
-            x = block(x)  # (B, M, D): every token reads every token
+            x = block(x, mask=mask)  # (B, M, D): every token reads every (present) token
         return self.norm(x)
 
-    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        pooled = tokens.mean(dim=1)  # (B, D)
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False,
+                     token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        pooled = masked_mean(tokens, token_mask)  # (B, D): over the present tokens
         return pooled if pre_logits else self.classifier(pooled)
 
 

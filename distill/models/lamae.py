@@ -26,7 +26,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
 
 from distill.models.masked import ECGForMaskedModeling, MaskedSignalConfig, MaskedSignalModel
-from distill.models.blocks import LatentAttentionPool
+from distill.models.blocks import LatentAttentionPool, masked_mean
 
 
 class LAMAEConfig(MaskedSignalConfig):
@@ -59,7 +59,10 @@ class LAMAEModel(MaskedSignalModel):
         self.latent_pool = LatentAttentionPool(config)
         self.post_init()
 
-    def encode(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, positions: torch.Tensor,
+               token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # each lead is encoded on its own: a missing lead's tokens reach no other lead, so
+        # ``token_mask`` matters only where the leads meet (the latents, ``forward_head``)
         b, m, d = x.shape
         n_leads, n = len(self.config.leads), self.config.num_patches
         if m == n_leads * n:  # every token: each lead is one sequence
@@ -82,14 +85,26 @@ class LAMAEModel(MaskedSignalModel):
             return positions % n, n
         return positions // n, n_leads
 
-    def latents(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """[B, G*K, D]: K latents per group (:meth:`groups`) after reading its tokens."""
+    def latents(self, tokens: torch.Tensor, positions: torch.Tensor,
+                token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, G*K, D]: K latents per group (:meth:`groups`) after reading its tokens (those
+        ``token_mask`` marks, when given)."""
         groups, count = self.groups(positions)
-        return self.latent_pool.read(tokens, groups=groups, num_groups=count)
+        return self.latent_pool.read(tokens, groups=groups, num_groups=count,
+                                     token_mask=token_mask)
 
-    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False,
+                     token_mask: torch.Tensor | None = None) -> torch.Tensor:
         positions = self._positions(tokens.shape[0], tokens.device)
-        pooled = self.latents(tokens, positions).mean(dim=1)  # (B, D)
+        latents = self.latents(tokens, positions, token_mask)  # (B, G*K, D)
+        if token_mask is None:
+            pooled = latents.mean(dim=1)  # (B, D)
+        else:  # the mean over the groups that read a present token (independent leads:
+            # a missing lead's latents are left out)
+            groups, count = self.groups(positions)
+            seen = torch.zeros(tokens.shape[0], count, dtype=torch.long, device=tokens.device)
+            seen.scatter_reduce_(1, groups, token_mask.long(), reduce="amax")  # (B, G)
+            pooled = masked_mean(latents, (seen > 0).repeat_interleave(self.config.num_latents, 1))
         return pooled if pre_logits else self.classifier(pooled)
 
     def context(self, tokens: torch.Tensor, positions: torch.Tensor):

@@ -27,7 +27,8 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from distill.core.leads import NUM_LEADS
-from distill.models.base import ECGStudentConfig, ECGStudentModel, check_signal
+from distill.models.base import (ECGStudentConfig, ECGStudentModel, check_signal,
+                                 lead_token_mask)
 from distill.models.blocks import Block, BlockWidth, init_weights
 
 MASK_STRATEGIES: tuple[str, ...] = ("patches", "time", "channels", "time_channel")
@@ -358,8 +359,11 @@ class MaskedSignalModel(ECGStudentModel):
     attention pattern the family chooses (:meth:`encode`), a pooled embedding
     (:meth:`forward_head`) and a classifier. Reads any subset of the 12 leads with the same
     weights: the lead embedding is indexed by the standard lead, and ``config.leads`` (set
-    at load time, e.g. ``from_pretrained(folder, leads=["I"])``) says which rows come."""
+    at load time, e.g. ``from_pretrained(folder, leads=["I"])``) says which rows come. A
+    lead mask (a record with missing leads) leaves the missing leads' tokens out of the
+    attention and pooling, so such a record reads as it would with its present leads only."""
 
+    reads_lead_mask = True
     config_class = MaskedSignalConfig
     config: MaskedSignalConfig
     _no_split_modules = ("Block",)
@@ -383,9 +387,15 @@ class MaskedSignalModel(ECGStudentModel):
     def _init_weights(self, module: nn.Module) -> None:
         init_weights(module, self.config.initializer_range)
 
-    def encode(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def token_mask(self, lead_mask: torch.Tensor) -> torch.Tensor:
+        """bool [B, L] -> [B, L*N]: every patch token of a missing lead is masked."""
+        return lead_token_mask(lead_mask, self.config.num_patches)
+
+    def encode(self, x: torch.Tensor, positions: torch.Tensor,
+               token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Transformer blocks over tokens [B, M, D] at flat positions [B, M] (row * N +
-        patch: lead row and time step of each); per family."""
+        patch: lead row and time step of each); ``token_mask`` (bool [B, M], False = a
+        missing lead's token: no token reads it); per family."""
         raise NotImplementedError  # abstract: the family's attention pattern
 
     def context(self, tokens: torch.Tensor, positions: torch.Tensor
@@ -400,12 +410,16 @@ class MaskedSignalModel(ECGStudentModel):
         total = len(self.config.leads) * self.config.num_patches
         return torch.arange(total, device=device).expand(batch, -1)
 
-    def forward_features(self, signal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_features(self, signal: torch.Tensor, token_mask: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """signal [B, L, T] -> tokens [B, L*N, D] (lead-major) and token_leads [L*N] (the
-        standard lead index of each token)."""
+        standard lead index of each token); ``token_mask`` bool [B, L*N] or None."""
         lead_ids, token_leads = lead_of(self.config, signal.device)
         x = self.tokenizer(signal, lead_ids)  # (B, L*N, D)
-        return self.encode(x, self._positions(x.shape[0], signal.device)), token_leads
+        positions = self._positions(x.shape[0], signal.device)
+        if token_mask is None:
+            return self.encode(x, positions), token_leads
+        return self.encode(x, positions, token_mask), token_leads
 
     def encode_visible(self, signal: torch.Tensor, visible: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

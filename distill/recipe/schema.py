@@ -132,6 +132,11 @@ class DataConfig:
         "global", help="standard scaler fitted on the training folds only")
     on_bad_record: Literal["error", "skip"] = spec(
         "error", help="a missing, corrupt, NaN or flat record: stop, or skip it with a warning")
+    on_flat_lead: Literal["error", "skip", "mask"] = spec(
+        "error", help="a record with a flat (constant) lead: error (a bad record, as "
+                      "on_bad_record says), skip it with a warning, or mask: keep it with the "
+                      "lead marked missing (zeros in every view, and a per-view lead mask in "
+                      "the batch that lead-token models honour)", since="0.4")
     cache_dir: str | None = spec(None, help="decoded-signal/image cache; null = $ECG_DISTILL_CACHE "
                                             "or ~/.cache/ecg-distill")
     image: ImageConfig = spec(default_factory=ImageConfig)

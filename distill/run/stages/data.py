@@ -32,6 +32,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     }
     if data.label_report:  # CinC under a PTB-XL task: the codes not mapped, records dropped
         summary["label_report"] = data.label_report
+    if data.flat_report:  # records with flat leads: skipped or kept with a lead mask
+        summary["flat_leads"] = data.flat_report
     images = teacher_images(recipe, data, progress=ctx.progress)
     if images is not None:
         summary["images"] = {"shape": list(images.shape),
