@@ -224,6 +224,7 @@ def teacher_settings(recipe: Recipe) -> dict[str, Any]:
     """Everything the trained teacher depends on besides the data."""
     t = {k: v for k, v in to_dict(recipe.teacher).items()
          if k not in ("epochs", "lr", "batch_size")}
+    t["view"].pop("translate", None)  # a student's setting only (0.4): never a teacher's
     if zoo.folder(recipe.teacher.name_or_path) is not None:  # a shipped teacher: its weights
         t["shipped"] = zoo.card(recipe.teacher.name_or_path)["files"]
     elif local_weights(recipe.teacher.name_or_path):  # a local folder (e.g. a pretraining's
