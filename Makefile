@@ -37,12 +37,16 @@ setup:
 quickstart: setup
 	$(BIN)/ecg-distill run recipes/quickstart.yaml
 
+# one worker per core (pytest-xdist), each test file on one worker (its module fixtures
+# built once)
+PYTEST_PARALLEL ?= -n auto --dist loadfile
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL)
 
 test-latest:
 	$(SETUP) install --venv $(LATEST) --latest --fresh
-	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider
+	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_PARALLEL)
 	$(SETUP) versions --venv $(LATEST) --against $(LOCK)
 
 lock: test-latest

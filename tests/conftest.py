@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs the suite on one worker a core:
+    # one thread each (two workers' thread pools would fight over the same cores), and
+    # OpenMP threads that sleep rather than spin while they wait; set before torch loads
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import re
 import shutil
 import subprocess
