@@ -197,6 +197,25 @@ def test_codes_loss_is_the_temperature_scaled_kl_of_the_code_distributions() -> 
     assert one(student, teacher).aux["per_level"].shape == (1,)
 
 
+def test_codes_loss_can_read_only_the_students_leads() -> None:
+    """leads: student keeps the teacher tokens of the leads the student reads: the same
+    value as the whole term given those tokens alone."""
+    student, teacher = _outputs()  # teacher tokens: leads 0 and 1, four each
+    torch.manual_seed(0)
+    mine = build_loss("codes", student_dim=12, teacher_codes=(2, 16), student_leads=(1, 5),
+                      leads="student", dim=16)
+    torch.manual_seed(0)
+    every = build_loss("codes", student_dim=12, teacher_codes=(2, 16), dim=16)
+    lead1 = ECGModelOutput(code_logits=teacher.code_logits[:, 4:],
+                           token_leads=teacher.token_leads[4:])
+    torch.testing.assert_close(mine(student, teacher).value, every(student, lead1).value)
+    with pytest.raises(ValueError, match=r"no token of the student's leads \[7\]"):
+        build_loss("codes", student_dim=12, teacher_codes=(2, 16), student_leads=(7,),
+                   leads="student", dim=16)(student, teacher)
+    with pytest.raises(ValueError, match="the student reads no signal leads"):
+        build_loss("codes", student_dim=12, teacher_codes=(2, 16), leads="student")
+
+
 def test_codes_loss_learns_distributions_that_depend_on_time_and_lead() -> None:
     """Teacher distributions that are a function of each token's lead and time: a student
     whose tokens say nothing still reaches them through the queries' positions."""

@@ -541,7 +541,9 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
             t_dim = t_out.tokens.shape[-1]
             t_codes = None if t_out.code_logits is None else tuple(t_out.code_logits.shape[2:])
     student.train()
-    objective = build_objective(recipe, s_dim, t_dim, t_codes)
+    s_leads = getattr(student.config, "lead_ids", None)  # a printout student has none
+    objective = build_objective(recipe, s_dim, t_dim, t_codes,
+                                None if s_leads is None else tuple(s_leads))
     module = DistillationModule(student, objective)
     device = {"value": torch.device("cpu")}
 

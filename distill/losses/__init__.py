@@ -37,9 +37,10 @@ from torch import nn
 from distill.core.registry import Registry
 from distill.core.schema import unknown_key
 
-# given by the objective, not config: the token widths, and (levels, C) of a tokenized
-# teacher's code distributions (None when it gives none)
-DIM_ARGS = ("student_dim", "teacher_dim", "teacher_codes")
+# given by the objective, not config: the token widths, (levels, C) of a tokenized
+# teacher's code distributions (None when it gives none), and the standard indices of the
+# leads the student reads (None for a printout student)
+DIM_ARGS = ("student_dim", "teacher_dim", "teacher_codes", "student_leads")
 
 
 class LossOutput(NamedTuple):
@@ -57,8 +58,8 @@ class LossFamily:
         name: the registry name, also the recipe key (``distill.weights.<name>``,
             ``distill.<name>.<field>``) and the objective's term name.
         cls: the ``nn.Module``; its constructor takes exactly the config's fields as
-            keyword arguments, plus ``student_dim`` / ``teacher_dim`` / ``teacher_codes`` if
-            it needs them.
+            keyword arguments, plus any of :data:`DIM_ARGS` it needs (the token widths, the
+            teacher's code shape, the student's leads).
         config: the configuration dataclass (each field a recipe key).
         default_weight: the recipe's default weight λ of the term.
         order: terms are built and run in ascending ``order``, ties by name.
@@ -103,11 +104,12 @@ class LossFamily:
 
     def build(self, config: Mapping[str, Any] | Any | None = None, *,
               student_dim: int | None = None, teacher_dim: int | None = None,
-              teacher_codes: tuple[int, int] | None = None) -> nn.Module:
+              teacher_codes: tuple[int, int] | None = None,
+              student_leads: tuple[int, ...] | None = None) -> nn.Module:
         """Instantiate the loss: ``cls(**dims, **asdict(config))``, passing the token widths
         only to a constructor that takes them."""
         widths = {"student_dim": student_dim, "teacher_dim": teacher_dim,
-                  "teacher_codes": teacher_codes}
+                  "teacher_codes": teacher_codes, "student_leads": student_leads}
         kwargs = {name: widths[name] for name in self.dims if widths[name] is not None}
         return self.cls(**kwargs, **dataclasses.asdict(self.make_config(config)))
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,10 @@ class CodesConfig:
     dim: int = spec(64, help="width of the cross-attention that reads the student tokens; a "
                     "multiple of heads", ge=1)
     heads: int = spec(2, help="attention heads", ge=1)
+    leads: Literal["all", "student"] = spec(
+        "all", help="the teacher tokens whose codes are distilled: all, or only those of the "
+                    "leads the student reads (a lead-I student cannot see the other leads' "
+                    "codes)")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -109,15 +113,26 @@ class CodeDistillation(nn.Module):
         student_dim: D_s, the student's token width.
         teacher_codes: (levels, C) of the teacher's ``code_logits``, given by the objective
             (None: the teacher gives none, which is refused).
-        levels, temperature, dim, heads: :class:`CodesConfig`.
+        student_leads: standard indices of the leads the student reads, given by the
+            objective (for ``leads: student``).
+        levels, temperature, dim, heads, leads: :class:`CodesConfig`.
     """
 
-    def __init__(self, student_dim: int, teacher_codes: tuple[int, int] | None = None, *,
-                 levels: int = 1, temperature: float = 1.0, dim: int = 64,
-                 heads: int = 2) -> None:
+    def __init__(self, student_dim: int, teacher_codes: tuple[int, int] | None = None,
+                 student_leads: tuple[int, ...] | None = None, *, levels: int = 1,
+                 temperature: float = 1.0, dim: int = 64, heads: int = 2,
+                 leads: Literal["all", "student"] = "all") -> None:
         super().__init__()
-        self.config = CodesConfig(levels=levels, temperature=temperature, dim=dim, heads=heads)
+        self.config = CodesConfig(levels=levels, temperature=temperature, dim=dim, heads=heads,
+                                  leads=leads)
         self.config.validate("codes")
+        if leads == "student" and not student_leads:
+            raise ValueError("codes: leads is 'student', but the student reads no signal "
+                             "leads (a printout student); use leads: all")
+        # the standard indices of the student's leads (empty: every teacher token)
+        self.register_buffer("student_leads", torch.tensor(
+            list(student_leads) if leads == "student" else [], dtype=torch.long),
+            persistent=False)
         if teacher_codes is None:
             raise ValueError("codes: the teacher gives no code distributions; the codes loss "
                              "needs a tokenized teacher (teacher.kind: foundation on a hypnos "
@@ -174,6 +189,13 @@ class CodeDistillation(nn.Module):
         if t_leads.shape[0] != target.shape[1]:
             raise ValueError(f"codes: {target.shape[1]} teacher code distributions for "
                              f"{t_leads.shape[0]} teacher tokens")
+        if len(self.student_leads):  # leads: student, the teacher tokens of those leads only
+            keep = torch.isin(t_leads.to(self.student_leads.device), self.student_leads)
+            if not keep.any():
+                raise ValueError(f"codes: leads is 'student', but the teacher has no token of "
+                                 f"the student's leads {self.student_leads.tolist()}")
+            idx = keep.nonzero().squeeze(1)
+            target, t_leads = target[:, idx.to(target.device)], t_leads[idx.to(t_leads.device)]
         student = self.predict(student_out.tokens, student_out.token_leads, t_leads,
                                getattr(student_out, "token_mask", None))
         temperature = self.config.temperature
@@ -186,7 +208,8 @@ class CodeDistillation(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"levels={c.levels}, codebook_size={self.codebook_size}, T={c.temperature}"
+        return (f"levels={c.levels}, codebook_size={self.codebook_size}, T={c.temperature}, "
+                f"leads={c.leads}")
 
 
 __all__ = ["CodeDistillation", "CodesConfig", "relative_time", "time_features"]

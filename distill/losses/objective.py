@@ -142,10 +142,12 @@ class DistillationObjective(nn.Module):
     @classmethod
     def build(cls, alpha: float, weights: Mapping[str, float] | Any, student_dim: int,
               teacher_dim: int, teacher_codes: tuple[int, int] | None = None,
+              student_leads: tuple[int, ...] | None = None,
               **loss_configs: Mapping[str, Any] | Any) -> DistillationObjective:
         """Same as :func:`build_objective`."""
         return build_objective(alpha, weights, student_dim, teacher_dim,
-                               teacher_codes=teacher_codes, **loss_configs)
+                               teacher_codes=teacher_codes, student_leads=student_leads,
+                               **loss_configs)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, weights={self.weights}"
@@ -172,6 +174,7 @@ def check_requirements(alpha: float, weights: Mapping[str, float]) -> None:
 
 def build_objective(alpha: float, weights: Mapping[str, float] | Any, student_dim: int,
                     teacher_dim: int, teacher_codes: tuple[int, int] | None = None,
+                    student_leads: tuple[int, ...] | None = None,
                     **loss_configs: Mapping[str, Any] | Any) -> DistillationObjective:
     """Build the objective and the registered losses it needs.
 
@@ -187,6 +190,8 @@ def build_objective(alpha: float, weights: Mapping[str, float] | Any, student_di
         teacher_dim: D_t, width of the teacher's tokens.
         teacher_codes: (levels, C) of a tokenized teacher's code distributions (the
             ``codes`` term's output size); None when the teacher gives none.
+        student_leads: standard indices (0..11) of the leads the student reads (the
+            ``codes`` term's ``leads: student``); None for a printout student.
         **loss_configs: each loss's configuration, a mapping of its config's fields or the
             config dataclass itself, e.g. ``kd={"temperature": 4.0}``,
             ``mhca=MHCAConfig(dim=64, heads=2)``. Configurations of unweighted terms are
@@ -208,7 +213,8 @@ def build_objective(alpha: float, weights: Mapping[str, float] | Any, student_di
     losses: dict[str, nn.Module] = {}
     for name in term_order(active):
         losses[name] = families[name].build(configs.get(name), student_dim=student_dim,
-                                            teacher_dim=teacher_dim, teacher_codes=teacher_codes)
+                                            teacher_dim=teacher_dim, teacher_codes=teacher_codes,
+                                            student_leads=student_leads)
     return DistillationObjective(alpha, weights, losses)
 
 
