@@ -88,7 +88,7 @@ BAD = [
      "output_dir: 'runs/{foo}' may only use {name} (KeyError: 'foo')"),
     ({}, ["data.foo=1"], "unknown key 'data.foo'; valid keys under 'data': path, format, "
      "synthetic, task, sampling_rate, leads, folds, min_samples, scaler, on_bad_record, "
-     "cache_dir, image, label_fraction"),
+     "on_flat_lead, cache_dir, image, label_fraction"),
 ]
 
 
