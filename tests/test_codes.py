@@ -283,3 +283,29 @@ def test_a_recipe_without_the_codes_term_keeps_its_hashes() -> None:
     changed = load_recipe(root / "recipes" / "quickstart.yaml", ["distill.codes.levels=2"])
     assert "codes" in changed.distill.hash_dict()
     assert math.isclose(on.distill.weights["codes"], 1.0)
+
+
+class _MaskingTeacher(torch.nn.Module):
+    """Four tokens a record; the last one missing in odd records."""
+
+    def forward(self, signal: torch.Tensor) -> ECGModelOutput:
+        b = signal.shape[0]
+        mask = torch.ones(b, 4, dtype=torch.bool)
+        mask[signal[:, 0, 0] > 0, 3] = False
+        return ECGModelOutput(logits=signal[:, :2, 0], tokens=signal[:, :4, :3],
+                              token_leads=torch.arange(4), pooled=signal[:, 0, :3],
+                              token_mask=mask)
+
+
+def test_the_cache_keeps_the_teachers_token_mask(tmp_path) -> None:
+    """A teacher that masks tokens (missing leads) gives the same mask from the cache as live,
+    so the feature losses skip the same tokens either way."""
+    records = _Records(6)
+    teacher = _MaskingTeacher()
+    cache = teacher_outputs(teacher, records, lambda b: {"signal": b["teacher"]}, key="m",
+                            cache_dir=tmp_path, batch_size=4, progress=False)
+    assert cache.token_mask.dtype == np.bool_ and cache.token_mask.shape == (6, 4)
+    batch = {name: torch.from_numpy(np.array(a[:5])) for name, a in cache.extras().items()}
+    rebuilt = cached_teacher_output(batch, cache.token_leads)
+    assert torch.equal(rebuilt.token_mask, teacher(records.x[:5]).token_mask)
+    assert not rebuilt.token_mask.all()

@@ -113,6 +113,16 @@ def test_the_upsampler_translates_each_input_once(translator_folder: Path) -> No
     np.testing.assert_allclose(clone(x[0], (0,)), first)
 
 
+def test_student_keys_keep_their_lora_settings() -> None:
+    """The key of a student without a translator is what it was before translated views:
+    a LoRA student's default rank and alpha stay in it (runs resume)."""
+    from distill.recipe import StudentConfig
+
+    key = _spec_key(StudentConfig(family="llava", size="tiny", train_mode="lora"))
+    assert (key["lora_rank"], key["lora_alpha"]) == (8, 16) and key["train_mode"] == "lora"
+    assert "translate" not in key["view"]
+
+
 def test_translated_views_are_checked(tmp_path: Path, translator_folder: Path) -> None:
     with pytest.raises(RecipeError, match=r"^students\.0\.view\.translate: cannot read a "
                                           r"translator in .*missing"):

@@ -276,11 +276,13 @@ def _spec_key(spec: StudentConfig) -> dict[str, Any]:
     (``epochs``, ``lr``), full training and settings added later at their defaults (a view
     without a translator) are left out, so runs made before they existed stay valid; the
     LoRA settings count only when training with LoRA; a translator by its weights too."""
-    out = {k: v for k, v in to_dict(spec, hashing=True).items()
+    out = {k: v for k, v in to_dict(spec).items()
            if not (k in _SPEC_DEFAULTS and v == _SPEC_DEFAULTS[k])}
     if spec.train_mode != "lora":
         out = {k: v for k, v in out.items() if k not in ("lora_rank", "lora_alpha")}
-    if spec.view.translate is not None:
+    if spec.view.translate is None:
+        out["view"].pop("translate", None)
+    else:
         out["translator"] = local_weights(spec.view.translate)
     return out
 
@@ -468,16 +470,18 @@ class DistillationModule(nn.Module):
 
 def cached_teacher_output(batch: Mapping[str, Any], token_leads: torch.Tensor,
                           codebook_size: int = 0) -> ECGModelOutput:
-    """The teacher's ModelOutput rebuilt from the cache entries of a batch (fp32; the code
-    distributions, where stored, expanded from their top codes)."""
+    """The teacher's ModelOutput rebuilt from the cache entries of a batch (fp32; its token
+    mask and code distributions where stored, the latter expanded from their top codes)."""
     codes = None
     if "teacher.code_idx" in batch:
         codes = expand_codes(batch["teacher.code_idx"], batch["teacher.code_logp"],
                              codebook_size)
+    mask = batch.get("teacher.token_mask")
     return ECGModelOutput(logits=batch["teacher.logits"].float(),
                           tokens=batch["teacher.tokens"].float(),
                           pooled=batch["teacher.pooled"].float(),
                           token_leads=token_leads.to(batch["teacher.tokens"].device),
+                          token_mask=None if mask is None else mask.bool(),
                           code_logits=codes)
 
 

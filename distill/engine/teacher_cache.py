@@ -7,6 +7,7 @@ turns each later epoch into a read. The entry is a folder in the data cache::
     teacher-outputs-<key>/logits.npy   float32 [N, C]
                           tokens.npy   float16 [N, N_t, D_t] (float32 if fp16 would overflow)
                           pooled.npy   float16 [N, D_t]      (likewise)
+                          token_mask.npy bool  [N, N_t]      where the teacher gives one
                           code_idx.npy int16   [N, N_t, K, 16]   a tokenized teacher's
                           code_logp.npy float16 [N, N_t, K, 16]  code distributions (top 16)
                           meta.json    token_leads, shapes, what the key was made of
@@ -92,6 +93,7 @@ class TeacherOutputs:
     tokens: np.ndarray  # (N, N_t, D_t)
     pooled: np.ndarray  # (N, D_t)
     token_leads: torch.Tensor  # (N_t,) int64
+    token_mask: np.ndarray | None = None  # (N, N_t) bool, where the teacher gave one
     code_idx: np.ndarray | None = None  # (N, N_t, K, CODE_TOP) int16
     code_logp: np.ndarray | None = None  # (N, N_t, K, CODE_TOP) float16
     codebook_size: int = 0  # C of the code distributions (0: none stored)
@@ -100,6 +102,8 @@ class TeacherOutputs:
         """Per-record arrays for ``ECGData.split(extras=...)``."""
         out = {"teacher.logits": self.logits, "teacher.tokens": self.tokens,
                "teacher.pooled": self.pooled}
+        if self.token_mask is not None:
+            out["teacher.token_mask"] = self.token_mask
         if self.code_idx is not None:
             out.update({"teacher.code_idx": self.code_idx, "teacher.code_logp": self.code_logp})
         return out
@@ -152,6 +156,8 @@ def load_outputs(folder: Path) -> TeacherOutputs | None:
     try:
         meta = json.loads((folder / "meta.json").read_text())
         names = ["logits", "tokens", "pooled"]
+        if meta.get("token_mask"):
+            names.append("token_mask")
         if meta.get("codebook_size"):
             names += ["code_idx", "code_logp"]
         arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in names}
@@ -190,13 +196,14 @@ class _Overflow(Exception):
 
 def _fill(teacher: nn.Module, loader: DataLoader, inputs_fn: Callable, folder: Path,
           n: int, dtype: np.dtype, device: torch.device, progress: bool,
-          desc: str = "teacher outputs") -> list[int]:
+          desc: str = "teacher outputs") -> tuple[list[int], int, bool]:
     """Run the teacher over every record, writing its arrays; (the token leads, the code
-    distributions' C or 0)."""
+    distributions' C or 0, whether a token mask was stored)."""
     arrays: dict[str, np.ndarray] = {}
     leads: list[int] = []
     codebook = 0
-    stored = {"logits": np.float32, "code_idx": np.int16, "code_logp": np.float16}
+    stored = {"logits": np.float32, "token_mask": np.bool_, "code_idx": np.int16,
+              "code_logp": np.float16}
     with progress_bar(total=n, desc=desc, unit="ecg", enabled=progress) as bar, \
             torch.no_grad():
         for batch in loader:
@@ -204,8 +211,13 @@ def _fill(teacher: nn.Module, loader: DataLoader, inputs_fn: Callable, folder: P
             idx = batch["index"].numpy()  # (B,)
             parts = {"logits": out.logits.float(), "tokens": out.tokens.float(),
                      "pooled": out.pooled.float()}
+            if out.token_mask is not None:  # padding, or leads missing from the record
+                parts["token_mask"] = out.token_mask.bool()
             if out.code_logits is not None:
                 codebook = out.code_logits.shape[-1]
+                if codebook > np.iinfo(np.int16).max:
+                    raise ECGDistillError(f"teacher cache: {codebook} codes per codebook do "
+                                          f"not fit the cache's int16 code indices")
                 parts["code_idx"], logp = top_codes(out.code_logits)
                 parts["code_logp"] = logp.clamp_min(-FP16_MAX)  # a code of probability 0
             if not arrays:
@@ -222,7 +234,7 @@ def _fill(teacher: nn.Module, loader: DataLoader, inputs_fn: Callable, folder: P
             bar.update(len(idx))
     for a in arrays.values():
         a.flush()
-    return leads, codebook
+    return leads, codebook, "token_mask" in arrays
 
 
 def teacher_outputs(teacher: nn.Module, dataset: Dataset,
@@ -264,8 +276,8 @@ def teacher_outputs(teacher: nn.Module, dataset: Dataset,
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             try:
-                leads, codebook = _fill(teacher, loader, inputs_fn, tmp, n, dtype,
-                                        torch.device(device), progress, desc)
+                leads, codebook, masked = _fill(teacher, loader, inputs_fn, tmp, n, dtype,
+                                                torch.device(device), progress, desc)
                 break
             except _Overflow:  # a feature beyond fp16's range: store float32 instead
                 continue
@@ -273,6 +285,8 @@ def teacher_outputs(teacher: nn.Module, dataset: Dataset,
                 "version": CACHE_VERSION}
         if codebook:
             meta["codebook_size"] = codebook
+        if masked:
+            meta["token_mask"] = True
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     loaded = load_outputs(folder)
     if loaded is None:
