@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from distill.core.errors import RecipeError
 from distill.core.hashing import sha256_file
-from distill.engine.factory import student_key
+from distill.engine.factory import saved_student_view, student_key
 from distill.engine.jobs import _spec_key, baseline_job, load_job_data, normalization
 from distill.models.rvq import RVQTokenizer, RVQTokenizerConfig
 from distill.models.translator import TranslatorModel
@@ -84,6 +85,14 @@ def test_a_translated_view_reads_25_hz_and_serves_the_translation(tmp_path: Path
     batch = torch.utils.data.default_collate([job.train_set[i] for i in range(2)])
     loss, _ = job.loss_fn(job.model, batch)
     assert torch.isfinite(loss)
+    # the saved student names its translator; eval and export rebuild the same input
+    job.model.save_pretrained(tmp_path / "student")
+    saved = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert saved["translate"]["checkpoint"] == str(translator_folder)
+    again = saved_student_view(saved)
+    assert (again.leads, again.sampling_rate) == (("I",), 25) and again.upsample is not None
+    torch.testing.assert_close(jd.data.split("test", {"s": again})[0]["s"], item["s"])
+    assert saved_student_view({"leads": ["I"], "sampling_rate": 100}).upsample is None
     # the translator's weights are part of the student's fingerprint
     assert _spec_key(spec)["translator"] == {
         "model.safetensors": sha256_file(translator_folder / "model.safetensors")}

@@ -116,6 +116,24 @@ def student_view(recipe: Recipe, spec: StudentConfig) -> SignalView:
     return SignalView(leads=view.leads, sampling_rate=up.source_rate, upsample=up)
 
 
+def saved_student_view(config: Any) -> SignalView:
+    """The view a saved student reads (its config, a dict or a config object): its leads at
+    its rate, or, for a student trained on a translator's output (``config.translate``,
+    written by the distillation jobs), its leads at the translator's source rate, upsampled
+    by that translator (:class:`Upsampler`; the folder must still be where it was)."""
+    get = config.get if isinstance(config, Mapping) else (lambda k, d=None: getattr(config, k, d))
+    leads, rate = tuple(get("leads")), int(get("sampling_rate"))
+    translate = get("translate")
+    if not translate:
+        return SignalView(leads=leads, sampling_rate=rate)
+    path = Path(translate["checkpoint"])
+    if not (path / "config.json").exists():
+        raise RecipeError(f"this student reads the translator {path}'s output, and that folder "
+                          f"is gone; restore it to score or export the student")
+    up = Upsampler(path)
+    return SignalView(leads=leads, sampling_rate=up.source_rate, upsample=up)
+
+
 def student_rate(view: SignalView) -> int | None:
     """The rate a student with this view reads: its upsampler's output rate, or the view's."""
     up = view.upsample

@@ -182,6 +182,10 @@ def _student(jd: JobData, spec: StudentConfig) -> nn.Module:
                               f"{trained.get('std', [0])[0]:.4g}) than this recipe's "
                               f"({mine['kind']}, std {mine['std'][0]:.4g}); translate this "
                               f"data's records with a translator trained on them")
+        # a saved student names its front end: eval and export rebuild the same input
+        student.config.translate = {"checkpoint": str(up.checkpoint),
+                                    "source_rate": up.source_rate,
+                                    "weights": local_weights(str(up.checkpoint))}
     return student
 
 

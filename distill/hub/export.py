@@ -49,8 +49,8 @@ from distill.core.errors import ECGDistillError
 from distill.core.io import atomic_dir, atomic_write_text, require_safetensors
 from distill.core.layout import ModelId, RunLayout
 from distill.core.progress import progress_bar
-from distill.data.dataset import SignalView
 from distill.data.load import load_data
+from distill.engine.factory import saved_student_view
 from distill.hub.model_card import model_card
 from distill.hub.portable import write_portable
 from distill.hub.publish import CONFIG_KEYS, SAMPLES, verify_folders, write_manifest
@@ -281,7 +281,7 @@ def sample_records(data, config: dict[str, Any], run_dir: Path, name: str,
                 "ecg_id": np.asarray([int(data.ecg_ids[k]) for k in records], dtype=np.int64)}
     data = copy.copy(data)  # the caller's data set keeps its own scaler
     data.scaler = scaler_from_config(config)  # what the model was trained with
-    view = SignalView(leads=tuple(config["leads"]), sampling_rate=int(config["sampling_rate"]))
+    view = saved_student_view(config)  # a translated student: the translator's output
     split = data.split("test", {"signal": view})
     items = [split[split_rows[int(index[r])]] for r in rows]
     return {"signal": np.stack([it["signal"].numpy() for it in items]).astype(np.float32),

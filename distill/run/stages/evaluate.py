@@ -36,9 +36,9 @@ from distill.core.errors import ECGDistillError
 from distill.core.io import require_safetensors
 from distill.core.layout import TEACHER, ModelId, RunLayout
 from distill.data import cinc
-from distill.data.dataset import SignalView, load_cinc, load_ptbxl
-from distill.engine.factory import (student_inputs, student_key, student_rate,
-                                    student_reads_images)
+from distill.data.dataset import load_cinc, load_ptbxl
+from distill.engine.factory import (saved_student_view, student_inputs, student_key,
+                                    student_rate, student_reads_images)
 from distill.engine.jobs import JobData, load_frozen_teacher, teacher_inputs
 from distill.metrics.classification import bootstrap_samples
 from distill.metrics.results import write_results
@@ -211,7 +211,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_folder: str | Path, *,
     norm = getattr(config, "normalization", None)
     if norm:
         data.scaler = scaler_from_config(config)
-    view = {"signal": SignalView(leads=tuple(config.leads), sampling_rate=rate)}
+    view = {"signal": saved_student_view(config)}  # a translated student: its translator's output
     inputs = (lambda b: {"signal": b["signal"]})
     chosen = data.split(split, view)
     index, probs = predict(model, chosen, inputs, batch_size=batch_size, progress=progress)
