@@ -311,6 +311,10 @@ class TeacherAdapter(nn.Module):
         """pooled [B, D] -> logits [B, C] (fp32)."""
         return self.head(pooled.float())
 
+    def gives_codes(self) -> bool:
+        """Whether :meth:`forward_codes` gives code distributions (a tokenized teacher)."""
+        return False
+
     def forward_codes(self, levels: int, **inputs: torch.Tensor) -> torch.Tensor:
         """Inputs -> per-token code distributions [B, N, levels, C] (log-probabilities, the
         tokens in ``forward_features``' order): a tokenized teacher's; others refuse."""

@@ -141,6 +141,9 @@ class FoundationTeacher(TeacherAdapter):
         pooled = model.forward_head(tokens, pre_logits=True, token_mask=token_mask)
         return tokens, token_leads, pooled, token_mask
 
+    def gives_codes(self) -> bool:
+        return isinstance(self.hf_model, HypnosModel)
+
     def forward_codes(self, levels: int, signal: torch.Tensor,
                       lead_mask: torch.Tensor | None = None) -> torch.Tensor:
         """A Hypnos teacher's tokenizer's code distributions per token (the tokens' order:

@@ -309,3 +309,26 @@ def test_the_cache_keeps_the_teachers_token_mask(tmp_path) -> None:
     rebuilt = cached_teacher_output(batch, cache.token_leads)
     assert torch.equal(rebuilt.token_mask, teacher(records.x[:5]).token_mask)
     assert not rebuilt.token_mask.all()
+
+
+def test_the_codes_term_refuses_a_teacher_without_codes(tmp_path) -> None:
+    from distill.core.errors import RecipeError
+    from distill.engine.jobs import set_code_levels
+    from distill.recipe import load_recipe
+
+    root = Path(__file__).resolve().parent.parent
+    signal_teacher = teachers.create("signal", num_labels=2, sampling_rate=100)
+    on = load_recipe(root / "recipes" / "quickstart.yaml", ["distill.weights.codes=1"])
+    with pytest.raises(RecipeError, match=r"^distill\.weights\.codes: the codes term needs a "
+                                          r"tokenized teacher"):
+        set_code_levels(signal_teacher, on)
+    ablation = load_recipe(root / "recipes" / "quickstart.yaml", ["ablations.runs=[with_codes]"])
+    with pytest.raises(RecipeError, match=r"^ablations\.runs \(with_codes\)"):
+        set_code_levels(signal_teacher, ablation)
+    set_code_levels(signal_teacher, load_recipe(root / "recipes" / "quickstart.yaml"))
+    assert signal_teacher.code_levels == 0
+    hypnos = teachers.create("foundation", _hypnos_folder(tmp_path), num_labels=2,
+                             train_mode="frozen")
+    set_code_levels(hypnos, load_recipe(root / "recipes" / "quickstart.yaml", [
+        "distill.weights.codes=1", "distill.codes.levels=2"]))
+    assert hypnos.code_levels == 2

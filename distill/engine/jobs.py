@@ -489,6 +489,19 @@ def cached_teacher_output(batch: Mapping[str, Any], token_leads: torch.Tensor,
                           code_logits=codes)
 
 
+def set_code_levels(teacher: nn.Module, recipe: Recipe) -> None:
+    """Ask the teacher for the code distributions the recipe's ``codes`` term reads (in the
+    recipe or one of its ablations); RecipeError when it is not a tokenized teacher."""
+    levels = code_levels(recipe)
+    if levels and not getattr(teacher, "gives_codes", lambda: False)():
+        where = ("distill.weights.codes" if recipe.distill.weights.get("codes", 0) > 0
+                 else "ablations.runs (with_codes)")
+        raise RecipeError(f"{where}: the codes term needs a tokenized teacher (teacher.kind: "
+                          f"foundation on a hypnos model); {recipe.teacher.kind} "
+                          f"{recipe.teacher.name_or_path} gives no code distributions")
+    teacher.code_levels = levels
+
+
 def code_levels(recipe: Recipe) -> int:
     """How many residual code levels of its code distributions the teacher gives per token:
     the ``codes`` term's ``distill.codes.levels`` when the recipe or one of its ablations
@@ -525,7 +538,7 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
     s_inputs = student_inputs(spec)
     s_train_inputs = student_train_inputs(recipe, spec)
     t_inputs = teacher_inputs(recipe)
-    teacher.code_levels = code_levels(recipe)
+    set_code_levels(teacher, recipe)
     extras = cache.extras() if cache is not None else None
     if cache is not None and jd.transfer is not None and transfer_cache is None:
         raise ValueError("distill_job: the recipe has extra transfer records; pass the "
@@ -656,7 +669,7 @@ def build_teacher_cache(jd: JobData, teacher: nn.Module, progress: bool = True,
         teacher.to(device)
 
     recipe = jd.recipe
-    teacher.code_levels = code_levels(recipe)
+    set_code_levels(teacher, recipe)
     views = {"teacher": jd.views["teacher"]}
     data, images = (jd.transfer, jd.transfer_images) if transfer else (jd.data, jd.images)
     common = dict(cache_dir=recipe.data.cache_dir, progress=progress, rebuild=rebuild,
