@@ -10,8 +10,8 @@ from typing import Any
 
 from distill.core.layout import RunLayout
 from distill.core.schema import to_dict
-from distill.engine.jobs import JobData, augment_draws, distill_settings, load_job_data, \
-    student_settings, teacher_settings
+from distill.engine.jobs import (JobData, augment_draws, code_levels, distill_settings,
+                                 load_job_data, student_settings, teacher_settings)
 from distill.recipe import Recipe
 
 
@@ -62,6 +62,8 @@ def cache_stage_settings(recipe: Recipe) -> dict[str, Any]:
     """The teacher's settings and, with fixed augmented views, the students' augmentation
     (the cache holds the teacher's outputs on those views)."""
     out = teacher_settings(recipe)
+    if code_levels(recipe):  # the code distributions the codes term reads are cached too
+        out["codes"] = code_levels(recipe)
     if augment_draws(recipe):
         out["augment"] = {k: v for k, v in to_dict(recipe.train.augment, hashing=True).items()
                           if k != "printout"}  # image students' augmentation: not the cache's
