@@ -4,7 +4,9 @@ not student presets): ``rvq``, the RVQ tokenizer (:mod:`distill.models.rvq`), an
 (:mod:`distill.models.hypnos`; the recipe's ``pretrain.tokenizer`` names the tokenizer).
 
 Sizes: ``rvq`` tiny / base (8 codebooks of 256 codes on 0.4 s patches: 160 bits per second
-per lead at most); ``hypnos`` tiny / base (temporal transformer D=64 x 2 / D=128 x 4).
+per lead at most, trained with quantizer dropout) and small (tiny's widths on 0.2 s patches,
+8 codebooks of 256: 320 bits per second per lead; no quantizer dropout, for the best
+full-depth fidelity: chosen on the validation fold, recipes/pretrain-rvq.yaml); ``hypnos`` tiny / base (temporal transformer D=64 x 2 / D=128 x 4).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ register_tokenized_family("rvq", RVQTokenizerConfig, RVQTokenizer, {
              "num_quantizers": 8, "codebook_size": 256},
     "base": {"patch_seconds": 0.4, "stem_channels": 32, "hidden_size": 128,
              "codebook_dim": 64, "num_quantizers": 8, "codebook_size": 256},
+    "small": {"patch_seconds": 0.2, "stem_channels": 16, "hidden_size": 64, "codebook_dim": 32,
+              "num_quantizers": 8, "codebook_size": 256, "quantize_dropout": False},
 })
 
 register_tokenized_family("hypnos", HypnosConfig, HypnosForNextToken, {

@@ -146,6 +146,89 @@ def test_an_untrained_tokenizer_is_refused_rather_than_fitted_on_the_fly() -> No
         tokenizer().encode(signal(2)[..., :300])
 
 
+# The default architecture (no patch_strides, 2 patch-rate and 1 sample-rate blocks): its
+# parameter names and weight shapes for SMALL_RVQ, as tokenizers trained before the optional
+# architecture fields existed saved them (they must load unchanged).
+DEFAULT_WEIGHTS = {
+    "encoder.0": (8, 1, 7), "encoder.1.body.1": (8, 8, 5), "encoder.1.body.3": (8, 8, 1),
+    "encoder.2": (16, 8, 40), "encoder.3.body.1": (16, 16, 3), "encoder.3.body.3": (16, 16, 1),
+    "encoder.4.body.1": (16, 16, 3), "encoder.4.body.3": (16, 16, 1), "encoder.6": (8, 16, 1),
+    "decoder.0": (16, 8, 3), "decoder.1.body.1": (16, 16, 3), "decoder.1.body.3": (16, 16, 1),
+    "decoder.2.body.1": (16, 16, 3), "decoder.2.body.3": (16, 16, 1), "decoder.4": (16, 8, 40),
+    "decoder.5.body.1": (8, 8, 5), "decoder.5.body.3": (8, 8, 1), "decoder.7": (1, 8, 7),
+}
+
+
+def test_rvq_default_architecture_keeps_its_parameter_names_and_shapes() -> None:
+    tok = RVQTokenizer(RVQTokenizerConfig(input_samples=SAMPLES, patch_size=40, **SMALL_RVQ))
+    params = {n: tuple(p.shape) for n, p in tok.named_parameters()}
+    expected = {f"{k}.weight": v for k, v in DEFAULT_WEIGHTS.items()}
+    expected.update({f"{k}.bias": (v[1] if k == "decoder.4" else v[0],)  # 4: transposed
+                     for k, v in DEFAULT_WEIGHTS.items()})
+    assert params == expected
+    explicit = RVQTokenizer(RVQTokenizerConfig(input_samples=SAMPLES, patch_size=40,
+                                               patch_strides=None, patch_blocks=2,
+                                               sample_blocks=1, **SMALL_RVQ))
+    assert {n: tuple(p.shape) for n, p in explicit.named_parameters()} == params
+
+
+def _strided(**fields) -> RVQTokenizer:
+    """A small tokenizer with the strided hierarchy, its codebooks initialised."""
+    torch.manual_seed(0)
+    fields = {"patch_size": 20, "patch_strides": [2, 2, 5], "patch_blocks": 1,
+              "sample_blocks": 2, **fields}
+    tok = RVQTokenizer(RVQTokenizerConfig(input_samples=SAMPLES, **{**SMALL_RVQ, **fields}))
+    tok.quantizer.quantize_dropout = False  # every depth this once
+    tok(signal(4))  # k-means initialisation (training mode)
+    tok.quantizer.quantize_dropout = True
+    return tok.eval()
+
+
+def test_rvq_strided_hierarchy_codes_shapes_and_round_trip(tmp_path: Path) -> None:
+    tok = _strided()
+    x = signal(2, seed=2)
+    codes = tok.encode(x)
+    assert codes.shape == (2, 12, 20, 4)  # 0.2 s patches: 20 steps of 4 s
+    with torch.no_grad():
+        out = tok(x)
+    assert torch.equal(out.codes, codes)
+    torch.testing.assert_close(tok.decode(codes), out.reconstruction)
+    assert tok.decode(codes, depth=2).shape == x.shape
+    assert tok.config.bits_per_second() == 4 * 4 * 100 / 20
+    # every stage maps lengths exactly: the latents are one vector per patch
+    assert tok._latents(x).shape == (24, 20, 8)
+    residuals = [m for m in tok.encoder if type(m).__name__ == "_Residual"]
+    assert len(residuals) == 2 + 3 + 1  # sample-rate, one per stage, patch-rate
+    tok.save_pretrained(tmp_path)
+    again = RVQTokenizer.from_pretrained(tmp_path).eval()
+    assert again.config.patch_strides == [2, 2, 5] and again.config.sample_blocks == 2
+    assert torch.equal(again.encode(x), codes)
+    torch.testing.assert_close(again.decode(codes), tok.decode(codes))
+
+
+def test_rvq_strided_hierarchy_odd_and_single_strides() -> None:
+    for strides, patch in (([5, 8], 40), ([40], 40), ([3, 1], 3)):
+        cfg = RVQTokenizerConfig(input_samples=120, patch_size=patch, patch_strides=strides,
+                                 **SMALL_RVQ)
+        tok = RVQTokenizer(cfg)
+        x = torch.randn(1, 2, 120)
+        assert tok._latents(x).shape == (2, cfg.num_patches, 8), strides
+        assert tok(x).reconstruction.shape == x.shape, strides
+
+
+def test_rvq_architecture_fields_are_checked() -> None:
+    with pytest.raises(ValueError, match=re.escape("product is patch_size 20, got [2, 5]")):
+        RVQTokenizerConfig(patch_size=20, patch_strides=[2, 5])
+    with pytest.raises(ValueError, match="patch_strides must be positive"):
+        RVQTokenizerConfig(patch_size=20, patch_strides=[-2, -10])
+    with pytest.raises(ValueError, match="patch_blocks and sample_blocks must be >= 0"):
+        RVQTokenizerConfig(patch_blocks=-1)
+    tok = RVQTokenizer(RVQTokenizerConfig(input_samples=SAMPLES, patch_size=40, patch_blocks=0,
+                                          sample_blocks=0, **SMALL_RVQ))
+    assert not any(type(m).__name__ == "_Residual" for m in [*tok.encoder, *tok.decoder])
+    assert tok(signal(1)).reconstruction.shape == (1, 12, SAMPLES)
+
+
 # ---------------------------------------------------------------- signal metrics
 
 
@@ -395,8 +478,12 @@ def test_pretraining_families_include_the_tokenized_ones() -> None:
     assert model.config.patch_size == 10 and model.config.input_samples == 250  # 0.4 s
     with pytest.raises(ValueError, match="unknown rvq option 'width'"):
         pretraining_model("rvq", "tiny", width=3)
-    with pytest.raises(ValueError, match="rvq has no 'large' preset; its sizes: tiny, base"):
+    with pytest.raises(ValueError, match="rvq has no 'large' preset; its sizes: tiny, small, "
+                                         "base"):
         pretraining_model("rvq", "large")
+    small = pretraining_model("rvq", "small", input_seconds=10).config  # 0.2 s patches
+    assert small.patch_size == 20 and small.num_patches == 50 and not small.quantize_dropout
+    assert small.bits_per_second() == 320.0 and small.patch_strides is None
     assert pretraining_model("rvq", "tiny", patch_size=20).config.patch_size == 20
     with pytest.raises(ValueError, match="unknown hypnos option 'patch_seconds'"):
         pretraining_model("hypnos", "tiny", patch_seconds=0.2)

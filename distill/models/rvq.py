@@ -13,7 +13,11 @@ The codebooks are learned by exponential moving averages (the library's default)
 k-means on the first batch, and a code no vector chose for a while is replaced by a vector
 of the batch (``dead_code_threshold``). Trained with quantizer dropout (a random depth per
 batch), so the first k < K codes alone decode to a coarser signal: one model gives the whole
-rate-distortion curve (:func:`distill.metrics.signal.prd` against bits per second).
+rate-distortion curve (:func:`distill.metrics.signal.prd` against bits per second); without
+it (``quantize_dropout=False``) the full depth is the more faithful, the prefixes coarser.
+Optional fields deepen the convolutions or replace the one stride-P convolution by a
+hierarchy of strided ones (:class:`RVQTokenizerConfig`); their defaults keep the original
+architecture.
 Trained with ``ecg-distill pretrain`` (recipe ``pretrain.family: rvq``).
 """
 
@@ -47,6 +51,19 @@ class RVQTokenizerConfig(ECGStudentConfig):
         codebook_decay: EMA decay of the codebooks.
         dead_code_threshold: a code chosen fewer times than this (EMA count) is replaced.
         quantize_dropout: train with a random depth per batch (needed to decode k < K codes).
+        patch_strides: optional; the downsampling from samples to patches as a hierarchy of
+            strided convolutions (kernel about twice the stride, each followed by a residual
+            block; the decoder mirrors it with transposed convolutions), whose product must be
+            ``patch_size``, e.g. ``[2, 2, 5]`` for 20 samples. Channels double from
+            ``stem_channels`` at each stage up to ``hidden_size`` (the last stage). None (the
+            default): one convolution of kernel and stride ``patch_size``.
+        patch_blocks: residual blocks (kernel 3) at the patch rate, in the encoder and in
+            the decoder each (default 2).
+        sample_blocks: residual blocks (kernel 5) at the sample rate, in the encoder and in
+            the decoder each (default 1).
+
+    The defaults of the last three give the original architecture exactly (the same
+    parameter names and shapes: tokenizers trained before they existed load unchanged).
     """
 
     model_type = "ecg_rvq"
@@ -61,11 +78,24 @@ class RVQTokenizerConfig(ECGStudentConfig):
     codebook_decay: float = 0.9
     dead_code_threshold: float = 2.0
     quantize_dropout: bool = True
+    patch_strides: list[int] | None = None
+    patch_blocks: int = 2
+    sample_blocks: int = 1
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.patch_size < 1 or self.num_quantizers < 1:
             raise ValueError(f"ecg_rvq: patch_size and num_quantizers must be >= 1, got "
                              f"{self.patch_size} and {self.num_quantizers}")
+        if self.patch_strides is not None:
+            self.patch_strides = [int(v) for v in self.patch_strides]
+            if not self.patch_strides or min(self.patch_strides) < 1 \
+                    or math.prod(self.patch_strides) != self.patch_size:
+                raise ValueError(f"ecg_rvq: patch_strides must be positive integers whose "
+                                 f"product is patch_size {self.patch_size}, got "
+                                 f"{self.patch_strides}")
+        if self.patch_blocks < 0 or self.sample_blocks < 0:
+            raise ValueError(f"ecg_rvq: patch_blocks and sample_blocks must be >= 0, got "
+                             f"{self.patch_blocks} and {self.sample_blocks}")
         if self.codebook_size < 2 or self.codebook_size & (self.codebook_size - 1):
             raise ValueError(f"ecg_rvq: codebook_size must be a power of two >= 2, got "
                              f"{self.codebook_size}")
@@ -114,6 +144,52 @@ class _Residual(nn.Module):
         return x + self.body(x)
 
 
+def _stage_channels(config: RVQTokenizerConfig) -> list[int]:
+    """Channels after each downsampling stage: doubling from ``stem_channels``, the last
+    ``hidden_size``."""
+    n = len(config.patch_strides)
+    return [min(config.stem_channels * 2 ** (i + 1), config.hidden_size) for i in range(n - 1)] \
+        + [config.hidden_size]
+
+
+def _stride_kernel(stride: int) -> tuple[int, int]:
+    """(kernel, padding) of a convolution that maps length m * stride to m exactly (and of
+    its transposed convolution, m to m * stride): kernel about twice the stride."""
+    kernel = 2 * stride - stride % 2
+    return kernel, (kernel - stride) // 2
+
+
+def _downsampling(config: RVQTokenizerConfig) -> list[nn.Module]:
+    """Samples [s channels] -> patches [h channels]."""
+    s, h, p = config.stem_channels, config.hidden_size, config.patch_size
+    if config.patch_strides is None:
+        return [nn.Conv1d(s, h, p, stride=p)]
+    layers: list[nn.Module] = []
+    cin = s
+    for stride, cout in zip(config.patch_strides, _stage_channels(config)):
+        kernel, pad = _stride_kernel(stride)
+        layers += [nn.GELU(), nn.Conv1d(cin, cout, kernel, stride=stride, padding=pad),
+                   _Residual(cout, 3)]
+        cin = cout
+    return layers
+
+
+def _upsampling(config: RVQTokenizerConfig) -> list[nn.Module]:
+    """Patches [h channels] -> samples [s channels], mirroring :func:`_downsampling`."""
+    s, h, p = config.stem_channels, config.hidden_size, config.patch_size
+    if config.patch_strides is None:
+        return [nn.ConvTranspose1d(h, s, p, stride=p)]
+    chans = _stage_channels(config)
+    ins = chans[::-1]
+    outs = chans[::-1][1:] + [s]
+    layers: list[nn.Module] = []
+    for stride, cin, cout in zip(config.patch_strides[::-1], ins, outs):
+        kernel, pad = _stride_kernel(stride)
+        layers += [nn.ConvTranspose1d(cin, cout, kernel, stride=stride, padding=pad),
+                   _Residual(cout, 3), nn.GELU()]
+    return layers[:-1]  # the sample-rate blocks follow
+
+
 class RVQTokenizer(PreTrainedModel):
     """The tokenizer (module docstring). ``forward`` trains it; :meth:`encode` and
     :meth:`decode` are the codec."""
@@ -129,12 +205,12 @@ class RVQTokenizer(PreTrainedModel):
         from vector_quantize_pytorch import ResidualVQ
 
         super().__init__(config)
-        s, h, d, p = (config.stem_channels, config.hidden_size, config.codebook_dim,
-                      config.patch_size)
+        s, h, d = config.stem_channels, config.hidden_size, config.codebook_dim
+        sample = [_Residual(s, 5) for _ in range(config.sample_blocks)]
+        patch = [_Residual(h, 3) for _ in range(config.patch_blocks)]
         self.encoder = nn.Sequential(
-            _conv(1, s, 7), _Residual(s, 5),
-            nn.Conv1d(s, h, p, stride=p),  # one vector per patch
-            _Residual(h, 3), _Residual(h, 3), nn.GELU(), _conv(h, d, 1))
+            _conv(1, s, 7), *sample, *_downsampling(config),  # one vector per patch
+            *patch, nn.GELU(), _conv(h, d, 1))
         self.quantizer = ResidualVQ(
             dim=d, num_quantizers=config.num_quantizers, codebook_size=config.codebook_size,
             decay=config.codebook_decay, commitment_weight=config.commitment_weight,
@@ -142,9 +218,9 @@ class RVQTokenizer(PreTrainedModel):
             threshold_ema_dead_code=config.dead_code_threshold,
             quantize_dropout=config.quantize_dropout and config.num_quantizers > 1)
         self.decoder = nn.Sequential(
-            _conv(d, h, 3), _Residual(h, 3), _Residual(h, 3), nn.GELU(),
-            nn.ConvTranspose1d(h, s, p, stride=p),  # back to samples
-            _Residual(s, 5), nn.GELU(), _conv(s, 1, 7))
+            _conv(d, h, 3), *[_Residual(h, 3) for _ in range(config.patch_blocks)], nn.GELU(),
+            *_upsampling(config),  # back to samples
+            *[_Residual(s, 5) for _ in range(config.sample_blocks)], nn.GELU(), _conv(s, 1, 7))
         self.post_init()
 
     @torch.no_grad()
