@@ -209,3 +209,11 @@ def test_foundation_teacher_takes_the_teacher_views_mask():
     assert set(FoundationTeacher.batch_inputs(batch)) == {"signal", "lead_mask"}
     del batch["lead_mask:teacher"]
     assert set(FoundationTeacher.batch_inputs(batch)) == {"signal"}
+
+
+def test_a_family_without_lead_masks_refuses_to_make_token_masks() -> None:
+    import students
+
+    cnn = students.create("xresnet1d", "tiny", num_labels=2)
+    with pytest.raises(TypeError, match="xresnet1d does not read a lead mask"):
+        cnn.token_mask(torch.ones(1, 12, dtype=torch.bool))

@@ -121,9 +121,10 @@ class ECGStudentModel(PreTrainedModel):
         raise NotImplementedError  # abstract: each family defines it
 
     def token_mask(self, lead_mask: torch.Tensor) -> torch.Tensor:
-        """bool [B, L] lead mask -> bool [B, N] token mask (families with
-        ``reads_lead_mask``)."""
-        raise NotImplementedError  # only the families that read a lead mask
+        """bool [B, L] lead mask -> bool [B, N] token mask. Only a family with
+        ``reads_lead_mask`` defines it (its own token layout); the others refuse."""
+        raise TypeError(f"{self.family} does not read a lead mask (reads_lead_mask is "
+                        f"False): it receives a missing lead as zeros")
 
     def forward(self, signal: torch.Tensor, labels: torch.Tensor | None = None,
                 lead_mask: torch.Tensor | None = None, **kwargs: Any) -> ECGModelOutput:
