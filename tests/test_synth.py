@@ -12,6 +12,8 @@ So each pathology is a group comparison against NORM + SR: the medians must diff
 right direction by a stated margin AND a one-sided Mann-Whitney U test must give p < 1e-3.
 Margins and p-values were checked with SEED = 0..11: the worst seed's shift is at least
 1.45x the margin and its p at most 1.3e-4. Groups use different seeds: independent people.
+Every physiology test runs on both generator versions (``GENERATORS``); version 2's own
+properties (R-wave progression, zero-mean leads, broadband noise) are tested at the end.
 """
 
 from __future__ import annotations
@@ -152,9 +154,13 @@ N_NORM = 80
 INFERIOR, ANTERIOR, LATERAL = [II, III, AVF], [6, 7, 8, 9], [0, 4, 10, 11]  # V1-V4; I, aVL, V5, V6
 
 
-def group(codes: dict[str, float], n: int, offset: int) -> tuple[np.ndarray, list]:
+GENERATORS = phys.GENERATOR_VERSIONS
+
+
+def group(codes: dict[str, float], n: int, offset: int, generator: int = 1
+          ) -> tuple[np.ndarray, list]:
     """``n`` ECGs with ``codes`` at the generator's default effect size, as shipped."""
-    return synthesize_codes(codes, n, seed=SEED + offset, fs=FS)
+    return synthesize_codes(codes, n, seed=SEED + offset, fs=FS, generator=generator)
 
 
 def assert_shifted(a: list[float], b: list[float], margin: float, direction: int = 1,
@@ -170,9 +176,15 @@ def assert_shifted(a: list[float], b: list[float], margin: float, direction: int
     assert p < p_max, msg
 
 
+@pytest.fixture(scope="module", params=GENERATORS, ids=lambda g: f"generator{g}")
+def gen(request: pytest.FixtureRequest) -> int:
+    """The generator version a physiology test runs on."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def normal_group() -> tuple[np.ndarray, list]:
-    return group(NORM, N_NORM, 100)
+def normal_group(gen: int) -> tuple[np.ndarray, list]:
+    return group(NORM, N_NORM, 100, gen)
 
 
 @pytest.fixture(scope="module")
@@ -323,16 +335,16 @@ def test_patients_folds_and_label_balance() -> None:
 
 # ----------------------------------------------------------------------------- physiology
 
-def test_bundle_branch_blocks_widen_qrs(normal: np.ndarray) -> None:
+def test_bundle_branch_blocks_widen_qrs(normal: np.ndarray, gen: int) -> None:
     w_norm = [qrs_width_ms(x) for x in normal]
     for offset, code in ((200, "CLBBB"), (210, "CRBBB")):
-        w = [qrs_width_ms(x) for x in group({code: 100.0, "SR": 0.0}, 24, offset)[0]]
+        w = [qrs_width_ms(x) for x in group({code: 100.0, "SR": 0.0}, 24, offset, gen)[0]]
         assert_shifted(w, w_norm, 30.0)  # ms; seen +44 (CRBBB) to +79 (CLBBB)
         assert np.median(w) > 110, (code, np.median(w))  # seen 120-155 ms
 
 
-def test_afib_irregular_without_p_waves(normal: np.ndarray) -> None:
-    afib = group({"NDT": 100.0, "AFIB": 0.0}, 24, 300)[0]
+def test_afib_irregular_without_p_waves(normal: np.ndarray, gen: int) -> None:
+    afib = group({"NDT": 100.0, "AFIB": 0.0}, 24, 300, gen)[0]
     cv_norm, cv_afib = [rr_cv(x) for x in normal], [rr_cv(x) for x in afib]
     assert_shifted(cv_afib, cv_norm, 0.08)  # seen +0.13 to +0.17
     assert np.median(cv_afib) > 4 * np.median(cv_norm)  # seen 6.4-9.5x
@@ -343,18 +355,18 @@ def test_afib_irregular_without_p_waves(normal: np.ndarray) -> None:
     assert np.median(ph_afib) < 0.6 * np.median(ph_norm)  # seen 0.32-0.50
 
 
-def test_rate_codes_measured_from_r_peaks(normal: np.ndarray) -> None:
+def test_rate_codes_measured_from_r_peaks(normal: np.ndarray, gen: int) -> None:
     for offset, code, lo, hi in ((400, "STACH", 100, 200), (410, "SBRAD", 30, 60)):
-        x, _ = group({"NORM": 100.0, code: 0.0}, 16, offset)
+        x, _ = group({"NORM": 100.0, code: 0.0}, 16, offset, gen)
         rates = [60 / np.median(rr_intervals(r)) for r in x]
         assert all(lo < hr < hi for hr in rates), (code, rates)
     rates = [60 / np.median(rr_intervals(r)) for r in normal]  # SR
     assert all(60 < hr < 100 for hr in rates), rates
 
 
-def test_first_degree_av_block_prolongs_pr(normal_group: tuple[np.ndarray, list]) -> None:
+def test_first_degree_av_block_prolongs_pr(normal_group: tuple[np.ndarray, list], gen: int) -> None:
     normal, norm_params = normal_group
-    avb, params = group({"1AVB": 100.0, "SR": 0.0}, 24, 500)
+    avb, params = group({"1AVB": 100.0, "SR": 0.0}, 24, 500, gen)
     assert all(p.pr > 0.2 for p in params)
     assert all(p.pr < 0.2 for p in norm_params)
     # On the signal: the P wave peak in II sits further before the QRS.
@@ -362,8 +374,8 @@ def test_first_degree_av_block_prolongs_pr(normal_group: tuple[np.ndarray, list]
                    0.05)  # s; seen +0.076 to +0.105
 
 
-def test_inferior_mi_st_elevation_and_q_waves(normal: np.ndarray) -> None:
-    imi, params = group({"IMI": 100.0, "SR": 0.0}, 120, 600)
+def test_inferior_mi_st_elevation_and_q_waves(normal: np.ndarray, gen: int) -> None:
+    imi, params = group({"IMI": 100.0, "SR": 0.0}, 120, 600, gen)
     acute = [x for x, p in zip(imi, params) if p.findings["mi_stage"] == 0]
     assert len(acute) >= 25  # stage "acute" has probability 0.35 (expect 42)
     # ST elevation in II, III, aVF belongs to the acute stage only.
@@ -374,8 +386,8 @@ def test_inferior_mi_st_elevation_and_q_waves(normal: np.ndarray) -> None:
                    0.03)  # mV; seen +0.053 to +0.088
 
 
-def test_anterior_mi_st_elevation_in_v1_v4(normal: np.ndarray) -> None:
-    ami, params = group({"ASMI": 100.0, "SR": 0.0}, 120, 700)
+def test_anterior_mi_st_elevation_in_v1_v4(normal: np.ndarray, gen: int) -> None:
+    ami, params = group({"ASMI": 100.0, "SR": 0.0}, 120, 700, gen)
     acute = [x for x, p in zip(ami, params) if p.findings["mi_stage"] == 0]
     assert len(acute) >= 25
     # Normal men have some J-point elevation in V2-V3 too, so this is the subtlest shift.
@@ -383,8 +395,8 @@ def test_anterior_mi_st_elevation_in_v1_v4(normal: np.ndarray) -> None:
                    0.02)  # mV; seen +0.031 to +0.097, p <= 1.3e-4
 
 
-def test_ischaemia_depresses_st_and_t(normal: np.ndarray) -> None:
-    isc = group({"ISC_": 100.0, "SR": 0.0}, 120, 800)[0]
+def test_ischaemia_depresses_st_and_t(normal: np.ndarray, gen: int) -> None:
+    isc = group({"ISC_": 100.0, "SR": 0.0}, 120, 800, gen)[0]
     assert_shifted([st_level(x, LATERAL) for x in isc], [st_level(x, LATERAL) for x in normal],
                    0.015, direction=-1)  # mV; seen -0.024 to -0.036
     # T flattening / inversion in the same leads, relative to each record's QRS voltage.
@@ -392,8 +404,8 @@ def test_ischaemia_depresses_st_and_t(normal: np.ndarray) -> None:
                    0.015, direction=-1)  # seen -0.035 to -0.065
 
 
-def test_lvh_raises_qrs_voltage(normal: np.ndarray) -> None:
-    lvh = group({"LVH": 100.0, "SR": 0.0}, 80, 900)[0]
+def test_lvh_raises_qrs_voltage(normal: np.ndarray, gen: int) -> None:
+    lvh = group({"LVH": 100.0, "SR": 0.0}, 80, 900, gen)[0]
     assert_shifted([sokolow_lyon(x) for x in lvh], [sokolow_lyon(x) for x in normal],
                    0.3)  # mV; seen +0.44 to +0.90
 
@@ -413,3 +425,98 @@ def test_effect_scale_grows_pathologies_only(monkeypatch: pytest.MonkeyPatch) ->
 def test_lead_order_is_standard() -> None:
     assert STANDARD_LEADS[:6] == ("I", "II", "III", "aVR", "aVL", "aVF")
     assert [n.lower() for n in synth.WFDB_LEAD_NAMES] == [n.lower() for n in STANDARD_LEADS]
+
+
+# ----------------------------------------------------------------------------- version 2
+
+def qrs_r_s(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per lead, the median beat's largest positive (R) and negative (S) QRS deflection
+    from the PR segment, mV, each [12]."""
+    beat, c, w = median_beat(x), int(0.4 * FS), int(0.06 * FS)
+    qrs = beat[:, c - w: c + w] - beat[:, c - int(0.07 * FS): c - int(0.045 * FS)].mean(1, keepdims=True)
+    return qrs.max(1), qrs.min(1)
+
+
+@pytest.fixture(scope="module")
+def normal_v2() -> np.ndarray:
+    return group(NORM, 40, 1100, 2)[0]
+
+
+def test_generator2_r_wave_progression(normal_v2: np.ndarray) -> None:
+    """Version 2's chest leads go from S-dominant in V1 to R-dominant in V5-V6 with R
+    growing from V1 to V4, as in real hearts (version 1's V3-V5 stay S-dominant)."""
+    r, s = np.median(np.stack([np.stack(qrs_r_s(x)) for x in normal_v2]), 0)
+    v1, v2, v3, v4, v5, v6 = range(6, 12)
+    assert r[v1] + s[v1] < -0.3, (r[v1], s[v1])  # seen R 0.2, S -1.0 mV
+    for v in (v5, v6):
+        assert r[v] + s[v] > 0.3, (v, r[v], s[v])  # seen net +0.6 to +0.9 mV
+    assert r[v1] < r[v2] < r[v3] < r[v4], r[v1:v4 + 1]
+    assert r[v4] > 0.6  # real PTB-XL median 1.15 mV, version 2 about 0.9
+    r1, s1 = np.median(np.stack([np.stack(qrs_r_s(x)) for x in group(NORM, 40, 1100, 1)[0]]), 0)
+    assert r1[v4] + s1[v4] < 0 < r[v4] + s[v4]  # where the two versions differ most
+
+
+def test_generator2_anterior_mi_loses_r_progression(normal_v2: np.ndarray) -> None:
+    """An anteroseptal infarct removes the early anterior force: lower R in V2-V3."""
+    ami = group({"ASMI": 100.0, "SR": 0.0}, 40, 1200, 2)[0]
+    r_norm = [qrs_r_s(x)[0][7:9].mean() for x in normal_v2]
+    r_ami = [qrs_r_s(x)[0][7:9].mean() for x in ami]
+    assert_shifted(r_ami, r_norm, 0.05, direction=-1)
+
+
+def test_generator2_zero_mean_leads_and_noise_spectrum(normal_v2: np.ndarray) -> None:
+    """Each lead of a version-2 record averages zero over its 10 s (to the files' 1 uV and
+    the decimation filter); its noise sits below 50 Hz as in real PTB-XL records (much more
+    30-45 Hz power than version 1, less above 150 Hz)."""
+    means = np.abs(normal_v2.mean(-1))
+    assert means.max() < 0.01, means.max()  # mV; version 1 has wander offsets of ~0.05
+    v1 = group(NORM, 40, 1100, 1)[0]
+
+    def power(x: np.ndarray, lo: float, hi: float) -> float:
+        return float(np.median((_band(x, lo, hi) ** 2).mean(-1)))
+
+    def median_power(group_: np.ndarray, lo: float, hi: float) -> float:
+        return float(np.median([power(x, lo, hi) for x in group_]))
+
+    assert median_power(normal_v2, 30, 45) > 5 * median_power(v1, 30, 45)  # seen 17x
+    assert median_power(normal_v2, 150, 240) < 0.5 * median_power(v1, 150, 240)  # seen 0.2x
+
+
+def test_generator_versions_share_labels_and_refuse_unknown(tmp_path: Path) -> None:
+    """Version 1 stays the default (same bytes as asked for by number); version 2 draws the
+    same patients and diagnostic codes, other signals; an unknown version is refused."""
+    a, meta_a = synthesize(6, seed=4, fs=100)
+    b, _ = synthesize(6, seed=4, fs=100, generator=1)
+    c, meta_c = synthesize(6, seed=4, fs=100, generator=2)
+    assert np.array_equal(a, b)
+    assert not np.allclose(a, c, atol=0.05)
+    assert list(meta_a["patient_id"]) == list(meta_c["patient_id"])
+    diag = [{k for k in ast.literal_eval(v) if SCP[k]["diagnostic"] == "1.0"}
+            for v in meta_a["scp_codes"]]
+    assert diag == [{k for k in ast.literal_eval(v) if SCP[k]["diagnostic"] == "1.0"}
+                    for v in meta_c["scp_codes"]]
+    from distill.core.errors import DataError
+    with pytest.raises(DataError, match="generator version 3 is not one of 1, 2"):
+        synthesize(2, generator=3)
+    summary = generate_ptbxl(tmp_path / "v2", 3, seed=1, sampling_rates=(100,), progress=False,
+                             generator=2, workers=1)
+    assert summary["generator"] == 2
+    files, _ = synthesize(3, seed=1, fs=100, generator=2)
+    rec = wfdb.rdsamp(str(tmp_path / "v2" / synth.record_filename(1, 100)))[0]
+    np.testing.assert_allclose(rec.T, files[0], atol=1e-6)
+
+
+def test_recipe_generator_names_the_folder_and_hashes_only_when_set(tmp_path: Path) -> None:
+    from distill.core.schema import to_hash_dict
+    from distill.data.load import synthetic_folder
+    from distill.recipe import recipe_from_dict
+
+    r1 = recipe_from_dict({"data": {"cache_dir": str(tmp_path)}})
+    r2 = recipe_from_dict({"data": {"cache_dir": str(tmp_path), "synthetic": {"generator": 2}}})
+    assert synthetic_folder(r1.data).name.endswith("-v1")
+    assert synthetic_folder(r2.data).name.endswith("-v2")
+    assert "generator" not in to_hash_dict(r1)["data"]["synthetic"]  # hashes made before it
+    assert to_hash_dict(r2)["data"]["synthetic"]["generator"] == 2
+    from distill.core.errors import RecipeError
+    with pytest.raises(RecipeError, match="data.synthetic.generator"):
+        recipe_from_dict({"data": {"synthetic": {"generator": 3}}})

@@ -180,7 +180,8 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
     summary = write_synthetic(args.out, records=args.records, seed=args.seed,
                               sampling_rates=tuple(args.rates), force=args.force,
-                              progress=not args.quiet, first_patient_id=args.first_patient_id)
+                              progress=not args.quiet, first_patient_id=args.first_patient_id,
+                              generator=args.generator)
     print(f"wrote {summary['records']} records to {args.out} in {summary['seconds']:.1f} s "
           f"({summary['records_per_s']:.0f} records/s)")
     return 0
@@ -502,6 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "share no patient")
     p.add_argument("--rates", type=int, nargs="+", default=[100, 500], choices=[100, 500],
                    help="sampling rates to write (default: 100 500)")
+    p.add_argument("--generator", type=int, default=1, choices=[1, 2],
+                   help="generator version (default 1; 2 is calibrated against real PTB-XL "
+                        "features, see benchmarks/realism.py)")
     p.add_argument("--force", action="store_true", help="replace an existing data set in OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_data_synth)

@@ -29,19 +29,20 @@ def cache_root(data: Any) -> Path:
 
 def synthetic_set_folder(root: Path, *, records: int, seed: int, first_patient_id: int = 1,
                          rates: tuple[int, ...] = (100, 500), progress: bool = True,
-                         create: bool = True) -> Path:
+                         create: bool = True, generator: int = SYNTHETIC_VERSION) -> Path:
     """The cached synthetic set of these settings under ``root`` (shared by every run that
-    asks for it), generated on first use unless ``create`` is False."""
+    asks for it), generated on first use unless ``create`` is False; ``generator`` is the
+    generator version (its number ends the folder's name)."""
     name = f"ptbxl-n{records}-seed{seed}"
     if first_patient_id != 1:
         name += f"-pid{first_patient_id}"
     if sorted(rates) != [100, 500]:
         name += "-" + "-".join(f"{r}hz" for r in sorted(set(rates)))
-    folder = root / "synthetic" / f"{name}-v{SYNTHETIC_VERSION}"
+    folder = root / "synthetic" / f"{name}-v{generator}"
     if create and not (folder / "ptbxl_database.csv").exists():
         write_synthetic(folder, records=records, seed=seed, force=True, progress=progress,
                         sampling_rates=tuple(sorted(set(rates))),
-                        first_patient_id=first_patient_id)
+                        first_patient_id=first_patient_id, generator=generator)
     return folder
 
 
@@ -51,7 +52,7 @@ def synthetic_folder(data: Any) -> Path:
     syn = data.synthetic
     return synthetic_set_folder(cache_root(data), records=syn.records, seed=syn.seed,
                                 first_patient_id=syn.first_patient_id, rates=tuple(syn.rates),
-                                create=False)
+                                create=False, generator=syn.generator)
 
 
 def data_folder(data: Any, progress: bool = True) -> Path:
@@ -64,7 +65,7 @@ def data_folder(data: Any, progress: bool = True) -> Path:
     syn = data.synthetic
     return synthetic_set_folder(cache_root(data), records=syn.records, seed=syn.seed,
                                 first_patient_id=syn.first_patient_id, rates=tuple(syn.rates),
-                                progress=progress)
+                                progress=progress, generator=syn.generator)
 
 
 def load_data(data: Any, progress: bool = True, folder: Path | None = None) -> ECGData:

@@ -65,7 +65,10 @@ SBRAD,sinus bradycardia,,,1.0,,,Statements related to impulse formation (abnorma
 
 # Bump whenever the generator's output changes: a cached synthetic set is then regenerated,
 # and a shipped teacher trained on an older version warns (teachers/zoo.py).
+# Version 2 (synth_physiology's docstring: calibrated against real PTB-XL feature medians) is
+# chosen per set (``data.synthetic.generator``); GENERATOR_VERSION stays the default.
 GENERATOR_VERSION = 1
+GENERATOR_VERSIONS = phys.GENERATOR_VERSIONS
 
 
 def _scp_table() -> dict[str, dict[str, str]]:
@@ -386,14 +389,16 @@ def _noise_flag(level: float, threshold: float, rng: np.random.Generator) -> str
     return f", {WFDB_LEAD_NAMES[first]}-{WFDB_LEAD_NAMES[last]}" if last > first else "alles"
 
 
-def _render_record(r: dict, seed: int, rates: tuple[int, ...]) -> dict[int, np.ndarray]:
-    """Physiology of one record; completes its metadata row in place.
+def _render_record(r: dict, seed: int, rates: tuple[int, ...],
+                   generator: int = GENERATOR_VERSION) -> dict[int, np.ndarray]:
+    """Physiology of one record (``generator``: the version); completes its metadata row
+    in place.
 
     Returns:
         {fs: [T, 12] int16 digital signal}.
     """
     rng = np.random.default_rng([seed, 1, r["ecg_id"]])
-    params = phys.sample_params(r["codes"], r["age"], r["sex"] == 1, rng)
+    params = phys.sample_params(r["codes"], r["age"], r["sex"] == 1, rng, generator)
     digital = _to_rates(phys.render_leads(params, rng), rates)
     find = params.findings
     codes = {**r["codes"], **form_codes(find, rng)}
@@ -415,6 +420,13 @@ def _render_record(r: dict, seed: int, rates: tuple[int, ...]) -> dict[int, np.n
     return digital
 
 
+def _check_generator(generator: int) -> int:
+    try:
+        return phys.check_generator(generator)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+
+
 def _check_rates(rates: tuple[int, ...]) -> tuple[int, ...]:
     rates = tuple(sorted({int(f) for f in rates}))
     if not rates or any(f not in SAMPLING_RATES for f in rates):
@@ -432,7 +444,8 @@ def _frame(rows: list[dict], rates: tuple[int, ...]) -> pd.DataFrame:
 
 
 def synthesize(n_records: int, seed: int = 0, fs: int = 100, progress: bool = False,
-               first_patient_id: int = 1) -> tuple[np.ndarray, pd.DataFrame]:
+               first_patient_id: int = 1, generator: int = GENERATOR_VERSION
+               ) -> tuple[np.ndarray, pd.DataFrame]:
     """Generate records in memory, exactly as ``generate_ptbxl`` would write them.
 
     Args:
@@ -441,6 +454,7 @@ def synthesize(n_records: int, seed: int = 0, fs: int = 100, progress: bool = Fa
         fs: 100 or 500 Hz.
         progress: show a tqdm bar.
         first_patient_id: the lowest patient id (see :func:`patient_id_range`).
+        generator: the generator version (:mod:`~distill.data.synth_physiology`).
 
     Returns:
         signals: [n_records, 12, 10 * fs] float32 in mV, standard lead order.
@@ -448,31 +462,35 @@ def synthesize(n_records: int, seed: int = 0, fs: int = 100, progress: bool = Fa
             ``synth_pr_ms``, ``synth_qrs_ms``, ``synth_qt_ms``, ``synth_axis``.
     """
     rates = _check_rates((fs,))
+    generator = _check_generator(generator)
     rows = _metadata(n_records, seed, first_patient_id)
     out = np.empty((n_records, 12, int(phys.DURATION_S * fs)), dtype=np.float32)
     for k, r in enumerate(progress_bar(rows, desc="synthesising ECGs", enabled=progress)):
-        out[k] = _render_record(r, seed, rates)[fs].T / np.float32(1000.0)
+        out[k] = _render_record(r, seed, rates, generator)[fs].T / np.float32(1000.0)
     return out, _frame(rows, rates)
 
 
 def synthesize_codes(codes: dict[str, float], n: int, seed: int = 0, fs: int = 500,
-                     age: float = 60.0, female: bool = False) -> tuple[np.ndarray, list[phys.RecordParams]]:
+                     age: float = 60.0, female: bool = False, generator: int = GENERATOR_VERSION
+                     ) -> tuple[np.ndarray, list[phys.RecordParams]]:
     """Render ECGs with chosen SCP codes (for tests, demos and sanity checks).
 
     Args:
         codes: diagnostic and rhythm codes with likelihoods, e.g. {"CLBBB": 100.0, "SR": 0.0}.
         n: number of ECGs, each with its own random physiology.
         seed: base seed; fs: 100 or 500; age, female: demographics of every ECG.
+        generator: the generator version.
 
     Returns:
         ([n, 12, 10 * fs] float32 mV as the files would hold it, the n parameter sets).
     """
     rates = _check_rates((fs,))
+    generator = _check_generator(generator)
     out = np.empty((n, 12, int(phys.DURATION_S * fs)), dtype=np.float32)
     params = []
     for k in range(n):
         rng = np.random.default_rng([seed, 2, k])
-        p = phys.sample_params(codes, age, female, rng)
+        p = phys.sample_params(codes, age, female, rng, generator)
         out[k] = _to_rates(phys.render_leads(p, rng), rates)[fs].T / np.float32(1000.0)
         params.append(p)
     return out, params
@@ -509,12 +527,12 @@ def write_wfdb_with_wfdb(path: Path, fs: int, digital: np.ndarray) -> None:
 
 
 def _write_records(out: str, rows: list[dict], seed: int, rates: tuple[int, ...],
-                   use_wfdb_writer: bool) -> list[dict]:
+                   use_wfdb_writer: bool, generator: int = GENERATOR_VERSION) -> list[dict]:
     """Write the WFDB files of ``rows`` (a chunk of the metadata) and return the rows
     completed as :func:`_render_record` completes them (run in a worker process)."""
     writer = write_wfdb_with_wfdb if use_wfdb_writer else write_wfdb
     for r in rows:
-        for fs, digital in _render_record(r, seed, rates).items():
+        for fs, digital in _render_record(r, seed, rates, generator).items():
             path = Path(out) / record_filename(r["ecg_id"], fs)
             path.parent.mkdir(parents=True, exist_ok=True)
             writer(path, fs, digital)
@@ -524,7 +542,7 @@ def _write_records(out: str, rows: list[dict], seed: int, rates: tuple[int, ...]
 def generate_ptbxl(out_dir: str | Path, n_records: int, seed: int = 0,
                    sampling_rates: tuple[int, ...] = (100, 500), progress: bool = True,
                    use_wfdb_writer: bool = False, first_patient_id: int = 1,
-                   workers: int | None = None) -> dict:
+                   workers: int | None = None, generator: int = GENERATOR_VERSION) -> dict:
     """Write a synthetic data set in PTB-XL's layout.
 
     Args:
@@ -537,6 +555,7 @@ def generate_ptbxl(out_dir: str | Path, n_records: int, seed: int = 0,
         first_patient_id: the lowest patient id (see :func:`patient_id_range`).
         workers: processes writing records (default: :func:`distill.data.parallel.data_workers`);
             the files are byte-identical for any number.
+        generator: the generator version (:mod:`~distill.data.synth_physiology`).
 
     Returns:
         {"out_dir", "records", "sampling_rates", "seconds", "records_per_s",
@@ -545,6 +564,7 @@ def generate_ptbxl(out_dir: str | Path, n_records: int, seed: int = 0,
     if n_records < 1:
         raise DataError(f"n_records must be >= 1, got {n_records}")
     rates = _check_rates(sampling_rates)
+    generator = _check_generator(generator)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -553,7 +573,8 @@ def generate_ptbxl(out_dir: str | Path, n_records: int, seed: int = 0,
     rows = _metadata(n_records, seed, first_patient_id)
     n_workers = data_workers(n_records, workers)
     chunk = chunk_size(n_records, n_workers, 500)
-    tasks = [(str(out), rows[s:e], seed, rates, use_wfdb_writer) for s, e in chunk_ranges(n_records, chunk)]
+    tasks = [(str(out), rows[s:e], seed, rates, use_wfdb_writer, generator)
+             for s, e in chunk_ranges(n_records, chunk)]
     done: list[dict] = []
     with progress_bar(total=n_records, desc="writing synthetic PTB-XL", unit="ecg", enabled=progress) as bar:
         for part in map_chunks(_write_records, tasks, n_workers):
@@ -567,6 +588,7 @@ def generate_ptbxl(out_dir: str | Path, n_records: int, seed: int = 0,
     codes = [r["codes"] for r in rows]
     return {
         "out_dir": str(out), "records": n_records, "sampling_rates": list(rates),
+        "generator": generator,
         "seconds": round(seconds, 3), "records_per_s": round(n_records / seconds, 1),
         "superclass_counts": dict(sorted(Counter(s for c in codes for s in superclasses(c)).items())),
         "code_counts": dict(sorted(Counter(c for cs in codes for c in cs).items())),

@@ -11,6 +11,18 @@ Coordinates: x points to the patient's left, y to the feet (inferior), z to the 
 (anterior). Times are in seconds, amplitudes in mV, everything at ``FS_BASE`` = 500 Hz.
 Noise is produced at the electrodes (RA, LA, LL, V1..V6) and mapped onto the leads the way
 an ECG amplifier does (I = LA - RA, Vi = Ei - Wilson terminal).
+
+Two generator versions (``generator`` below; every record of a set uses one):
+
+* 1, the default of every recipe so far (and of the shipped teacher's pretraining corpus):
+  one R and one S vector, the R pointing posteriorly, so V3-V5 stay S-dominant.
+* 2, calibrated against the medians of real PTB-XL features (benchmarks/realism.py, the
+  training folds 1-8 of ``ptbxl-real-500`` only): the QRS loop turns as in a real heart (an
+  early anterior-leftward force ``R1`` gives the precordial R-wave progression, the main
+  force points left and slightly back, the terminal one back and up); chest leads larger
+  than limb leads; the T vector more anterior; normal sinus rate centred near 70 bpm; less
+  baseline wander, more high-frequency (EMG) noise; each lead zero-mean over the record, as
+  PTB-XL's recordings are.
 """
 
 from __future__ import annotations
@@ -18,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.signal import butter, sosfilt
+from scipy.special import ndtr, ndtri
 
 FS_BASE = 500
 DURATION_S = 10.0
@@ -38,6 +52,11 @@ _PRECORDIAL = np.array([
 EFFECT_SCALE = 0.4
 # Multiplier of all noise levels.
 NOISE_SCALE = 1.0
+# The generator versions (module docstring); 1 renders byte-identically to every release
+# before version 2 existed.
+GENERATOR_VERSIONS = (1, 2)
+# Version 2: chest-lead gain over version 1's (real V4-V5 R waves are about twice lead I's)
+_CHEST_GAIN_V2 = 1.5
 
 
 def _unit(*v: float) -> np.ndarray:
@@ -107,9 +126,18 @@ class RecordParams:
     fwave: tuple[float, float]
     noise: dict[str, float]
     findings: dict[str, float] = field(default_factory=dict)
+    generator: int = 1
 
 
-def lead_matrix(rng: np.random.Generator) -> np.ndarray:
+def check_generator(generator: int) -> int:
+    """``generator`` if it is a known version, else a ValueError naming the known ones."""
+    if generator not in GENERATOR_VERSIONS:
+        raise ValueError(f"generator version {generator!r} is not one of "
+                         f"{', '.join(map(str, GENERATOR_VERSIONS))}")
+    return int(generator)
+
+
+def lead_matrix(rng: np.random.Generator, generator: int = 1) -> np.ndarray:
     """Per-record lead vectors with electrode-placement and torso variability.
 
     Returns:
@@ -121,6 +149,8 @@ def lead_matrix(rng: np.random.Generator) -> np.ndarray:
     gains = _PRECORDIAL[:, 2] * rng.uniform(0.8, 1.2) * rng.uniform(0.92, 1.08, 6)
     chest = np.stack([np.cos(angles), _PRECORDIAL[:, 1] + rng.normal(0, 0.05, 6), np.sin(angles)], 1)
     chest = chest / np.linalg.norm(chest, axis=1, keepdims=True) * gains[:, None]
+    if generator >= 2:
+        chest = chest * _CHEST_GAIN_V2
     return np.concatenate([limb, chest], 0)
 
 
@@ -156,6 +186,34 @@ def _normal_template(rng: np.random.Generator, age: float, female: bool) -> tupl
     return iv, vec
 
 
+def _normal_template_v2(rng: np.random.Generator, age: float, female: bool) -> tuple[dict, dict]:
+    """Version 2 of :func:`_normal_template`: the QRS as a turning loop of three forces
+    (septal ``Q`` right-anterior, early ``R1`` left-anterior, main ``R`` left and slightly
+    posterior, terminal ``S`` posterior-superior), a more anterior T vector and smaller
+    limb-lead voltage (module docstring)."""
+    axis = rng.normal(38 - 0.25 * (age - 50), 30)
+    amp = rng.lognormal(np.log(1.05), 0.24) * (0.85 if female else 1.0)
+    iv = {
+        "pr": rng.uniform(0.12, 0.2),
+        "qrs": rng.uniform(0.078, 0.108),
+        "qtc": rng.normal(0.41 if female else 0.395, 0.015),
+        "axis": axis,
+        "amp": amp,
+    }
+    vec = {
+        "P": rng.uniform(0.08, 0.18) * _frontal(rng.normal(55, 12), 0.25),
+        "Q": rng.uniform(0.1, 0.22) * amp * _unit(-0.6, rng.normal(0.1, 0.2), 0.8),
+        "R1": rng.uniform(0.55, 0.9) * amp * _frontal(axis + rng.normal(10, 15),
+                                                     rng.uniform(0.35, 0.8)),
+        "R": amp * _frontal(axis, rng.uniform(-0.9, -0.4)),
+        "S": rng.uniform(0.3, 0.5) * amp * _unit(-0.1, -0.5, rng.uniform(-1.3, -0.8)),
+        "T": rng.uniform(0.2, 0.34) * amp * _frontal(axis + rng.normal(-5, 14),
+                                                    rng.uniform(0.3, 0.8)),
+        "ST": rng.uniform(0.0, 0.06 if female else 0.12) * _unit(0.1, 0.2, 1.0),
+    }
+    return iv, vec
+
+
 def _severity(likelihood: float, rng: np.random.Generator) -> float:
     """Effect size of a finding in [0, ~1]: uncertain statements (low likelihood) are milder.
 
@@ -176,10 +234,14 @@ def _apply_mi(vec: dict, code: str, sev: float, rng: np.random.Generator, find: 
     n = TERRITORY["inferior" if code == "IMI" else "anteroseptal" if code == "ASMI" else "anterior"]
     q = rng.uniform(0.35, 0.75) * sev * np.linalg.norm(vec["R"])
     vec["QMI"] = -q * n
-    r_along = float(vec["R"] @ n)
-    if r_along > 0:
-        vec["R"] = vec["R"] - min(0.8, 0.7 * sev) * r_along * n
-    vec["Q"] = vec["Q"] - min(0.8, sev) * max(0.0, float(vec["Q"] @ n)) * n
+    for key in ("R", "R1"):  # R1: version 2's early force (lost R-wave progression)
+        if key not in vec:
+            continue
+        r_along = float(vec[key] @ n)
+        if r_along > 0:
+            vec[key] = vec[key] - min(0.8, 0.7 * sev) * r_along * n
+    if "Q" in vec:  # (a left bundle branch block has no septal q to turn)
+        vec["Q"] = vec["Q"] - min(0.8, sev) * max(0.0, float(vec["Q"] @ n)) * n
     stage = rng.choice(3, p=[0.35, 0.4, 0.25])  # acute, evolving, old
     if stage == 0:
         vec["ST"] = vec["ST"] + rng.uniform(0.1, 0.3) * sev * n
@@ -232,6 +294,7 @@ def _apply_cd(vec: dict, iv: dict, code: str, sev: float, rng: np.random.Generat
         a = amp * rng.uniform(1.0, 1.4)
         main = _unit(0.72, rng.uniform(0.0, 0.35), -0.7)
         vec.pop("Q")
+        vec.pop("R1", None)  # version 2: the early left-anterior force belongs to the septum
         vec["S"] = 0.0 * vec["S"]
         vec["R"] = 0.75 * a * main
         vec["R2"] = 0.85 * a * _unit(0.8, 0.1, -0.6)
@@ -257,18 +320,21 @@ def _apply_lvh(vec: dict, iv: dict, sev: float, rng: np.random.Generator, find: 
     find["hvolt"] = 1
 
 
-def sample_params(codes: dict[str, float], age: float, female: bool, rng: np.random.Generator) -> RecordParams:
+def sample_params(codes: dict[str, float], age: float, female: bool, rng: np.random.Generator,
+                  generator: int = 1) -> RecordParams:
     """Physiology of one record given its SCP codes.
 
     Args:
         codes: diagnostic and rhythm SCP codes with likelihoods (0-100).
         age: years; female: sex.
         rng: the record's own generator.
+        generator: the generator version (module docstring).
 
     Returns:
         The record's parameters, including ``findings`` for form codes.
     """
-    iv, vec = _normal_template(rng, age, female)
+    v2 = check_generator(generator) >= 2
+    iv, vec = (_normal_template_v2 if v2 else _normal_template)(rng, age, female)
     find: dict[str, float] = {}
     for code, lik in codes.items():
         sev = _severity(lik, rng)
@@ -289,6 +355,9 @@ def sample_params(codes: dict[str, float], age: float, female: bool, rng: np.ran
         hr = rng.uniform(102, 140)
     elif "SBRAD" in codes:
         hr = rng.uniform(40, 57)
+    elif v2:  # real PTB-XL sinus rhythm: a normal near 66 +- 9 bpm, truncated to 61-99
+        lo, hi = ndtr((61 - 66) / 9), ndtr((99 - 66) / 9)
+        hr = float(66 + 9 * ndtri(rng.uniform(lo, hi)))
     else:
         hr = rng.uniform(62, 97)
     rr = 60.0 / hr
@@ -297,22 +366,26 @@ def sample_params(codes: dict[str, float], age: float, female: bool, rng: np.ran
     if habitus < 0.72:
         find["lvolt"] = 1
     waves = _template_waves(iv, vec, qt, afib, habitus, rng)
+    wander, emg = (0.03, 0.006) if v2 else (0.06, 0.012)
     noise = {
-        "wander": NOISE_SCALE * rng.lognormal(np.log(0.06), 0.7),
-        "emg": NOISE_SCALE * rng.lognormal(np.log(0.012), 0.7),
+        "wander": NOISE_SCALE * rng.lognormal(np.log(wander), 0.7),
+        "emg": NOISE_SCALE * rng.lognormal(np.log(emg), 0.7),
         "hum": NOISE_SCALE * rng.lognormal(np.log(0.008), 0.9),
         "burst": NOISE_SCALE * (rng.uniform(0.03, 0.12) if rng.random() < 0.1 else 0.0),
     }
-    mean_qrs = sum(w.vec * w.sigma for w in waves if w.name in ("Q", "QMI", "R", "R2", "S", "RBB"))
+    if v2:  # broadband (amplifier, skin-electrode and muscle) noise below about 50 Hz
+        noise["white"] = NOISE_SCALE * rng.lognormal(np.log(_BROADBAND_V2), 0.5)
+    mean_qrs = sum(w.vec * w.sigma for w in waves
+                   if w.name in ("Q", "QMI", "R1", "R", "R2", "S", "RBB"))
     find["axis"] = float(np.rad2deg(np.arctan2(mean_qrs[1], mean_qrs[0])))
     return RecordParams(
         hr=hr, afib=afib, pr=iv["pr"], qrs=iv["qrs"], qt=qt, waves=waves,
-        lead_matrix=lead_matrix(rng),
+        lead_matrix=lead_matrix(rng, generator),
         rr_cv=rng.uniform(0.12, 0.28) if afib else rng.uniform(0.005, 0.02),
         rsa=0.0 if afib else rng.uniform(0.0, 0.05) * (1.5 if age < 40 else 1.0),
         resp_hz=rng.uniform(0.15, 0.35),
         fwave=(rng.uniform(0.03, 0.14), rng.uniform(4.0, 9.0)) if afib else (0.0, 0.0),
-        noise=noise, findings=find,
+        noise=noise, findings=find, generator=generator,
     )
 
 
@@ -335,10 +408,18 @@ def _template_waves(iv: dict, vec: dict, qt: float, afib: bool, habitus: float,
     if "R2" in vec:  # LBBB: two slow LV humps spread over the wide QRS
         waves += [Wave("R", 0.33 * qrs, qrs / 8, vec["R"]), Wave("R2", 0.65 * qrs, qrs / 7.5, vec["R2"])]
     elif "RBB" in vec:  # RBBB: normal first 80 ms, then the late RV vector
+        if "R1" in vec:
+            waves.append(Wave("R1", 0.022, 0.008, vec["R1"]))
         waves += [Wave("R", 0.036, 0.0105, vec["R"]), Wave("S", 0.062, 0.009, vec["S"]),
                   Wave("RBB", qrs - 0.03, 0.015, vec["RBB"])]
     else:
-        waves += [Wave("R", 0.45 * qrs, qrs / 8, vec["R"]), Wave("S", 0.76 * qrs, qrs / 11, vec["S"])]
+        if "R1" in vec:  # version 2: the early force before a sharper main one
+            waves += [Wave("R1", 0.3 * qrs, qrs / 10, vec["R1"]),
+                      Wave("R", 0.47 * qrs, qrs / 9.5, vec["R"]),
+                      Wave("S", 0.76 * qrs, qrs / 12, vec["S"])]
+        else:
+            waves += [Wave("R", 0.45 * qrs, qrs / 8, vec["R"]),
+                      Wave("S", 0.76 * qrs, qrs / 11, vec["S"])]
     sigma_t = rng.uniform(0.04, 0.055) * np.sqrt(qt / 0.4)
     t_peak = qt - 2.3 * sigma_t
     waves += [
@@ -415,6 +496,12 @@ _ELECTRODE_TO_LEAD[1, [0, 2]] = [-1, 1]
 _ELECTRODE_TO_LEAD[2:, :3] = -1.0 / 3.0
 _ELECTRODE_TO_LEAD[2:, 3:] = np.eye(6)
 _TIME = np.arange(N_BASE) / FS_BASE
+# Version 2's broadband noise: its level (median, mV), its weight per electrode (RA, LA, LL,
+# C1..C6) and its spectrum (white, low-passed at 40 Hz: real PTB-XL 500 Hz records have
+# little noise above 50 Hz, the 100 Hz ones about 0.02 mV RMS in 30-50 Hz)
+_BROADBAND_V2 = 0.06
+_WHITE_WEIGHTS = np.array([1.5, 1.5, 1.5, 0.4, 0.8, 1.5, 2.5, 2.8, 2.0])
+_BROADBAND_SOS = butter(4, 40.0, fs=FS_BASE, output="sos")
 
 
 def render_noise(p: RecordParams, rng: np.random.Generator) -> np.ndarray:
@@ -445,13 +532,21 @@ def render_noise(p: RecordParams, rng: np.random.Generator) -> np.ndarray:
         c, wdt = rng.uniform(0, DURATION_S), rng.uniform(0.3, 1.5)
         level = level + nz["burst"] * np.exp(-0.5 * ((t - MARGIN_S - c) / wdt) ** 2)[None, :]
     electrodes += (white[:, 1:] - white[:, :-1]) * level
+    if nz.get("white"):  # version 2; chest electrodes V3-V6 over the pectoral muscles
+        white = sosfilt(_BROADBAND_SOS, rng.standard_normal((9, N_BASE)), axis=-1)
+        electrodes += white * (nz["white"] * _WHITE_WEIGHTS[:, None])
     return _ELECTRODE_TO_LEAD @ electrodes
 
 
 def render_leads(p: RecordParams, rng: np.random.Generator) -> np.ndarray:
-    """Independent leads with noise at 500 Hz, including the decimation margins.
+    """Independent leads with noise at 500 Hz, including the decimation margins; from
+    version 2 each lead is zero-mean over the record's 10 s (margins excluded).
 
     Returns:
         [8, N_BASE] float64 in mV: I, II, V1..V6.
     """
-    return p.lead_matrix @ render_dipole(p, rng) + render_noise(p, rng)
+    leads = p.lead_matrix @ render_dipole(p, rng) + render_noise(p, rng)
+    if p.generator >= 2:
+        m = int(round(MARGIN_S * FS_BASE))
+        leads -= leads[:, m:N_BASE - m].mean(-1, keepdims=True)
+    return leads

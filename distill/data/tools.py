@@ -13,7 +13,7 @@ from distill.core.errors import DataError
 from distill.core.io import atomic_dir
 from distill.data.cinc import format_unmapped
 from distill.data.dataset import format_flat_report
-from distill.data.synth import generate_ptbxl
+from distill.data.synth import GENERATOR_VERSION, generate_ptbxl
 from distill.data.records import read_record
 from distill.data.render import RenderConfig, render_12lead
 from distill.data.ptbxl import aggregate_labels, read_database, read_statements
@@ -26,8 +26,10 @@ def _folder_has_content(folder: Path) -> bool:
 
 def write_synthetic(out: str | os.PathLike, *, records: int, seed: int,
                     sampling_rates: Sequence[int] = (100, 500), force: bool = False,
-                    progress: bool = True, first_patient_id: int = 1) -> dict[str, Any]:
-    """Generate the synthetic PTB-XL-layout set into ``out``.
+                    progress: bool = True, first_patient_id: int = 1,
+                    generator: int = GENERATOR_VERSION) -> dict[str, Any]:
+    """Generate the synthetic PTB-XL-layout set into ``out`` (``generator``: the generator
+    version, :mod:`~distill.data.synth_physiology`).
 
     The set is written to a temporary sibling folder and renamed into place, so ``out``
     never holds half a data set; an existing non-empty ``out`` is replaced only with
@@ -43,7 +45,8 @@ def write_synthetic(out: str | os.PathLike, *, records: int, seed: int,
         raise DataError(f"--records must be at least 1, got {records}")
     with atomic_dir(target) as tmp:
         summary = generate_ptbxl(tmp, records, seed=seed, sampling_rates=tuple(sampling_rates),
-                                 progress=progress, first_patient_id=first_patient_id)
+                                 progress=progress, first_patient_id=first_patient_id,
+                                 generator=generator)
     return summary
 
 

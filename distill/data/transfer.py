@@ -65,7 +65,8 @@ def transfer_folder(data_cfg: Any, transfer: Any, progress: bool = True) -> Path
     return synthetic_set_folder(cache_root(data_cfg), records=transfer.synthetic,
                                 seed=transfer.seed,
                                 first_patient_id=synthetic_first_patient_id(data_cfg, transfer),
-                                rates=rates, progress=progress)
+                                rates=rates, progress=progress,
+                                generator=data_cfg.synthetic.generator)
 
 
 def load_transfer(data_cfg: Any, transfer: Any, labeled: ECGData,

@@ -25,7 +25,7 @@ from distill.core.io import atomic_dir
 from distill.core.layout import ModelId, RunLayout
 from distill.data.dataset import load_ptbxl
 from distill.data.render import RenderConfig, render_batch
-from distill.data.synth import GENERATOR_VERSION, patient_id_range
+from distill.data.synth import patient_id_range
 from distill.data.tools import write_synthetic
 from distill.engine.accel import machine_description
 from distill.engine.factory import teacher_class
@@ -210,7 +210,7 @@ def pack(recipe: Recipe, recipe_path: str | os.PathLike, *, name: str | None = N
                                f"{packed.hf_model.config.text_config.hidden_size}",
                 "dtype": "float16",
             },
-            "corpus": {"generator_version": GENERATOR_VERSION, "records": syn.records,
+            "corpus": {"generator_version": syn.generator, "records": syn.records,
                        "seed": syn.seed, "patient_ids": list(patient_id_range(
                            syn.records, syn.first_patient_id)),
                        "task": recipe.data.task, "sampling_rate": recipe.data.sampling_rate,

@@ -46,6 +46,10 @@ class SyntheticConfig:
                                  "overlap share no patient", ge=1)
     rates: list[int] = spec(default_factory=lambda: [100, 500],
                             help="sampling rates written (PTB-XL stores 100 and 500 Hz)")
+    generator: int = spec(1, help="generator version: 1 (the default, and the shipped "
+                          "teacher's corpus) or 2 (calibrated against real PTB-XL features: R-wave "
+                          "progression, noise, rate; benchmarks/realism.py)", ge=1, le=2,
+                          since="0.5")
 
     def validate(self, path: str) -> None:
         bad = [r for r in self.rates if r not in (100, 500)] or ([] if self.rates else ["none"])
