@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,24 @@ def test_a_translated_view_reads_25_hz_and_serves_the_translation(tmp_path: Path
     assert _spec_key(spec)["translator"] == {
         "model.safetensors": sha256_file(translator_folder / "model.safetensors")}
     assert "translate" not in _spec_key(_recipe(tmp_path).students[0])["view"]
+    # an exported student bundles its translator and finds it wherever the folder goes
+    from distill.core.errors import ECGDistillError
+    from distill.hub.export import TRANSLATOR_DIR, bundle_translator
+    export = tmp_path / "export"
+    shutil.copytree(tmp_path / "student", export)
+    config = bundle_translator(export, saved)
+    assert config["translate"]["checkpoint"] == TRANSLATOR_DIR
+    assert json.loads((export / "config.json").read_text())["translate"] == config["translate"]
+    assert (export / TRANSLATOR_DIR / "model.safetensors").read_bytes() == \
+        (translator_folder / "model.safetensors").read_bytes()
+    moved = tmp_path / "elsewhere"
+    export.rename(moved)
+    bundled = saved_student_view(config, moved)
+    torch.testing.assert_close(jd.data.split("test", {"s": bundled})[0]["s"], item["s"])
+    with pytest.raises(ECGDistillError, match="that folder is gone; restore it to export"):
+        bundle_translator(tmp_path / "student",
+                          {**saved, "translate": {**saved["translate"],
+                                                  "checkpoint": str(tmp_path / "gone")}})
 
 
 def test_the_upsampler_translates_each_input_once(translator_folder: Path) -> None:

@@ -116,17 +116,21 @@ def student_view(recipe: Recipe, spec: StudentConfig) -> SignalView:
     return SignalView(leads=view.leads, sampling_rate=up.source_rate, upsample=up)
 
 
-def saved_student_view(config: Any) -> SignalView:
+def saved_student_view(config: Any, folder: str | Path | None = None) -> SignalView:
     """The view a saved student reads (its config, a dict or a config object): its leads at
     its rate, or, for a student trained on a translator's output (``config.translate``,
     written by the distillation jobs), its leads at the translator's source rate, upsampled
-    by that translator (:class:`Upsampler`; the folder must still be where it was)."""
+    by that translator (:class:`Upsampler`; the folder must still be where it was). A
+    relative translator path (an exported student bundles its translator) is read under
+    the student's own ``folder``."""
     get = config.get if isinstance(config, Mapping) else (lambda k, d=None: getattr(config, k, d))
     leads, rate = tuple(get("leads")), int(get("sampling_rate"))
     translate = get("translate")
     if not translate:
         return SignalView(leads=leads, sampling_rate=rate)
     path = Path(translate["checkpoint"])
+    if folder is not None and not path.is_absolute():
+        path = Path(folder) / path
     if not (path / "config.json").exists():
         raise RecipeError(f"this student reads the translator {path}'s output, and that folder "
                           f"is gone; restore it to score or export the student")

@@ -17,6 +17,9 @@
     recipe.yaml           the run's resolved recipe
     results.json          this model's entry of the run's results
     samples.safetensors   a few test records' inputs and the run's predictions for them
+    translator/           (a student that reads a translator's output, e.g. 25 Hz lead I
+                          upsampled to 100 Hz) that translator, named in config.json's
+                          ``translate.checkpoint`` relative to the folder
     checksums.sha256      SHA-256 of every other file (``sha256sum -c`` reads it)
 
 A folder is written in a temporary folder next to its destination, verified in a fresh
@@ -60,6 +63,7 @@ from students.preprocess import prepare_printout_signal, scaler_from_config
 
 TRAINING_ONLY = ("objective.safetensors",)  # the distillation losses' projections
 SHIPPED = ("config.json", "quantization.json")  # besides the weights
+TRANSLATOR_DIR = "translator"  # a translated student's translator, inside its folder
 N_SAMPLES = 4
 # |probability| tolerance when reproducing: LLM.int8 picks its fp16 outlier columns per
 # batch, so a quantized model's outputs move a little with the batch a record is in
@@ -231,6 +235,8 @@ def write_folder(folder: Path, *, name: str, results: dict[str, Any], source: Pa
     if missing:
         raise ECGDistillError(f"{source / 'config.json'}: no {', '.join(missing)}; a published "
                               f"student must say what it reads and how inputs are scaled")
+    if config.get("translate"):  # it reads a translator's output: the translator ships too
+        config = bundle_translator(folder, config)
     if not onnx_model:  # the model code ships too: loads with torch and transformers alone
         config = write_portable(folder, config)
     shutil.copyfile(RunLayout(run_dir).recipe_file, folder / "recipe.yaml")
@@ -240,14 +246,33 @@ def write_folder(folder: Path, *, name: str, results: dict[str, Any], source: Pa
     atomic_write_text(folder / "results.json", json.dumps(summary, indent=1))
     quantized = bool(config.get("quantization_config")) or \
         entry.get("format") in ("onnx-int8", "onnx-int4", "onnx-int8-qat")
-    _write_samples(folder / SAMPLES, sample_records(data, config, run_dir, name, entry, samples),
+    _write_samples(folder / SAMPLES, sample_records(data, config, run_dir, name, entry, samples,
+                                                    folder=folder),
                    atol=ATOL["quantized" if quantized else "fp32"])
     model_card(name, entry, results, recipe, config).save(folder / "README.md")
     write_manifest(folder)
 
 
+def bundle_translator(folder: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Copy the translator a student reads (``config.translate.checkpoint``) into
+    ``folder/translator`` and point the config there (relative, so the folder moves as a
+    whole); the updated config, also written to ``folder/config.json``."""
+    translate = dict(config["translate"])
+    source = Path(translate["checkpoint"])
+    if not (source / "config.json").is_file():
+        raise ECGDistillError(f"{folder.name}: this student reads the translator {source}'s "
+                              f"output, and that folder is gone; restore it to export the "
+                              f"student")
+    shutil.copytree(source, folder / TRANSLATOR_DIR,
+                    ignore=shutil.ignore_patterns(*TRAINING_ONLY))
+    config = {**config, "translate": {**translate, "checkpoint": TRANSLATOR_DIR}}
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config
+
+
 def sample_records(data, config: dict[str, Any], run_dir: Path, name: str,
-                   entry: dict[str, Any], n: int) -> dict[str, np.ndarray]:
+                   entry: dict[str, Any], n: int, folder: Path | None = None
+                   ) -> dict[str, np.ndarray]:
     """The first ``n`` test records of the run: the model's inputs, exactly as the
     evaluation fed them (the model's view of the run's data, scaled with the statistics
     its config stores), and the run's stored probabilities for them.
@@ -281,7 +306,7 @@ def sample_records(data, config: dict[str, Any], run_dir: Path, name: str,
                 "ecg_id": np.asarray([int(data.ecg_ids[k]) for k in records], dtype=np.int64)}
     data = copy.copy(data)  # the caller's data set keeps its own scaler
     data.scaler = scaler_from_config(config)  # what the model was trained with
-    view = saved_student_view(config)  # a translated student: the translator's output
+    view = saved_student_view(config, folder)  # a translated student: its translator's output
     split = data.split("test", {"signal": view})
     items = [split[split_rows[int(index[r])]] for r in rows]
     return {"signal": np.stack([it["signal"].numpy() for it in items]).astype(np.float32),

@@ -274,6 +274,19 @@ def _body(name: str, entry: dict[str, Any], results: dict[str, Any], recipe,
             "- `students.preprocess.prepare_printout` prints a WFDB record as in training "
             f"(at {config['sampling_rate']} Hz, in mV); a scanned printout goes in resized to "
             f"{size} x {size}."]
+    elif config.get("translate"):  # reads a translator's output (the folder ships it)
+        tr = config["translate"]
+        input_lines = [
+            f"- leads: {_leads(config['leads'])}, in this order, recorded at "
+            f"{tr['source_rate']} Hz, {config['input_samples'] * tr['source_rate'] // config['sampling_rate']} "
+            f"samples ({seconds:g} s), mV",
+            f"- first upsampled to {config['sampling_rate']} Hz by the translator in "
+            f"`{tr['checkpoint']}/` (`ecg-distill upsample {tr['checkpoint']} RECORD --to "
+            f"{config['sampling_rate']}` writes the 100 Hz WFDB record), what the student was "
+            f"trained and evaluated on",
+            (f"- scaling: `{norm['kind']}` standard scaler fitted on the training folds "
+             f"(`normalization` in `config.json`), applied to the upsampled signal by "
+             f"`students.preprocess.prepare_record`.")]
     else:
         input_lines = [
             f"- leads: {_leads(config['leads'])}, in this order",
