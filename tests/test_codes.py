@@ -216,6 +216,35 @@ def test_codes_loss_can_read_only_the_students_leads() -> None:
         build_loss("codes", student_dim=12, teacher_codes=(2, 16), leads="student")
 
 
+def test_codes_loss_leaves_out_the_teacher_tokens_of_missing_leads() -> None:
+    """A teacher token_mask (data.on_flat_lead: mask) drops those tokens from the mean: the
+    value equals the term on the kept tokens alone, and their targets do not matter."""
+    student, teacher = _outputs()  # teacher tokens: leads 0 and 1, four each
+    torch.manual_seed(0)
+    loss = build_loss("codes", student_dim=12, teacher_codes=(2, 16), dim=16)
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[1, :4] = False  # record 1 lacks lead 0
+    masked = ECGModelOutput(code_logits=teacher.code_logits, token_leads=teacher.token_leads,
+                            token_mask=mask)
+    out = loss(student, masked)
+    t = loss.config.temperature
+    kl = F.kl_div(F.log_softmax(loss.predict(student.tokens, student.token_leads,
+                                             teacher.token_leads) / t, -1),
+                  F.log_softmax(teacher.code_logits / t, -1), log_target=True,
+                  reduction="none").sum(-1) * t ** 2  # (B, N_t, levels)
+    torch.testing.assert_close(out.value, kl[mask].mean())
+    torch.testing.assert_close(out.aux["per_level"], kl[mask].mean(0))
+    changed = teacher.code_logits.clone()
+    changed[1, :4] = torch.randn_like(changed[1, :4]) * 5
+    again = loss(student, ECGModelOutput(code_logits=changed, token_leads=teacher.token_leads,
+                                         token_mask=mask))
+    torch.testing.assert_close(again.value, out.value)
+    # a mask of all True is the plain term
+    full = ECGModelOutput(code_logits=teacher.code_logits, token_leads=teacher.token_leads,
+                          token_mask=torch.ones(3, 8, dtype=torch.bool))
+    torch.testing.assert_close(loss(student, full).value, loss(student, teacher).value)
+
+
 def test_codes_loss_learns_distributions_that_depend_on_time_and_lead() -> None:
     """Teacher distributions that are a function of each token's lead and time: a student
     whose tokens say nothing still reaches them through the queries' positions."""

@@ -171,7 +171,8 @@ class CodeDistillation(nn.Module):
             student_out: ECGModelOutput with ``tokens`` [B, N_s, D_s] and ``token_leads``
                 (``token_mask`` optional).
             teacher_out: ECGModelOutput with ``code_logits`` [B, N_t, K, C] (K >= levels)
-                and ``token_leads`` [N_t].
+                and ``token_leads`` [N_t]; an optional ``token_mask`` [B, N_t] (False: a
+                lead the record lacks, ``data.on_flat_lead: mask``) leaves those tokens out.
 
         Returns:
             LossOutput(value, aux: {"per_level": [levels] KL, "agreement": [levels] share of
@@ -186,6 +187,7 @@ class CodeDistillation(nn.Module):
             raise ValueError(f"codes: teacher code_logits {tuple(target.shape)}, expected "
                              f"[B, N_t, >={levels}, {c}]")
         t_leads = teacher_out.token_leads
+        t_mask = getattr(teacher_out, "token_mask", None)
         if t_leads.shape[0] != target.shape[1]:
             raise ValueError(f"codes: {target.shape[1]} teacher code distributions for "
                              f"{t_leads.shape[0]} teacher tokens")
@@ -196,6 +198,8 @@ class CodeDistillation(nn.Module):
                                  f"the student's leads {self.student_leads.tolist()}")
             idx = keep.nonzero().squeeze(1)
             target, t_leads = target[:, idx.to(target.device)], t_leads[idx.to(t_leads.device)]
+            if t_mask is not None:
+                t_mask = t_mask[:, idx.to(t_mask.device)]
         student = self.predict(student_out.tokens, student_out.token_leads, t_leads,
                                getattr(student_out, "token_mask", None))
         temperature = self.config.temperature
@@ -203,8 +207,14 @@ class CodeDistillation(nn.Module):
         log_q = F.log_softmax(student.float() / temperature, dim=-1)
         kl = (log_p.exp() * (log_p - log_q)).sum(-1) * temperature ** 2  # (B, N_t, levels)
         agree = (student.argmax(-1) == target[:, :, :levels].argmax(-1)).float()
-        return LossOutput(kl.mean(), {"per_level": kl.detach().mean(dim=(0, 1)),
-                                      "agreement": agree.mean(dim=(0, 1))})
+        if t_mask is None:
+            return LossOutput(kl.mean(), {"per_level": kl.detach().mean(dim=(0, 1)),
+                                          "agreement": agree.mean(dim=(0, 1))})
+        w = t_mask.to(device=kl.device, dtype=kl.dtype)[..., None]  # (B, N_t, 1)
+        count = w.sum().clamp(min=1.0)
+        return LossOutput((kl * w).sum() / (count * levels),
+                          {"per_level": (kl.detach() * w).sum(dim=(0, 1)) / count,
+                           "agreement": (agree * w).sum(dim=(0, 1)) / count})
 
     def extra_repr(self) -> str:
         c = self.config
