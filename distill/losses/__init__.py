@@ -47,7 +47,31 @@ class LossOutput(NamedTuple):
     """A loss value and what it computed on the way (for logs, plots and later terms)."""
 
     value: torch.Tensor  # scalar
-    aux: dict[str, torch.Tensor]
+    aux: Mapping[str, torch.Tensor]  # a dict, or a LazyAux
+
+
+class LazyAux(Mapping[str, torch.Tensor]):
+    """Named outputs as a read-only mapping in which an entry given as a zero-argument
+    function is computed on first access, then kept: what only a plot or a log reads (an
+    attention map, an entropy) costs nothing in a training step that never reads it."""
+
+    def __init__(self, entries: Mapping[str, torch.Tensor | Callable[[], torch.Tensor]]) -> None:
+        self._entries = dict(entries)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        value = self._entries[key]
+        if not isinstance(value, torch.Tensor):
+            value = self._entries[key] = value()
+        return value
+
+    def __iter__(self) -> typing.Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({list(self._entries)})"
 
 
 @dataclass(frozen=True)
@@ -231,6 +255,7 @@ def check_fields(config: Any) -> None:
 
 __all__ = [
     "LOSSES",
+    "LazyAux",
     "LossFamily",
     "LossOutput",
     "build_loss",

@@ -25,6 +25,15 @@ What is detached: the teacher tokens (the teacher is frozen). The attended side 
 detached: the gradient through ``A`` trains the queries and keys to find the teacher tokens
 that each student token corresponds to (the soft matching is the point of the term); with y
 detached ``W_q`` and ``W_k`` would never receive a gradient.
+
+How it is computed (same values to float rounding as the formulas above): the teacher's
+layer norm is taken once per batch and shared with the ``ot`` term (``teacher_layer_norm``,
+memoised in the objective's context); the queries come from the student tokens through the
+product W_q W_s when D_s < dim (one narrower matrix product instead of two); the attention
+is the fused ``F.scaled_dot_product_attention`` (no N_s x N_t score, softmax or dropout
+tensors are kept for the backward); the attention weights, which only plots read, are
+computed on first access of ``aux["attention"]``. With attention dropout in training the
+explicit form runs (its dropout draws are those of ``nn.Dropout``).
 """
 
 from __future__ import annotations
@@ -39,7 +48,57 @@ from torch import nn
 
 from distill.core.errors import RecipeError
 from distill.core.schema import spec
-from distill.losses import LossOutput, check_fields, register_loss
+from distill.losses import LazyAux, LossOutput, check_fields, register_loss
+
+LAYER_NORM_KEY = "teacher.layer_norm"  # the context entry that memoises teacher_layer_norm
+
+
+def teacher_layer_norm(tokens: torch.Tensor, dtype: torch.dtype,
+                       context: dict[str, Any] | None = None) -> torch.Tensor:
+    """``F.layer_norm`` (no affine) of the detached teacher tokens in ``dtype``, computed once
+    per batch: memoised in ``context`` (the objective's, shared by every term) for this very
+    tensor and dtype.
+
+    Args:
+        tokens: [B, N_t, D_t] teacher tokens.
+        dtype: the working dtype.
+        context: the objective's context, or None (no memo).
+
+    Returns:
+        [B, N_t, D_t] without a graph; shared: callers must not write it in place.
+    """
+    if context is not None:
+        memo = context.get(LAYER_NORM_KEY)
+        if memo is not None and memo[0] is tokens and memo[1] == dtype:
+            return memo[2]
+    with torch.no_grad():
+        out = F.layer_norm(tokens.detach().to(dtype), (tokens.shape[-1],))
+    if context is not None:
+        context[LAYER_NORM_KEY] = (tokens, dtype, out)
+    return out
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None
+                      ) -> torch.Tensor:
+    """softmax(q kᵀ / √d_h) over the real teacher tokens; all-zero rows for a record
+    without any.
+
+    Args:
+        q: [B, h, N_s, d_h]; k: [B, h, N_t, d_h].
+        keep: [B, N_t] bool, True for real teacher tokens, or None (all real).
+
+    Returns:
+        [B, h, N_s, N_t].
+    """
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, h, N_s, N_t)
+    if keep is None:
+        return torch.softmax(scores, dim=-1)
+    keep = keep[:, None, None, :]  # (B, 1, 1, N_t)
+    # the finite minimum (not -inf) keeps all-padding records free of NaN
+    scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+    attention = torch.softmax(scores, dim=-1)
+    # a record whose teacher tokens are all padding attends to nothing
+    return torch.where(keep.any(dim=-1, keepdim=True), attention, torch.zeros_like(attention))
 
 
 @dataclass
@@ -52,6 +111,11 @@ class MHCAConfig:
     heads: int = spec(4, help="attention heads", ge=1)
     dropout: float = spec(0.0, help="dropout on the attention weights (training only)",
                           ge=0, lt=1)
+    student_tokens: int = spec(
+        0, help="train on a random subset of this many student token positions per step "
+        "(the same for every record of the batch, drawn afresh each step from the global "
+        "RNG; an unbiased estimate of the loss and its gradient); 0 = all tokens; changes "
+        "the numbers, evaluation mode always uses all", ge=0, since="0.6")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -100,9 +164,10 @@ class MHCAAlignment(nn.Module):
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, *, dim: int = 128, heads: int = 4,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, student_tokens: int = 0) -> None:
         super().__init__()
-        self.config = MHCAConfig(dim=dim, heads=heads, dropout=dropout)
+        self.config = MHCAConfig(dim=dim, heads=heads, dropout=dropout,
+                                 student_tokens=student_tokens)
         self.config.validate("mhca")
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
         self.student_proj = nn.Linear(student_dim, dim)  # W_s: student tokens → common width
@@ -113,41 +178,62 @@ class MHCAAlignment(nn.Module):
         self.attn_dropout = nn.Dropout(dropout)
 
     def attend(self, student_tokens: torch.Tensor, teacher_tokens: torch.Tensor,
-               teacher_mask: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               teacher_mask: torch.Tensor | None = None, *,
+               context: dict[str, Any] | None = None, fused: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Project the student tokens and attend over the teacher tokens.
 
         Args:
             student_tokens: [B, N_s, D_s].
             teacher_tokens: [B, N_t, D_t] (detached here: the teacher is frozen).
             teacher_mask: [B, N_t] bool, True for real tokens; padded ones get weight 0.
+            context: the objective's context (memoises the teacher's layer norm), or None.
+            fused: the fused computation (see the module doc); False: the explicit formulas,
+                the reference (as is every call with attention dropout in training).
 
         Returns:
             (z [B, N_s, dim] projected student tokens, y [B, N_s, dim] attended teacher
-            features, attention [B, heads, N_s, N_t]; rows of a record without any real
+            features, attention [B, heads, N_s, N_t], or with ``fused`` a zero-argument
+            function that computes it (detached); rows of a record without any real
             teacher token are all zero).
         """
         b, n_s, _ = student_tokens.shape
         n_t, h = teacher_tokens.shape[1], self.config.heads
         d_h = self.config.dim // h
         dtype = self.student_proj.weight.dtype
-        teacher = F.layer_norm(teacher_tokens.detach().to(dtype), (self.teacher_dim,))  # (B,N_t,D_t)
-        z = self.student_proj(student_tokens.to(dtype))  # (B, N_s, dim)
-        q = self.query(z).view(b, n_s, h, d_h).transpose(1, 2)  # (B, h, N_s, d_h)
-        k = self.key(teacher).view(b, n_t, h, d_h).transpose(1, 2)  # (B, h, N_t, d_h)
-        v = (teacher @ self.value_proj.T).view(b, n_t, h, d_h).transpose(1, 2)  # (B,h,N_t,d_h)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(d_h)  # (B, h, N_s, N_t)
-        if teacher_mask is not None:
-            keep = teacher_mask.bool()[:, None, None, :]  # (B, 1, 1, N_t)
-            # the finite minimum (not -inf) keeps all-padding records free of NaN
-            scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
-            attention = torch.softmax(scores, dim=-1)
-            # a record whose teacher tokens are all padding attends to nothing
-            attention = torch.where(keep.any(dim=-1, keepdim=True), attention,
-                                    torch.zeros_like(attention))
+        teacher = teacher_layer_norm(teacher_tokens, dtype, context)  # (B, N_t, D_t)
+        x = student_tokens.to(dtype)
+        z = self.student_proj(x)  # (B, N_s, dim)
+        fused = fused and not (self.training and self.config.dropout > 0)
+        if fused and self.student_dim < self.config.dim:  # q = W_q (W_s x + b_s) + b_q
+            wq, ws = self.query.weight, self.student_proj.weight
+            q = F.linear(x, wq @ ws, F.linear(self.student_proj.bias, wq, self.query.bias))
         else:
-            attention = torch.softmax(scores, dim=-1)  # (B, h, N_s, N_t)
-        y = self.attn_dropout(attention) @ v  # (B, h, N_s, d_h)
+            q = self.query(z)
+        q = q.view(b, n_s, h, d_h).transpose(1, 2)  # (B, h, N_s, d_h)
+        k = self.key(teacher).view(b, n_t, h, d_h).transpose(1, 2)  # (B, h, N_t, d_h)
+        with torch.no_grad():  # R and the teacher are fixed
+            v = F.linear(teacher, self.value_proj.to(dtype))  # (B, N_t, dim)
+        v = v.view(b, n_t, h, d_h).transpose(1, 2)  # (B, h, N_t, d_h)
+        keep = None if teacher_mask is None else teacher_mask.bool()  # (B, N_t)
+        if not fused:
+            attention = attention_weights(q, k, keep)  # (B, h, N_s, N_t)
+            y = self.attn_dropout(attention) @ v  # (B, h, N_s, d_h)
+        else:
+            mask = any_real = None
+            if keep is not None:
+                any_real = keep.any(dim=1)  # (B,)
+                # a record without real tokens attends to all, then gets y = 0 (as above)
+                mask = (keep | ~any_real[:, None])[:, None, None, :]  # (B, 1, 1, N_t)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, N_s, d_h)
+            if any_real is not None and not bool(any_real.all()):
+                y = torch.where(any_real[:, None, None, None], y, torch.zeros_like(y))
+            qd, kd = q.detach(), k.detach()
+
+            def attention() -> torch.Tensor:
+                with torch.no_grad():
+                    return attention_weights(qd, kd, keep)
+
         y = y.transpose(1, 2).reshape(b, n_s, self.config.dim)  # (B, N_s, dim)
         return z, y, attention
 
@@ -161,11 +247,16 @@ class MHCAAlignment(nn.Module):
             teacher_out: ECGModelOutput with ``tokens`` [B, N_t, D_t] and optional
                 ``token_mask`` [B, N_t].
             batch: unused.
-            context: if given, receives ``mhca.attended`` and ``mhca.student``.
+            context: if given, receives ``mhca.attended`` and ``mhca.student`` (and
+                memoises the teacher's layer norm for later terms); with
+                ``student_tokens`` in training also ``mhca.student_index`` [K], the student
+                token positions they cover.
 
         Returns:
             LossOutput(value: scalar, the mean over all real student tokens of the batch;
-            aux: {"attention": [B, heads, N_s, N_t], "per_record": [B] each record's mean}).
+            aux, a read-only mapping: "attention" [B, heads, N_s, N_t] (computed on first
+            access), "per_record" [B] each record's mean). With ``student_tokens`` = K <
+            N_s in training, N_s is K: the positions of a random subset.
         """
         s_tokens, t_tokens = student_out.tokens, teacher_out.tokens
         if s_tokens.shape[-1] != self.student_dim or t_tokens.shape[-1] != self.teacher_dim:
@@ -173,10 +264,16 @@ class MHCAAlignment(nn.Module):
                              f"{self.teacher_dim}, got {s_tokens.shape[-1]} / "
                              f"{t_tokens.shape[-1]}")
         t_mask = getattr(teacher_out, "token_mask", None)
-        z, y, attention = self.attend(s_tokens, t_tokens, t_mask)
+        s_mask = getattr(student_out, "token_mask", None)
+        index = None
+        n_s, keep_n = s_tokens.shape[1], self.config.student_tokens
+        if self.training and 0 < keep_n < n_s:
+            index = torch.randperm(n_s)[:keep_n].sort().values.to(s_tokens.device)  # (K,)
+            s_tokens = s_tokens.index_select(1, index)  # (B, K, D_s)
+            s_mask = None if s_mask is None else s_mask.index_select(1, index)
+        z, y, attention = self.attend(s_tokens, t_tokens, t_mask, context=context)
         per_token = (z - y).pow(2).mean(dim=-1)  # (B, N_s)
         valid = torch.ones_like(per_token, dtype=torch.bool)
-        s_mask = getattr(student_out, "token_mask", None)
         if s_mask is not None:
             valid = valid & s_mask.bool()
         if t_mask is not None:  # no teacher token to align to: nothing to learn
@@ -188,12 +285,16 @@ class MHCAAlignment(nn.Module):
         if context is not None:
             context["mhca.attended"] = y
             context["mhca.student"] = z
-        return LossOutput(value, {"attention": attention, "per_record": per_record.detach()})
+            if index is not None:
+                context["mhca.student_index"] = index
+        return LossOutput(value, LazyAux({"attention": attention,
+                                          "per_record": per_record.detach()}))
 
     def extra_repr(self) -> str:
         c = self.config
         return (f"student_dim={self.student_dim}, teacher_dim={self.teacher_dim}, dim={c.dim}, "
-                f"heads={c.heads}, dropout={c.dropout}")
+                f"heads={c.heads}, dropout={c.dropout}"
+                + (f", student_tokens={c.student_tokens}" if c.student_tokens else ""))
 
 
 class FixedTeacherProjection(nn.Module):
@@ -211,8 +312,13 @@ class FixedTeacherProjection(nn.Module):
         self.register_buffer("weight", semi_orthogonal(dim, teacher_dim))  # (dim, D_t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x, (self.teacher_dim,))  # (..., D_t)
+        return self.project_normalized(F.layer_norm(x, (self.teacher_dim,)))
+
+    def project_normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """The fixed map alone, on tokens already layer-normalised (``teacher_layer_norm``):
+        [..., D_t] -> [..., dim]."""
         return x @ self.weight.to(x.dtype).T  # (..., dim)
 
 
-__all__ = ["FixedTeacherProjection", "MHCAAlignment", "MHCAConfig", "semi_orthogonal"]
+__all__ = ["FixedTeacherProjection", "MHCAAlignment", "MHCAConfig", "attention_weights",
+           "semi_orthogonal", "teacher_layer_norm"]

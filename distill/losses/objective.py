@@ -14,6 +14,7 @@ are not even built by ``build_objective``. See ``docs/architecture.md``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import LOSSES, discover, loss_family
+from distill.losses import LOSSES, LazyAux, discover, loss_family
 
 UNREGISTERED_ORDER = 50  # where a loss module not in the registry runs (register_loss's default)
 
@@ -32,12 +33,14 @@ class ObjectiveOutput(NamedTuple):
     total: scalar, the value to back-propagate.
     terms: every term, ``"task"`` included, unweighted and detached (for logging).
     aux: each term's auxiliary tensors, detached, keyed ``"<term>.<name>"`` (attention
-        weights, transport plans, per-label KD ...).
+        weights, transport plans, per-label KD ...): a read-only mapping that reads (and
+        computes, where a term computes an entry on demand) an entry only when it is
+        accessed, so a training step that logs the terms alone pays for none of them.
     """
 
     total: torch.Tensor
     terms: dict[str, torch.Tensor]
-    aux: dict[str, torch.Tensor]
+    aux: Mapping[str, torch.Tensor]
 
 
 def term_order(names: list[str]) -> list[str]:
@@ -129,15 +132,15 @@ class DistillationObjective(nn.Module):
                                                             reduction="none").mean(dim=1)
             task = (per_record * mask).sum() / mask.sum().clamp(min=1.0)
         terms = {"task": task.detach()}
-        aux: dict[str, torch.Tensor] = {}
+        aux: dict[str, Any] = {}
         total = (1.0 - self.alpha) * task if self.alpha < 1.0 else task.new_zeros(())
         context: dict[str, Any] = {}
         for name in self.active_terms:
             out = self.losses[name](student_out, teacher_out, batch, context)
             terms[name] = out.value.detach()
-            aux.update({f"{name}.{k}": v.detach() for k, v in out.aux.items()})
+            aux.update({f"{name}.{k}": functools.partial(_detached, out.aux, k) for k in out.aux})
             total = total + self.alpha * self.weights[name] * out.value
-        return ObjectiveOutput(total, terms, aux)
+        return ObjectiveOutput(total, terms, LazyAux(aux))
 
     @classmethod
     def build(cls, alpha: float, weights: Mapping[str, float] | Any, student_dim: int,
@@ -151,6 +154,11 @@ class DistillationObjective(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, weights={self.weights}"
+
+
+def _detached(aux: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    """A term's aux entry ``key``, detached (computed now if the term left it for later)."""
+    return aux[key].detach()
 
 
 def check_requirements(alpha: float, weights: Mapping[str, float]) -> None:

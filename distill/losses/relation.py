@@ -227,7 +227,9 @@ class RelationMatching(nn.Module):
                 [B, N_s]; ``pooled`` [B, D_s'] for the RKD form.
             teacher_out: ECGModelOutput: ``pooled`` [B, D_t'] for the RKD form.
             batch: unused.
-            context: holds ``mhca.attended`` or ``ot.barycentric`` [B, N_s, d].
+            context: holds ``mhca.attended`` or ``ot.barycentric`` [B, N_s, d] (and
+                ``mhca.student_index`` [K] when mhca aligned a subset of the student's
+                tokens: the relations are then those of that subset).
 
         Returns:
             LossOutput(value: scalar; aux: the unweighted parts "token_distance",
@@ -238,15 +240,21 @@ class RelationMatching(nn.Module):
         parts: list[torch.Tensor] = []
         aux: dict[str, torch.Tensor] = {}
         if c.token_relation:
-            _, aligned = self.aligned_teacher(context)
+            source, aligned = self.aligned_teacher(context)
             student = student_out.tokens.float()  # (B, N_s, D_s)
+            mask = getattr(student_out, "token_mask", None)
+            # the aligner may have aligned a subset of the student tokens (mhca's
+            # student_tokens): the relations are those of that subset
+            index = context.get(f"{source.split('.')[0]}.student_index")
+            if index is not None:
+                student = student.index_select(1, index)  # (B, K, D_s)
+                mask = None if mask is None else mask.index_select(1, index)
             aligned = aligned.detach().float()  # (B, N_s, d)
             if aligned.shape[:2] != student.shape[:2]:
                 raise ValueError(f"relation: aligned teacher tokens {tuple(aligned.shape)} do "
                                  f"not match the student's tokens {tuple(student.shape)}")
             dist, angle, has_pairs = token_relation_per_record(
-                student, aligned, getattr(student_out, "token_mask", None),
-                criterion=c.criterion)  # (B,) each
+                student, aligned, mask, criterion=c.criterion)  # (B,) each
             per_record = c.distance_weight * dist + c.angle_weight * angle  # (B,)
             n = has_pairs.sum().clamp_min(1)
             parts.append(per_record.sum() / n)

@@ -24,6 +24,7 @@ import torch
 from ot.backend import TorchBackend
 
 _NX = TorchBackend()
+CHECK_EVERY = 10  # a tolerance is checked after iterations 1, 11, 21, ... (as POT)
 
 
 def zero_potentials(log_a: torch.Tensor) -> torch.Tensor:
@@ -82,7 +83,8 @@ def log_marginal(mask: torch.Tensor | None, weights: torch.Tensor | None, batch:
 
 
 def sinkhorn_log_batched(cost: torch.Tensor, reg: float, iters: int, log_a: torch.Tensor,
-                         log_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         log_b: torch.Tensor, tol: float = 0.0
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-domain Sinkhorn (Cuturi 2013) on a batch of cost matrices, fixed iterations.
 
     Same updates, order and start as POT's ``sinkhorn_log`` (v first, from zero potentials;
@@ -96,6 +98,8 @@ def sinkhorn_log_batched(cost: torch.Tensor, reg: float, iters: int, log_a: torc
         reg: entropic regularisation ε.
         iters: number of (v, u) update pairs, >= 1.
         log_a: [B, N_s] log source masses (-inf = no mass); log_b: [B, N_t] target.
+        tol: stop early on POT's rule (``stopThr``), checked every ``CHECK_EVERY``
+            iterations on every record; 0: exactly ``iters`` iterations.
 
     Returns:
         (plan [B, N_s, N_t], u [B, N_s], v [B, N_t]): the plan exp(−C/ε + u + v) and the log
@@ -104,12 +108,13 @@ def sinkhorn_log_batched(cost: torch.Tensor, reg: float, iters: int, log_a: torc
     k = -cost / reg  # (B, N_s, N_t) log-kernel
     u = zero_potentials(log_a)  # (B, N_s)
     if cost.requires_grad and torch.is_grad_enabled():
-        return sinkhorn_unrolled(k, u, log_a, log_b, iters)
-    return sinkhorn_scaling(k, u, log_a, log_b, iters)
+        return sinkhorn_unrolled(k, u, log_a, log_b, iters, tol)
+    return sinkhorn_scaling(k, u, log_a, log_b, iters, tol=tol)
 
 
 def sinkhorn_unrolled(k: torch.Tensor, u: torch.Tensor, log_a: torch.Tensor,
-                      log_b: torch.Tensor, iters: int) -> tuple[torch.Tensor, ...]:
+                      log_b: torch.Tensor, iters: int, tol: float = 0.0
+                      ) -> tuple[torch.Tensor, ...]:
     """Plain log-domain iterations with ``TorchBackend.logsumexp``, recorded by autograd.
 
     Args:
@@ -117,15 +122,22 @@ def sinkhorn_unrolled(k: torch.Tensor, u: torch.Tensor, log_a: torch.Tensor,
         u: [B, N_s] starting log-scaling (``zero_potentials``).
         log_a: [B, N_s] log source masses; log_b: [B, N_t] log target masses.
         iters: number of (v, u) update pairs, >= 1.
+        tol: POT's stopping threshold, as ``sinkhorn_scaling`` (0: none).
 
     Returns:
         (plan [B, N_s, N_t], u [B, N_s], v [B, N_t]) as ``sinkhorn_log_batched``.
     """
     k_t = k.transpose(1, 2).contiguous()  # (B, N_t, N_s): both reductions on the last axis
-    for _ in range(iters):
+    b = log_b.exp()  # (B, N_t)
+    for it in range(iters):
         v = log_b - _NX.logsumexp(k_t + u[:, None, :], axis=2)  # (B, N_t)
         row = k + v[:, None, :]  # (B, N_s, N_t)
         u = log_a - _NX.logsumexp(row, axis=2)  # (B, N_s)
+        if tol > 0 and it % CHECK_EVERY == 0:
+            with torch.no_grad():  # column sums of exp(k + u + v)
+                cols = (row + u[:, :, None]).exp().sum(1)  # (B, N_t)
+                if bool((torch.linalg.vector_norm(cols - b, dim=-1) < tol).all()):
+                    break
     # P = a · softmax_j(−C/ε + v), i.e. exp(−C/ε + u + v) with the last u-update folded in:
     # rows sum to a exactly and P ≤ a, even where float32 cannot resolve C/ε (~1e10).
     return torch.softmax(row, dim=2) * log_a.exp()[:, :, None], u, v
@@ -146,9 +158,17 @@ def _inside(sums: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> bool:
     return torch.equal(sums.clamp(lo, hi), sums)
 
 
+def _converged(kern: torch.Tensor, x: torch.Tensor, y: torch.Tensor, b: torch.Tensor,
+               tol: float) -> bool:
+    """POT's stopping rule on every record: ‖Pᵀ1 − b‖₂ < tol for the plan
+    P = diag(x) K diag(y) (x [B, 1, N_s], K [B, N_s, N_t], y and b [B, 1, N_t])."""
+    cols = torch.bmm(x, kern).mul_(y)  # (B, 1, N_t) column sums of the plan
+    return bool((torch.linalg.vector_norm(cols - b, dim=-1) < tol).all())
+
+
 def sinkhorn_scaling(k: torch.Tensor, u: torch.Tensor, log_a: torch.Tensor,
                      log_b: torch.Tensor, iters: int, *, floor: float | None = None,
-                     bound: float | None = None,
+                     bound: float | None = None, tol: float = 0.0,
                      stats: dict[str, int] | None = None) -> tuple[torch.Tensor, ...]:
     """The iterates of ``sinkhorn_unrolled`` without a graph: stabilised scaling Sinkhorn
     (Schmitzer 2019). Writes no input; returns a new plan tensor.
@@ -178,7 +198,13 @@ def sinkhorn_scaling(k: torch.Tensor, u: torch.Tensor, log_a: torch.Tensor,
     keeps every accepted sum exact to about 2 eps. ``floor=inf`` takes the exact
     (log-domain) updates every iteration, ``bound=0`` absorbs at every u-update.
     ``stats``, if given, receives the number of exact v- and u-updates ("exact_v",
-    "exact_u"; the rest were scaling updates).
+    "exact_u"; the rest were scaling updates) and, with ``tol``, of iterations ("iters").
+
+    ``tol`` > 0 stops early with POT's rule (``sinkhorn_log``'s ``stopThr``): after the
+    iterations 1, 11, 21, ... (every ``CHECK_EVERY``), once the column marginals of the
+    plan are within ``tol`` of b in L2 norm, here for every record of the batch at once (a
+    record that met it earlier keeps iterating until the last one does). 0: exactly
+    ``iters`` iterations (POT with ``stopThr=0``).
 
     Args:
         k: [B, N_s, N_t] log-kernel −C/ε (float32 or float64).
@@ -187,7 +213,8 @@ def sinkhorn_scaling(k: torch.Tensor, u: torch.Tensor, log_a: torch.Tensor,
         iters: number of (v, u) update pairs, >= 1.
         floor: smallest trusted kernel sum per term (default tiny · big / eps).
         bound: log of the largest scaling kept (default log(max float) / 4).
-        stats: if given, receives "exact_v" and "exact_u".
+        tol: stopping threshold on the column marginals' L2 error (0: none).
+        stats: if given, receives "exact_v", "exact_u" (and with ``tol`` "iters").
 
     Returns:
         (plan [B, N_s, N_t], u [B, N_s], v [B, N_t]) as ``sinkhorn_log_batched``.
@@ -210,8 +237,9 @@ def sinkhorn_scaling(k: torch.Tensor, u: torch.Tensor, log_a: torch.Tensor,
     ones_x = ones_y = True  # the scalings are all 1
     formed = False  # a kernel exists
     zero_start = not bool(u.any())  # u = 0: no padded student token
-    exact_v = exact_u = 0
-    for _ in range(iters):
+    exact_v = exact_u = done = 0
+    for it in range(iters):
+        done = it + 1
         v = None  # set when the u-update is to be exact
         exact = not formed
         if formed:
@@ -239,6 +267,8 @@ def sinkhorn_scaling(k: torch.Tensor, u: torch.Tensor, log_a: torch.Tensor,
             if _inside(row, lo_a, hi_a):
                 x = torch.div(a, row.clamp_min(info.tiny) if pad_a else row)
                 ones_x = False
+                if tol > 0 and it % CHECK_EVERY == 0 and _converged(kern, x, y, b, tol):
+                    break
                 continue
             v = beta + y[:, 0].log()  # (B, N_t)
         # exact u-update, forming the kernel: it becomes the current plan
@@ -250,8 +280,12 @@ def sinkhorn_scaling(k: torch.Tensor, u: torch.Tensor, log_a: torch.Tensor,
         kern.mul_((a[:, 0] / s)[:, :, None])
         x, y = torch.ones_like(a), torch.ones_like(b)
         ones_x = ones_y = True
+        if tol > 0 and it % CHECK_EVERY == 0 and _converged(kern, x, y, b, tol):
+            break
     if stats is not None:
         stats.update(exact_v=exact_v, exact_u=exact_u)
+        if tol > 0:
+            stats["iters"] = done
     # P = diag(x) K diag(y); after a scaling u-update x = a / (K y): the rows sum to a
     if not ones_y:
         kern.mul_(y)

@@ -20,7 +20,7 @@ gradient, the teacher-space (isometry) shortcut and the measured figures:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.core.schema import spec
-from distill.losses import LossOutput, check_fields, register_loss
-from distill.losses.alignment import FixedTeacherProjection
+from distill.losses import LazyAux, LossOutput, check_fields, register_loss
+from distill.losses.alignment import FixedTeacherProjection, teacher_layer_norm
 from distill.losses.sinkhorn import (
     log_marginal,
     sinkhorn_log_batched,
@@ -48,7 +48,7 @@ class OTConfig:
 
     dim: int = spec(128, help="common width d of the projected tokens", ge=1)
     reg: float = spec(0.05, help="entropic regularisation ε", gt=0)
-    iters: int = spec(50, help="Sinkhorn iterations (fixed)", ge=1)
+    iters: int = spec(50, help="Sinkhorn iterations (fixed; with tol, the most)", ge=1)
     lead_prior: float = spec(0.0, help="cost added where the two tokens' leads differ; a "
                              "lead -1 token pays none", ge=0)
     normalize: bool = spec(True, help="L2-normalise the projected tokens before the squared "
@@ -58,6 +58,10 @@ class OTConfig:
     grad: Literal["envelope", "unrolled"] = spec(
         "envelope", help="envelope: gradient P·∂C (plan held fixed); unrolled: autograd "
         "through the iterations")
+    tol: float = spec(0.0, help="stop the Sinkhorn iterations early once every record's "
+                      "column marginals are within tol of the teacher's masses (L2 norm, "
+                      "checked after iterations 1, 11, 21, ... as POT's stopThr); 0 = always "
+                      "iters iterations; changes the numbers", ge=0, since="0.6")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -121,29 +125,6 @@ def _project(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     return layer(x)
 
 
-class _Aux(Mapping[str, torch.Tensor]):
-    """The loss's named outputs: a read-only mapping in which an entry given as a
-    zero-argument function is computed on first access, then kept."""
-
-    def __init__(self, entries: dict[str, torch.Tensor | Callable[[], torch.Tensor]]) -> None:
-        self._entries = entries
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        value = self._entries[key]
-        if not isinstance(value, torch.Tensor):
-            value = self._entries[key] = value()
-        return value
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({list(self._entries)})"
-
-
 def _out_of_autocast(fn: Callable[..., torch.Tensor],
                      *args: torch.Tensor) -> Callable[[], torch.Tensor]:
     """``fn(*args)`` for later, run with autocast off and autograd on (as in the forward)."""
@@ -177,7 +158,8 @@ class OTLeadMatching(nn.Module):
     Args:
         student_dim: D_s, width of the student's tokens.
         teacher_dim: D_t, width of the teacher's tokens.
-        dim, reg, iters, lead_prior, normalize, project, grad: the fields of ``OTConfig``.
+        dim, reg, iters, lead_prior, normalize, project, grad, tol: the fields of
+            ``OTConfig``.
 
     Raises:
         ValueError: a bad config value, or ``project=False`` with D_s != D_t.
@@ -186,10 +168,10 @@ class OTLeadMatching(nn.Module):
     def __init__(self, student_dim: int, teacher_dim: int, *, dim: int = 128,
                  reg: float = 0.05, iters: int = 50, lead_prior: float = 0.0,
                  normalize: bool = True, project: bool = True,
-                 grad: Literal["envelope", "unrolled"] = "envelope") -> None:
+                 grad: Literal["envelope", "unrolled"] = "envelope", tol: float = 0.0) -> None:
         super().__init__()
         self.config = OTConfig(dim=dim, reg=reg, iters=iters, lead_prior=lead_prior,
-                               normalize=normalize, project=project, grad=grad)
+                               normalize=normalize, project=project, grad=grad, tol=tol)
         c = self.config
         if c.project:
             # Learnable on the student side only (and without a bias): a learnable teacher
@@ -281,7 +263,8 @@ class OTLeadMatching(nn.Module):
                   student_mask: torch.Tensor | None = None,
                   teacher_mask: torch.Tensor | None = None,
                   student_weights: torch.Tensor | None = None,
-                  teacher_weights: torch.Tensor | None = None) -> LossOutput:
+                  teacher_weights: torch.Tensor | None = None,
+                  context: dict[str, Any] | None = None) -> LossOutput:
         """Entropic OT between the two token sets of every record.
 
         Args:
@@ -289,6 +272,8 @@ class OTLeadMatching(nn.Module):
             student_leads: [N_s] int (0..11 or -1) or None (all -1); teacher_leads: [N_t].
             student_mask: [B, N_s] bool (True = real) or None; teacher_mask: [B, N_t].
             student_weights: [B, N_s] token masses or None (uniform); teacher_weights: [B, N_t].
+            context: the objective's context, or None: the teacher's layer norm is read from
+                (or memoised in) it, shared with ``mhca`` (``teacher_layer_norm``).
 
         Returns:
             LossOutput(value: scalar mean over records of <P, C>; aux, a read-only mapping:
@@ -322,13 +307,17 @@ class OTLeadMatching(nn.Module):
                 q, q_out = iso
                 weight = q.T @ self.student_proj.weight.to(dtype)  # (D_t, D_s)
                 zs = F.linear(student_tokens.to(dtype), weight)  # (B, N_s, D_t)
-                with torch.no_grad():
-                    xt = F.layer_norm(teacher_tokens.detach().to(dtype), (q.shape[1],))
-                    xt, yy = _normalized(xt, inplace=True)  # (B, N_t, D_t), (B, N_t)
+                with torch.no_grad():  # the layer norm may be shared: not in place then
+                    xt = teacher_layer_norm(teacher_tokens, dtype, context)
+                    xt, yy = _normalized(xt, inplace=context is None)  # (B,N_t,D_t), (B,N_t)
             else:
                 zs = _project(self.student_proj, student_tokens, dtype)  # (B, N_s, d)
                 with torch.no_grad():  # the teacher is a fixed target, as in every other term
-                    xt = _project(self.teacher_proj, teacher_tokens.detach(), dtype)
+                    if type(self.teacher_proj) is FixedTeacherProjection:
+                        xt = self.teacher_proj.project_normalized(
+                            teacher_layer_norm(teacher_tokens, dtype, context))
+                    else:
+                        xt = _project(self.teacher_proj, teacher_tokens.detach(), dtype)
                     if c.normalize:  # in place unless xt is the caller's tensor (identity)
                         shared = xt.untyped_storage().data_ptr() == \
                             teacher_tokens.untyped_storage().data_ptr()
@@ -346,7 +335,7 @@ class OTLeadMatching(nn.Module):
                 cost = squared_distances(xs, xt)  # (B, N_s, N_t)
                 if prior is not None:
                     cost = cost + prior[None]
-                plan, _, _ = sinkhorn_log_batched(cost, c.reg, c.iters, log_a, log_b)
+                plan, _, _ = sinkhorn_log_batched(cost, c.reg, c.iters, log_a, log_b, c.tol)
                 per_record = (plan * cost).sum((1, 2))  # (B,)
                 transported = torch.bmm(plan, xt)  # (B, N_s, d)
                 neg_entropy = torch.where(plan > 0, plan * plan.clamp_min(tiny).log(),
@@ -360,7 +349,7 @@ class OTLeadMatching(nn.Module):
                 lambda t, w, s: F.linear(t, w) * s[:, :, None], transported, q_out, inv_a)
             student = _out_of_autocast(
                 lambda z, w: F.linear(F.normalize(z, dim=-1), w), zs, q_out)
-        aux = _Aux({"plan": plan.detach(), "barycentric": barycentric, "student_tokens": student,
+        aux = LazyAux({"plan": plan.detach(), "barycentric": barycentric, "student_tokens": student,
                     "cost": cost.detach(), "per_record": per_record.detach(),
                     "objective": objective})
         return LossOutput(per_record.mean(), aux)
@@ -405,7 +394,8 @@ class OTLeadMatching(nn.Module):
             if prior is not None:
                 cost.add_(prior[None])
             k = torch.div(cost, -c.reg)  # (B, N_s, N_t) = −C/ε
-            plan, _, _ = sinkhorn_scaling(k, zero_potentials(log_a), log_a, log_b, c.iters)
+            plan, _, _ = sinkhorn_scaling(k, zero_potentials(log_a), log_a, log_b, c.iters,
+                                          tol=c.tol)
             value = torch.mul(plan, cost, out=k).sum((1, 2))  # (B,) <P, C>; k is scratch
             transported = torch.bmm(plan, xt)  # (B, N_s, w) = P y
             rows = plan.sum(2)  # (B, N_s) r = P 1
@@ -443,7 +433,7 @@ class OTLeadMatching(nn.Module):
             student_leads=student_out.token_leads, teacher_leads=teacher_out.token_leads,
             student_mask=student_out.token_mask, teacher_mask=teacher_out.token_mask,
             student_weights=batch.get("ot_student_weights"),
-            teacher_weights=batch.get("ot_teacher_weights"))
+            teacher_weights=batch.get("ot_teacher_weights"), context=context)
         if context is not None:
             context["ot.plan"] = out.aux["plan"]
             context["ot.barycentric"] = out.aux["barycentric"]
