@@ -27,6 +27,11 @@ The stages (one module each under :mod:`distill.run.stages`):
   ``export/``, each verified in a fresh process (:mod:`distill.hub.export`); publishing is
   the explicit ``ecg-distill publish``.
 
+Before a stage starts (and before ``--force`` deletes anything of it), its disk estimate
+(:func:`distill.run.plan.stage_disk_need`) is compared with the free space where it
+writes; a stage that would not fit is refused with one line saying how much it needs and
+how to reduce it.
+
 Training stages continue an interrupted job with ``resume=True`` (``--resume``); without
 it a job folder holding checkpoints is refused, so nothing is overwritten by accident.
 ``--force STAGE`` deletes the stage's folders and redoes it.
@@ -52,6 +57,7 @@ from distill.core.layout import RunLayout
 from distill.core.schema import closest
 from distill.engine.accel import process_state
 from distill.recipe import Recipe, read_yaml, recipe_from_dict, write_resolved
+from distill.run.plan import check_disk
 from distill.run.stage import RunContext, Stage
 from distill.run.stages import STAGE_NAMES, STAGES
 
@@ -150,6 +156,9 @@ def run_pipeline(recipe: Recipe, *, force: Sequence[str] = (), dry_run: bool = F
             if plan[stage.name] == "skip":
                 print(f"[{stage.name}] complete, skipped (--force {stage.name} redoes it)")
                 continue
+            # before anything of it is deleted: refused when its disk estimate exceeds the
+            # free space (every process checks, so all stop together)
+            check_disk(stage.name, ctx)
             if stage.name in force and state.is_main_process:
                 _clear(stage, run_dir)
             state.wait_for_everyone()
