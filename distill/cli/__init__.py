@@ -67,6 +67,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from distill.recipe import load_recipe
+    from distill.run.plan import format_plan, plan_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    log = (lambda line: None) if args.quiet else (lambda line: print(f"[plan] {line}",
+                                                                      file=sys.stderr))
+    plan = plan_recipe(recipe, records=args.records, batches=args.batches,
+                       progress=not args.quiet, log=log)
+    print(format_plan(plan))
+    return 0
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from distill.engine.pretrain import run_pretrain
     from distill.recipe import load_recipe
@@ -375,6 +388,23 @@ def build_parser() -> argparse.ArgumentParser:
                                        f"{', '.join(stages)} (complete ones are skipped); "
                                        f"works the same under `accelerate launch`.")
         _add_run_args(p)
+
+    p = sub.add_parser("plan", help="what a recipe will cost per stage (time, memory, disk) "
+                                    "before running it",
+                       description="Measure a few batches of each stage of the recipe on this "
+                                   "machine (a teacher not downloaded here: its configuration "
+                                   "on the meta device, timed by its FLOPs) and print, per "
+                                   "stage, the time, peak memory and disk for the recipe's data "
+                                   "set and extrapolated to --records, and the teacher cache's "
+                                   "size for each token storage option.")
+    _add_recipe_args(p)
+    p.add_argument("--records", type=int, default=None, metavar="N",
+                   help="also extrapolate to N records (e.g. 21837 for PTB-XL, 800000 for "
+                        "MIMIC-IV-ECG)")
+    p.add_argument("--batches", type=int, default=2, metavar="B",
+                   help="batches timed per measurement, after one warm-up (default 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("pretrain", help="masked self-supervised pretraining of a foundation "
                                         "model (the recipe's pretrain section)",

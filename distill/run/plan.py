@@ -47,7 +47,19 @@ from torch.utils.data import DataLoader
 
 from distill.core.errors import ECGDistillError, RecipeError
 from distill.core.leads import NUM_LEADS
+from distill.data.load import cache_root, data_folder, render_config, synthetic_folder
+from distill.data.render import patch_lead_map, render_batch
+from distill.engine.factory import build_student, build_teacher, reads_images, student_name
+from distill.engine.jobs import (ablation_recipe, augment_draws, baseline_job, code_levels,
+                                 distill_job, load_frozen_teacher, load_job_data, teacher_inputs,
+                                 teacher_job, teacher_runs_live)
+from distill.engine.teacher_cache import TeacherOutputs
+from distill.losses import loss_family
 from distill.recipe import Recipe
+from teachers import zoo
+from teachers.signal import frame_leads
+from teachers.tiny import TINY_NAMES, resolve_tiny
+from teachers.vlm import VLMTeacher
 
 __all__ = ["KNOWN_CONFIGS", "Plan", "StageEstimate", "TeacherShapes", "cache_entry_bytes",
            "check_disk", "format_bytes", "format_plan", "format_seconds", "free_bytes",
@@ -118,7 +130,6 @@ def projection_width(recipe: Recipe) -> int | None:
     tokens); None when neither is weighted. Assumption: mhca's keys (a learnable W_k of the
     full tokens) are served from the projected tokens too, which is what makes this option
     exact for the values and the OT costs but a change of the key's input for mhca."""
-    from distill.losses import loss_family
 
     d = recipe.distill
     widths = []
@@ -212,8 +223,6 @@ def known_config(name: str) -> Any | None:
 def _local_source(kind: str, name_or_path: str) -> Path | None:
     """The local folder a teacher's backbone loads from (a tiny preset, a shipped teacher,
     a folder, or a hub id already in the Hugging Face cache), else None."""
-    from teachers import zoo
-    from teachers.tiny import TINY_NAMES, resolve_tiny
 
     if str(name_or_path) in TINY_NAMES.get(kind, {}):
         return Path(resolve_tiny(kind, name_or_path))
@@ -255,9 +264,6 @@ def teacher_config(recipe: Recipe) -> tuple[Any | None, str]:
 
 def _analytic_shapes(recipe: Recipe, classes: int) -> TeacherShapes | None:
     """The teacher's output shapes from its configuration alone (vlm and signal kinds)."""
-    from distill.data.load import render_config
-    from distill.data.render import patch_lead_map
-    from distill.engine.jobs import code_levels
 
     if code_levels(recipe):
         return None  # a tokenized teacher: probed
@@ -265,7 +271,7 @@ def _analytic_shapes(recipe: Recipe, classes: int) -> TeacherShapes | None:
     if config is None:
         return None
     t = recipe.teacher
-    if t.kind == "vlm" and hasattr(config, "vision_config"):
+    if hasattr(config, "vision_config") and hasattr(config, "image_seq_length"):  # LLaVA
         n = int(getattr(config, "image_seq_length", 0) or 0)
         size = int(config.vision_config.image_size)
         cls = config.vision_feature_select_strategy == "full"
@@ -278,8 +284,7 @@ def _analytic_shapes(recipe: Recipe, classes: int) -> TeacherShapes | None:
         d = int(config.text_config.hidden_size)
         return TeacherShapes(tokens=n, dim=d, pooled=d, classes=classes,
                              token_leads=tuple(leads), source=source)
-    if t.kind == "signal" and hasattr(config, "conv_stride"):
-        from teachers.signal import frame_leads
+    if hasattr(config, "conv_stride") and hasattr(config, "conv_kernel"):  # HuBERT
 
         segment = round(float(getattr(t, "seconds", 5.0) or 5.0) * 100.0)
         leads = frame_leads(NUM_LEADS * segment, segment, list(config.conv_kernel),
@@ -342,14 +347,12 @@ def data_bytes_per_record(recipe: Recipe) -> dict[str, int]:
     """Bytes per record the data stage writes: the decoded signals (float32 [12, T] at the
     recipe's rate), the rendered printouts (uint8 [3, H, W]) when a model reads them, and
     the synthetic default's WFDB files (int16 per lead and sample at each rate)."""
-    from distill.engine.factory import reads_images
 
     data = recipe.data
     out = {"signals": 4 * NUM_LEADS * 10 * int(data.sampling_rate)}
     if reads_images(recipe):
         out["images"] = 3 * int(data.image.height) * int(data.image.width)
     if data.path is None:
-        from distill.data.load import synthetic_folder
 
         if not (synthetic_folder(data) / "ptbxl_database.csv").is_file():
             out["synthetic records"] = sum(2 * NUM_LEADS * 10 * r + 1100
@@ -589,7 +592,6 @@ def _stand_in_cache(shapes: TeacherShapes, n: int, logits: np.ndarray | None = N
     """Teacher outputs of the right shapes for ``n`` records without their memory: one
     random record broadcast to all (the students' training reads them exactly as it reads
     the cache)."""
-    from distill.engine.teacher_cache import TeacherOutputs
 
     rng = np.random.default_rng(0)
 
@@ -618,11 +620,6 @@ def plan_recipe(recipe: Recipe, records: int | None = None, batches: int = 2,
         progress: progress bars while loading the data.
         log: called with a line as each part is measured.
     """
-    from distill.core.layout import ModelId  # noqa: F401  (the run folder's names)
-    from distill.engine.factory import build_teacher, reads_images, student_name
-    from distill.engine.jobs import (ablation_recipe, augment_draws, baseline_job, distill_job,
-                                     load_job_data, teacher_inputs, teacher_job,
-                                     teacher_runs_live)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     machine = (torch.cuda.get_device_name(0) if device.type == "cuda"
@@ -645,12 +642,10 @@ def plan_recipe(recipe: Recipe, records: int | None = None, batches: int = 2,
     per = per_data
     est.disk_per_record = sum(per.values())
     est.memory = data_peak.peak
-    from distill.data.render import render_batch
 
     sig = np.stack([jd.data.signal(i) for i in range(min(8, n))]).astype(np.float32)
     start = time.perf_counter()
     if reads_images(recipe):
-        from distill.data.load import render_config
 
         render_batch(sig, jd.data.sampling_rate, render_config(recipe.data))
     render = (time.perf_counter() - start) / len(sig)
@@ -672,7 +667,7 @@ def plan_recipe(recipe: Recipe, records: int | None = None, batches: int = 2,
             teacher, classes, "one forward of the teacher")
         shapes = dataclasses.replace(shapes, parameters=sum(p.numel() for p in
                                                             teacher.parameters()))
-    elif t.kind == "vlm" and config is not None:
+    elif config is not None and hasattr(config, "vision_config"):  # a LLaVA configuration
         shapes = _analytic_shapes(recipe, classes)
     else:
         raise RecipeError(f"teacher.name_or_path: {t.name_or_path} is neither here nor a "
@@ -720,7 +715,6 @@ def plan_recipe(recipe: Recipe, records: int | None = None, batches: int = 2,
         shapes = dataclasses.replace(shapes, parameters=sum(p.numel() for p in meta.parameters()))
         lines.append(f"teacher {t.kind} {t.name_or_path}: {cfg_source}, instantiated on the "
                      f"meta device: {shapes.parameters:,} parameters")
-        from teachers.vlm import VLMTeacher
 
         bits = {"4bit": 4, "8bit": 8}.get(t.load_in, 0)
         weights = _state_bytes(meta, bits, VLMTeacher.quant_skip_modules or [])
@@ -857,7 +851,6 @@ def _decode_seconds(data: Any, recipe: Recipe, k: int = 8) -> float:
     0 when the records are not WFDB files here)."""
     import wfdb
 
-    from distill.data.load import data_folder
 
     info = getattr(data, "info", None)
     folder = data_folder(recipe.data, progress=False)
@@ -934,9 +927,6 @@ def stage_disk_need(stage: str, ctx: Any) -> tuple[int, Path, str] | None:
     """(bytes a stage of ``run`` is about to write, where, how to reduce it), or None for
     the stages whose output is small (evaluate, quantize, report, export). Sizes only:
     nothing is run or trained."""
-    from distill.data.load import cache_root
-    from distill.engine.factory import build_student
-    from distill.engine.jobs import augment_draws, load_frozen_teacher, teacher_runs_live
 
     recipe = ctx.recipe
     if stage == "data":
