@@ -39,6 +39,7 @@ from torch import nn
 
 from distill.core.bnb import bnb_config
 from distill.core.contract import ECGModelOutput
+from distill.core.weights import mark_loaded
 from distill.core.registry import Registry
 from teachers import zoo
 
@@ -137,7 +138,22 @@ def load_backbone(auto_class: Any, source: str | os.PathLike, *, load_in: str,
     qconfig = quantization_config(load_in, skip_modules=skip_modules)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-    return auto_class.from_pretrained(str(source), **kwargs)
+    model = auto_class.from_pretrained(str(source), **kwargs)
+    return mark_loaded(model, weights_folder(source))
+
+
+def weights_folder(source: str | os.PathLike) -> Path | None:
+    """The folder ``from_pretrained(source)`` read: ``source`` itself, or a hub id's snapshot
+    in the local hub cache (None when it cannot be found without a download)."""
+    if Path(source).is_dir():
+        return Path(source)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(str(source), "config.json")
+    except Exception:  # not a hub id; the cache key then hashes the tensors themselves
+        return None
+    return Path(found).parent if isinstance(found, str) else None
 
 
 class TeacherAdapter(nn.Module):

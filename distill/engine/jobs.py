@@ -662,30 +662,32 @@ def build_teacher_cache(jd: JobData, teacher: nn.Module, progress: bool = True,
     record), from the cache or computed now (on this process's device: the GPU when there
     is one). With ``train.augment.views`` = K, its outputs on each of the K fixed augmented
     draws of every record (the signal augmented, then rendered for an image teacher)."""
+    recipe = jd.recipe
+    set_code_levels(teacher, recipe)
+    data, images = (jd.transfer, jd.transfer_images) if transfer else (jd.data, jd.images)
+    draws = augment_draws(recipe)
+    # the keys first: the weights' identity is read from the files the teacher was loaded
+    # from while its tensors are the ones loaded (moving them to a device makes new ones)
+    keys = ([teacher_cache_key(jd, teacher, data)] if not draws else
+            [teacher_cache_key(jd, teacher, data, draw=d) for d in range(draws)])
     device = process_state().device
     if getattr(teacher, "quantized", False):  # placed by bitsandbytes when loaded
         device = next(teacher.parameters()).device
     else:
         teacher.to(device)
 
-    recipe = jd.recipe
-    set_code_levels(teacher, recipe)
     views = {"teacher": jd.views["teacher"]}
-    data, images = (jd.transfer, jd.transfer_images) if transfer else (jd.data, jd.images)
     common = dict(cache_dir=recipe.data.cache_dir, progress=progress, rebuild=rebuild,
                   batch_size=batch_size or recipe.train.batch_size, device=device)
-    draws = augment_draws(recipe)
     if not draws:
         reads = images is not None and jd.teacher_class.reads_images()
         dataset = data.split("all", views, extras={"image": images} if reads else None)
-        return teacher_outputs(teacher, dataset, teacher_inputs(recipe),
-                               key=teacher_cache_key(jd, teacher, data), **common)
+        return teacher_outputs(teacher, dataset, teacher_inputs(recipe), key=keys[0], **common)
     render = render_config(recipe.data) if jd.teacher_class.reads_images() else None
     out = []
     for d in range(draws):
         dataset = data.split("all", views, transform=augmentation(recipe), render=render,
                              seed=recipe.seed, draws=draws, draw=d)
-        out.append(teacher_outputs(teacher, dataset, teacher_inputs(recipe),
-                                   key=teacher_cache_key(jd, teacher, data, draw=d),
+        out.append(teacher_outputs(teacher, dataset, teacher_inputs(recipe), key=keys[d],
                                    desc=f"teacher outputs, view {d + 1}/{draws}", **common))
     return DrawnOutputs(out)

@@ -19,7 +19,8 @@ against 307 KB for the whole distributions); :func:`expand_codes` spreads the re
 mass evenly over the other codes when a batch is read (on the project's tokenizer the 16
 hold 0.9997 of the mass at level 1 and 0.993 at level 2).
 
-``key`` hashes the teacher's weights (every tensor of its state dict), its class and
+``key`` hashes the teacher's weights (:func:`weights_hash`: the identity of the files a
+backbone was loaded from while it is unchanged, every other tensor's bytes), its class and
 settings, the data set's fingerprint and the teacher's input settings (the render
 configuration or the signal view, and with fixed augmentation draws the augmentation, the
 seed and the draw), so a changed teacher or data set never reads a stale entry. The folder
@@ -31,7 +32,6 @@ With ``train.augment.views`` = K there is one entry per draw, gathered in
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -49,6 +49,7 @@ from distill.data.cache import default_cache_dir
 from distill.data.dataset import PerDraw
 from distill.core.errors import ECGDistillError
 from distill.core.hashing import stable_hash
+from distill.core.weights import weights_hash as core_weights_hash
 from distill.core.io import atomic_dir
 from distill.core.progress import progress_bar
 
@@ -58,16 +59,15 @@ FP16_MAX = float(np.finfo(np.float16).max)
 PREFIX = "teacher-outputs"
 
 
+WEIGHT_HASHES = "weight-file-hashes.json"  # in the data cache: local weight files' SHA-256
+
+
 def weights_hash(model: nn.Module) -> str:
-    """SHA-256 of every tensor in ``model.state_dict()`` (names, dtypes, shapes, bytes)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself (a 0-d
-            # tensor, such as batch norm's num_batches_tracked, is viewed as 1-d first)
-    return h.hexdigest()
+    """The identity of ``model``'s weights (:func:`distill.core.weights.weights_hash`): the
+    files it was loaded from stand for its tensors while they are unchanged (a hub
+    snapshot's blob names, a local folder's file hashes remembered in the data cache),
+    every other tensor is hashed, and the result is kept until a tensor changes."""
+    return core_weights_hash(model, memo_path=default_cache_dir() / WEIGHT_HASHES)
 
 
 def cache_key(teacher: nn.Module, data_fingerprint: str, inputs: Mapping[str, Any]) -> str:
