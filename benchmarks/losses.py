@@ -19,17 +19,27 @@ in the teacher's space where D = d makes the fixed teacher projection an isometr
 aux outputs "barycentric" and "student_tokens" are then computed on first access, so the
 loss is also timed with every aux entry read, as the training objective does.
 
-Run: ``python benchmarks/losses.py [--threads 2] [--repeats 5]``
+Then, per quickstart student (``recipes/quickstart.yaml``'s students, their own token
+shapes) against the quickstart teacher's tokens (N_t x D_t, ``--teacher-tokens``), the
+forward and the backward of every term of the objective, run as the objective runs them
+(one context, relation weighted too), beside the student's own forward+backward; with
+``--term-options mhca.student_tokens=48 ot.tol=1e-4`` the terms are built with those
+options; ``--profile`` adds, per student, the operations that take the most time
+(torch.profiler, forward and backward of every term together).
+
+Run: ``python benchmarks/losses.py [--threads 2] [--repeats 5] [--terms-only] [--profile]``
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,13 +47,18 @@ import ot
 import ot.batch
 import torch
 import torch.nn.functional as F
+import yaml
 
 import students
 from distill.core.contract import ECGModelOutput
 from distill.losses import LossFamily, loss_families
 from distill.losses.sinkhorn import sinkhorn_log_batched, squared_distances
+from distill.losses.objective import build_objective
 from distill.losses.transport import OTLeadMatching
 from distill.metrics.footprint import signal_batch
+from distill.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def ot_cost(loss: OTLeadMatching, xs: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
@@ -247,6 +262,105 @@ def relative_costs(args: argparse.Namespace) -> None:
     print("skipped: " + ("; ".join(skipped) if skipped else "none"))
 
 
+def term_options(pairs: list[str]) -> dict[str, dict[str, Any]]:
+    """``["mhca.student_tokens=48", "ot.tol=1e-4"]`` -> {"mhca": {"student_tokens": 48},
+    "ot": {"tol": 1e-4}} (numbers as int or float, anything else as a YAML scalar)."""
+    out: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        key, text = pair.split("=", 1)
+        term, field = key.split(".", 1)
+        value: Any
+        for kind in (int, float, yaml.safe_load):
+            try:
+                value = kind(text)
+                break
+            except ValueError:
+                continue
+        out.setdefault(term, {})[field] = value
+    return out
+
+
+def quickstart_terms(args: argparse.Namespace) -> None:
+    """Forward / backward ms of each objective term at every quickstart student's shapes."""
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml")
+    b, n_t, d_t = args.batch, *args.teacher_tokens
+    g = torch.Generator().manual_seed(2)
+    teacher = ECGModelOutput(  # the cache's fp16 values, read back as float32
+        logits=torch.randn(b, 5, generator=g), pooled=torch.randn(b, d_t, generator=g),
+        tokens=(torch.randn(b, n_t, d_t, generator=g) * 3).half().float(),
+        token_leads=torch.full((n_t,), -1))
+    batch = {"labels": (torch.rand(b, 5, generator=g) > 0.7).float()}
+    options = term_options(args.term_options)
+    weights = {**recipe.distill.weights, "relation": 1.0}
+    configs = {name: {**dataclasses.asdict(recipe.distill.losses[name]),
+                      **options.get(name, {})}
+               for name in weights if name in recipe.distill.losses}
+    print(f"\nThe objective's terms at the quickstart's shapes, B={b}, teacher tokens "
+          f"{n_t} x {d_t}, float32, median of {args.repeats} (ms; relation weighted too"
+          + (f"; options {' '.join(args.term_options)}" if args.term_options else "") + ")")
+    print(f"  {'student':<18}{'N_s x D_s':>11}{'term':>10}{'forward':>10}{'backward':>10}"
+          f"{'sum':>9}{'/ student':>11}")
+    for spec in recipe.students:
+        torch.manual_seed(0)
+        model = students.create(spec.family, spec.size, num_labels=5)
+        signal = signal_batch(b)
+        with torch.no_grad():
+            _, n_s, d_s = model.eval()(signal=signal["signal"][:2]).tokens.shape
+        model.train()
+        objective = build_objective(recipe.distill.alpha, weights, d_s, d_t, **configs)
+        xs = torch.randn(b, n_s, d_s, generator=g, requires_grad=True)
+        student = ECGModelOutput(logits=torch.randn(b, 5, generator=g, requires_grad=True),
+                                 tokens=xs, token_leads=torch.arange(n_s) % 12,
+                                 pooled=torch.randn(b, d_s, generator=g))
+        names = objective.active_terms
+        fwd: dict[str, list[float]] = {n: [] for n in names}
+        bwd: dict[str, list[float]] = {n: [] for n in names}
+        whole = student_step(model, signal)
+        own: list[float] = []
+
+        def step(record: bool) -> None:
+            context: dict[str, Any] = {}
+            for name in names:
+                start = time.perf_counter()
+                value = objective.losses[name](student, teacher, batch, context).value
+                mid = time.perf_counter()
+                value.backward()
+                if record:
+                    fwd[name].append(mid - start)
+                    bwd[name].append(time.perf_counter() - mid)
+
+        step(False)
+        whole()
+        for _ in range(args.repeats):  # interleaved with the student's own step
+            step(True)
+            start = time.perf_counter()
+            whole()
+            own.append(time.perf_counter() - start)
+        ref = statistics.median(own)
+        label = f"{spec.family}/{spec.size}"
+        print(f"  {label:<18}{f'{n_s} x {d_s}':>11}{'student':>10}{'':>20}"
+              f"{ref * 1e3:9.1f}{1.0:10.2f}x")
+        total = 0.0
+        for name in names:
+            f, w = statistics.median(fwd[name]), statistics.median(bwd[name])
+            total += f + w
+            print(f"  {'':<29}{name:>10}{f * 1e3:10.1f}{w * 1e3:10.1f}{(f + w) * 1e3:9.1f}"
+                  f"{(f + w) / ref:10.2f}x")
+        print(f"  {'':<29}{'all terms':>10}{'':>20}{total * 1e3:9.1f}{total / ref:10.2f}x")
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                for _ in range(args.repeats):
+                    step(False)
+            rows = sorted(prof.key_averages(group_by_input_shape=True),
+                          key=lambda e: -e.self_cpu_time_total)
+            print(f"  {label}: the operations of a step of every term (forward and backward), "
+                  f"ms per step")
+            for e in rows[:12]:
+                print(f"    {e.self_cpu_time_total / args.repeats / 1e3:8.2f}  x{e.count // args.repeats:<4d}"
+                      f"{e.key[:44]:<46}{str(e.input_shapes)[:70]}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -257,11 +371,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--reg", type=float, default=0.05)
+    parser.add_argument("--teacher-tokens", type=int, nargs=2, default=[196, 256],
+                        metavar=("N_T", "D_T"), help="the quickstart teacher's tokens "
+                        "(ecg-vlm-small: 196 patches of width 256)")
+    parser.add_argument("--term-options", nargs="*", default=[], metavar="TERM.KEY=VALUE",
+                        help="loss options for the per-student table, e.g. ot.tol=1e-4")
+    parser.add_argument("--terms-only", action="store_true",
+                        help="only the per-student table of the objective's terms")
+    parser.add_argument("--profile", action="store_true",
+                        help="the costliest operations of each student's terms")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, POT {ot.__version__}")
-    ot_benchmark(args)
-    relative_costs(args)
+    if not args.terms_only:
+        ot_benchmark(args)
+        relative_costs(args)
+    quickstart_terms(args)
 
 
 if __name__ == "__main__":

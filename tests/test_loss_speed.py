@@ -227,6 +227,54 @@ def test_relation_reads_the_subset_that_mhca_aligned() -> None:
     torch.testing.assert_close(value, ref, rtol=1e-12, atol=0)
 
 
+def test_teacher_tokens_is_one_subset_per_batch_shared_by_mhca_and_ot() -> None:
+    """mhca and ot asking for as many teacher tokens attend / transport to the same random
+    positions (drawn once per batch through the context), and equal the terms on those
+    tokens alone; evaluation reads every token."""
+    torch.manual_seed(10)
+    s = ECGModelOutput(tokens=tokens(3, 6, 5, seed=26), token_leads=torch.arange(6) % 12,
+                       logits=torch.zeros(3, 1, dtype=torch.float64))
+    t = ECGModelOutput(tokens=tokens(3, 12, 9, seed=27).detach(),
+                       token_leads=torch.arange(12) % 12)
+    objective = build_objective(1.0, {"mhca": 1.0, "ot": 1.0}, 5, 9,
+                                mhca={"dim": 8, "heads": 2, "teacher_tokens": 5},
+                                ot={"dim": 8, "teacher_tokens": 5}).double()
+    mhca, transport = objective.losses["mhca"], objective.losses["ot"]
+    context: dict = {}
+    m_value = mhca(s, t, {}, context).value
+    index = context["teacher.subset"][2][3]
+    assert index.shape == (5,) and bool((index.diff() > 0).all())
+    o_value = transport(s, t, {}, context).value
+    assert context["ot.plan"].shape == (3, 6, 5)
+    picked = ECGModelOutput(tokens=t.tokens[:, index], token_leads=t.token_leads[index])
+    mhca.eval(), transport.eval()
+    torch.testing.assert_close(m_value, mhca(s, picked, {}).value, rtol=1e-12, atol=0)
+    torch.testing.assert_close(o_value, transport(s, picked, {}).value, rtol=1e-12, atol=0)
+    full = objective.eval()(s, t, {"labels": torch.zeros(3, 1, dtype=torch.float64)})
+    torch.testing.assert_close(full.terms["mhca"], mhca(s, t, {}).value.detach())
+
+
+def test_teacher_tokens_keeps_every_token_when_a_record_would_lose_all_its_real_ones() -> None:
+    from distill.losses.alignment import teacher_subset
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[0] = True
+    mask[1, 3] = True  # record 1 has one real token: most subsets of 4 miss it
+    t = ECGModelOutput(tokens=torch.randn(2, 10, 4), token_mask=mask,
+                       token_leads=torch.arange(10))
+    kept = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        out_tokens, out_mask, leads, index = teacher_subset(t, 4, None, training=True)
+        if index is None:
+            assert out_tokens is t.tokens and out_mask is mask
+        else:
+            kept += 1
+            assert bool(out_mask.any(1).all()) and torch.equal(leads, index)
+    assert 0 < kept < 20
+    assert teacher_subset(t, 4, None, training=False)[3] is None
+    assert teacher_subset(t, 10, None, training=True)[3] is None
+
+
 # ----------------------------------------------------------------------------- ot.tol
 
 
@@ -312,10 +360,13 @@ def test_new_options_stay_out_of_the_hashes_at_their_defaults() -> None:
     from distill.recipe import load_recipe
     quickstart = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
     plain = load_recipe(quickstart)
-    explicit = load_recipe(quickstart, ["distill.mhca.student_tokens=0", "distill.ot.tol=0"])
+    explicit = load_recipe(quickstart, ["distill.mhca.student_tokens=0", "distill.ot.tol=0",
+                                        "distill.mhca.teacher_tokens=0",
+                                        "distill.ot.teacher_tokens=0"])
     assert plain.distill.hash_dict() == explicit.distill.hash_dict()
     assert plain.hash_dict() == explicit.hash_dict()
     flat = str(plain.distill.hash_dict())
-    assert "student_tokens" not in flat and "tol" not in flat
-    for option in ["distill.mhca.student_tokens=64", "distill.ot.tol=1e-4"]:
+    assert "student_tokens" not in flat and "teacher_tokens" not in flat and "tol" not in flat
+    for option in ["distill.mhca.student_tokens=64", "distill.ot.tol=1e-4",
+                   "distill.mhca.teacher_tokens=49", "distill.ot.teacher_tokens=49"]:
         assert load_recipe(quickstart, [option]).distill.hash_dict() != plain.distill.hash_dict()

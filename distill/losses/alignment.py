@@ -51,6 +51,51 @@ from distill.core.schema import spec
 from distill.losses import LazyAux, LossOutput, check_fields, register_loss
 
 LAYER_NORM_KEY = "teacher.layer_norm"  # the context entry that memoises teacher_layer_norm
+SUBSET_KEY = "teacher.subset"  # the context entry that memoises teacher_subset
+
+
+def teacher_subset(teacher_out: Any, count: int, context: dict[str, Any] | None,
+                   training: bool) -> tuple[torch.Tensor, torch.Tensor | None,
+                                            torch.Tensor | None, torch.Tensor | None]:
+    """A random subset of ``count`` teacher token positions for this step (the options
+    ``mhca.teacher_tokens`` and ``ot.teacher_tokens``), the same for every record and, through
+    the objective's ``context``, for every term that asks for as many in this batch (so the
+    teacher's layer norm of the subset is taken once too).
+
+    All tokens when ``count`` is 0 or at least N_t, outside training, or when the subset
+    would leave a record with real tokens (``token_mask``) without any.
+
+    Args:
+        teacher_out: ECGModelOutput with ``tokens`` [B, N_t, D_t], optional ``token_mask``
+            [B, N_t] and ``token_leads`` [N_t].
+        count: K, the positions kept (0 = all).
+        context: the objective's context, or None.
+        training: whether the calling term is in training mode (positions are drawn from
+            the global RNG only then).
+
+    Returns:
+        (tokens [B, K, D_t], token_mask [B, K] or None, token_leads [K] or None, the
+        positions [K] or None when all are kept).
+    """
+    tokens = teacher_out.tokens
+    mask = getattr(teacher_out, "token_mask", None)
+    leads = getattr(teacher_out, "token_leads", None)
+    n_t = tokens.shape[1]
+    if not training or count <= 0 or count >= n_t:
+        return tokens, mask, leads, None
+    memo = None if context is None else context.get(SUBSET_KEY)
+    if memo is not None and memo[0] is tokens and memo[1] == count:
+        return memo[2]
+    index = torch.randperm(n_t)[:count].sort().values.to(tokens.device)  # (K,)
+    sub_mask = None if mask is None else mask.index_select(1, index)
+    if sub_mask is not None and bool((mask.bool().any(1) & ~sub_mask.bool().any(1)).any()):
+        result = (tokens, mask, leads, None)
+    else:
+        result = (tokens.index_select(1, index), sub_mask,
+                  None if leads is None else leads.to(tokens.device)[index], index)
+    if context is not None:
+        context[SUBSET_KEY] = (tokens, count, result)
+    return result
 
 
 def teacher_layer_norm(tokens: torch.Tensor, dtype: torch.dtype,
@@ -116,6 +161,10 @@ class MHCAConfig:
         "(the same for every record of the batch, drawn afresh each step from the global "
         "RNG; an unbiased estimate of the loss and its gradient); 0 = all tokens; changes "
         "the numbers, evaluation mode always uses all", ge=0, since="0.6")
+    teacher_tokens: int = spec(
+        0, help="attend over a random subset of this many teacher token positions per step "
+        "(drawn afresh each step, shared with ot when it draws as many); 0 = all tokens; "
+        "changes the numbers, evaluation mode always uses all", ge=0, since="0.6")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -164,10 +213,11 @@ class MHCAAlignment(nn.Module):
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, *, dim: int = 128, heads: int = 4,
-                 dropout: float = 0.0, student_tokens: int = 0) -> None:
+                 dropout: float = 0.0, student_tokens: int = 0,
+                 teacher_tokens: int = 0) -> None:
         super().__init__()
         self.config = MHCAConfig(dim=dim, heads=heads, dropout=dropout,
-                                 student_tokens=student_tokens)
+                                 student_tokens=student_tokens, teacher_tokens=teacher_tokens)
         self.config.validate("mhca")
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
         self.student_proj = nn.Linear(student_dim, dim)  # W_s: student tokens → common width
@@ -256,14 +306,16 @@ class MHCAAlignment(nn.Module):
             LossOutput(value: scalar, the mean over all real student tokens of the batch;
             aux, a read-only mapping: "attention" [B, heads, N_s, N_t] (computed on first
             access), "per_record" [B] each record's mean). With ``student_tokens`` = K <
-            N_s in training, N_s is K: the positions of a random subset.
+            N_s in training, N_s is K: the positions of a random subset; likewise N_t with
+            ``teacher_tokens`` (``teacher_subset``).
         """
         s_tokens, t_tokens = student_out.tokens, teacher_out.tokens
         if s_tokens.shape[-1] != self.student_dim or t_tokens.shape[-1] != self.teacher_dim:
             raise ValueError(f"mhca: built for widths student {self.student_dim} / teacher "
                              f"{self.teacher_dim}, got {s_tokens.shape[-1]} / "
                              f"{t_tokens.shape[-1]}")
-        t_mask = getattr(teacher_out, "token_mask", None)
+        t_tokens, t_mask, _, _ = teacher_subset(teacher_out, self.config.teacher_tokens,
+                                                context, self.training)
         s_mask = getattr(student_out, "token_mask", None)
         index = None
         n_s, keep_n = s_tokens.shape[1], self.config.student_tokens
@@ -294,7 +346,8 @@ class MHCAAlignment(nn.Module):
         c = self.config
         return (f"student_dim={self.student_dim}, teacher_dim={self.teacher_dim}, dim={c.dim}, "
                 f"heads={c.heads}, dropout={c.dropout}"
-                + (f", student_tokens={c.student_tokens}" if c.student_tokens else ""))
+                + (f", student_tokens={c.student_tokens}" if c.student_tokens else "")
+                + (f", teacher_tokens={c.teacher_tokens}" if c.teacher_tokens else ""))
 
 
 class FixedTeacherProjection(nn.Module):
@@ -321,4 +374,4 @@ class FixedTeacherProjection(nn.Module):
 
 
 __all__ = ["FixedTeacherProjection", "MHCAAlignment", "MHCAConfig", "attention_weights",
-           "semi_orthogonal", "teacher_layer_norm"]
+           "semi_orthogonal", "teacher_layer_norm", "teacher_subset"]

@@ -30,7 +30,7 @@ from torch import nn
 
 from distill.core.schema import spec
 from distill.losses import LazyAux, LossOutput, check_fields, register_loss
-from distill.losses.alignment import FixedTeacherProjection, teacher_layer_norm
+from distill.losses.alignment import FixedTeacherProjection, teacher_layer_norm, teacher_subset
 from distill.losses.sinkhorn import (
     log_marginal,
     sinkhorn_log_batched,
@@ -62,6 +62,10 @@ class OTConfig:
                       "column marginals are within tol of the teacher's masses (L2 norm, "
                       "checked after iterations 1, 11, 21, ... as POT's stopThr); 0 = always "
                       "iters iterations; changes the numbers", ge=0, since="0.6")
+    teacher_tokens: int = spec(
+        0, help="transport to a random subset of this many teacher token positions per "
+        "step (drawn afresh each step, shared with mhca when it draws as many); 0 = all "
+        "tokens; changes the numbers, evaluation mode always uses all", ge=0, since="0.6")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -158,8 +162,8 @@ class OTLeadMatching(nn.Module):
     Args:
         student_dim: D_s, width of the student's tokens.
         teacher_dim: D_t, width of the teacher's tokens.
-        dim, reg, iters, lead_prior, normalize, project, grad, tol: the fields of
-            ``OTConfig``.
+        dim, reg, iters, lead_prior, normalize, project, grad, tol, teacher_tokens: the
+            fields of ``OTConfig``.
 
     Raises:
         ValueError: a bad config value, or ``project=False`` with D_s != D_t.
@@ -168,10 +172,12 @@ class OTLeadMatching(nn.Module):
     def __init__(self, student_dim: int, teacher_dim: int, *, dim: int = 128,
                  reg: float = 0.05, iters: int = 50, lead_prior: float = 0.0,
                  normalize: bool = True, project: bool = True,
-                 grad: Literal["envelope", "unrolled"] = "envelope", tol: float = 0.0) -> None:
+                 grad: Literal["envelope", "unrolled"] = "envelope", tol: float = 0.0,
+                 teacher_tokens: int = 0) -> None:
         super().__init__()
         self.config = OTConfig(dim=dim, reg=reg, iters=iters, lead_prior=lead_prior,
-                               normalize=normalize, project=project, grad=grad, tol=tol)
+                               normalize=normalize, project=project, grad=grad, tol=tol,
+                               teacher_tokens=teacher_tokens)
         c = self.config
         if c.project:
             # Learnable on the student side only (and without a bias): a learnable teacher
@@ -422,18 +428,24 @@ class OTLeadMatching(nn.Module):
             batch: may carry token masses ``ot_student_weights`` [B, N_s] and
                 ``ot_teacher_weights`` [B, N_t] (default uniform over real tokens).
             context: if given, receives ``ot.plan`` [B, N_s, N_t] and ``ot.barycentric``
-                [B, N_s, d] for later terms.
+                [B, N_s, d] for later terms. With ``teacher_tokens`` = K < N_t in training,
+                N_t is K: a random subset of the teacher's tokens (``teacher_subset``).
 
         Returns:
             LossOutput as from ``transport``.
         """
         batch = batch or {}
+        t_tokens, t_mask, t_leads, index = teacher_subset(
+            teacher_out, self.config.teacher_tokens, context, self.training)
+        t_weights = batch.get("ot_teacher_weights")
+        if index is not None and t_weights is not None:
+            t_weights = t_weights.index_select(1, index.to(t_weights.device))
         out = self.transport(
-            student_out.tokens, teacher_out.tokens,
-            student_leads=student_out.token_leads, teacher_leads=teacher_out.token_leads,
-            student_mask=student_out.token_mask, teacher_mask=teacher_out.token_mask,
-            student_weights=batch.get("ot_student_weights"),
-            teacher_weights=batch.get("ot_teacher_weights"), context=context)
+            student_out.tokens, t_tokens,
+            student_leads=student_out.token_leads, teacher_leads=t_leads,
+            student_mask=student_out.token_mask, teacher_mask=t_mask,
+            student_weights=batch.get("ot_student_weights"), teacher_weights=t_weights,
+            context=context)
         if context is not None:
             context["ot.plan"] = out.aux["plan"]
             context["ot.barycentric"] = out.aux["barycentric"]
