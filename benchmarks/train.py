@@ -1,25 +1,31 @@
-"""Training throughput at the quickstart's sizes: one epoch of each command, and what the
-teacher output cache saves.
+"""Training throughput at the quickstart's sizes: what the distillation objective costs per
+student, what the teacher output cache saves, one epoch of each command.
 
 Measured side by side in one run (interleaved repeats, medians of the training loop's own
 wall time, evaluation and checkpointing excluded):
 
-  * distillation of one student with the teacher's outputs read from the cache;
-  * the same with the recipe's teacher run live on every batch, reading the cached images;
-  * the same with augmentation on: every record augmented and its image drawn live before
-    the teacher runs (what ``train.augment`` costs);
-  * a label-only epoch of the same student (the baseline);
+1. the objective's cost, for every student of the quickstart's ``students`` list, the
+   teacher's outputs read from the cache: a label-only epoch (the baseline), a KD-only
+   epoch (the recipe with every other distillation term weighted 0) and an epoch of the
+   recipe's full objective, with the ratios to label-only; ``--fast KEY=VALUE ...`` adds
+   an epoch of the full objective with those recipe overrides (e.g. the options that trade
+   exactness for speed, ``distill.mhca.student_tokens=64 distill.ot.tol=1e-4``);
+2. for one student (``--student``): distillation with the teacher's outputs read from the
+   cache; with the recipe's teacher run live on every batch, reading the cached images;
+   the same with augmentation on (every record augmented and its image drawn live before
+   the teacher runs: what ``train.augment`` costs); label-only;
 
-then, once each, an epoch of the teacher's fine-tuning and of every student's baseline and
-distillation, as ``ecg-distill teacher / baseline / distill`` run them.
+then, once, an epoch of the teacher's fine-tuning, as ``ecg-distill teacher`` runs it.
 
-Run: ``python benchmarks/train.py [--records 2000] [--student xresnet1d/small] [--repeats 2]``
-(add ``--device-check`` on a GPU machine: one bf16 distillation epoch, records/s).
+Run: ``python benchmarks/train.py [--records 2000] [--repeats 3] [--objective-only]
+[--fast distill.ot.tol=1e-4 ...]`` (add ``--device-check`` on a GPU machine: one bf16
+distillation epoch, records/s).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import statistics
 import sys
@@ -46,14 +52,65 @@ def one_epoch(job, recipe, root: Path, name: str) -> tuple[float, float]:
     return row["train_seconds"], row["train_records_per_s"]
 
 
+def kd_only(recipe):
+    """The recipe with every distillation term but KD weighted 0 (same alpha)."""
+    out = copy.deepcopy(recipe)
+    out.distill.weights = {k: (v if k == "kd" else 0.0) for k, v in recipe.distill.weights.items()}
+    return out
+
+
+def objective_costs(jd, recipe, teacher, cache, root: Path, repeats: int,
+                    fast: list[str], records: int) -> None:
+    """Label-only, KD-only and full-objective epochs of every quickstart student, side by
+    side (interleaved repeats, medians), and the full objective with ``fast`` overrides."""
+    variants = {"label-only": None, "KD-only": dataclasses.replace(jd, recipe=kd_only(recipe)),
+                "full": jd}
+    if fast:
+        fast_recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [
+            f"data.synthetic.records={records}", f"output_dir={root}/run", *fast])
+        fast_recipe.teacher.train_mode = recipe.teacher.train_mode  # frozen, as loaded
+        variants["full, fast"] = dataclasses.replace(jd, recipe=fast_recipe)
+    times: dict[tuple[str, str], list[float]] = {}
+    for rep in range(repeats):
+        for spec in recipe.students:
+            label = f"{spec.family}/{spec.size}"
+            for name, data in variants.items():
+                job = baseline_job(jd, spec) if data is None else \
+                    distill_job(data, spec, teacher, cache)
+                sec, _ = one_epoch(job, recipe, root, f"o-{spec.size}-{spec.family}-"
+                                   f"{name.replace(' ', '').replace(',', '')}-{rep}")
+                times.setdefault((label, name), []).append(sec)
+    d = recipe.distill
+    print(f"\nthe objective's cost: one training epoch per student, teacher outputs cached, "
+          f"median of {repeats} (interleaved)")
+    print(f"  full = alpha {d.alpha}, weights "
+          + ", ".join(f"{k} {v:g}" for k, v in d.weights.items() if v > 0)
+          + (f"; fast = full with {' '.join(fast)}" if fast else ""))
+    head = "".join(f"{n + ' s':>14}" for n in variants)
+    ratios = "".join(f"{n + ' / label':>20}" for n in variants if n != "label-only")
+    print(f"  {'student':<20}{head}{ratios}")
+    for spec in recipe.students:
+        label = f"{spec.family}/{spec.size}"
+        med = {n: statistics.median(times[(label, n)]) for n in variants}
+        cells = "".join(f"{med[n]:14.2f}" for n in variants)
+        rel = "".join(f"{med[n] / med['label-only']:19.2f}x" for n in variants
+                      if n != "label-only")
+        print(f"  {label:<20}{cells}{rel}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--records", type=int, default=2000)
     parser.add_argument("--student", default="xresnet1d/small", help="family/size for the ratios")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-per-command", action="store_true",
-                        help="only the cache / live / label-only ratios")
+                        help="no teacher fine-tuning epoch")
+    parser.add_argument("--objective-only", action="store_true",
+                        help="only the objective's cost per student (the teacher cache is "
+                             "reused if present, not rebuilt)")
+    parser.add_argument("--fast", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="recipe overrides of an extra full-objective column")
     parser.add_argument("--device-check", action="store_true",
                         help="also one bf16 distillation epoch on the GPU")
     args = parser.parse_args(argv)
@@ -72,15 +129,20 @@ def main(argv: list[str] | None = None) -> None:
         jd = load_job_data(recipe, progress=False)
         n_train = len(jd.data.splits["train"])
         # the teacher as distillation reads it: the recipe's teacher, frozen, as loaded
-        mode, name = recipe.teacher.train_mode, recipe.teacher.name_or_path
+        mode, teacher_name = recipe.teacher.train_mode, recipe.teacher.name_or_path
         recipe.teacher.train_mode = "frozen"
         teacher = load_frozen_teacher(jd, root)
         start = time.perf_counter()
-        cache = build_teacher_cache(jd, teacher, progress=False, rebuild=True)  # time it
+        cache = build_teacher_cache(jd, teacher, progress=False,
+                                    rebuild=not args.objective_only)  # time it
         cache_s = time.perf_counter() - start
         print(f"teacher cache: {len(jd.data)} records in {cache_s:.1f} s "
               f"({len(jd.data) / cache_s:.0f} records/s), tokens {list(cache.tokens.shape)} "
               f"{cache.tokens.dtype}")
+        objective_costs(jd, recipe, teacher, cache, root, args.repeats, args.fast,
+                        args.records)
+        if args.objective_only:
+            return
 
         jd_aug = dataclasses.replace(jd, recipe=augmented)
         cases = {
@@ -106,17 +168,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  live distill / label-only      {live / labels:6.2f}x")
 
         if not args.skip_per_command:
-            print("\none epoch of each command's jobs (training loop only):")
             recipe.teacher.train_mode = mode
             sec, rate = one_epoch(teacher_job(jd), recipe, root, "teacher")
-            print(f"  ecg-distill teacher  {f'{name} ({mode})':<20} {sec:8.2f} s {rate:8.0f} records/s")
-            for s in recipe.students:
-                label = f"{s.family}/{s.size}"
-                sec, rate = one_epoch(baseline_job(jd, s), recipe, root, f"b-{s.size}")
-                print(f"  ecg-distill baseline {label:<20} {sec:8.2f} s {rate:8.0f} records/s")
-                sec, rate = one_epoch(distill_job(jd, s, teacher, cache), recipe, root,
-                                      f"d-{s.size}")
-                print(f"  ecg-distill distill  {label:<20} {sec:8.2f} s {rate:8.0f} records/s")
+            print(f"\nan epoch of ecg-distill teacher {teacher_name} ({mode}): {sec:.2f} s, "
+                  f"{rate:.0f} records/s (training loop only)")
 
         if args.device_check:
             if not torch.cuda.is_available():
