@@ -657,11 +657,14 @@ def teacher_cache_key(jd: JobData, teacher: nn.Module, data: Any = None,
 
 def build_teacher_cache(jd: JobData, teacher: nn.Module, progress: bool = True,
                         batch_size: int | None = None, rebuild: bool = False,
-                        transfer: bool = False) -> TeacherOutputs | DrawnOutputs:
+                        transfer: bool = False, collective: bool = False
+                        ) -> TeacherOutputs | DrawnOutputs:
     """The teacher's outputs on every record (with ``transfer``, on every extra transfer
     record), from the cache or computed now (on this process's device: the GPU when there
     is one). With ``train.augment.views`` = K, its outputs on each of the K fixed augmented
-    draws of every record (the signal augmented, then rendered for an image teacher)."""
+    draws of every record (the signal augmented, then rendered for an image teacher).
+    ``collective``: every process of the run calls this together, and a missing entry is
+    filled by all of them, each its share of the records (then joined into one entry)."""
     recipe = jd.recipe
     set_code_levels(teacher, recipe)
     data, images = (jd.transfer, jd.transfer_images) if transfer else (jd.data, jd.images)
@@ -677,8 +680,10 @@ def build_teacher_cache(jd: JobData, teacher: nn.Module, progress: bool = True,
         teacher.to(device)
 
     views = {"teacher": jd.views["teacher"]}
+    state = process_state()
     common = dict(cache_dir=recipe.data.cache_dir, progress=progress, rebuild=rebuild,
-                  batch_size=batch_size or recipe.train.batch_size, device=device)
+                  batch_size=batch_size or recipe.train.batch_size, device=device,
+                  processes=state if collective and state.num_processes > 1 else None)
     if not draws:
         reads = images is not None and jd.teacher_class.reads_images()
         dataset = data.split("all", views, extras={"image": images} if reads else None)

@@ -28,6 +28,14 @@ is written under a temporary name and renamed into place when complete.
 
 With ``train.augment.views`` = K there is one entry per draw, gathered in
 :class:`DrawnOutputs`.
+
+With several processes (``accelerate launch``), every process fills its share: the batches
+of the single-process fill are dealt out in turn (batch b to process b mod P, so each batch
+holds exactly the records it would hold in one process), each process writes its rows to a
+shard folder (``<entry>.shard-<p>-of-<P>``, float32, so the join can still choose fp16 for
+the whole entry exactly as one process would), and the main process joins the shards into
+the one memory-mapped entry and deletes them: the entry is byte for byte the one a single
+process writes.
 """
 
 from __future__ import annotations
@@ -194,21 +202,29 @@ class _Overflow(Exception):
     pass
 
 
-def _fill(teacher: nn.Module, loader: DataLoader, inputs_fn: Callable, folder: Path,
+STORED = {"logits": np.float32, "token_mask": np.bool_, "code_idx": np.int16,
+          "code_logp": np.float16}  # arrays whose storage type never changes
+
+
+def _fill(teacher: nn.Module, loader: Any, inputs_fn: Callable, folder: Path,
           n: int, dtype: np.dtype, device: torch.device, progress: bool,
-          desc: str = "teacher outputs") -> tuple[list[int], int, bool]:
-    """Run the teacher over every record, writing its arrays; (the token leads, the code
-    distributions' C or 0, whether a token mask was stored)."""
+          desc: str = "teacher outputs", rows: np.ndarray | None = None
+          ) -> tuple[list[int], int, bool]:
+    """Run the teacher over every batch of ``loader``, writing its arrays of ``n`` rows
+    (``rows``: the record positions those rows hold, sorted; default every record, row =
+    position); (the token leads, the code distributions' C or 0, whether a token mask was
+    stored)."""
     arrays: dict[str, np.ndarray] = {}
     leads: list[int] = []
     codebook = 0
-    stored = {"logits": np.float32, "token_mask": np.bool_, "code_idx": np.int16,
-              "code_logp": np.float16}
+    stored = STORED
     with progress_bar(total=n, desc=desc, unit="ecg", enabled=progress) as bar, \
             torch.no_grad():
         for batch in loader:
             out = teacher(**{k: v.to(device) for k, v in inputs_fn(batch).items()})
             idx = batch["index"].numpy()  # (B,)
+            if rows is not None:
+                idx = np.searchsorted(rows, idx)
             parts = {"logits": out.logits.float(), "tokens": out.tokens.float(),
                      "pooled": out.pooled.float()}
             if out.token_mask is not None:  # padding, or leads missing from the record
@@ -237,12 +253,104 @@ def _fill(teacher: nn.Module, loader: DataLoader, inputs_fn: Callable, folder: P
     return leads, codebook, "token_mask" in arrays
 
 
+def dealt_batches(n: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """The batches (record positions) process ``rank`` of ``world`` computes: the
+    single-process fill's batches of ``batch_size`` consecutive records, dealt out in turn."""
+    starts = range(rank * batch_size, n, world * batch_size)
+    return [list(range(s, min(s + batch_size, n))) for s in starts]
+
+
+def shard_folder(entry: Path, rank: int, world: int) -> Path:
+    return entry.with_name(f"{entry.name}.shard-{rank}-of-{world}")
+
+
+def fill_shard(teacher: nn.Module, dataset: Dataset, inputs_fn: Callable, entry: Path, *,
+               rank: int, world: int, batch_size: int, device: torch.device | str = "cpu",
+               progress: bool = False, desc: str = "teacher outputs") -> Path:
+    """Process ``rank``'s share of the fill (:func:`dealt_batches`) as a shard folder beside
+    ``entry``: float32 features, the rows' record positions (``rows.npy``) and meta.json."""
+    n = len(dataset)
+    batches = dealt_batches(n, batch_size, rank, world)
+    rows = np.asarray([i for b in batches for i in b], dtype=np.int64)
+    loader = DataLoader(dataset, batch_sampler=batches) if batches else []
+    folder = shard_folder(entry, rank, world)
+    with atomic_dir(folder) as tmp:
+        leads, codebook, masked = (_fill(teacher, loader, inputs_fn, tmp, len(rows),
+                                         np.dtype(np.float32), torch.device(device), progress,
+                                         f"{desc} (process {rank + 1}/{world})", rows=rows)
+                                   if len(rows) else ([], 0, False))
+        np.save(tmp / "rows.npy", rows)
+        (tmp / "meta.json").write_text(json.dumps(
+            {"records": n, "rows": len(rows), "token_leads": leads, "codebook_size": codebook,
+             "token_mask": masked}))
+    return folder
+
+
+def join_shards(entry: Path, world: int, key: str) -> None:
+    """Join the ``world`` shards of ``entry`` into the entry (written atomically, then the
+    shards deleted): the features in fp16 when every value fits, as one process stores
+    them, else float32.
+
+    Raises:
+        ECGDistillError: a shard missing or unreadable, or shards that disagree.
+    """
+    shards = [shard_folder(entry, r, world) for r in range(world)]
+    metas, parts = [], []
+    for f in shards:
+        try:
+            metas.append(json.loads((f / "meta.json").read_text()))
+            parts.append((np.load(f / "rows.npy"), {
+                p.stem: np.load(p, mmap_mode="r") for p in f.glob("*.npy")
+                if p.stem != "rows"}))
+        except (OSError, ValueError) as exc:
+            raise ECGDistillError(f"teacher cache {entry}: shard {f.name} unreadable ({exc}); "
+                                  f"run the stage again") from None
+    filled = [m for m in metas if m["rows"]]
+    first = filled[0]
+    for m in filled[1:]:
+        if (m["records"], m["token_leads"], m["codebook_size"], m["token_mask"]) != (
+                first["records"], first["token_leads"], first["codebook_size"],
+                first["token_mask"]):
+            raise ECGDistillError(f"teacher cache {entry}: the processes' shards disagree "
+                                  f"(records, token leads or code distributions)")
+    n = first["records"]
+    if sum(m["rows"] for m in metas) != n:
+        raise ECGDistillError(f"teacher cache {entry}: the shards hold "
+                              f"{sum(m['rows'] for m in metas)} of {n} records")
+    names = sorted(next(a for _, a in parts if a))
+    features = [k for k in names if k not in STORED]
+    fits = all(float(np.abs(a[k]).max()) <= FP16_MAX for _, a in parts if a
+               for k in features if a[k].size)
+    dtype = np.dtype(np.float16 if fits else np.float32)
+    with atomic_dir(entry, keep=lambda f: load_outputs(f) is not None) as tmp:
+        for name in names:
+            ref = next(a[name] for _, a in parts if a)
+            out = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+",
+                                            shape=(n, *ref.shape[1:]),
+                                            dtype=STORED.get(name, dtype))
+            for rows, arrays in parts:
+                if len(rows):
+                    out[rows] = arrays[name]
+            out.flush()
+            del out
+        meta = {"key": key, "records": n, "token_leads": first["token_leads"],
+                "storage": dtype.name, "version": CACHE_VERSION}
+        if first["codebook_size"]:
+            meta["codebook_size"] = first["codebook_size"]
+        if first["token_mask"]:
+            meta["token_mask"] = True
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    del parts
+    for f in shards:
+        shutil.rmtree(f, ignore_errors=True)
+
+
 def teacher_outputs(teacher: nn.Module, dataset: Dataset,
                     inputs_fn: Callable[[Mapping[str, Any]], dict[str, torch.Tensor]], *,
                     key: str, cache_dir: str | os.PathLike | None = None,
                     batch_size: int = 64, device: torch.device | str = "cpu",
                     progress: bool = True, rebuild: bool = False,
-                    desc: str = "teacher outputs") -> TeacherOutputs:
+                    desc: str = "teacher outputs", processes: Any = None) -> TeacherOutputs:
     """Load the teacher's outputs for every record of ``dataset``, computing them once.
 
     Args:
@@ -256,6 +364,10 @@ def teacher_outputs(teacher: nn.Module, dataset: Dataset,
         progress: a tqdm bar while computing.
         desc: the bar's label.
         rebuild: compute the outputs again even if the entry exists.
+        processes: Accelerate's process state (``process_index``, ``num_processes``,
+            ``is_main_process``, ``wait_for_everyone``) when every process of a run calls
+            this together: each fills its share, the main process joins them (module
+            docstring). None: this process fills the entry alone.
 
     Returns:
         TeacherOutputs with arrays of ``len(dataset)`` rows.
@@ -263,9 +375,26 @@ def teacher_outputs(teacher: nn.Module, dataset: Dataset,
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = root / f"{PREFIX}-{key}"
     found = None if rebuild else load_outputs(folder)
-    if found is not None and len(found.logits) == len(dataset):
-        return found
     n = len(dataset)
+    world = 1 if processes is None else int(processes.num_processes)
+    if world > 1:
+        # every process decides alike: the entry was complete before any of them wrote
+        if found is not None and len(found.logits) == n:
+            return found
+        teacher.eval()
+        fill_shard(teacher, dataset, inputs_fn, folder, rank=int(processes.process_index),
+                   world=world, batch_size=batch_size, device=device,
+                   progress=progress and processes.is_main_process, desc=desc)
+        processes.wait_for_everyone()
+        if processes.is_main_process:
+            join_shards(folder, world, key)
+        processes.wait_for_everyone()
+        loaded = load_outputs(folder)
+        if loaded is None:
+            raise ECGDistillError(f"teacher cache {folder}: joined but unreadable")
+        return loaded
+    if found is not None and len(found.logits) == n:
+        return found
     teacher.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     # another process that finished the same key first wins (its entry is complete and

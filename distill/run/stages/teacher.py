@@ -8,7 +8,6 @@ import dataclasses
 from typing import Any
 
 from distill.core.layout import TEACHER, ModelId
-from distill.engine.accel import process_state
 from distill.engine.jobs import build_teacher_cache, load_frozen_teacher, teacher_job, \
     teacher_runs_live
 from distill.engine.teacher_cache import DrawnOutputs, TeacherOutputs
@@ -41,10 +40,11 @@ def run_cache(ctx: RunContext) -> dict[str, Any]:
               "caches it on K fixed augmented views per record)")
         return {"live": True}
     jd = ctx.job_data()
-    # every process runs this stage, the main one first: only it recomputes on --force
-    rebuild = "teacher_cache" in ctx.force and process_state().is_main_process
+    # every process runs this stage together: each fills its share of a missing entry
+    rebuild = "teacher_cache" in ctx.force
     teacher = load_frozen_teacher(jd, ctx.run_dir)
-    cache = build_teacher_cache(jd, teacher, progress=ctx.progress, rebuild=rebuild)
+    cache = build_teacher_cache(jd, teacher, progress=ctx.progress, rebuild=rebuild,
+                                collective=True)
     entries = _entries(cache)
     for e in entries:
         print(f"teacher outputs: {e.folder} (tokens {list(e.tokens.shape)}, {e.tokens.dtype})")
@@ -55,7 +55,7 @@ def run_cache(ctx: RunContext) -> dict[str, Any]:
         summary["views"] = [str(e.folder) for e in entries]
     if jd.transfer is not None:
         extra = build_teacher_cache(jd, teacher, progress=ctx.progress, rebuild=rebuild,
-                                    transfer=True)
+                                    transfer=True, collective=True)
         extras = _entries(extra)
         for e in extras:
             print(f"teacher outputs on the transfer records: {e.folder} "
@@ -71,5 +71,5 @@ TEACHER_STAGE = Stage("teacher", "fine-tune the teacher on the labels (full, lor
                       ("data",), run_teacher, (TEACHER,), collective=True,
                       settings=teacher_stage_settings, ignores=STUDENT_ONLY)
 CACHE_STAGE = Stage("teacher_cache", "compute the frozen teacher's outputs on every record once",
-                    ("data",), run_cache, settings=cache_stage_settings,
+                    ("data",), run_cache, collective=True, settings=cache_stage_settings,
                     ignores=STUDENT_ONLY)
