@@ -370,3 +370,46 @@ def test_new_options_stay_out_of_the_hashes_at_their_defaults() -> None:
     for option in ["distill.mhca.student_tokens=64", "distill.ot.tol=1e-4",
                    "distill.mhca.teacher_tokens=49", "distill.ot.teacher_tokens=49"]:
         assert load_recipe(quickstart, [option]).distill.hash_dict() != plain.distill.hash_dict()
+
+
+# ----------------------------------------------------------------------------- relation
+
+
+def relation_reference(student: torch.Tensor, teacher: torch.Tensor,
+                       mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-record relation losses written out: plain distances and cosines, every
+    (B, N, N) matrix weighted by the off-diagonal pairs of real tokens (smooth-L1)."""
+    b, n, _ = student.shape
+    real = torch.ones(b, n, dtype=torch.bool) if mask is None else mask
+    pairs = (real[:, :, None] & real[:, None, :] & ~torch.eye(n, dtype=torch.bool)).double()
+    count = pairs.sum((1, 2)).clamp_min(1)
+
+    def dist(x: torch.Tensor) -> torch.Tensor:
+        d = (x[:, :, None] - x[:, None, :]).pow(2).sum(-1).clamp_min(1e-12).sqrt() * pairs
+        return d / (d.sum((1, 2)) / count).clamp_min(1e-12)[:, None, None]
+
+    def cos(x: torch.Tensor) -> torch.Tensor:
+        u = torch.nn.functional.normalize(x, dim=-1)
+        return u @ u.transpose(1, 2)
+
+    loss = torch.nn.functional.smooth_l1_loss
+    d = (loss(dist(student), dist(teacher), reduction="none") * pairs).sum((1, 2)) / count
+    a = (loss(cos(student), cos(teacher), reduction="none") * pairs).sum((1, 2)) / count
+    return d, a
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_relation_without_pair_weights_equals_the_written_out_losses(masked: bool) -> None:
+    from distill.losses.relation import token_relation_per_record
+    xs, xt = tokens(3, 9, 5, seed=30, scale=2.0), tokens(3, 9, 7, seed=31).detach()
+    mask = lengths_mask([9, 6, 1], 9) if masked else None
+    d, a, has_pairs = token_relation_per_record(xs, xt, mask)
+    (d + 2 * a).sum().backward()
+    grad = xs.grad.clone()
+    xs.grad = None
+    ref_d, ref_a = relation_reference(xs, xt, mask)
+    (ref_d + 2 * ref_a).sum().backward()
+    torch.testing.assert_close(d, ref_d, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(a, ref_a, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(grad, xs.grad, rtol=1e-8, atol=1e-11)
+    assert has_pairs.tolist() == ([True, True, False] if masked else [True] * 3)

@@ -97,8 +97,9 @@ def pairwise_distances(x: torch.Tensor, mask: torch.Tensor | None = None) -> tor
         centre = (x * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1.0)
     x = x - centre
     sq = x.pow(2).sum(dim=-1)  # (B, N)
-    d2 = sq.unsqueeze(2) + sq.unsqueeze(1) - 2.0 * (x @ x.transpose(1, 2))  # (B, N, N)
-    d = d2.clamp_min(1e-12).sqrt()
+    # |a|² + |b|² − 2 a·b, the product and the subtraction in one baddbmm pass
+    d2 = torch.baddbmm(sq.unsqueeze(2) + sq.unsqueeze(1), x, x.transpose(1, 2), alpha=-2.0)
+    d = d2.clamp_min(1e-12).sqrt()  # (B, N, N)
     eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
     return d.masked_fill(eye, 0.0)
 
@@ -125,21 +126,35 @@ def token_relation_per_record(student: torch.Tensor, teacher: torch.Tensor,
         tokens have no pair: their losses are 0 and ``has_pairs`` False.
     """
     b, n, _ = student.shape
-    real = torch.ones(b, n, dtype=torch.bool, device=student.device) if mask is None \
-        else mask.bool()
     eye = torch.eye(n, dtype=torch.bool, device=student.device)
-    pairs = (real.unsqueeze(2) & real.unsqueeze(1) & ~eye).to(student.dtype)  # (B, N, N)
-    count = pairs.sum(dim=(1, 2))  # (B,)
+    if mask is None:
+        # every off-diagonal pair counts: the distance matrices are 0 on the diagonal on both
+        # sides (ℓ(0, 0) = 0) and the cosines' diagonal terms are subtracted, so no (B, N, N)
+        # weight is multiplied in (the same values, to rounding, as with one)
+        real, pairs = None, None
+        count = torch.full((b,), float(n * (n - 1)), dtype=student.dtype,
+                           device=student.device)
+    else:
+        real = mask.bool()
+        pairs = (real.unsqueeze(2) & real.unsqueeze(1) & ~eye).to(student.dtype)  # (B, N, N)
+        count = pairs.sum(dim=(1, 2))  # (B,)
     denom = count.clamp_min(1.0)
+
+    def weighted(x: torch.Tensor) -> torch.Tensor:
+        return x if pairs is None else x * pairs
 
     def normalised(x: torch.Tensor) -> torch.Tensor:
         d = pairwise_distances(x, real)  # (B, N, N)
-        mean = (d * pairs).sum(dim=(1, 2)) / denom  # (B,)
+        mean = weighted(d).sum(dim=(1, 2)) / denom  # (B,)
         return d / mean.clamp_min(1e-12)[:, None, None]
 
-    dist = (elementwise(criterion, normalised(student), normalised(teacher)) * pairs)
-    angle = (elementwise(criterion, cosine_matrix(student), cosine_matrix(teacher)) * pairs)
-    return dist.sum(dim=(1, 2)) / denom, angle.sum(dim=(1, 2)) / denom, count > 0
+    dist = weighted(elementwise(criterion, normalised(student), normalised(teacher)))
+    cos_s, cos_t = cosine_matrix(student), cosine_matrix(teacher)  # (B, N, N)
+    angle = weighted(elementwise(criterion, cos_s, cos_t)).sum(dim=(1, 2))  # (B,)
+    if pairs is None:  # less the diagonal's terms (i = j is no pair)
+        angle = angle - elementwise(criterion, cos_s.diagonal(dim1=1, dim2=2),
+                                    cos_t.diagonal(dim1=1, dim2=2)).sum(-1)
+    return dist.sum(dim=(1, 2)) / denom, angle / denom, count > 0
 
 
 def rkd_distance(student: torch.Tensor, teacher: torch.Tensor, *,
