@@ -40,8 +40,9 @@ from distill.engine.accel import process_state
 from distill.engine.factory import (build_objective, build_student, build_teacher, consumer_views,
                                     reads_images, saved_teacher_folder, student_inputs,
                                     student_key, student_reads_images, teacher_class)
-from distill.engine.teacher_cache import (CODE_TOP, DrawnOutputs, TeacherOutputs, cache_key,
-                                          expand_codes, teacher_outputs, weights_hash)
+from distill.engine.teacher_cache import (CODE_TOP, DrawnOutputs, TeacherOutputs, TokenFormat,
+                                          cache_key, decode_tokens, expand_codes,
+                                          teacher_outputs, weights_hash)
 from distill.engine.train import TrainJob
 from distill.losses import loss_family
 from distill.recipe import AblationConfig, Recipe, StudentConfig
@@ -474,15 +475,17 @@ class DistillationModule(nn.Module):
 
 def cached_teacher_output(batch: Mapping[str, Any], token_leads: torch.Tensor,
                           codebook_size: int = 0) -> ECGModelOutput:
-    """The teacher's ModelOutput rebuilt from the cache entries of a batch (fp32; its token
-    mask and code distributions where stored, the latter expanded from their top codes)."""
+    """The teacher's ModelOutput rebuilt from the cache entries of a batch (fp32; int8
+    tokens dequantized; its token mask and code distributions where stored, the latter
+    expanded from their top codes)."""
     codes = None
     if "teacher.code_idx" in batch:
         codes = expand_codes(batch["teacher.code_idx"], batch["teacher.code_logp"],
                              codebook_size)
     mask = batch.get("teacher.token_mask")
     return ECGModelOutput(logits=batch["teacher.logits"].float(),
-                          tokens=batch["teacher.tokens"].float(),
+                          tokens=decode_tokens(batch["teacher.tokens"],
+                                               batch.get("teacher.token_scale")),
                           pooled=batch["teacher.pooled"].float(),
                           token_leads=token_leads.to(batch["teacher.tokens"].device),
                           token_mask=None if mask is None else mask.bool(),
@@ -565,6 +568,11 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
     s_leads = getattr(student.config, "lead_ids", None)  # a printout student has none
     objective = build_objective(recipe, s_dim, t_dim, t_codes,
                                 None if s_leads is None else tuple(s_leads))
+    reduced = getattr(cache, "token_format", "fp16")
+    if reduced in ("projected", "lead_mean") and (set(objective.losses) & {"mhca", "ot"}):
+        raise RecipeError(f"distill.cached_tokens: {reduced} tokens are not yet read by "
+                          f"{' and '.join(sorted(set(objective.losses) & {'mhca', 'ot'}))} "
+                          f"(their terms need the full tokens); use fp16 or int8")
     module = DistillationModule(student, objective)
     device = {"value": torch.device("cpu")}
 
@@ -652,7 +660,21 @@ def teacher_cache_key(jd: JobData, teacher: nn.Module, data: Any = None,
                              "draw": draw}
     if code_levels(recipe):  # absent otherwise: entries made before the codes term stay valid
         inputs["codes"] = {"levels": code_levels(recipe), "top": CODE_TOP}
+    fmt = token_format(recipe, teacher).key()
+    if fmt is not None:  # likewise: fp16 entries keep their keys
+        inputs["tokens"] = fmt
     return cache_key(teacher, data.fingerprint, inputs)
+
+
+def token_format(recipe: Recipe, teacher: nn.Module | None = None) -> TokenFormat:
+    """How the recipe's teacher cache stores tokens (``distill.cached_tokens``): for
+    ``projected``, the fixed map of the ``ot`` term (layer norm, then a semi-orthogonal
+    [ot.dim, D_t] matrix drawn from the recipe's seed), which that term then reads from
+    the entry."""
+    name = recipe.distill.cached_tokens
+    if name != "projected":
+        return TokenFormat(name)
+    return TokenFormat(name, dim=recipe.distill.losses["ot"].dim, seed=recipe.seed)
 
 
 def build_teacher_cache(jd: JobData, teacher: nn.Module, progress: bool = True,
@@ -673,6 +695,7 @@ def build_teacher_cache(jd: JobData, teacher: nn.Module, progress: bool = True,
     # from while its tensors are the ones loaded (moving them to a device makes new ones)
     keys = ([teacher_cache_key(jd, teacher, data)] if not draws else
             [teacher_cache_key(jd, teacher, data, draw=d) for d in range(draws)])
+    fmt = token_format(recipe, teacher)
     device = process_state().device
     if getattr(teacher, "quantized", False):  # placed by bitsandbytes when loaded
         device = next(teacher.parameters()).device
@@ -687,12 +710,14 @@ def build_teacher_cache(jd: JobData, teacher: nn.Module, progress: bool = True,
     if not draws:
         reads = images is not None and jd.teacher_class.reads_images()
         dataset = data.split("all", views, extras={"image": images} if reads else None)
-        return teacher_outputs(teacher, dataset, teacher_inputs(recipe), key=keys[0], **common)
+        return teacher_outputs(teacher, dataset, teacher_inputs(recipe), key=keys[0],
+                               fmt=fmt, **common)
     render = render_config(recipe.data) if jd.teacher_class.reads_images() else None
     out = []
     for d in range(draws):
         dataset = data.split("all", views, transform=augmentation(recipe), render=render,
                              seed=recipe.seed, draws=draws, draw=d)
         out.append(teacher_outputs(teacher, dataset, teacher_inputs(recipe), key=keys[d],
-                                   desc=f"teacher outputs, view {d + 1}/{draws}", **common))
+                                   desc=f"teacher outputs, view {d + 1}/{draws}", fmt=fmt,
+                                   **common))
     return DrawnOutputs(out)

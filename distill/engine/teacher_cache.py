@@ -12,6 +12,21 @@ turns each later epoch into a read. The entry is a folder in the data cache::
                           code_logp.npy float16 [N, N_t, K, 16]  code distributions (top 16)
                           meta.json    token_leads, shapes, what the key was made of
 
+The tokens may be stored smaller (``distill.cached_tokens``, :data:`TOKEN_FORMATS`):
+
+* ``fp16`` (default): as the teacher gives them, [N, N_t, D_t];
+* ``int8``: int8 with one float32 scale per token (``token_scale.npy`` [N, N_t]; the
+  largest magnitude of each token maps to 127), half of fp16; every loss reads the
+  dequantized tokens (relative error at most 1/254 of each token's largest feature);
+* ``projected``: the tokens after the fixed map the ``ot`` term applies (layer norm, then a
+  random semi-orthogonal [d, D_t] projection, stored as ``projection.npy``), [N, N_t, d]:
+  the ``ot`` term, and ``relation`` on its barycentres, compute the same values as from
+  the full tokens; ``mhca`` reads the full tokens through its learnable keys and refuses;
+* ``lead_mean``: per record and lead, the mean of the layer-normalised tokens of that lead
+  (over the real ones), [N, L, D_t] with token leads 0..L-1: what the ``ot`` term with
+  ``teacher_pool: lead`` matches (its projection is linear, so pooling before or after it
+  is the same).
+
 A tokenized teacher asked for its per-token code distributions (``code_levels`` > 0, for
 the ``codes`` loss) has the 16 most likely codes of each token and level stored with their
 log-probabilities (:data:`CODE_TOP`; 38 KB per record for 12 leads x 25 patches x 2 levels,
@@ -50,6 +65,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -105,11 +121,16 @@ class TeacherOutputs:
     code_idx: np.ndarray | None = None  # (N, N_t, K, CODE_TOP) int16
     code_logp: np.ndarray | None = None  # (N, N_t, K, CODE_TOP) float16
     codebook_size: int = 0  # C of the code distributions (0: none stored)
+    token_scale: np.ndarray | None = None  # (N, N_t) float32 (int8 tokens)
+    token_format: str = "fp16"  # TOKEN_FORMATS
+    projection: np.ndarray | None = None  # (d, D_t) float32 (projected tokens)
 
     def extras(self) -> dict[str, np.ndarray]:
         """Per-record arrays for ``ECGData.split(extras=...)``."""
         out = {"teacher.logits": self.logits, "teacher.tokens": self.tokens,
                "teacher.pooled": self.pooled}
+        if self.token_scale is not None:
+            out["teacher.token_scale"] = self.token_scale
         if self.token_mask is not None:
             out["teacher.token_mask"] = self.token_mask
         if self.code_idx is not None:
@@ -168,7 +189,11 @@ def load_outputs(folder: Path) -> TeacherOutputs | None:
             names.append("token_mask")
         if meta.get("codebook_size"):
             names += ["code_idx", "code_logp"]
+        fmt = meta.get("token_format", "fp16")
+        if fmt == "int8":
+            names.append("token_scale")
         arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in names}
+        projection = np.load(folder / "projection.npy") if fmt == "projected" else None
     except (OSError, ValueError, KeyError):
         return None
     n = {len(a) for a in arrays.values()}
@@ -176,7 +201,7 @@ def load_outputs(folder: Path) -> TeacherOutputs | None:
         return None
     return TeacherOutputs(folder=folder, key=meta["key"], token_leads=torch.tensor(
         meta["token_leads"], dtype=torch.long), codebook_size=int(meta.get("codebook_size", 0)),
-        **arrays)
+        token_format=fmt, projection=projection, **arrays)
 
 
 def top_codes(code_logits: torch.Tensor, top: int = CODE_TOP
@@ -203,21 +228,100 @@ class _Overflow(Exception):
 
 
 STORED = {"logits": np.float32, "token_mask": np.bool_, "code_idx": np.int16,
-          "code_logp": np.float16}  # arrays whose storage type never changes
+          "code_logp": np.float16, "token_scale": np.float32}  # storage types never changed
+TOKEN_FORMATS = ("fp16", "int8", "projected", "lead_mean")
+INT8_MAX = 127
+
+
+@dataclass(frozen=True)
+class TokenFormat:
+    """How the cache stores the teacher tokens (module docstring): ``name`` one of
+    :data:`TOKEN_FORMATS`; for ``projected``, the width ``dim`` and the ``seed`` of the
+    fixed [dim, D_t] projection (:meth:`projection`, drawn once the teacher's D_t is seen)."""
+
+    name: str = "fp16"
+    dim: int = 0
+    seed: int = 0
+
+    def key(self) -> dict[str, Any] | None:
+        """What the cache key adds (None for fp16: entries made before formats stay valid)."""
+        if self.name == "fp16":
+            return None
+        out: dict[str, Any] = {"format": self.name}
+        if self.name == "projected":
+            out.update(dim=self.dim, seed=self.seed)
+        return out
+
+    def projection(self, width: int) -> torch.Tensor:
+        """The fixed [dim, width] map: semi-orthogonal, from ``seed`` (the same matrix in
+        every process and run)."""
+        from distill.losses.alignment import semi_orthogonal
+
+        return semi_orthogonal(self.dim, width, generator=torch.Generator().manual_seed(self.seed))
+
+    def stored(self) -> dict[str, Any]:
+        """Arrays of a fixed storage type under this format."""
+        return {**STORED, "tokens": np.int8} if self.name == "int8" else STORED
+
+    def encode(self, tokens: torch.Tensor, leads: list[int], mask: torch.Tensor | None
+               ) -> tuple[dict[str, torch.Tensor], list[int], torch.Tensor | None]:
+        """(arrays to store for the tokens, the stored tokens' leads, their mask)."""
+        x = tokens.float()
+        if self.name == "int8":
+            peak = x.abs().amax(-1)  # (B, N_t)
+            scale = torch.where(peak > 0, peak / INT8_MAX, torch.ones_like(peak))
+            q = torch.round(x / scale[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+            return {"tokens": q, "token_scale": scale}, leads, mask
+        if self.name == "projected":
+            p = self.projection(x.shape[-1]).to(x.device)
+            return {"tokens": F.layer_norm(x, (x.shape[-1],)) @ p.T}, leads, mask
+        if self.name == "lead_mean":
+            return lead_means(x, leads, mask)
+        return {"tokens": x}, leads, mask
+
+
+def lead_means(tokens: torch.Tensor, leads: list[int], mask: torch.Tensor | None
+               ) -> tuple[dict[str, torch.Tensor], list[int], torch.Tensor]:
+    """Per record and lead, the mean of the layer-normalised tokens of that lead over its
+    real tokens: ({"tokens": [B, L, D]}, the leads 0..L-1 present, mask [B, L] False where a
+    record has no real token of a lead).
+
+    Raises:
+        ECGDistillError: no token names a lead."""
+    lead_ids = sorted({int(v) for v in leads if int(v) >= 0})
+    if not lead_ids:
+        raise ECGDistillError("distill.cached_tokens: lead_mean pools the teacher's tokens by "
+                              "lead, and no token of this teacher names a lead")
+    x = F.layer_norm(tokens.float(), (tokens.shape[-1],))
+    lead_of = torch.as_tensor(leads, device=x.device)
+    member = (lead_of[None, :] == torch.as_tensor(lead_ids, device=x.device)[:, None]).float()
+    weight = member[None].expand(x.shape[0], -1, -1)  # (B, L, N_t)
+    if mask is not None:
+        weight = weight * mask.float()[:, None, :]
+    count = weight.sum(-1)  # (B, L)
+    pooled = (weight @ x) / count.clamp_min(1.0)[..., None]  # (B, L, D)
+    return {"tokens": pooled}, lead_ids, count > 0
+
+
+def decode_tokens(tokens: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Float tokens from a batch's stored ones (int8 times their per-token scale)."""
+    if scale is None:
+        return tokens.float()
+    return tokens.float() * scale.float()[..., None]
 
 
 def _fill(teacher: nn.Module, loader: Any, inputs_fn: Callable, folder: Path,
           n: int, dtype: np.dtype, device: torch.device, progress: bool,
-          desc: str = "teacher outputs", rows: np.ndarray | None = None
-          ) -> tuple[list[int], int, bool]:
+          desc: str = "teacher outputs", rows: np.ndarray | None = None,
+          fmt: TokenFormat = TokenFormat()) -> tuple[list[int], int, bool, int]:
     """Run the teacher over every batch of ``loader``, writing its arrays of ``n`` rows
     (``rows``: the record positions those rows hold, sorted; default every record, row =
     position); (the token leads, the code distributions' C or 0, whether a token mask was
-    stored)."""
+    stored, the teacher's token width D_t; the tokens stored in ``fmt``)."""
     arrays: dict[str, np.ndarray] = {}
     leads: list[int] = []
-    codebook = 0
-    stored = STORED
+    codebook = width = 0
+    stored = fmt.stored()
     with progress_bar(total=n, desc=desc, unit="ecg", enabled=progress) as bar, \
             torch.no_grad():
         for batch in loader:
@@ -225,10 +329,13 @@ def _fill(teacher: nn.Module, loader: Any, inputs_fn: Callable, folder: Path,
             idx = batch["index"].numpy()  # (B,)
             if rows is not None:
                 idx = np.searchsorted(rows, idx)
-            parts = {"logits": out.logits.float(), "tokens": out.tokens.float(),
-                     "pooled": out.pooled.float()}
-            if out.token_mask is not None:  # padding, or leads missing from the record
-                parts["token_mask"] = out.token_mask.bool()
+            width = int(out.tokens.shape[-1])
+            token_parts, token_leads, token_mask = fmt.encode(
+                out.tokens, out.token_leads.cpu().tolist(),
+                None if out.token_mask is None else out.token_mask.bool())
+            parts = {"logits": out.logits.float(), **token_parts, "pooled": out.pooled.float()}
+            if token_mask is not None:  # padding, or leads missing from the record
+                parts["token_mask"] = token_mask.bool()
             if out.code_logits is not None:
                 codebook = out.code_logits.shape[-1]
                 if codebook > np.iinfo(np.int16).max:
@@ -237,7 +344,7 @@ def _fill(teacher: nn.Module, loader: Any, inputs_fn: Callable, folder: Path,
                 parts["code_idx"], logp = top_codes(out.code_logits)
                 parts["code_logp"] = logp.clamp_min(-FP16_MAX)  # a code of probability 0
             if not arrays:
-                leads = out.token_leads.cpu().tolist()
+                leads = list(token_leads)
                 for name, t in parts.items():
                     arrays[name] = np.lib.format.open_memmap(
                         folder / f"{name}.npy", mode="w+", shape=(n, *t.shape[1:]),
@@ -250,7 +357,7 @@ def _fill(teacher: nn.Module, loader: Any, inputs_fn: Callable, folder: Path,
             bar.update(len(idx))
     for a in arrays.values():
         a.flush()
-    return leads, codebook, "token_mask" in arrays
+    return leads, codebook, "token_mask" in arrays, width
 
 
 def dealt_batches(n: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
@@ -266,7 +373,8 @@ def shard_folder(entry: Path, rank: int, world: int) -> Path:
 
 def fill_shard(teacher: nn.Module, dataset: Dataset, inputs_fn: Callable, entry: Path, *,
                rank: int, world: int, batch_size: int, device: torch.device | str = "cpu",
-               progress: bool = False, desc: str = "teacher outputs") -> Path:
+               progress: bool = False, desc: str = "teacher outputs",
+               fmt: TokenFormat = TokenFormat()) -> Path:
     """Process ``rank``'s share of the fill (:func:`dealt_batches`) as a shard folder beside
     ``entry``: float32 features, the rows' record positions (``rows.npy``) and meta.json."""
     n = len(dataset)
@@ -275,18 +383,19 @@ def fill_shard(teacher: nn.Module, dataset: Dataset, inputs_fn: Callable, entry:
     loader = DataLoader(dataset, batch_sampler=batches) if batches else []
     folder = shard_folder(entry, rank, world)
     with atomic_dir(folder) as tmp:
-        leads, codebook, masked = (_fill(teacher, loader, inputs_fn, tmp, len(rows),
-                                         np.dtype(np.float32), torch.device(device), progress,
-                                         f"{desc} (process {rank + 1}/{world})", rows=rows)
-                                   if len(rows) else ([], 0, False))
+        leads, codebook, masked, width = (
+            _fill(teacher, loader, inputs_fn, tmp, len(rows), np.dtype(np.float32),
+                  torch.device(device), progress, f"{desc} (process {rank + 1}/{world})",
+                  rows=rows, fmt=fmt) if len(rows) else ([], 0, False, 0))
         np.save(tmp / "rows.npy", rows)
         (tmp / "meta.json").write_text(json.dumps(
             {"records": n, "rows": len(rows), "token_leads": leads, "codebook_size": codebook,
-             "token_mask": masked}))
+             "token_mask": masked, "width": width}))
     return folder
 
 
-def join_shards(entry: Path, world: int, key: str) -> None:
+def join_shards(entry: Path, world: int, key: str, fmt: TokenFormat = TokenFormat()
+                ) -> None:
     """Join the ``world`` shards of ``entry`` into the entry (written atomically, then the
     shards deleted): the features in fp16 when every value fits, as one process stores
     them, else float32.
@@ -318,7 +427,8 @@ def join_shards(entry: Path, world: int, key: str) -> None:
         raise ECGDistillError(f"teacher cache {entry}: the shards hold "
                               f"{sum(m['rows'] for m in metas)} of {n} records")
     names = sorted(next(a for _, a in parts if a))
-    features = [k for k in names if k not in STORED]
+    stored = fmt.stored()
+    features = [k for k in names if k not in stored]
     fits = all(float(np.abs(a[k]).max()) <= FP16_MAX for _, a in parts if a
                for k in features if a[k].size)
     dtype = np.dtype(np.float16 if fits else np.float32)
@@ -327,7 +437,7 @@ def join_shards(entry: Path, world: int, key: str) -> None:
             ref = next(a[name] for _, a in parts if a)
             out = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+",
                                             shape=(n, *ref.shape[1:]),
-                                            dtype=STORED.get(name, dtype))
+                                            dtype=stored.get(name, dtype))
             for rows, arrays in parts:
                 if len(rows):
                     out[rows] = arrays[name]
@@ -339,10 +449,20 @@ def join_shards(entry: Path, world: int, key: str) -> None:
             meta["codebook_size"] = first["codebook_size"]
         if first["token_mask"]:
             meta["token_mask"] = True
+        _write_format(tmp, meta, fmt, first.get("width", 0))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     del parts
     for f in shards:
         shutil.rmtree(f, ignore_errors=True)
+
+
+def _write_format(folder: Path, meta: dict[str, Any], fmt: TokenFormat, width: int) -> None:
+    """The token format into an entry's meta (and, for ``projected``, the projection of
+    the teacher's ``width`` beside it)."""
+    if fmt.name != "fp16":
+        meta["token_format"] = fmt.name
+    if fmt.name == "projected":
+        np.save(folder / "projection.npy", fmt.projection(width).numpy())
 
 
 def teacher_outputs(teacher: nn.Module, dataset: Dataset,
@@ -350,7 +470,8 @@ def teacher_outputs(teacher: nn.Module, dataset: Dataset,
                     key: str, cache_dir: str | os.PathLike | None = None,
                     batch_size: int = 64, device: torch.device | str = "cpu",
                     progress: bool = True, rebuild: bool = False,
-                    desc: str = "teacher outputs", processes: Any = None) -> TeacherOutputs:
+                    desc: str = "teacher outputs", processes: Any = None,
+                    fmt: TokenFormat = TokenFormat()) -> TeacherOutputs:
     """Load the teacher's outputs for every record of ``dataset``, computing them once.
 
     Args:
@@ -368,6 +489,7 @@ def teacher_outputs(teacher: nn.Module, dataset: Dataset,
             ``is_main_process``, ``wait_for_everyone``) when every process of a run calls
             this together: each fills its share, the main process joins them (module
             docstring). None: this process fills the entry alone.
+        fmt: how the tokens are stored (:class:`TokenFormat`; the key must name it).
 
     Returns:
         TeacherOutputs with arrays of ``len(dataset)`` rows.
@@ -384,10 +506,10 @@ def teacher_outputs(teacher: nn.Module, dataset: Dataset,
         teacher.eval()
         fill_shard(teacher, dataset, inputs_fn, folder, rank=int(processes.process_index),
                    world=world, batch_size=batch_size, device=device,
-                   progress=progress and processes.is_main_process, desc=desc)
+                   progress=progress and processes.is_main_process, desc=desc, fmt=fmt)
         processes.wait_for_everyone()
         if processes.is_main_process:
-            join_shards(folder, world, key)
+            join_shards(folder, world, key, fmt)
         processes.wait_for_everyone()
         loaded = load_outputs(folder)
         if loaded is None:
@@ -405,8 +527,9 @@ def teacher_outputs(teacher: nn.Module, dataset: Dataset,
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             try:
-                leads, codebook, masked = _fill(teacher, loader, inputs_fn, tmp, n, dtype,
-                                                torch.device(device), progress, desc)
+                leads, codebook, masked, width = _fill(
+                    teacher, loader, inputs_fn, tmp, n, dtype, torch.device(device), progress,
+                    desc, fmt=fmt)
                 break
             except _Overflow:  # a feature beyond fp16's range: store float32 instead
                 continue
@@ -416,6 +539,7 @@ def teacher_outputs(teacher: nn.Module, dataset: Dataset,
             meta["codebook_size"] = codebook
         if masked:
             meta["token_mask"] = True
+        _write_format(tmp, meta, fmt, width)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     loaded = load_outputs(folder)
     if loaded is None:

@@ -308,6 +308,11 @@ class DistillConfig:
     losses: dict[str, Any] = spec(default_factory=dict,
                                   help="one section per loss family: distill.<loss>.<key>")
     transfer: TransferConfig = spec(default_factory=TransferConfig, since="0.2")
+    cached_tokens: Literal["fp16", "int8", "projected", "lead_mean"] = spec(
+        "fp16", help="how the teacher cache stores tokens: fp16 (as given), int8 (per-token "
+                     "scales, half the size), projected (after ot's fixed projection: ot and "
+                     "relation exact, mhca off), lead_mean (per-lead means for ot's "
+                     "teacher_pool: lead, mhca off)", since="0.5")
 
     @classmethod
     def section_types(cls) -> dict[str, type]:
@@ -320,6 +325,11 @@ class DistillConfig:
                 raise unknown_key(f"{path}.weights", name, list(families))
             if value < 0:
                 raise RecipeError(f"{path}.weights.{name}: must be >= 0, got {value}")
+        if self.cached_tokens in ("projected", "lead_mean") and self.weights.get("mhca", 0) > 0:
+            raise RecipeError(
+                f"{path}.cached_tokens: {self.cached_tokens} stores the teacher tokens reduced, "
+                f"and mhca reads them whole (its keys are learnt from every feature); set "
+                f"{path}.weights.mhca: 0, or cached_tokens: fp16 or int8")
         for name, fam in families.items():
             needs = fam.requires_any
             if self.weights.get(name, 0) > 0 and needs and not any(
