@@ -114,3 +114,19 @@ def test_the_recipe_chooses_the_format_and_refuses_mhca_on_reduced_tokens() -> N
         recipe_from_dict({"distill": {"cached_tokens": "projected"}})
     with pytest.raises(RecipeError, match="distill.cached_tokens"):
         recipe_from_dict({"distill": {"cached_tokens": "bf16"}})
+
+
+def test_the_plan_sizes_each_format_as_the_cache_writes_it(tmp_path) -> None:
+    from distill.run.plan import TeacherShapes, cache_entry_bytes
+
+    shapes = TeacherShapes(tokens=3, dim=8, pooled=8, classes=2, token_mask=True,
+                           token_leads=(0, 1, 2))
+    for fmt in (TokenFormat(), TokenFormat("int8"), TokenFormat("projected", dim=4, seed=0),
+                TokenFormat("lead_mean")):
+        entry = _entry(tmp_path, fmt, f"size-{fmt.name}")
+        files = {p.name: p.stat().st_size for p in entry.folder.iterdir()}
+        planned = cache_entry_bytes(shapes, N, fmt.name, d_proj=4)
+        assert set(planned) == set(files), fmt.name
+        for name, size in files.items():
+            if name != "meta.json":  # (its key and lead list differ in length)
+                assert planned[name] == size, (fmt.name, name, planned[name], size)

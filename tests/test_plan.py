@@ -39,7 +39,7 @@ def folder_bytes(folder: Path) -> int:
 def test_token_options_are_the_issue_s_sizes() -> None:
     per = token_option_bytes(576, 4096, d_proj=128)
     assert per == {"fp16": 576 * 4096 * 2, "projected": 576 * 128 * 2,
-                   "lead-pooled": 12 * 4096 * 2, "int8": 576 * 4096 + 576 * 2}
+                   "lead_mean": 12 * 4096 * 2, "int8": 576 * 4096 + 576 * 4}
     assert per["fp16"] * 21837 == pytest.approx(103e9, rel=0.01)  # the issue's 103 GB
     assert per["fp16"] * 800_000 == pytest.approx(3.8e12, rel=0.01)  # and 3.8 TB
     assert token_option_bytes(576, 4096, d_proj=None)["projected"] is None
@@ -52,7 +52,7 @@ def test_plan_cache_estimate_is_within_10_percent_of_the_real_cache(tmp_path) ->
     assert list(stages) == ["data", "teacher", "teacher_cache", "baseline", "distill",
                             "evaluate", "quantize", "report", "export"]
     text = format_plan(plan)
-    for name in ("teacher_cache", "distill", "@21,837", "fp16", "projected", "lead-pooled",
+    for name in ("teacher_cache", "distill", "@21,837", "fp16", "projected", "lead_mean",
                  "int8", "peak memory"):
         assert name in text
     est = stages["teacher_cache"]
@@ -96,8 +96,8 @@ def test_plan_command_on_the_vlm_recipe_with_a_stand_in_folder(tmp_path, capsys)
     for stage in ("data", "teacher", "teacher_cache", "baseline", "distill", "evaluate"):
         assert stage in lines
     assert "103 GB" in lines["teacher_cache"] and "FLOPs" in lines["teacher_cache"]
-    assert "103 GB" in lines["fp16"] and "51.5 GB" in lines["int8"]
-    assert "2.15 GB" in lines["lead-pooled"] and "3.22 GB" in lines["projected"]
+    assert "103 GB" in lines["fp16"] and "51.6 GB" in lines["int8"]  # float32 scales
+    assert "2.15 GB" in lines["lead_mean"] and "3.22 GB" in lines["projected"]
 
 
 def test_run_refuses_a_stage_that_does_not_fit_and_deletes_nothing(tmp_path, monkeypatch,

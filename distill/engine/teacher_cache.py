@@ -74,6 +74,7 @@ from distill.data.dataset import PerDraw
 from distill.core.errors import ECGDistillError
 from distill.core.hashing import stable_hash
 from distill.core.weights import weights_hash as core_weights_hash
+from distill.losses.alignment import semi_orthogonal
 from distill.core.io import atomic_dir
 from distill.core.progress import progress_bar
 
@@ -255,8 +256,6 @@ class TokenFormat:
     def projection(self, width: int) -> torch.Tensor:
         """The fixed [dim, width] map: semi-orthogonal, from ``seed`` (the same matrix in
         every process and run)."""
-        from distill.losses.alignment import semi_orthogonal
-
         return semi_orthogonal(self.dim, width, generator=torch.Generator().manual_seed(self.seed))
 
     def stored(self) -> dict[str, Any]:

@@ -100,43 +100,37 @@ def format_seconds(s: float | None) -> str:
 
 def token_option_bytes(tokens: int, dim: int, *, d_proj: int | None,
                        leads: int = NUM_LEADS) -> dict[str, int]:
-    """Bytes per record of the cached teacher tokens [tokens, dim], for each storage option:
+    """Bytes per record of the cached teacher tokens [tokens, dim], for each storage option
+    of ``distill.cached_tokens`` (:class:`distill.engine.teacher_cache.TokenFormat`):
 
-    - ``fp16``: as the cache stores them today, tokens x dim x 2;
-    - ``projected``: after the fixed projection the token losses apply (mhca's values and
-      ot's costs read R LN(x), R a fixed [d_proj, dim] matrix), tokens x d_proj x 2
-      (None when the recipe weights no token term);
-    - ``lead-pooled``: one token per lead (the mean of the lead's tokens, what OT lead
-      matching compares), leads x dim x 2;
-    - ``int8``: int8 values with one fp16 scale per token, tokens x dim + tokens x 2.
+    - ``fp16``: as the teacher gives them, tokens x dim x 2;
+    - ``projected``: after the ``ot`` term's fixed map (layer norm, then a fixed [d_proj,
+      dim] matrix), tokens x d_proj x 2 (None when ``ot`` is not weighted);
+    - ``lead_mean``: one token per lead (the mean of the lead's layer-normalised tokens,
+      what ot's lead pooling matches), leads x dim x 2;
+    - ``int8``: int8 values with one float32 scale per token, tokens x dim + tokens x 4.
     """
     return {"fp16": tokens * dim * 2,
             "projected": None if d_proj is None else tokens * d_proj * 2,
-            "lead-pooled": leads * dim * 2,
-            "int8": tokens * dim + tokens * 2}
+            "lead_mean": leads * dim * 2,
+            "int8": tokens * dim + tokens * 4}
 
 
 TOKEN_OPTION_TEXT = {
-    "fp16": "tokens x dim x 2 B (what the cache stores now)",
-    "projected": "tokens x d x 2 B, d the token losses' projection width",
-    "lead-pooled": "12 leads x dim x 2 B (OT lead matching)",
-    "int8": "tokens x dim x 1 B + one fp16 scale per token",
+    "fp16": "tokens x dim x 2 B (the default)",
+    "projected": "tokens x d x 2 B, d the ot term's dim (mhca off)",
+    "lead_mean": "12 leads x dim x 2 B (ot's lead pooling; mhca off)",
+    "int8": "tokens x dim x 1 B + one float32 scale per token",
 }
 
 
 def projection_width(recipe: Recipe) -> int | None:
-    """The width d the token losses project teacher tokens to: the largest ``dim`` of the
-    weighted ``mhca`` and ``ot`` terms (their fixed projection R LN(x) of the teacher
-    tokens); None when neither is weighted. Assumption: mhca's keys (a learnable W_k of the
-    full tokens) are served from the projected tokens too, which is what makes this option
-    exact for the values and the OT costs but a change of the key's input for mhca."""
-
+    """The width d of ``cached_tokens: projected``: the ``ot`` term's ``dim`` (its fixed
+    map of the teacher tokens is what the option stores); None when ot is not weighted."""
     d = recipe.distill
-    widths = []
-    for name in ("mhca", "ot"):
-        if d.alpha > 0 and d.weights.get(name, 0.0) > 0:
-            widths.append(int(loss_family(name).make_config(d.losses.get(name)).dim))
-    return max(widths) if widths else None
+    if d.alpha > 0 and d.weights.get("ot", 0.0) > 0:
+        return int(loss_family("ot").make_config(d.losses.get("ot")).dim)
+    return None
 
 
 # ---------------------------------------------------------------- the teacher's outputs
@@ -157,23 +151,36 @@ class TeacherShapes:
     parameters: int | None = None  # the teacher's parameter count
 
 
-def cache_entry_bytes(shapes: TeacherShapes, records: int, storage: str = "fp16"
-                      ) -> dict[str, int]:
+def cache_entry_bytes(shapes: TeacherShapes, records: int, storage: str = "fp16",
+                      d_proj: int | None = None) -> dict[str, int]:
     """Bytes of each file of one teacher-cache entry of ``records`` records
-    (:mod:`distill.engine.teacher_cache`), the token array stored as ``storage`` (a key of
-    :func:`token_option_bytes`, fp16 being today's layout)."""
+    (:mod:`distill.engine.teacher_cache`), the tokens stored as ``storage`` (fp32, or a key
+    of :func:`token_option_bytes`; ``d_proj`` for projected)."""
     f = 4 if storage == "fp32" else 2
     per = {"logits": 4 * shapes.classes, "pooled": f * shapes.pooled}
+    fixed: dict[str, int] = {}
+    stored_tokens = shapes.tokens
     if storage in ("fp16", "fp32"):
         per["tokens"] = f * shapes.tokens * shapes.dim
+    elif storage == "int8":
+        per["tokens"] = shapes.tokens * shapes.dim
+        per["token_scale"] = 4 * shapes.tokens
+    elif storage == "projected":
+        d = d_proj or shapes.dim
+        per["tokens"] = 2 * shapes.tokens * d
+        fixed["projection.npy"] = NPY_HEADER + 4 * d * shapes.dim
+    elif storage == "lead_mean":
+        stored_tokens = len({v for v in shapes.token_leads if v >= 0}) or NUM_LEADS
+        per["tokens"] = 2 * stored_tokens * shapes.dim
     else:
-        per["tokens"] = token_option_bytes(shapes.tokens, shapes.dim, d_proj=None)[storage]
-    if shapes.token_mask:
-        per["token_mask"] = shapes.tokens
+        raise ValueError(f"unknown token storage {storage!r}")
+    if shapes.token_mask or storage == "lead_mean":
+        per["token_mask"] = stored_tokens
     if shapes.code_levels:
         per["code_idx"] = 2 * shapes.tokens * shapes.code_levels * CODE_TOP
         per["code_logp"] = 2 * shapes.tokens * shapes.code_levels * CODE_TOP
     out = {f"{k}.npy": NPY_HEADER + records * v for k, v in per.items()}
+    out.update(fixed)
     meta = {"key": "x" * 20, "records": records, "token_leads": list(shapes.token_leads)
             or [0] * shapes.tokens, "storage": "float16", "version": 1}
     out["meta.json"] = len(json.dumps(meta, indent=1))
@@ -760,9 +767,11 @@ def plan_recipe(recipe: Recipe, records: int | None = None, batches: int = 2,
         teacher_train.disk_fixed = recipe.train.keep_checkpoints * (state + 8 * trainable) + \
             saved + 4 * (classes * shapes.pooled + classes)
     stages.append(teacher_train)
-    entry = cache_entry_bytes(shapes, 1)
-    per_record = sum(v - NPY_HEADER for k, v in entry.items() if k.endswith(".npy"))
-    fixed = NPY_HEADER * sum(k.endswith(".npy") for k in entry) + entry["meta.json"]
+    entry = cache_entry_bytes(shapes, 1, recipe.distill.cached_tokens,
+                              projection_width(recipe))
+    base = cache_entry_bytes(shapes, 0, recipe.distill.cached_tokens, projection_width(recipe))
+    per_record = sum(entry.values()) - sum(base.values())
+    fixed = sum(base.values())
     if live:
         cache = StageEstimate("teacher_cache", seconds_per_record=0.0,
                               how="none: the teacher runs live (train.augment)")
@@ -943,11 +952,13 @@ def stage_disk_need(stage: str, ctx: Any) -> tuple[int, Path, str] | None:
                                 build=lambda: load_frozen_teacher(jd, ctx.run_dir))
         n = len(jd.data.ecg_ids) + (len(jd.transfer.ecg_ids) if jd.transfer is not None else 0)
         draws = augment_draws(recipe) or 1
-        need = draws * sum(cache_entry_bytes(shapes, n).values())
+        need = draws * sum(cache_entry_bytes(shapes, n, recipe.distill.cached_tokens,
+                                             projection_width(recipe)).values())
         views = f" (train.augment.views: {draws} stores {draws} copies)" if draws > 1 else ""
         return need, cache_root(recipe.data), (
-            f"point data.cache_dir at a disk with more room, or cache fewer records{views}; "
-            f"`ecg-distill plan` lists the smaller token storage options")
+            f"point data.cache_dir at a disk with more room, cache fewer records{views}, or "
+            f"store smaller tokens (distill.cached_tokens: int8, projected or lead_mean; "
+            f"`ecg-distill plan` lists their sizes)")
     if stage in ("baseline", "distill", "ablation"):
         jd = ctx.job_data()
         specs = list(recipe.students)
