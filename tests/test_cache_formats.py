@@ -130,3 +130,91 @@ def test_the_plan_sizes_each_format_as_the_cache_writes_it(tmp_path) -> None:
         for name, size in files.items():
             if name != "meta.json":  # (its key and lead list differ in length)
                 assert planned[name] == size, (fmt.name, name, planned[name], size)
+
+
+def _objectives(fmt_name: str, t_dim: int, pool: str = "none"):
+    """The objective on full tokens and on ``fmt_name``'s, with the same parameters."""
+    from distill.engine.jobs import TEACHER_FORM
+    from distill.losses.objective import build_objective
+
+    weights = {"kd": 1.0, "mhca": 0.0, "ot": 1.0, "relation": 1.0}
+    ot = {"dim": 4, "teacher_pool": pool}
+    torch.manual_seed(0)
+    full = build_objective(0.5, weights, 6, 8, ot=ot)
+    reduced = build_objective(0.5, weights, 6, t_dim, teacher_form=TEACHER_FORM[fmt_name],
+                              ot=ot)
+    reduced.losses["ot"].student_proj.load_state_dict(full.losses["ot"].student_proj.state_dict())
+    return full, reduced
+
+
+def _student(seed: int = 0):
+    from distill.core.contract import ECGModelOutput
+
+    g = torch.Generator().manual_seed(seed)
+    return ECGModelOutput(tokens=torch.randn(N, 5, 6, generator=g),
+                          token_leads=torch.tensor([0, 1, 2, -1, 1]),
+                          pooled=torch.randn(N, 6, generator=g),
+                          logits=torch.randn(N, 2, generator=g))
+
+
+def _terms(objective, student, teacher):
+    labels = torch.zeros(N, 2)
+    return objective(student, teacher, {"labels": labels}).terms
+
+
+def test_ot_and_relation_read_projected_tokens_as_the_full_ones(tmp_path) -> None:
+    """cached_tokens: projected leaves ot (and relation on its barycentres, and kd) where
+    the full tokens put them: the stored map is ot's fixed map."""
+    fmt = TokenFormat("projected", dim=4, seed=5)
+    full_entry = _entry(tmp_path, TokenFormat(), "fp16")
+    proj_entry = _entry(tmp_path, fmt, "proj")
+    full, reduced = _objectives("projected", 4)
+    with torch.no_grad():
+        full.losses["ot"].teacher_proj.weight.copy_(torch.from_numpy(proj_entry.projection))
+    rows = slice(None)
+    a = _terms(full, _student(), cached_teacher_output(_batch(full_entry, rows),
+                                                       full_entry.token_leads))
+    b = _terms(reduced, _student(), cached_teacher_output(_batch(proj_entry, rows),
+                                                          proj_entry.token_leads))
+    assert set(a) == set(b) == {"task", "kd", "ot", "relation"}
+    for name in a:  # the two caches round to fp16 at different points: 1e-3
+        torch.testing.assert_close(b[name], a[name], rtol=2e-3, atol=2e-4, msg=name)
+
+
+def test_ot_lead_pooling_reads_lead_mean_tokens_as_it_pools_live(tmp_path) -> None:
+    full_entry = _entry(tmp_path, TokenFormat(), "fp16")
+    lead_entry = _entry(tmp_path, TokenFormat("lead_mean"), "leads")
+    full, reduced = _objectives("lead_mean", 8, pool="lead")
+    with torch.no_grad():
+        reduced.losses["ot"].teacher_proj.weight.copy_(full.losses["ot"].teacher_proj.weight)
+    a = _terms(full, _student(), cached_teacher_output(_batch(full_entry, slice(None)),
+                                                       full_entry.token_leads))
+    b = _terms(reduced, _student(), cached_teacher_output(_batch(lead_entry, slice(None)),
+                                                          lead_entry.token_leads))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=2e-3, atol=2e-4, msg=name)
+    # where a lead has several tokens, pooling changes the term (one teacher token a lead)
+    from distill.core.contract import ECGModelOutput
+    from distill.losses import build_loss
+
+    g = torch.Generator().manual_seed(2)
+    teacher = ECGModelOutput(tokens=torch.randn(N, 4, 8, generator=g),
+                             token_leads=torch.tensor([0, 0, 1, 1]))
+    torch.manual_seed(0)
+    pooled = build_loss("ot", student_dim=6, teacher_dim=8, dim=4, teacher_pool="lead")
+    torch.manual_seed(0)
+    every = build_loss("ot", student_dim=6, teacher_dim=8, dim=4)
+    assert not torch.isclose(pooled(_student(), teacher).value, every(_student(), teacher).value)
+
+
+def test_reduced_forms_are_refused_where_they_cannot_be_read() -> None:
+    from distill.losses import build_loss
+
+    with pytest.raises(ValueError, match="set distill.ot.teacher_pool: lead"):
+        build_loss("ot", student_dim=6, teacher_dim=8, teacher_form="normed")
+    with pytest.raises(RecipeError, match="distill.cached_tokens: lead_mean .* "
+                                          "distill.ot.teacher_pool: lead"):
+        recipe_from_dict({"distill": {"cached_tokens": "lead_mean", "weights": {"mhca": 0}}})
+    ok = recipe_from_dict({"distill": {"cached_tokens": "lead_mean", "weights": {"mhca": 0},
+                                       "ot": {"teacher_pool": "lead"}}})
+    assert ok.distill.cached_tokens == "lead_mean"

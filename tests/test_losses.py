@@ -696,7 +696,8 @@ def test_each_config_is_a_recipe_section_with_the_recipe_defaults() -> None:
             assert f.metadata.get("help"), (name, f.name)
         assert build_section(family.config, {}, f"distill.{name}") == config
         # the constructor takes exactly the fields (plus the widths it needs)
-        loss = family.cls(**{k: 8 for k in family.dims}, **dataclasses.asdict(config))
+        loss = family.cls(**{k: None if k == "teacher_form" else 8 for k in family.dims},
+                          **dataclasses.asdict(config))
         assert loss.config == config
         assert family.build(student_dim=8, teacher_dim=8).config == config
     assert build_section(MHCAConfig, {"dim": 64, "heads": 8}, "distill.mhca") == \

@@ -224,11 +224,12 @@ def build_student(recipe: Recipe, spec: StudentConfig, classes: Sequence[str]):
 
 def build_objective(recipe: Recipe, student_dim: int, teacher_dim: int,
                     teacher_codes: tuple[int, int] | None = None,
-                    student_leads: tuple[int, ...] | None = None) -> DistillationObjective:
+                    student_leads: tuple[int, ...] | None = None,
+                    teacher_form: str | None = None) -> DistillationObjective:
     """The recipe's distillation objective for a student/teacher pair of token widths:
     L = (1 - alpha) * BCE + alpha * sum of lambda_i * L_i over the terms with lambda_i > 0,
     each term configured by its own recipe section (``distill.<loss>``)."""
     d = recipe.distill
     return _build_objective(d.alpha, dict(d.weights), student_dim, teacher_dim,
                             teacher_codes=teacher_codes, student_leads=student_leads,
-                            **d.losses)
+                            teacher_form=teacher_form, **d.losses)

@@ -74,6 +74,7 @@ from distill.data.dataset import PerDraw
 from distill.core.errors import ECGDistillError
 from distill.core.hashing import stable_hash
 from distill.core.weights import weights_hash as core_weights_hash
+from distill.losses.alignment import lead_means as _lead_means
 from distill.losses.alignment import semi_orthogonal
 from distill.core.io import atomic_dir
 from distill.core.progress import progress_bar
@@ -281,25 +282,13 @@ class TokenFormat:
 
 def lead_means(tokens: torch.Tensor, leads: list[int], mask: torch.Tensor | None
                ) -> tuple[dict[str, torch.Tensor], list[int], torch.Tensor]:
-    """Per record and lead, the mean of the layer-normalised tokens of that lead over its
-    real tokens: ({"tokens": [B, L, D]}, the leads 0..L-1 present, mask [B, L] False where a
-    record has no real token of a lead).
-
-    Raises:
-        ECGDistillError: no token names a lead."""
-    lead_ids = sorted({int(v) for v in leads if int(v) >= 0})
-    if not lead_ids:
+    """:func:`distill.losses.alignment.lead_means` for the cache (an ECGDistillError naming
+    the recipe key when no token names a lead)."""
+    try:
+        return _lead_means(tokens, leads, mask)
+    except ValueError:
         raise ECGDistillError("distill.cached_tokens: lead_mean pools the teacher's tokens by "
-                              "lead, and no token of this teacher names a lead")
-    x = F.layer_norm(tokens.float(), (tokens.shape[-1],))
-    lead_of = torch.as_tensor(leads, device=x.device)
-    member = (lead_of[None, :] == torch.as_tensor(lead_ids, device=x.device)[:, None]).float()
-    weight = member[None].expand(x.shape[0], -1, -1)  # (B, L, N_t)
-    if mask is not None:
-        weight = weight * mask.float()[:, None, :]
-    count = weight.sum(-1)  # (B, L)
-    pooled = (weight @ x) / count.clamp_min(1.0)[..., None]  # (B, L, D)
-    return {"tokens": pooled}, lead_ids, count > 0
+                              "lead, and no token of this teacher names a lead") from None
 
 
 def decode_tokens(tokens: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:

@@ -40,7 +40,7 @@ from distill.core.schema import unknown_key
 # given by the objective, not config: the token widths, (levels, C) of a tokenized
 # teacher's code distributions (None when it gives none), and the standard indices of the
 # leads the student reads (None for a printout student)
-DIM_ARGS = ("student_dim", "teacher_dim", "teacher_codes", "student_leads")
+DIM_ARGS = ("student_dim", "teacher_dim", "teacher_codes", "student_leads", "teacher_form")
 
 
 class LossOutput(NamedTuple):
@@ -129,11 +129,14 @@ class LossFamily:
     def build(self, config: Mapping[str, Any] | Any | None = None, *,
               student_dim: int | None = None, teacher_dim: int | None = None,
               teacher_codes: tuple[int, int] | None = None,
-              student_leads: tuple[int, ...] | None = None) -> nn.Module:
+              student_leads: tuple[int, ...] | None = None,
+              teacher_form: str | None = None) -> nn.Module:
         """Instantiate the loss: ``cls(**dims, **asdict(config))``, passing the token widths
-        only to a constructor that takes them."""
+        (and the form the teacher tokens arrive in, from a reduced cache) only to a
+        constructor that takes them."""
         widths = {"student_dim": student_dim, "teacher_dim": teacher_dim,
-                  "teacher_codes": teacher_codes, "student_leads": student_leads}
+                  "teacher_codes": teacher_codes, "student_leads": student_leads,
+                  "teacher_form": teacher_form}
         kwargs = {name: widths[name] for name in self.dims if widths[name] is not None}
         return self.cls(**kwargs, **dataclasses.asdict(self.make_config(config)))
 

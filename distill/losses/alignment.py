@@ -123,6 +123,32 @@ def teacher_layer_norm(tokens: torch.Tensor, dtype: torch.dtype,
     return out
 
 
+def lead_means(tokens: torch.Tensor, leads: list[int] | torch.Tensor,
+               mask: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], list[int],
+                                                    torch.Tensor]:
+    """Per record and lead, the mean of the layer-normalised tokens of that lead over its
+    real tokens: ({"tokens": [B, L, D]}, the leads present (sorted), mask [B, L] False where
+    a record has no real token of a lead). What ``ot`` with ``teacher_pool: lead`` matches
+    and the teacher cache's ``lead_mean`` tokens store (the fixed projection after it is
+    linear, so pooling before or after it is the same).
+
+    Raises:
+        ValueError: no token names a lead."""
+    lead_list = [int(v) for v in (leads.tolist() if torch.is_tensor(leads) else leads)]
+    lead_ids = sorted({v for v in lead_list if v >= 0})
+    if not lead_ids:
+        raise ValueError("lead pooling: no token of this teacher names a lead")
+    x = F.layer_norm(tokens.float(), (tokens.shape[-1],))
+    lead_of = torch.as_tensor(lead_list, device=x.device)
+    member = (lead_of[None, :] == torch.as_tensor(lead_ids, device=x.device)[:, None]).float()
+    weight = member[None].expand(x.shape[0], -1, -1)  # (B, L, N_t)
+    if mask is not None:
+        weight = weight * mask.to(x.device).float()[:, None, :]
+    count = weight.sum(-1)  # (B, L)
+    pooled = (weight @ x) / count.clamp_min(1.0)[..., None]  # (B, L, D)
+    return {"tokens": pooled}, lead_ids, count > 0
+
+
 def attention_weights(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None
                       ) -> torch.Tensor:
     """softmax(q kᵀ / √d_h) over the real teacher tokens; all-zero rows for a record
@@ -374,4 +400,4 @@ class FixedTeacherProjection(nn.Module):
 
 
 __all__ = ["FixedTeacherProjection", "MHCAAlignment", "MHCAConfig", "attention_weights",
-           "semi_orthogonal", "teacher_layer_norm", "teacher_subset"]
+           "lead_means", "semi_orthogonal", "teacher_layer_norm", "teacher_subset"]

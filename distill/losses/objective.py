@@ -183,6 +183,7 @@ def check_requirements(alpha: float, weights: Mapping[str, float]) -> None:
 def build_objective(alpha: float, weights: Mapping[str, float] | Any, student_dim: int,
                     teacher_dim: int, teacher_codes: tuple[int, int] | None = None,
                     student_leads: tuple[int, ...] | None = None,
+                    teacher_form: str | None = None,
                     **loss_configs: Mapping[str, Any] | Any) -> DistillationObjective:
     """Build the objective and the registered losses it needs.
 
@@ -200,6 +201,9 @@ def build_objective(alpha: float, weights: Mapping[str, float] | Any, student_di
             ``codes`` term's output size); None when the teacher gives none.
         student_leads: standard indices (0..11) of the leads the student reads (the
             ``codes`` term's ``leads: student``); None for a printout student.
+        teacher_form: how the teacher tokens arrive from a reduced cache (``ot``'s
+            ``teacher_form``: "normed" per-lead means, "projected" after its fixed map);
+            None: as the teacher gives them.
         **loss_configs: each loss's configuration, a mapping of its config's fields or the
             config dataclass itself, e.g. ``kd={"temperature": 4.0}``,
             ``mhca=MHCAConfig(dim=64, heads=2)``. Configurations of unweighted terms are
@@ -222,7 +226,8 @@ def build_objective(alpha: float, weights: Mapping[str, float] | Any, student_di
     for name in term_order(active):
         losses[name] = families[name].build(configs.get(name), student_dim=student_dim,
                                             teacher_dim=teacher_dim, teacher_codes=teacher_codes,
-                                            student_leads=student_leads)
+                                            student_leads=student_leads,
+                                            teacher_form=teacher_form)
     return DistillationObjective(alpha, weights, losses)
 
 

@@ -30,7 +30,8 @@ from torch import nn
 
 from distill.core.schema import spec
 from distill.losses import LazyAux, LossOutput, check_fields, register_loss
-from distill.losses.alignment import FixedTeacherProjection, teacher_layer_norm, teacher_subset
+from distill.losses.alignment import (FixedTeacherProjection, lead_means, teacher_layer_norm,
+                                      teacher_subset)
 from distill.losses.sinkhorn import (
     log_marginal,
     sinkhorn_log_batched,
@@ -66,6 +67,10 @@ class OTConfig:
         0, help="transport to a random subset of this many teacher token positions per "
         "step (drawn afresh each step, shared with mhca when it draws as many); 0 = all "
         "tokens; changes the numbers, evaluation mode always uses all", ge=0, since="0.6")
+    teacher_pool: Literal["none", "lead"] = spec(
+        "none", help="lead: match the student's tokens to one teacher token per lead (the "
+        "mean of that lead's layer-normalised tokens; what distill.cached_tokens: lead_mean "
+        "stores); changes the numbers", since="0.6")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -173,12 +178,30 @@ class OTLeadMatching(nn.Module):
                  reg: float = 0.05, iters: int = 50, lead_prior: float = 0.0,
                  normalize: bool = True, project: bool = True,
                  grad: Literal["envelope", "unrolled"] = "envelope", tol: float = 0.0,
-                 teacher_tokens: int = 0) -> None:
+                 teacher_tokens: int = 0, teacher_pool: Literal["none", "lead"] = "none",
+                 teacher_form: Literal["tokens", "normed", "projected"] | None = None) -> None:
         super().__init__()
         self.config = OTConfig(dim=dim, reg=reg, iters=iters, lead_prior=lead_prior,
                                normalize=normalize, project=project, grad=grad, tol=tol,
-                               teacher_tokens=teacher_tokens)
+                               teacher_tokens=teacher_tokens, teacher_pool=teacher_pool)
         c = self.config
+        # how the teacher tokens arrive (a reduced teacher cache, distill.cached_tokens):
+        # as the teacher gives them, as per-lead means of their layer norm ("normed": the
+        # lead_mean cache), or after the fixed map ("projected": the projected cache, whose
+        # stored map is this term's; the tokens are then [.., dim] and teacher_dim is dim)
+        self.teacher_form = teacher_form or "tokens"
+        if self.teacher_form not in ("tokens", "normed", "projected"):
+            raise ValueError(f"ot: teacher_form {teacher_form!r} is not tokens, normed or "
+                             f"projected")
+        if self.teacher_form == "normed" and c.teacher_pool != "lead":
+            raise ValueError("ot: the teacher cache holds per-lead means (cached_tokens: "
+                             "lead_mean); set distill.ot.teacher_pool: lead")
+        if self.teacher_form == "projected" and not c.project:
+            raise ValueError("ot: projected teacher tokens (cached_tokens: projected) need "
+                             "project: true")
+        if self.teacher_form != "tokens" and c.teacher_tokens:
+            raise ValueError("ot: teacher_tokens subsets the teacher's own tokens; it does not "
+                             "apply to a reduced teacher cache (set it to 0)")
         if c.project:
             # Learnable on the student side only (and without a bias): a learnable teacher
             # side, or biases, let both sides collapse onto one point, cost -> 0.
@@ -270,7 +293,7 @@ class OTLeadMatching(nn.Module):
                   teacher_mask: torch.Tensor | None = None,
                   student_weights: torch.Tensor | None = None,
                   teacher_weights: torch.Tensor | None = None,
-                  context: dict[str, Any] | None = None) -> LossOutput:
+                  context: dict[str, Any] | None = None, pooled: bool = False) -> LossOutput:
         """Entropic OT between the two token sets of every record.
 
         Args:
@@ -280,6 +303,7 @@ class OTLeadMatching(nn.Module):
             student_weights: [B, N_s] token masses or None (uniform); teacher_weights: [B, N_t].
             context: the objective's context, or None: the teacher's layer norm is read from
                 (or memoised in) it, shared with ``mhca`` (``teacher_layer_norm``).
+            pooled: the teacher tokens are already layer-normalised per-lead means.
 
         Returns:
             LossOutput(value: scalar mean over records of <P, C>; aux, a read-only mapping:
@@ -305,7 +329,8 @@ class OTLeadMatching(nn.Module):
             tiny = torch.finfo(dtype).tiny
             inv_a = torch.where(a > 0, 1.0 / a.clamp_min(tiny), 0.0)  # (B, N_s)
             iso = None
-            if c.grad == "envelope" and c.normalize and c.project:
+            if c.grad == "envelope" and c.normalize and c.project and \
+                    self.teacher_form == "tokens" and c.teacher_pool == "none":
                 iso = self.teacher_isometry(dtype)
             if iso is not None:
                 # teacher space: x̃ = normalize(x (Qᵀ W_s)ᵀ) = x̂ Q / s, ỹ = normalize(LN(y)),
@@ -319,9 +344,13 @@ class OTLeadMatching(nn.Module):
             else:
                 zs = _project(self.student_proj, student_tokens, dtype)  # (B, N_s, d)
                 with torch.no_grad():  # the teacher is a fixed target, as in every other term
-                    if type(self.teacher_proj) is FixedTeacherProjection:
-                        xt = self.teacher_proj.project_normalized(
-                            teacher_layer_norm(teacher_tokens, dtype, context))
+                    if self.teacher_form == "projected":  # the fixed map already applied
+                        xt = teacher_tokens.detach().to(dtype)
+                    elif type(self.teacher_proj) is FixedTeacherProjection:
+                        normed = (teacher_tokens.detach().to(dtype)
+                                  if self.teacher_form == "normed" or pooled
+                                  else teacher_layer_norm(teacher_tokens, dtype, context))
+                        xt = self.teacher_proj.project_normalized(normed)
                     else:
                         xt = _project(self.teacher_proj, teacher_tokens.detach(), dtype)
                     if c.normalize:  # in place unless xt is the caller's tensor (identity)
@@ -440,12 +469,22 @@ class OTLeadMatching(nn.Module):
         t_weights = batch.get("ot_teacher_weights")
         if index is not None and t_weights is not None:
             t_weights = t_weights.index_select(1, index.to(t_weights.device))
+        pooled = self.teacher_form == "normed"
+        if self.config.teacher_pool == "lead" and not pooled:  # pooled live, as the cache does
+            if t_weights is not None:
+                raise ValueError("ot: teacher_pool: lead replaces the teacher's tokens by one a "
+                                 "lead; ot_teacher_weights of the tokens do not apply")
+            with torch.no_grad():
+                out_, leads_, t_mask = lead_means(t_tokens.detach(), t_leads, t_mask)
+            t_tokens = out_["tokens"]
+            t_leads = torch.as_tensor(leads_, device=t_tokens.device)
+            pooled = True
         out = self.transport(
             student_out.tokens, t_tokens,
             student_leads=student_out.token_leads, teacher_leads=t_leads,
             student_mask=student_out.token_mask, teacher_mask=t_mask,
             student_weights=batch.get("ot_student_weights"), teacher_weights=t_weights,
-            context=context)
+            context=context, pooled=pooled)
         if context is not None:
             context["ot.plan"] = out.aux["plan"]
             context["ot.barycentric"] = out.aux["barycentric"]

@@ -325,6 +325,15 @@ class DistillConfig:
                 raise unknown_key(f"{path}.weights", name, list(families))
             if value < 0:
                 raise RecipeError(f"{path}.weights.{name}: must be >= 0, got {value}")
+        ot = self.losses.get("ot")
+        if self.cached_tokens == "lead_mean" and self.weights.get("ot", 0) > 0 and \
+                getattr(ot, "teacher_pool", "lead") != "lead":
+            raise RecipeError(f"{path}.cached_tokens: lead_mean stores one teacher token per "
+                              f"lead; set {path}.ot.teacher_pool: lead (what ot then matches)")
+        if self.cached_tokens == "projected" and self.weights.get("ot", 0) > 0 and \
+                not getattr(ot, "project", True):
+            raise RecipeError(f"{path}.cached_tokens: projected stores the tokens after ot's "
+                              f"fixed projection; {path}.ot.project must be true")
         if self.cached_tokens in ("projected", "lead_mean") and self.weights.get("mhca", 0) > 0:
             raise RecipeError(
                 f"{path}.cached_tokens: {self.cached_tokens} stores the teacher tokens reduced, "
