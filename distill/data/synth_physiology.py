@@ -159,6 +159,17 @@ def _frontal(angle_deg: float, z: float) -> np.ndarray:
     return _unit(np.cos(a), np.sin(a), z)
 
 
+def _intervals(rng: np.random.Generator, female: bool, axis: float, amp: float) -> dict:
+    """A healthy person's PR, QRS and QTc (s), with the axis and voltage drawn before."""
+    return {
+        "pr": rng.uniform(0.12, 0.2),
+        "qrs": rng.uniform(0.078, 0.108),
+        "qtc": rng.normal(0.41 if female else 0.395, 0.015),
+        "axis": axis,
+        "amp": amp,
+    }
+
+
 def _normal_template(rng: np.random.Generator, age: float, female: bool) -> tuple[dict, dict]:
     """Intervals and wave vectors of a healthy heart for this person.
 
@@ -167,13 +178,7 @@ def _normal_template(rng: np.random.Generator, age: float, female: bool) -> tupl
     """
     axis = rng.normal(55 - 0.25 * (age - 50), 22)
     amp = rng.lognormal(np.log(1.45), 0.22) * (0.85 if female else 1.0)
-    iv = {
-        "pr": rng.uniform(0.12, 0.2),
-        "qrs": rng.uniform(0.078, 0.108),
-        "qtc": rng.normal(0.41 if female else 0.395, 0.015),
-        "axis": axis,
-        "amp": amp,
-    }
+    iv = _intervals(rng, female, axis, amp)
     vec = {
         "P": rng.uniform(0.1, 0.22) * _frontal(rng.normal(55, 12), 0.25),
         "Q": rng.uniform(0.1, 0.22) * amp * _unit(-0.6, rng.normal(0.1, 0.2), 0.8),
@@ -193,13 +198,7 @@ def _normal_template_v2(rng: np.random.Generator, age: float, female: bool) -> t
     limb-lead voltage (module docstring)."""
     axis = rng.normal(38 - 0.25 * (age - 50), 30)
     amp = rng.lognormal(np.log(1.05), 0.24) * (0.85 if female else 1.0)
-    iv = {
-        "pr": rng.uniform(0.12, 0.2),
-        "qrs": rng.uniform(0.078, 0.108),
-        "qtc": rng.normal(0.41 if female else 0.395, 0.015),
-        "axis": axis,
-        "amp": amp,
-    }
+    iv = _intervals(rng, female, axis, amp)
     vec = {
         "P": rng.uniform(0.08, 0.18) * _frontal(rng.normal(55, 12), 0.25),
         "Q": rng.uniform(0.1, 0.22) * amp * _unit(-0.6, rng.normal(0.1, 0.2), 0.8),
