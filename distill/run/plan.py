@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from distill.core.errors import ECGDistillError, RecipeError
+from distill.core.errors import DataError, ECGDistillError, RecipeError
 from distill.core.leads import NUM_LEADS
 from distill.data.load import cache_root, data_folder, render_config, synthetic_folder
 from distill.data.render import patch_lead_map, render_batch
@@ -340,11 +340,13 @@ def record_count(recipe: Recipe) -> int:
     if data.path is None:
         return int(data.synthetic.records)
     folder = Path(data.path).expanduser()
+    if not folder.is_dir():  # the data stage's own one-line error
+        raise DataError(f"data.path: folder {folder} does not exist")
     if data.format == "cinc":
         return sum(1 for _ in folder.rglob("*.hea"))
     csv = folder / "ptbxl_database.csv"
     if not csv.is_file():
-        raise RecipeError(f"data.path: {csv} does not exist")
+        raise DataError(f"data.path: {csv} does not exist")
     import pandas as pd
 
     return int(len(pd.read_csv(csv, usecols=["ecg_id"])))
