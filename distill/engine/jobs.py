@@ -661,7 +661,7 @@ def teacher_cache_key(jd: JobData, teacher: nn.Module, data: Any = None,
                              "draw": draw}
     if code_levels(recipe):  # absent otherwise: entries made before the codes term stay valid
         inputs["codes"] = {"levels": code_levels(recipe), "top": CODE_TOP}
-    fmt = token_format(recipe, teacher).key()
+    fmt = token_format(recipe).key()
     if fmt is not None:  # likewise: fp16 entries keep their keys
         inputs["tokens"] = fmt
     return cache_key(teacher, data.fingerprint, inputs)
@@ -671,7 +671,7 @@ def teacher_cache_key(jd: JobData, teacher: nn.Module, data: Any = None,
 TEACHER_FORM = {"projected": "projected", "lead_mean": "normed"}
 
 
-def token_format(recipe: Recipe, teacher: nn.Module | None = None) -> TokenFormat:
+def token_format(recipe: Recipe) -> TokenFormat:
     """How the recipe's teacher cache stores tokens (``distill.cached_tokens``): for
     ``projected``, the fixed map of the ``ot`` term (layer norm, then a semi-orthogonal
     [ot.dim, D_t] matrix drawn from the recipe's seed), which that term then reads from
@@ -700,7 +700,7 @@ def build_teacher_cache(jd: JobData, teacher: nn.Module, progress: bool = True,
     # from while its tensors are the ones loaded (moving them to a device makes new ones)
     keys = ([teacher_cache_key(jd, teacher, data)] if not draws else
             [teacher_cache_key(jd, teacher, data, draw=d) for d in range(draws)])
-    fmt = token_format(recipe, teacher)
+    fmt = token_format(recipe)
     device = process_state().device
     if getattr(teacher, "quantized", False):  # placed by bitsandbytes when loaded
         device = next(teacher.parameters()).device

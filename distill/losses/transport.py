@@ -347,8 +347,7 @@ class OTLeadMatching(nn.Module):
                     if self.teacher_form == "projected":  # the fixed map already applied
                         xt = teacher_tokens.detach().to(dtype)
                     elif type(self.teacher_proj) is FixedTeacherProjection:
-                        normed = (teacher_tokens.detach().to(dtype)
-                                  if self.teacher_form == "normed" or pooled
+                        normed = (teacher_tokens.detach().to(dtype) if pooled  # lead means
                                   else teacher_layer_norm(teacher_tokens, dtype, context))
                         xt = self.teacher_proj.project_normalized(normed)
                     else:
