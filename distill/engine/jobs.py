@@ -465,11 +465,17 @@ class DistillationModule(nn.Module):
         self.objective = objective
 
     def forward(self, inputs: Mapping[str, torch.Tensor], teacher_out: ECGModelOutput | None,
-                labels: torch.Tensor, labeled: torch.Tensor | None = None):
+                labels: torch.Tensor, labeled: torch.Tensor | None = None,
+                teacher_index: torch.Tensor | None = None):
         """-> ObjectiveOutput(total, terms, aux) of the batch; ``inputs`` are the student's
         keyword inputs (``signal`` or ``image``); ``labeled`` [B] marks the records whose
-        labels the task term may read (None: all)."""
-        batch = {"labels": labels} if labeled is None else {"labels": labels, "labeled": labeled}
+        labels the task term may read (None: all); ``teacher_index`` [B] names the records
+        whose fixed teacher features the objective may keep (its ``teacher_memo``)."""
+        batch: dict[str, Any] = {"labels": labels}
+        if labeled is not None:
+            batch["labeled"] = labeled
+        if teacher_index is not None:
+            batch["teacher_index"] = teacher_index
         return self.objective(self.student(**inputs), teacher_out, batch)
 
 
@@ -574,6 +580,11 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
         raise RecipeError(f"distill.cached_tokens: {reduced} stores the teacher tokens reduced, "
                           f"and mhca reads them whole (its keys are learnt from every "
                           f"feature); weight mhca 0 in every run, or use fp16 or int8")
+    # a record's cached teacher outputs never change (one draw, no transfer records with
+    # indices of their own): what the terms derive from them with fixed maps is kept
+    memo = isinstance(cache, TeacherOutputs) and transfer_cache is None and jd.transfer is None
+    if memo:
+        objective.keep_teacher_features(cache.tokens.shape[0])
     module = DistillationModule(student, objective)
     device = {"value": torch.device("cpu")}
 
@@ -585,7 +596,7 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
 
     def loss_fn(model: nn.Module, batch: Mapping[str, Any]):
         out = model(s_train_inputs(batch), teacher_out(batch), batch["labels"],
-                    batch.get("labeled"))
+                    batch.get("labeled"), batch["index"] if memo else None)
         return out.total, out.terms
 
     def logits_fn(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:

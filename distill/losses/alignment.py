@@ -49,6 +49,7 @@ from torch import nn
 from distill.core.errors import RecipeError
 from distill.core.schema import spec
 from distill.losses import LazyAux, LossOutput, check_fields, register_loss
+from distill.losses.memo import memoised
 
 LAYER_NORM_KEY = "teacher.layer_norm"  # the context entry that memoises teacher_layer_norm
 SUBSET_KEY = "teacher.subset"  # the context entry that memoises teacher_subset
@@ -102,7 +103,9 @@ def teacher_layer_norm(tokens: torch.Tensor, dtype: torch.dtype,
                        context: dict[str, Any] | None = None) -> torch.Tensor:
     """``F.layer_norm`` (no affine) of the detached teacher tokens in ``dtype``, computed once
     per batch: memoised in ``context`` (the objective's, shared by every term) for this very
-    tensor and dtype.
+    tensor and dtype, and across epochs per record when the objective keeps a
+    :class:`~distill.losses.memo.TeacherMemo` (``tokens`` the batch's teacher tokens or
+    their ``teacher_subset``).
 
     Args:
         tokens: [B, N_t, D_t] teacher tokens.
@@ -116,11 +119,26 @@ def teacher_layer_norm(tokens: torch.Tensor, dtype: torch.dtype,
         memo = context.get(LAYER_NORM_KEY)
         if memo is not None and memo[0] is tokens and memo[1] == dtype:
             return memo[2]
-    with torch.no_grad():
-        out = F.layer_norm(tokens.detach().to(dtype), (tokens.shape[-1],))
+
+    def compute(t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return F.layer_norm(t.detach().to(dtype), (t.shape[-1],))
+
+    out = memoised(context, tokens, f"layer_norm.{dtype}", compute,
+                   subset=subset_positions(context, tokens))
     if context is not None:
         context[LAYER_NORM_KEY] = (tokens, dtype, out)
     return out
+
+
+def subset_positions(context: dict[str, Any] | None, tokens: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(tokens, positions [K]) when ``tokens`` is the ``teacher_subset`` this batch drew
+    (memoised in ``context``), else None."""
+    memo = None if context is None else context.get(SUBSET_KEY)
+    if memo is None or memo[2][0] is not tokens or memo[2][3] is None:
+        return None
+    return tokens, memo[2][3]
 
 
 def lead_means(tokens: torch.Tensor, leads: list[int] | torch.Tensor,
@@ -288,8 +306,17 @@ class MHCAAlignment(nn.Module):
             q = self.query(z)
         q = q.view(b, n_s, h, d_h).transpose(1, 2)  # (B, h, N_s, d_h)
         k = self.key(teacher).view(b, n_t, h, d_h).transpose(1, 2)  # (B, h, N_t, d_h)
-        with torch.no_grad():  # R and the teacher are fixed
-            v = F.linear(teacher, self.value_proj.to(dtype))  # (B, N_t, dim)
+        value_proj = self.value_proj
+
+        def values(t: torch.Tensor) -> torch.Tensor:  # R LN(x_t), each token on its own
+            normed = teacher if t is teacher_tokens else teacher_layer_norm(t, dtype, context)
+            with torch.no_grad():  # R and the teacher are fixed
+                return F.linear(normed, value_proj.to(dtype))
+
+        # read per record from the objective's memo where it keeps one (the first epoch
+        # computes on all the batch's tokens, also under teacher_tokens)
+        v = memoised(context, teacher_tokens, f"mhca.values.{dtype}", values, guard=value_proj,
+                     subset=subset_positions(context, teacher_tokens))  # (B, N_t, dim)
         v = v.view(b, n_t, h, d_h).transpose(1, 2)  # (B, h, N_t, d_h)
         keep = None if teacher_mask is None else teacher_mask.bool()  # (B, N_t)
         if not fused:
@@ -400,4 +427,5 @@ class FixedTeacherProjection(nn.Module):
 
 
 __all__ = ["FixedTeacherProjection", "MHCAAlignment", "MHCAConfig", "attention_weights",
-           "lead_means", "semi_orthogonal", "teacher_layer_norm", "teacher_subset"]
+           "lead_means", "semi_orthogonal", "subset_positions", "teacher_layer_norm",
+           "teacher_subset"]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.losses import LOSSES, LazyAux, discover, loss_family
+from distill.losses.memo import MEMO_KEY, TeacherMemo
 
 UNREGISTERED_ORDER = 50  # where a loss module not in the registry runs (register_loss's default)
 
@@ -94,6 +95,17 @@ class DistillationObjective(nn.Module):
         self.weights = weights
         self.losses = nn.ModuleDict(dict(losses))
         self._order = (tuple(weights), term_order(list(weights)))  # (names, running order)
+        self.teacher_memo: TeacherMemo | None = None  # see keep_teacher_features
+
+    def keep_teacher_features(self, records: int, budget: int | None = None) -> TeacherMemo:
+        """Keep what the terms derive from the teacher tokens with fixed maps (their layer
+        norm, mhca's values, ot's targets) per record across steps: a
+        :class:`~distill.losses.memo.TeacherMemo` for ``records`` records, read for the
+        batches whose ``batch["teacher_index"]`` names their records. Only for teacher
+        outputs that never change for a record (read from a single-draw cache). Same values
+        to float rounding; returns the memo."""
+        self.teacher_memo = TeacherMemo(records, budget)
+        return self.teacher_memo
 
     @property
     def active_terms(self) -> list[str]:
@@ -115,7 +127,9 @@ class DistillationObjective(nn.Module):
             batch: holds ``labels`` [B, C] (0/1) and, when the batch mixes in transfer
                 records, ``labeled`` [B] (1 for a labeled record, 0 for a transfer record):
                 the task term is then the mean over the labeled records only (0 when none);
-                the distillation terms always read every record.
+                the distillation terms always read every record. ``teacher_index`` [B]
+                (the records' indices) lets the terms read their fixed teacher features
+                from the memo (``keep_teacher_features``).
 
         Returns:
             ObjectiveOutput(total, terms, aux).
@@ -135,6 +149,10 @@ class DistillationObjective(nn.Module):
         aux: dict[str, Any] = {}
         total = (1.0 - self.alpha) * task if self.alpha < 1.0 else task.new_zeros(())
         context: dict[str, Any] = {}
+        index = batch.get("teacher_index")
+        if self.teacher_memo is not None and index is not None and teacher_out is not None \
+                and teacher_out.tokens is not None:
+            context[MEMO_KEY] = (self.teacher_memo, index, teacher_out.tokens)
         for name in self.active_terms:
             out = self.losses[name](student_out, teacher_out, batch, context)
             terms[name] = out.value.detach()

@@ -169,9 +169,10 @@ def _converged(kern: torch.Tensor, x: torch.Tensor, y: torch.Tensor, b: torch.Te
 def sinkhorn_scaling(k: torch.Tensor, u: torch.Tensor, log_a: torch.Tensor,
                      log_b: torch.Tensor, iters: int, *, floor: float | None = None,
                      bound: float | None = None, tol: float = 0.0,
-                     stats: dict[str, int] | None = None) -> tuple[torch.Tensor, ...]:
+                     stats: dict[str, int] | None = None,
+                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """The iterates of ``sinkhorn_unrolled`` without a graph: stabilised scaling Sinkhorn
-    (Schmitzer 2019). Writes no input; returns a new plan tensor.
+    (Schmitzer 2019). Writes no input; returns a new plan tensor (or ``out``).
 
     The log-scalings are split as u = α + log x, v = β + log y: the potentials α, β are
     absorbed in a kernel K_ij = exp(k_ij + α_i + β_j), formed with one exponential pass,
@@ -215,6 +216,8 @@ def sinkhorn_scaling(k: torch.Tensor, u: torch.Tensor, log_a: torch.Tensor,
         bound: log of the largest scaling kept (default log(max float) / 4).
         tol: stopping threshold on the column marginals' L2 error (0: none).
         stats: if given, receives "exact_v", "exact_u" (and with ``tol`` "iters").
+        out: a contiguous tensor shaped like ``k`` to hold the plan (and serve as the
+            kernel's storage), or None: a new one.
 
     Returns:
         (plan [B, N_s, N_t], u [B, N_s], v [B, N_t]) as ``sinkhorn_log_batched``.
@@ -230,7 +233,8 @@ def sinkhorn_scaling(k: torch.Tensor, u: torch.Tensor, log_a: torch.Tensor,
     floor_b = torch.where(b > 0, n_s * floor, -1.0)  # (B, 1, N_t)
     # a massless token's sum may be 0: divide by at least tiny (0 / tiny = 0)
     pad_a, pad_b = not bool((a > 0).all()), not bool((b > 0).all())
-    kern = torch.empty_like(k)  # (B, N_s, N_t) K = exp(k + α + β); at the end the plan
+    # (B, N_s, N_t) K = exp(k + α + β); at the end the plan
+    kern = torch.empty_like(k) if out is None else out
     col, row = torch.empty_like(b), torch.empty_like(a)  # Kᵀx, K y
     alpha, beta = u, log_b  # (B, N_s), (B, N_t) absorbed potentials (beta: set at once)
     x, y = torch.ones_like(a), torch.ones_like(b)  # (B, 1, N_s), (B, 1, N_t) scalings
