@@ -7,7 +7,10 @@ wall time, evaluation and checkpointing excluded):
 1. the objective's cost, for every student of the quickstart's ``students`` list, the
    teacher's outputs read from the cache: a label-only epoch (the baseline), a KD-only
    epoch (the recipe with every other distillation term weighted 0) and an epoch of the
-   recipe's full objective, with the ratios to label-only; ``--fast KEY=VALUE ...`` adds
+   recipe's full objective, with the ratios to label-only; each the mean epoch of a run of
+   the recipe's ``train.epochs`` (``--epochs``: the objective computes what it derives
+   from the fixed teacher outputs in the first epoch and reads it in the later ones, so
+   one epoch alone shows the cost of the first); ``--fast KEY=VALUE ...`` adds
    an epoch of the full objective with those recipe overrides (e.g. the options that trade
    exactness for speed, ``distill.mhca.student_tokens=64 distill.ot.tol=1e-4``);
 2. for one student (``--student``): distillation with the teacher's outputs read from the
@@ -18,7 +21,7 @@ wall time, evaluation and checkpointing excluded):
 then, once, an epoch of the teacher's fine-tuning, as ``ecg-distill teacher`` runs it.
 
 Run: ``python benchmarks/train.py [--records 2000] [--repeats 3] [--objective-only]
-[--fast distill.ot.tol=1e-4 ...]`` (add ``--device-check`` on a GPU machine: one bf16
+[--epochs 5] [--fast distill.ot.tol=1e-4 ...]`` (add ``--device-check`` on a GPU machine: one bf16
 distillation epoch, records/s).
 """
 
@@ -45,11 +48,15 @@ from distill.engine.train import fit
 REPO = Path(__file__).resolve().parents[1]
 
 
-def one_epoch(job, recipe, root: Path, name: str) -> tuple[float, float]:
-    """(training-loop seconds, records/s) of one epoch of ``job``."""
-    result = fit(job, recipe.train, root / name, seed=recipe.seed, progress=False, epochs=1)
-    row = result.metrics["history"][0]
-    return row["train_seconds"], row["train_records_per_s"]
+def one_epoch(job, recipe, root: Path, name: str, epochs: int = 1) -> tuple[float, float]:
+    """(training-loop seconds, records/s) of an epoch of ``job``: the mean over a run of
+    ``epochs`` epochs (what the objective keeps per record from the first epoch is read by
+    the later ones)."""
+    result = fit(job, recipe.train, root / name, seed=recipe.seed, progress=False,
+                 epochs=epochs)
+    rows = result.metrics["history"]
+    seconds = statistics.fmean(r["train_seconds"] for r in rows)
+    return seconds, statistics.fmean(r["train_records_per_s"] for r in rows)
 
 
 def kd_only(recipe):
@@ -60,9 +67,10 @@ def kd_only(recipe):
 
 
 def objective_costs(jd, recipe, teacher, cache, root: Path, repeats: int,
-                    fast: list[str], records: int) -> None:
+                    fast: list[str], records: int, epochs: int) -> None:
     """Label-only, KD-only and full-objective epochs of every quickstart student, side by
-    side (interleaved repeats, medians), and the full objective with ``fast`` overrides."""
+    side (interleaved repeats, medians; each the mean epoch of a run of ``epochs``), and the
+    full objective with ``fast`` overrides."""
     variants = {"label-only": None, "KD-only": dataclasses.replace(jd, recipe=kd_only(recipe)),
                 "full": jd}
     if fast:
@@ -78,11 +86,11 @@ def objective_costs(jd, recipe, teacher, cache, root: Path, repeats: int,
                 job = baseline_job(jd, spec) if data is None else \
                     distill_job(data, spec, teacher, cache)
                 sec, _ = one_epoch(job, recipe, root, f"o-{spec.size}-{spec.family}-"
-                                   f"{name.replace(' ', '').replace(',', '')}-{rep}")
+                                   f"{name.replace(' ', '').replace(',', '')}-{rep}", epochs)
                 times.setdefault((label, name), []).append(sec)
     d = recipe.distill
-    print(f"\nthe objective's cost: one training epoch per student, teacher outputs cached, "
-          f"median of {repeats} (interleaved)")
+    print(f"\nthe objective's cost: a training epoch per student (the mean of a run of "
+          f"{epochs}), teacher outputs cached, median of {repeats} (interleaved)")
     print(f"  full = alpha {d.alpha}, weights "
           + ", ".join(f"{k} {v:g}" for k, v in d.weights.items() if v > 0)
           + (f"; fast = full with {' '.join(fast)}" if fast else ""))
@@ -104,6 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--student", default="xresnet1d/small", help="family/size for the ratios")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs per run of the objective's cost, whose mean epoch is "
+                             "reported (default the recipe's train.epochs)")
     parser.add_argument("--skip-per-command", action="store_true",
                         help="no teacher fine-tuning epoch")
     parser.add_argument("--objective-only", action="store_true",
@@ -140,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
               f"({len(jd.data) / cache_s:.0f} records/s), tokens {list(cache.tokens.shape)} "
               f"{cache.tokens.dtype}")
         objective_costs(jd, recipe, teacher, cache, root, args.repeats, args.fast,
-                        args.records)
+                        args.records, args.epochs or recipe.train.epochs)
         if args.objective_only:
             return
 

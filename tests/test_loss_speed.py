@@ -362,13 +362,16 @@ def test_new_options_stay_out_of_the_hashes_at_their_defaults() -> None:
     plain = load_recipe(quickstart)
     explicit = load_recipe(quickstart, ["distill.mhca.student_tokens=0", "distill.ot.tol=0",
                                         "distill.mhca.teacher_tokens=0",
-                                        "distill.ot.teacher_tokens=0"])
+                                        "distill.ot.teacher_tokens=0",
+                                        "distill.mhca.teacher_rank=0"])
     assert plain.distill.hash_dict() == explicit.distill.hash_dict()
     assert plain.hash_dict() == explicit.hash_dict()
     flat = str(plain.distill.hash_dict())
     assert "student_tokens" not in flat and "teacher_tokens" not in flat and "tol" not in flat
+    assert "teacher_rank" not in flat
     for option in ["distill.mhca.student_tokens=64", "distill.ot.tol=1e-4",
-                   "distill.mhca.teacher_tokens=49", "distill.ot.teacher_tokens=49"]:
+                   "distill.mhca.teacher_tokens=49", "distill.ot.teacher_tokens=49",
+                   "distill.mhca.teacher_rank=32"]:
         assert load_recipe(quickstart, [option]).distill.hash_dict() != plain.distill.hash_dict()
 
 

@@ -14,6 +14,7 @@ import distill.losses.transport as transport
 from distill.core.contract import ECGModelOutput
 from distill.engine.jobs import build_teacher_cache, distill_job, load_frozen_teacher, load_job_data
 from distill.engine.train import fit
+from distill.losses.alignment import MHCAAlignment
 from distill.losses.memo import MEMO_KEY, TeacherMemo, memoised
 from distill.losses.objective import build_objective
 from distill.recipe import recipe_from_dict
@@ -104,6 +105,7 @@ def _outputs(generator, n_s, d_s, index, tokens, mask=None):
     {},  # projections to a narrower common width (the quickstart's case)
     {"ot": {"dim": D_T}, "mhca": {"dim": 8, "heads": 2}},  # ot's teacher-space shortcut
     {"mhca": {"teacher_tokens": 7, "student_tokens": 4}, "ot": {"teacher_tokens": 7}},
+    {"mhca": {"dim": 8, "heads": 2, "teacher_rank": 5}},  # keys on principal coordinates
     {"relation": True},  # relation reads mhca's and ot's results
 ])
 def test_the_objective_with_a_memo_gives_the_same_values_and_gradients(options) -> None:
@@ -220,3 +222,75 @@ def test_distillation_keeps_a_single_draw_cache_s_features_and_trains_the_same(t
         for key in ("train_loss", "train_mhca", "train_ot", "val_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
     assert distill_job(jd, spec, teacher, None).model.objective.teacher_memo is None  # live
+
+
+# ------------------------------------------------------------------- mhca.teacher_rank
+
+
+def test_key_basis_spans_the_leading_principal_directions() -> None:
+    loss = MHCAAlignment(6, D_T, dim=8, heads=2, teacher_rank=5)
+    g = torch.Generator().manual_seed(0)
+    xt = torch.randn(40, N_T, D_T, generator=g) * torch.linspace(3, 0.1, D_T)
+    mask = torch.rand(40, N_T, generator=g) > 0.2
+    kept = loss.fit_key_basis(xt, mask)
+    x = torch.nn.functional.layer_norm(xt.double(), (D_T,))[mask]  # real tokens only
+    _, sv, vh = torch.linalg.svd(x, full_matrices=False)
+    basis = loss.key_basis.double()
+    torch.testing.assert_close(basis @ basis.T, torch.eye(5, dtype=torch.float64), atol=1e-6,
+                               rtol=0)  # orthonormal rows
+    # the same subspace as the top right singular vectors (the projectors agree)
+    torch.testing.assert_close(basis.T @ basis, vh[:5].T @ vh[:5], atol=1e-5, rtol=0)
+    torch.testing.assert_close(kept, (sv[:5] ** 2).sum() / (sv ** 2).sum())
+    assert bool(loss.key_basis_set)
+    with pytest.raises(ValueError, match="teacher_rank between 1 and D_t - 1"):
+        MHCAAlignment(6, D_T, dim=8, heads=2, teacher_rank=D_T).fit_key_basis(xt)
+
+
+def test_low_rank_keys_equal_the_full_keys_on_tokens_of_that_rank() -> None:
+    g = torch.Generator().manual_seed(1)
+    span = torch.randn(4, D_T, generator=g, dtype=torch.float64)
+    span = span - span.mean(1, keepdim=True)  # zero-mean directions: LN keeps the span
+    xt = torch.randn(B, N_T, 4, generator=g, dtype=torch.float64) @ span  # rank 4
+    xs = torch.randn(B, 10, 6, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    full = MHCAAlignment(6, D_T, dim=8, heads=2).double()
+    torch.manual_seed(0)
+    low = MHCAAlignment(6, D_T, dim=8, heads=2, teacher_rank=4).double()
+    assert not MHCAAlignment(6, D_T, dim=8, heads=2, teacher_rank=D_T).low_rank_keys
+    low.fit_key_basis(xt)
+    state = {k: v for k, v in low.state_dict().items() if not k.startswith("key_basis")}
+    assert state.keys() == full.state_dict().keys()
+    for (_, a), (_, b) in zip(sorted(state.items()), sorted(full.state_dict().items())):
+        torch.testing.assert_close(a, b)  # the same parameters, drawn in the same order
+    (za, ya, _), (zb, yb, _) = full.attend(xs, xt), low.attend(xs, xt)
+    torch.testing.assert_close(yb, ya, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(zb, za)
+    ((zb - yb) ** 2).mean().backward()
+    assert low.key.weight.grad is not None and low.key_basis.grad is None
+    # the basis is saved with the loss and read back
+    copy_ = MHCAAlignment(6, D_T, dim=8, heads=2, teacher_rank=4).double()
+    copy_.load_state_dict(low.state_dict())
+    assert bool(copy_.key_basis_set)
+    torch.testing.assert_close(copy_.attend(xs, xt)[1], yb)
+
+
+def test_a_low_rank_run_fits_its_basis_to_the_cached_training_records(tmp_path) -> None:
+    recipe = recipe_from_dict({
+        "name": "rank", "output_dir": str(tmp_path / "runs" / "{name}"), "seed": 1,
+        "data": {"synthetic": {"records": 60, "seed": 0}, "cache_dir": str(tmp_path / "cache")},
+        "teacher": {"kind": "vlm", "name_or_path": "tiny", "train_mode": "frozen"},
+        "students": [{"family": "xresnet1d", "size": "tiny"}],
+        "distill": {"alpha": 0.5, "mhca": {"dim": 16, "heads": 2, "teacher_rank": 6},
+                    "ot": {"dim": 16, "iters": 5}},
+        "train": {"epochs": 1, "batch_size": 16},
+    })
+    jd = load_job_data(recipe, progress=False)
+    teacher = load_frozen_teacher(jd, recipe.run_dir)
+    cache = build_teacher_cache(jd, teacher, progress=False)
+    mhca = distill_job(jd, recipe.students[0], teacher, cache).model.objective.losses["mhca"]
+    assert bool(mhca.key_basis_set)
+    reference = MHCAAlignment(mhca.student_dim, mhca.teacher_dim, dim=16, heads=2,
+                              teacher_rank=6)
+    rows = sorted(jd.data.splits["train"])[:256]
+    reference.fit_key_basis(torch.from_numpy(cache.tokens[rows].astype("float32")))
+    torch.testing.assert_close(mhca.key_basis, reference.key_basis)

@@ -580,6 +580,7 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
         raise RecipeError(f"distill.cached_tokens: {reduced} stores the teacher tokens reduced, "
                           f"and mhca reads them whole (its keys are learnt from every "
                           f"feature); weight mhca 0 in every run, or use fp16 or int8")
+    fit_key_basis(objective, jd, cache)
     # a record's cached teacher outputs never change (one draw, no transfer records with
     # indices of their own): what the terms derive from them with fixed maps is kept
     memo = isinstance(cache, TeacherOutputs) and transfer_cache is None and jd.transfer is None
@@ -623,6 +624,29 @@ def distill_job(jd: JobData, spec: StudentConfig, teacher: nn.Module,
                                  **student_settings(recipe), **distill_settings(recipe),
                                  **printout_settings(recipe, spec)}),
         class_names=jd.classes)
+
+
+KEY_BASIS_RECORDS = 256  # training records whose teacher tokens fit mhca's key basis
+
+
+def fit_key_basis(objective: nn.Module, jd: JobData,
+                  cache: TeacherOutputs | DrawnOutputs | None) -> None:
+    """With ``distill.mhca.teacher_rank``, fit mhca's key basis to the cached teacher tokens
+    of the first ``KEY_BASIS_RECORDS`` training records (by index; the first draw's), the
+    same on every process, before training. Without a cache (a live teacher) mhca fits it
+    to the first batch it sees."""
+    losses = getattr(objective, "losses", None)
+    mhca = losses["mhca"] if losses is not None and "mhca" in losses else None
+    if mhca is None or not getattr(mhca, "low_rank_keys", False) or cache is None:
+        return
+    entry = cache.draws[0] if isinstance(cache, DrawnOutputs) else cache
+    rows = np.sort(np.asarray(jd.data.splits["train"]))[:KEY_BASIS_RECORDS]
+    scale = None if entry.token_scale is None else torch.from_numpy(
+        np.asarray(entry.token_scale[rows]))
+    tokens = decode_tokens(torch.from_numpy(np.asarray(entry.tokens[rows])), scale)
+    mask = None if entry.token_mask is None else torch.from_numpy(
+        np.asarray(entry.token_mask[rows]))
+    mhca.fit_key_basis(tokens, mask)
 
 
 OBJECTIVE_FILE = "objective.safetensors"

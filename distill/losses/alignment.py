@@ -209,6 +209,12 @@ class MHCAConfig:
         0, help="attend over a random subset of this many teacher token positions per step "
         "(drawn afresh each step, shared with ot when it draws as many); 0 = all tokens; "
         "changes the numbers, evaluation mode always uses all", ge=0, since="0.6")
+    teacher_rank: int = spec(
+        0, help="learn the keys from the teacher tokens' coordinates on their r leading "
+        "principal directions (of the layer-normalised tokens of up to 256 training records, "
+        "fixed before training and kept in the state dict) instead of all D_t features: "
+        "about r / D_t of the keys' cost; 0 (or >= D_t) = all features; changes the numbers",
+        ge=0, since="0.6")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -258,10 +264,11 @@ class MHCAAlignment(nn.Module):
 
     def __init__(self, student_dim: int, teacher_dim: int, *, dim: int = 128, heads: int = 4,
                  dropout: float = 0.0, student_tokens: int = 0,
-                 teacher_tokens: int = 0) -> None:
+                 teacher_tokens: int = 0, teacher_rank: int = 0) -> None:
         super().__init__()
         self.config = MHCAConfig(dim=dim, heads=heads, dropout=dropout,
-                                 student_tokens=student_tokens, teacher_tokens=teacher_tokens)
+                                 student_tokens=student_tokens, teacher_tokens=teacher_tokens,
+                                 teacher_rank=teacher_rank)
         self.config.validate("mhca")
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
         self.student_proj = nn.Linear(student_dim, dim)  # W_s: student tokens → common width
@@ -270,6 +277,45 @@ class MHCAAlignment(nn.Module):
         # R: fixed value projection (see the module docstring: a learnable one can collapse)
         self.register_buffer("value_proj", semi_orthogonal(dim, teacher_dim))  # (dim, D_t)
         self.attn_dropout = nn.Dropout(dropout)
+        if 0 < teacher_rank < teacher_dim:
+            # P: orthonormal rows spanning the teacher tokens' leading principal directions,
+            # set by fit_key_basis (before training, or from the first batch it sees)
+            self.register_buffer("key_basis", torch.zeros(teacher_rank, teacher_dim))
+            self.register_buffer("key_basis_set", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def low_rank_keys(self) -> bool:
+        """Whether the keys read the teacher tokens' principal coordinates (teacher_rank)."""
+        return hasattr(self, "key_basis")
+
+    def fit_key_basis(self, teacher_tokens: torch.Tensor,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Set P [r, D_t] to the r leading eigenvectors of the second moment of the
+        layer-normalised teacher tokens (their best r-dimensional subspace in the least
+        squares sense: what x Pᵀ P keeps of each token).
+
+        Args:
+            teacher_tokens: [R, N_t, D_t] the teacher tokens of some training records.
+            mask: [R, N_t] True for real tokens, or None.
+
+        Returns:
+            the share of the tokens' energy the basis keeps (a float tensor).
+        """
+        if not self.low_rank_keys:
+            raise ValueError("mhca: fit_key_basis needs teacher_rank between 1 and D_t - 1")
+        with torch.no_grad():
+            x = F.layer_norm(teacher_tokens.detach().double(), (self.teacher_dim,))
+            x = x.reshape(-1, self.teacher_dim)
+            if mask is not None:
+                x = x[mask.reshape(-1).bool()]
+            gram = x.T @ x  # (D_t, D_t)
+            energy, vectors = torch.linalg.eigh(gram)  # ascending
+            rank = self.key_basis.shape[0]
+            top = vectors[:, -rank:].flip(1).T  # (r, D_t), leading first
+            top = top * torch.where(top.sum(1, keepdim=True) < 0, -1.0, 1.0)  # fixed signs
+            self.key_basis.copy_(top.to(self.key_basis))
+            self.key_basis_set.fill_(True)
+            return energy[-rank:].sum() / energy.sum().clamp_min(1e-300)
 
     def attend(self, student_tokens: torch.Tensor, teacher_tokens: torch.Tensor,
                teacher_mask: torch.Tensor | None = None, *,
@@ -295,7 +341,6 @@ class MHCAAlignment(nn.Module):
         n_t, h = teacher_tokens.shape[1], self.config.heads
         d_h = self.config.dim // h
         dtype = self.student_proj.weight.dtype
-        teacher = teacher_layer_norm(teacher_tokens, dtype, context)  # (B, N_t, D_t)
         x = student_tokens.to(dtype)
         z = self.student_proj(x)  # (B, N_s, dim)
         fused = fused and not (self.training and self.config.dropout > 0)
@@ -305,13 +350,26 @@ class MHCAAlignment(nn.Module):
         else:
             q = self.query(z)
         q = q.view(b, n_s, h, d_h).transpose(1, 2)  # (B, h, N_s, d_h)
-        k = self.key(teacher).view(b, n_t, h, d_h).transpose(1, 2)  # (B, h, N_t, d_h)
+        if self.low_rank_keys:  # k = W_k (LN(x_t) Pᵀ P) + b_k = (LN(x_t) Pᵀ)(W_k Pᵀ)ᵀ + b_k
+            if not bool(self.key_basis_set):  # no basis fitted before training: this batch's
+                self.fit_key_basis(teacher_tokens, teacher_mask)
+            basis = self.key_basis.to(dtype)
+
+            def coords(t: torch.Tensor) -> torch.Tensor:  # (B, N_t, r)
+                with torch.no_grad():
+                    return F.linear(teacher_layer_norm(t, dtype, context), basis)
+
+            c = memoised(context, teacher_tokens, f"mhca.coords.{dtype}", coords,
+                         guard=self.key_basis, subset=subset_positions(context, teacher_tokens))
+            k = F.linear(c, self.key.weight @ basis.T, self.key.bias)  # (B, N_t, dim)
+        else:  # the layer norm is memoised per batch (and per record with a memo)
+            k = self.key(teacher_layer_norm(teacher_tokens, dtype, context))  # (B, N_t, dim)
+        k = k.view(b, n_t, h, d_h).transpose(1, 2)  # (B, h, N_t, d_h)
         value_proj = self.value_proj
 
         def values(t: torch.Tensor) -> torch.Tensor:  # R LN(x_t), each token on its own
-            normed = teacher if t is teacher_tokens else teacher_layer_norm(t, dtype, context)
             with torch.no_grad():  # R and the teacher are fixed
-                return F.linear(normed, value_proj.to(dtype))
+                return F.linear(teacher_layer_norm(t, dtype, context), value_proj.to(dtype))
 
         # read per record from the objective's memo where it keeps one (the first epoch
         # computes on all the batch's tokens, also under teacher_tokens)
@@ -400,7 +458,8 @@ class MHCAAlignment(nn.Module):
         return (f"student_dim={self.student_dim}, teacher_dim={self.teacher_dim}, dim={c.dim}, "
                 f"heads={c.heads}, dropout={c.dropout}"
                 + (f", student_tokens={c.student_tokens}" if c.student_tokens else "")
-                + (f", teacher_tokens={c.teacher_tokens}" if c.teacher_tokens else ""))
+                + (f", teacher_tokens={c.teacher_tokens}" if c.teacher_tokens else "")
+                + (f", teacher_rank={c.teacher_rank}" if c.teacher_rank else ""))
 
 
 class FixedTeacherProjection(nn.Module):
