@@ -10,9 +10,10 @@ wall time, evaluation and checkpointing excluded):
    recipe's full objective, with the ratios to label-only; each the mean epoch of a run of
    the recipe's ``train.epochs`` (``--epochs``: the objective computes what it derives
    from the fixed teacher outputs in the first epoch and reads it in the later ones, so
-   one epoch alone shows the cost of the first); ``--fast KEY=VALUE ...`` adds
+   one epoch alone shows the cost of the first); each ``--fast KEY=VALUE ...`` adds
    an epoch of the full objective with those recipe overrides (e.g. the options that trade
-   exactness for speed, ``distill.mhca.student_tokens=64 distill.ot.tol=1e-4``);
+   exactness for speed, ``distill.mhca.teacher_rank=32 distill.ot.tol=1e-4``), a column
+   per ``--fast``;
 2. for one student (``--student``): distillation with the teacher's outputs read from the
    cache; with the recipe's teacher run live on every batch, reading the cached images;
    the same with augmentation on (every record augmented and its image drawn live before
@@ -21,7 +22,7 @@ wall time, evaluation and checkpointing excluded):
 then, once, an epoch of the teacher's fine-tuning, as ``ecg-distill teacher`` runs it.
 
 Run: ``python benchmarks/train.py [--records 2000] [--repeats 3] [--objective-only]
-[--epochs 5] [--fast distill.ot.tol=1e-4 ...]`` (add ``--device-check`` on a GPU machine: one bf16
+[--epochs 5] [--fast distill.mhca.teacher_rank=32 ...] [--fast ...]`` (add ``--device-check`` on a GPU machine: one bf16
 distillation epoch, records/s).
 """
 
@@ -67,17 +68,17 @@ def kd_only(recipe):
 
 
 def objective_costs(jd, recipe, teacher, cache, root: Path, repeats: int,
-                    fast: list[str], records: int, epochs: int) -> None:
+                    fast: list[list[str]], records: int, epochs: int) -> None:
     """Label-only, KD-only and full-objective epochs of every quickstart student, side by
     side (interleaved repeats, medians; each the mean epoch of a run of ``epochs``), and the
     full objective with ``fast`` overrides."""
     variants = {"label-only": None, "KD-only": dataclasses.replace(jd, recipe=kd_only(recipe)),
                 "full": jd}
-    if fast:
+    for i, overrides in enumerate(fast, 1):
         fast_recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [
-            f"data.synthetic.records={records}", f"output_dir={root}/run", *fast])
+            f"data.synthetic.records={records}", f"output_dir={root}/run", *overrides])
         fast_recipe.teacher.train_mode = recipe.teacher.train_mode  # frozen, as loaded
-        variants["full, fast"] = dataclasses.replace(jd, recipe=fast_recipe)
+        variants[f"fast {i}"] = dataclasses.replace(jd, recipe=fast_recipe)
     times: dict[tuple[str, str], list[float]] = {}
     for rep in range(repeats):
         for spec in recipe.students:
@@ -93,7 +94,7 @@ def objective_costs(jd, recipe, teacher, cache, root: Path, repeats: int,
           f"{epochs}), teacher outputs cached, median of {repeats} (interleaved)")
     print(f"  full = alpha {d.alpha}, weights "
           + ", ".join(f"{k} {v:g}" for k, v in d.weights.items() if v > 0)
-          + (f"; fast = full with {' '.join(fast)}" if fast else ""))
+          + "".join(f"\n  fast {i} = full with {' '.join(o)}" for i, o in enumerate(fast, 1)))
     head = "".join(f"{n + ' s':>14}" for n in variants)
     ratios = "".join(f"{n + ' / label':>20}" for n in variants if n != "label-only")
     print(f"  {'student':<20}{head}{ratios}")
@@ -120,8 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--objective-only", action="store_true",
                         help="only the objective's cost per student (the teacher cache is "
                              "reused if present, not rebuilt)")
-    parser.add_argument("--fast", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="recipe overrides of an extra full-objective column")
+    parser.add_argument("--fast", nargs="+", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe overrides of an extra full-objective column (repeat "
+                             "for more columns)")
     parser.add_argument("--device-check", action="store_true",
                         help="also one bf16 distillation epoch on the GPU")
     args = parser.parse_args(argv)
