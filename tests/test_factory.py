@@ -111,9 +111,10 @@ def test_legacy_flat_distill_keys_still_load_into_the_loss_sections() -> None:
     """0.1 recipes wrote distill.temperature, distill.align_dim ...: they still load (with a
     warning), into the loss families' sections, and hash as before."""
     with pytest.warns(FutureWarning, match="distill.align_dim is now distill.mhca.dim"):
-        old = quickstart("distill.align_dim=64", "distill.ot_reg=0.1", "distill.temperature=3")
+        old = quickstart("distill.align_dim=64", "distill.ot_reg=0.1", "distill.temperature=3",
+                         "distill.mhca.teacher_rank=0")  # 0.1 had no teacher_rank
     new = quickstart("distill.mhca.dim=64", "distill.ot.dim=64", "distill.ot.reg=0.1",
-                     "distill.kd.temperature=3")
+                     "distill.kd.temperature=3", "distill.mhca.teacher_rank=0")
     assert old == new and old.distill.losses["ot"].dim == 64
     flat = old.distill.hash_dict()
     assert flat["align_dim"] == 64 and flat["ot_reg"] == 0.1 and flat["temperature"] == 3.0

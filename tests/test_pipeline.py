@@ -232,7 +232,9 @@ def test_stage_hashes_of_the_quickstart_are_those_of_0_1() -> None:
     values are the markers of a quickstart run made with 0.1 (e787dac), whose quantize
     formats were int8 and nf4 (the ONNX formats joined the default later, which rightly
     redoes the quantize, report and export stages of such a folder)."""
-    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", ["quantize.formats=[int8, nf4]"])
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [
+        "quantize.formats=[int8, nf4]",
+        "distill.mhca.teacher_rank=0"])  # 0.6's quickstart learns mhca's keys in 32 dims
     made_by_0_1 = {"data": "3cf2b7999244132b", "teacher": "219ba5c454b52e61",
                    "teacher_cache": "219ba5c454b52e61", "baseline": "a165ecd7d039202d",
                    "distill": "c5392016d2db5714", "ablation": "c57eaba144f2e940",
@@ -244,7 +246,8 @@ def test_stage_hashes_of_the_quickstart_are_those_of_0_1() -> None:
 def test_a_0_1_recipe_yaml_that_says_the_same_is_rewritten_not_kept(tmp_path) -> None:
     """A 0.1 run folder's recipe.yaml (flat distill keys) is the same recipe: rewritten in the
     current layout with no recipe.1.yaml; a different one is still kept."""
-    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [f"output_dir={tmp_path}"])
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [  # as 0.1 could write it
+        f"output_dir={tmp_path}", "distill.mhca.teacher_rank=0"])
     old = recipe.to_dict()
     d = old["distill"]
     old["distill"] = {"alpha": d["alpha"], "weights": d["weights"],
@@ -255,6 +258,7 @@ def test_a_0_1_recipe_yaml_that_says_the_same_is_rewritten_not_kept(tmp_path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
     assert (tmp_path / "recipe.yaml").read_text() == recipe.to_yaml()
     changed = load_recipe(REPO / "recipes" / "quickstart.yaml",
-                          [f"output_dir={tmp_path}", "distill.alpha=0.3"])
+                          [f"output_dir={tmp_path}", "distill.mhca.teacher_rank=0",
+                           "distill.alpha=0.3"])
     pipeline.write_run_recipe(changed, tmp_path)
     assert (tmp_path / "recipe.1.yaml").read_text() == recipe.to_yaml()
