@@ -27,7 +27,12 @@ forward and the backward of every term of the objective, run as the objective ru
 options; ``--profile`` adds, per student, the operations that take the most time
 (torch.profiler, forward and backward of every term together).
 
-Run: ``python benchmarks/losses.py [--threads 2] [--repeats 5] [--terms-only] [--profile]``
+``--memo`` times the terms as a training job's later epochs run them (what they derive
+from the fixed teacher tokens read from the objective's memo); ``--blocks`` adds ot with
+its records solved in blocks (the default on a CPU) and in one block, side by side.
+
+Run: ``python benchmarks/losses.py [--threads 2] [--repeats 5] [--terms-only] [--profile]
+[--memo] [--blocks]``
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ import students
 from distill.core.contract import ECGModelOutput
 from distill.losses import LossFamily, loss_families
 from distill.losses.sinkhorn import sinkhorn_log_batched, squared_distances
+import distill.losses.transport as transport
+from distill.losses.memo import MEMO_KEY
 from distill.losses.objective import build_objective
 from distill.losses.transport import OTLeadMatching
 from distill.metrics.footprint import signal_batch
@@ -297,7 +304,8 @@ def quickstart_terms(args: argparse.Namespace) -> None:
                for name in weights if name in recipe.distill.losses}
     print(f"\nThe objective's terms at the quickstart's shapes, B={b}, teacher tokens "
           f"{n_t} x {d_t}, float32, median of {args.repeats} (ms; relation weighted too"
-          + (f"; options {' '.join(args.term_options)}" if args.term_options else "") + ")")
+          + (f"; options {' '.join(args.term_options)}" if args.term_options else "")
+          + ("; fixed teacher features read from the memo" if args.memo else "") + ")")
     print(f"  {'student':<18}{'N_s x D_s':>11}{'term':>10}{'forward':>10}{'backward':>10}"
           f"{'sum':>9}{'/ student':>11}")
     for spec in recipe.students:
@@ -318,8 +326,14 @@ def quickstart_terms(args: argparse.Namespace) -> None:
         whole = student_step(model, signal)
         own: list[float] = []
 
+        memo = objective.keep_teacher_features(b) if args.memo else None
+        index = torch.arange(b)
+
         def step(record: bool) -> None:
-            context: dict[str, Any] = {}
+            # with --memo, what the terms keep per record was stored by the first step: the
+            # steady state of a training job's later epochs
+            context: dict[str, Any] = {} if memo is None else {
+                MEMO_KEY: (memo, index, teacher.tokens)}
             for name in names:
                 start = time.perf_counter()
                 value = objective.losses[name](student, teacher, batch, context).value
@@ -361,6 +375,48 @@ def quickstart_terms(args: argparse.Namespace) -> None:
                       f"{e.key[:44]:<46}{str(e.input_shapes)[:70]}")
 
 
+def ot_blocks(args: argparse.Namespace) -> None:
+    """ot's forward+backward at every quickstart student's shapes, its records solved in
+    blocks (``SOLVE_BLOCK_BYTES``, the default) and all in one block, side by side."""
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml")
+    b, n_t, d_t = args.batch, *args.teacher_tokens
+    g = torch.Generator().manual_seed(3)
+    default = transport.SOLVE_BLOCK_BYTES
+    print(f"\not's records solved in blocks of {default >> 20} MiB of kernel, or all at once "
+          f"(B={b}, teacher tokens {n_t} x {d_t}, forward+backward, median of {args.repeats})")
+    for spec in recipe.students:
+        model = students.create(spec.family, spec.size, num_labels=5)
+        with torch.no_grad():
+            _, n_s, d_s = model.eval()(signal=signal_batch(2)["signal"]).tokens.shape
+        loss = OTLeadMatching(d_s, d_t, **dataclasses.asdict(recipe.distill.losses["ot"]))
+        xs = torch.randn(b, n_s, d_s, generator=g, requires_grad=True)
+        student = ECGModelOutput(tokens=xs, token_leads=torch.arange(n_s) % 12)
+        teacher = ECGModelOutput(tokens=torch.randn(b, n_t, d_t, generator=g) * 3,
+                                 token_leads=torch.full((n_t,), -1))
+        values = {}
+
+        def case(block: int, name: str) -> Callable[[], None]:
+            def run() -> None:
+                transport.SOLVE_BLOCK_BYTES = block
+                xs.grad = None
+                out = loss(student, teacher, {}, {})
+                out.value.backward()
+                values[name] = out.aux["per_record"]
+            return run
+
+        try:
+            t = side_by_side({"blocks": case(default, "blocks"),
+                              "one block": case(1 << 62, "one block")}, args.repeats)
+        finally:
+            transport.SOLVE_BLOCK_BYTES = default
+        per = transport.solve_block(n_s * n_t * 4, b, torch.device("cpu"))
+        rel = float(((values["blocks"] - values["one block"]).abs()
+                     / values["one block"].abs()).max())
+        print(f"  {spec.family}/{spec.size:<8} N_s={n_s:<4} {per:>3} records a block: "
+              f"{t['blocks'] * 1e3:7.1f} ms, one block {t['one block'] * 1e3:7.1f} ms, "
+              f"{t['one block'] / t['blocks']:5.2f}x; largest relative difference {rel:.1e}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -380,6 +436,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="only the per-student table of the objective's terms")
     parser.add_argument("--profile", action="store_true",
                         help="the costliest operations of each student's terms")
+    parser.add_argument("--memo", action="store_true",
+                        help="the per-student table in a training job's steady state: the "
+                             "fixed teacher features read from the objective's memo")
+    parser.add_argument("--blocks", action="store_true",
+                        help="also ot with its records solved in blocks and in one block")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, POT {ot.__version__}")
@@ -387,6 +448,8 @@ def main(argv: list[str] | None = None) -> None:
         ot_benchmark(args)
         relative_costs(args)
     quickstart_terms(args)
+    if args.blocks:
+        ot_blocks(args)
 
 
 if __name__ == "__main__":
