@@ -188,19 +188,26 @@ def test_solve_block_sizes() -> None:
     assert transport.solve_block(240 * 196 * 4, 64, torch.device("meta")) == 64
 
 
-def test_distillation_keeps_a_single_draw_cache_s_features_and_trains_the_same(tmp_path) -> None:
+def _tiny_run(tmp_path, records: int, epochs: int, **distill):
+    """(recipe, job data, frozen tiny VLM teacher, its cached outputs) of a small run."""
     recipe = recipe_from_dict({
         "name": "memo", "output_dir": str(tmp_path / "runs" / "{name}"), "seed": 1,
-        "data": {"synthetic": {"records": 80, "seed": 0}, "cache_dir": str(tmp_path / "cache")},
+        "data": {"synthetic": {"records": records, "seed": 0},
+                 "cache_dir": str(tmp_path / "cache")},
         "teacher": {"kind": "vlm", "name_or_path": "tiny", "train_mode": "frozen"},
         "students": [{"family": "xresnet1d", "size": "tiny"}],
-        "distill": {"alpha": 0.5, "mhca": {"dim": 16, "heads": 2},
-                    "ot": {"dim": 16, "iters": 10}},
-        "train": {"epochs": 2, "batch_size": 16},
+        "distill": {"alpha": 0.5, **distill},
+        "train": {"epochs": epochs, "batch_size": 16},
     })
     jd = load_job_data(recipe, progress=False)
     teacher = load_frozen_teacher(jd, recipe.run_dir)
-    cache = build_teacher_cache(jd, teacher, progress=False)
+    return recipe, jd, teacher, build_teacher_cache(jd, teacher, progress=False)
+
+
+def test_distillation_keeps_a_single_draw_cache_s_features_and_trains_the_same(tmp_path) -> None:
+    recipe, jd, teacher, cache = _tiny_run(tmp_path, records=80, epochs=2,
+                                           mhca={"dim": 16, "heads": 2},
+                                           ot={"dim": 16, "iters": 10})
     spec = recipe.students[0]
     histories = []
     for keep in (True, False):
@@ -275,18 +282,9 @@ def test_low_rank_keys_equal_the_full_keys_on_tokens_of_that_rank() -> None:
 
 
 def test_a_low_rank_run_fits_its_basis_to_the_cached_training_records(tmp_path) -> None:
-    recipe = recipe_from_dict({
-        "name": "rank", "output_dir": str(tmp_path / "runs" / "{name}"), "seed": 1,
-        "data": {"synthetic": {"records": 60, "seed": 0}, "cache_dir": str(tmp_path / "cache")},
-        "teacher": {"kind": "vlm", "name_or_path": "tiny", "train_mode": "frozen"},
-        "students": [{"family": "xresnet1d", "size": "tiny"}],
-        "distill": {"alpha": 0.5, "mhca": {"dim": 16, "heads": 2, "teacher_rank": 6},
-                    "ot": {"dim": 16, "iters": 5}},
-        "train": {"epochs": 1, "batch_size": 16},
-    })
-    jd = load_job_data(recipe, progress=False)
-    teacher = load_frozen_teacher(jd, recipe.run_dir)
-    cache = build_teacher_cache(jd, teacher, progress=False)
+    recipe, jd, teacher, cache = _tiny_run(tmp_path, records=60, epochs=1,
+                                           mhca={"dim": 16, "heads": 2, "teacher_rank": 6},
+                                           ot={"dim": 16, "iters": 5})
     mhca = distill_job(jd, recipe.students[0], teacher, cache).model.objective.losses["mhca"]
     assert bool(mhca.key_basis_set)
     reference = MHCAAlignment(mhca.student_dim, mhca.teacher_dim, dim=16, heads=2,
