@@ -103,9 +103,9 @@ def teacher_layer_norm(tokens: torch.Tensor, dtype: torch.dtype,
                        context: dict[str, Any] | None = None) -> torch.Tensor:
     """``F.layer_norm`` (no affine) of the detached teacher tokens in ``dtype``, computed once
     per batch: memoised in ``context`` (the objective's, shared by every term) for this very
-    tensor and dtype, and across epochs per record when the objective keeps a
-    :class:`~distill.losses.memo.TeacherMemo` (``tokens`` the batch's teacher tokens or
-    their ``teacher_subset``).
+    tensor and dtype. (Not kept per record: what the terms derive from it is, see
+    :mod:`distill.losses.memo`, and the layer norm itself, D_t wide, would take most of
+    the memo's budget for the least time.)
 
     Args:
         tokens: [B, N_t, D_t] teacher tokens.
@@ -119,13 +119,8 @@ def teacher_layer_norm(tokens: torch.Tensor, dtype: torch.dtype,
         memo = context.get(LAYER_NORM_KEY)
         if memo is not None and memo[0] is tokens and memo[1] == dtype:
             return memo[2]
-
-    def compute(t: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return F.layer_norm(t.detach().to(dtype), (t.shape[-1],))
-
-    out = memoised(context, tokens, f"layer_norm.{dtype}", compute,
-                   subset=subset_positions(context, tokens))
+    with torch.no_grad():
+        out = F.layer_norm(tokens.detach().to(dtype), (tokens.shape[-1],))
     if context is not None:
         context[LAYER_NORM_KEY] = (tokens, dtype, out)
     return out
@@ -362,7 +357,7 @@ class MHCAAlignment(nn.Module):
             c = memoised(context, teacher_tokens, f"mhca.coords.{dtype}", coords,
                          guard=self.key_basis, subset=subset_positions(context, teacher_tokens))
             k = F.linear(c, self.key.weight @ basis.T, self.key.bias)  # (B, N_t, dim)
-        else:  # the layer norm is memoised per batch (and per record with a memo)
+        else:  # the layer norm is memoised per batch
             k = self.key(teacher_layer_norm(teacher_tokens, dtype, context))  # (B, N_t, dim)
         k = k.view(b, n_t, h, d_h).transpose(1, 2)  # (B, h, N_t, d_h)
         value_proj = self.value_proj

@@ -1,10 +1,11 @@
 """Per-record memo of what the distillation terms derive from fixed teacher outputs.
 
 When the teacher's outputs come from the teacher cache, a record's teacher tokens are the
-same on every epoch, and so is everything a term computes from them with fixed maps: their
-layer norm, mhca's fixed value projection ``R LN(x_t)``, ot's fixed projection and its L2
-normalisation. Recomputing them on every step is most of what those terms cost for a small
-student (``benchmarks/losses.py``). A :class:`TeacherMemo` keeps them per record, in
+same on every epoch, and so is everything a term computes from them with fixed maps:
+mhca's fixed value projection ``R LN(x_t)`` (and its principal coordinates under
+``teacher_rank``), ot's fixed projection and its L2 normalisation. Recomputing them on
+every step was a third of what those terms cost for a small student
+(``benchmarks/losses.py --memo``). A :class:`TeacherMemo` keeps them per record, in
 memory, for one training job: the first epoch computes and stores them, later epochs read
 them (one gather instead of a layer norm and a matrix product).
 
