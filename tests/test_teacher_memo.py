@@ -153,10 +153,9 @@ def test_without_record_indices_nothing_is_kept() -> None:
     assert memo.hits == memo.misses == 0 and memo.nbytes == 0
 
 
-@pytest.mark.parametrize("grad", ["envelope", "unrolled"])
-def test_blocks_of_records_solve_as_the_whole_batch(monkeypatch, grad) -> None:
-    g = torch.Generator().manual_seed(3)
-    loss = transport.OTLeadMatching(6, 10, dim=8, iters=30, lead_prior=0.5, grad=grad)
+def test_blocks_of_records_solve_as_the_whole_batch(monkeypatch) -> None:
+    g = torch.Generator().manual_seed(3)  # (the envelope solves in blocks; unrolled does not)
+    loss = transport.OTLeadMatching(6, 10, dim=8, iters=30, lead_prior=0.5)
     xs = torch.randn(B, 9, 6, generator=g, requires_grad=True)
     mask_s = torch.ones(B, 9, dtype=torch.bool)
     mask_s[2, 5:] = False
@@ -173,7 +172,6 @@ def test_blocks_of_records_solve_as_the_whole_batch(monkeypatch, grad) -> None:
         out.value.backward()
         runs.append((out.aux["per_record"], out.aux["plan"], out.aux["barycentric"].detach(),
                      xs.grad.clone()))
-    assert transport.solve_block(9 * 11 * 4, B, torch.device("cpu")) == 1
     for other in runs[1:]:
         for x, y in zip(runs[0], other):
             torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-7)

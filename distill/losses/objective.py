@@ -151,7 +151,7 @@ class DistillationObjective(nn.Module):
         context: dict[str, Any] = {}
         index = batch.get("teacher_index")
         if self.teacher_memo is not None and index is not None and teacher_out is not None \
-                and teacher_out.tokens is not None:
+                and teacher_out.tokens is not None and teacher_out.tokens.device.type == "cpu":
             context[MEMO_KEY] = (self.teacher_memo, index, teacher_out.tokens)
         for name in self.active_terms:
             out = self.losses[name](student_out, teacher_out, batch, context)
